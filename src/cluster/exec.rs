@@ -1,0 +1,46 @@
+//! Running an incoming call: the same on master and workers.
+
+use crate::Pid;
+use crate::codec;
+use crate::error::RemoteError;
+use crate::protocol::{Frame, FrameBuf, Header, Kind};
+use crate::registry;
+
+use super::failure::Failure;
+
+/// Runs a `Call`, `Cast` or `Batch` frame addressed to `me`. Returns the reply frame to send
+/// back, or `None` for a `Cast` (whose failure is logged here, as nobody waits for it).
+pub(crate) fn execute(me: Pid, frame: &Frame) -> Option<Vec<u8>> {
+    let h = frame.header;
+    let mut out = FrameBuf::new(Header { kind: Kind::Reply, src: me, dst: h.src, req: h.req, func: 0 });
+    let result = match registry::lookup(h.func) {
+        None => Err(Failure::UnknownFunction { pid: me, id: h.func }),
+        Some(entry) => {
+            let run = if h.kind == Kind::Batch { entry.batch } else { entry.call };
+            run(frame.payload(), out.payload()).map_err(|e| {
+                Failure::Remote(RemoteError { pid: me, function: entry.name.to_string(), message: e.message, location: e.location })
+            })
+        }
+    };
+    if h.kind == Kind::Cast {
+        if let Err(f) = result {
+            tracing::warn!(pid = me, "remote_do from pid {} failed: {}", h.src, crate::Error::from(f));
+        }
+        return None;
+    }
+    let failure = match result.map(|_| ()) {
+        Ok(()) => match out.finish() {
+            Ok(bytes) => return Some(bytes),
+            Err(e) => Failure::Remote(RemoteError {
+                pid: me,
+                function: registry::lookup(h.func).map_or("?", |e| e.name).to_string(),
+                message: e.to_string(),
+                location: None,
+            }),
+        },
+        Err(f) => f,
+    };
+    let mut out = FrameBuf::new(Header { kind: Kind::Failure, src: me, dst: h.src, req: h.req, func: 0 });
+    codec::encode_into(&failure, out.payload()).expect("failures always encode");
+    Some(out.finish().expect("failure frames are small"))
+}

@@ -1,0 +1,178 @@
+//! One connection to a peer: a locked writer, the table of calls waiting for a reply on it,
+//! and (on the master) the calls it routes to this peer for other workers.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::Duration;
+
+use crate::Pid;
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::protocol::{Frame, FrameBuf, Header, Kind, LEN_PREFIX};
+
+use super::failure::Failure;
+use super::future::Slot;
+
+/// Who is told when a reply arrives.
+pub(crate) enum Waiter {
+    /// A single caller (a `RemoteFuture`).
+    Slot(Arc<Slot>),
+    /// A scheduler waiting on many calls at once (pmap), told the tag of each.
+    Queue { tx: mpsc::Sender<(u64, Result<Frame>)>, tag: u64 },
+}
+
+impl Waiter {
+    fn deliver(self, result: Result<Frame>) {
+        match self {
+            Waiter::Slot(slot) => slot.fill(result),
+            Waiter::Queue { tx, tag } => {
+                let _ = tx.send((tag, result)); // a scheduler that gave up is not an error
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    calls: HashMap<u64, Waiter>,
+    /// Set once the connection is gone; new calls fail at once with this reason.
+    dead: Option<String>,
+}
+
+/// A connection to one peer.
+pub(crate) struct Link {
+    /// The pid on the other end.
+    pub peer: Pid,
+    writer: Mutex<TcpStream>,
+    pending: Mutex<Pending>,
+    /// Signalled when the link dies.
+    died: Condvar,
+    next_req: AtomicU64,
+    /// Master only: (caller pid, request id) of calls routed to this peer for other workers.
+    routed: Mutex<HashSet<(Pid, u64)>>,
+}
+
+impl Link {
+    pub(crate) fn new(peer: Pid, socket: TcpStream) -> Arc<Link> {
+        Arc::new(Link {
+            peer,
+            writer: Mutex::new(socket),
+            pending: Mutex::new(Pending::default()),
+            died: Condvar::new(),
+            next_req: AtomicU64::new(1),
+            routed: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Writes one finished frame (prefix included).
+    pub(crate) fn send(&self, bytes: &[u8]) -> Result<()> {
+        let mut w = self.writer.lock().expect("writer lock");
+        w.write_all(bytes).map_err(|e| self.died(&e.to_string()))
+    }
+
+    /// Writes a received frame body on to this peer (routing), prefix added.
+    pub(crate) fn forward(&self, body: &[u8]) -> Result<()> {
+        let prefix = (body.len() as u32).to_le_bytes();
+        let mut w = self.writer.lock().expect("writer lock");
+        let r = if body.len() <= 64 * 1024 {
+            let mut bytes = Vec::with_capacity(LEN_PREFIX + body.len());
+            bytes.extend_from_slice(&prefix);
+            bytes.extend_from_slice(body);
+            w.write_all(&bytes)
+        } else {
+            w.write_all(&prefix).and_then(|_| w.write_all(body))
+        };
+        r.map_err(|e| self.died(&e.to_string()))
+    }
+
+    fn died(&self, reason: &str) -> Error {
+        Error::WorkerDied { pid: self.peer, reason: reason.to_string() }
+    }
+
+    /// Sends a call whose payload `encode` writes, registering `waiter` first so a fast reply
+    /// cannot overtake it. Returns the request id.
+    pub(crate) fn call(
+        &self,
+        kind: Kind,
+        src: Pid,
+        dst: Pid,
+        func: u64,
+        payload_hint: usize,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<()>,
+        waiter: Option<Waiter>,
+    ) -> Result<u64> {
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let mut frame = FrameBuf::with_capacity(Header { kind, src, dst, req, func }, payload_hint);
+        encode(frame.payload())?;
+        let bytes = frame.finish()?;
+        if let Some(waiter) = waiter {
+            let mut p = self.pending.lock().expect("pending lock");
+            if let Some(reason) = &p.dead {
+                return Err(self.died(reason));
+            }
+            p.calls.insert(req, waiter);
+        }
+        if let Err(e) = self.send(&bytes) {
+            self.pending.lock().expect("pending lock").calls.remove(&req);
+            return Err(e);
+        }
+        Ok(req)
+    }
+
+    /// Hands a reply or failure to whoever waits for it (unknown ids are dropped: the caller
+    /// may have been failed already by a death notice).
+    pub(crate) fn resolve(&self, frame: Frame) {
+        let waiter = self.pending.lock().expect("pending lock").calls.remove(&frame.header.req);
+        if let Some(w) = waiter {
+            w.deliver(Ok(frame));
+        }
+    }
+
+    /// Marks the link dead and fails every waiting call with `WorkerDied`.
+    pub(crate) fn fail_all(&self, reason: &str) {
+        let calls = {
+            let mut p = self.pending.lock().expect("pending lock");
+            p.dead.get_or_insert_with(|| reason.to_string());
+            std::mem::take(&mut p.calls)
+        };
+        self.died.notify_all();
+        for (_, w) in calls {
+            w.deliver(Err(self.died(reason)));
+        }
+    }
+
+    /// Waits up to `timeout` for the link to die; true if it did.
+    pub(crate) fn wait_dead(&self, timeout: Duration) -> bool {
+        let p = self.pending.lock().expect("pending lock");
+        let (p, _) = self.died.wait_timeout_while(p, timeout, |p| p.dead.is_none()).expect("pending lock");
+        p.dead.is_some()
+    }
+
+    /// Closes both directions; the peer sees end of stream, our reader wakes up.
+    pub(crate) fn close(&self) {
+        let w = self.writer.lock().expect("writer lock");
+        let _ = w.shutdown(Shutdown::Both);
+    }
+
+    pub(crate) fn note_routed(&self, caller: Pid, req: u64) {
+        self.routed.lock().expect("routed lock").insert((caller, req));
+    }
+
+    pub(crate) fn routed_done(&self, caller: Pid, req: u64) {
+        self.routed.lock().expect("routed lock").remove(&(caller, req));
+    }
+
+    pub(crate) fn take_routed(&self) -> Vec<(Pid, u64)> {
+        self.routed.lock().expect("routed lock").drain().collect()
+    }
+}
+
+/// Builds a failure frame addressed to `dst` for request `req`.
+pub(crate) fn failure_frame(src: Pid, dst: Pid, req: u64, failure: &Failure) -> Result<Vec<u8>> {
+    let mut frame = FrameBuf::new(Header { kind: Kind::Failure, src, dst, req, func: 0 });
+    codec::encode_into(failure, frame.payload())?;
+    frame.finish()
+}

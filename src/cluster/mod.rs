@@ -1,0 +1,438 @@
+//! The cluster handle: process table, remote calls, futures, `everywhere`, `pmap`, and the
+//! worker's serving loop.
+
+pub(crate) mod exec;
+pub(crate) mod failure;
+pub(crate) mod future;
+pub(crate) mod link;
+pub(crate) mod master;
+pub(crate) mod output;
+pub(crate) mod pmap;
+pub(crate) mod worker;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::Pid;
+use crate::codec;
+use crate::error::{Error, RemoteError, Result};
+use crate::launch::listener::Listener;
+use crate::launch::{ClusterManager, LaunchContext};
+use crate::protocol::{DEFAULT_MAX_FRAME, Kind, Secret};
+use crate::registry::{self, RemoteFn};
+
+pub use future::RemoteFuture;
+pub use master::WorkerInfo;
+pub use output::{OutputSink, print_sink};
+pub use pmap::PmapOptions;
+
+use link::{Link, Waiter};
+use master::{Admission, Master};
+
+pub(crate) struct Inner {
+    me: Pid,
+    /// A worker's connection to the master (all its calls go there, also those for other workers).
+    uplink: Option<Arc<Link>>,
+    master: Option<Master>,
+}
+
+impl Inner {
+    pub(crate) fn master(&self) -> &Master {
+        self.master.as_ref().expect("master-only operation on a worker handle")
+    }
+}
+
+/// A cluster of processes: this one (pid 1, the master) and the workers it added.
+///
+/// Created with [`Cluster::new`] or [`Cluster::builder`]. Workers are added with
+/// [`add_procs`](Cluster::add_procs) and stopped with [`shutdown`](Cluster::shutdown), which
+/// also runs when the `Cluster` is dropped. Inside a remote function,
+/// [`Cluster::current`] gives a handle for calling other processes.
+pub struct Cluster {
+    inner: Arc<Inner>,
+    /// The handle returned by `new` owns the workers; handles from `current` do not.
+    owner: bool,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("Cluster");
+        d.field("my_id", &self.inner.me);
+        if let Some(m) = &self.inner.master {
+            d.field("listen", &m.addr).field("workers", &self.workers());
+        }
+        d.finish()
+    }
+}
+
+/// Options for a new [`Cluster`].
+#[derive(Clone)]
+pub struct ClusterBuilder {
+    bind: SocketAddr,
+    advertise: Option<IpAddr>,
+    output: Option<OutputSink>,
+    max_frame: usize,
+}
+
+impl std::fmt::Debug for ClusterBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterBuilder").field("bind", &self.bind).field("advertise", &self.advertise).field("max_frame", &self.max_frame).finish()
+    }
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        ClusterBuilder { bind: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), advertise: None, output: None, max_frame: DEFAULT_MAX_FRAME }
+    }
+}
+
+impl ClusterBuilder {
+    /// Address the master listens on for workers (default `0.0.0.0:0`: every interface, a
+    /// port the OS picks). Workers on other nodes must be able to reach it.
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = addr;
+        self
+    }
+
+    /// Address remote workers are told to dial (default: the bind address, or this host's
+    /// first non-loopback IPv4 address when bound to all interfaces). Local workers always
+    /// dial the loopback address.
+    pub fn advertise(mut self, ip: IpAddr) -> Self {
+        self.advertise = Some(ip);
+        self
+    }
+
+    /// Where worker output goes: called with `(pid, line)` for every line (default: printed
+    /// as `From worker 3: ...` on stdout).
+    pub fn output(mut self, sink: impl Fn(Pid, &str) + Send + Sync + 'static) -> Self {
+        self.output = Some(Arc::new(sink));
+        self
+    }
+
+    /// Largest frame accepted from a worker (default 1 GiB). Larger frames close that
+    /// worker's connection with an error.
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.max_frame = bytes;
+        self
+    }
+
+    /// Starts listening and returns the cluster (with no workers yet).
+    pub fn build(self) -> Result<Cluster> {
+        let secret = Secret::random();
+        let inner = Arc::new_cyclic(|weak| {
+            let listener = Listener::start(self.bind, secret, Arc::new(Admission(weak.clone())));
+            let (listener, addr, error) = match listener {
+                Ok(l) => {
+                    let a = l.addr();
+                    (Some(l), a, None)
+                }
+                Err(e) => (None, self.bind, Some(e)),
+            };
+            let master = Master {
+                secret,
+                listener: Mutex::new(listener),
+                addr,
+                advertise: self.advertise.unwrap_or_else(|| advertised_ip(self.bind.ip())),
+                workers: RwLock::new(BTreeMap::new()),
+                next_pid: AtomicU32::new(2),
+                waiting: Mutex::new(HashMap::new()),
+                launches: Mutex::new(Vec::new()),
+                output: self.output.unwrap_or_else(print_sink),
+                refusals: Mutex::new(Vec::new()),
+                shut: AtomicBool::new(error.is_some()),
+                max_frame: self.max_frame,
+                start_error: Mutex::new(error),
+            };
+            Inner { me: 1, uplink: None, master: Some(master) }
+        });
+        if let Some(e) = inner.master().start_error.lock().expect("start lock").take() {
+            return Err(e);
+        }
+        Ok(Cluster { inner, owner: true })
+    }
+}
+
+fn advertised_ip(bind: IpAddr) -> IpAddr {
+    if bind.is_unspecified() {
+        crate::sys::first_non_loopback_ipv4().map(IpAddr::V4).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    } else {
+        bind
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Cluster>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `cluster` as [`Cluster::current`] on this thread.
+pub(crate) fn with_current<T>(cluster: &Cluster, f: impl FnOnce() -> T) -> T {
+    let previous = CURRENT.with(|c| c.replace(Some(cluster.clone_handle())));
+    let out = f();
+    CURRENT.with(|c| *c.borrow_mut() = previous);
+    out
+}
+
+impl Cluster {
+    /// A cluster with default options (see [`ClusterBuilder`]).
+    pub fn new() -> Result<Cluster> {
+        ClusterBuilder::default().build()
+    }
+
+    /// Options for a new cluster.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    /// The cluster this code runs in, for remote functions that call other processes:
+    /// on a worker, a handle that reaches every pid through the master; on the master, the
+    /// cluster that received the call. `None` outside remote functions on the master.
+    pub fn current() -> Option<Cluster> {
+        CURRENT.with(|c| c.borrow().as_ref().map(Cluster::clone_handle)).or_else(|| worker::worker_cluster().map(Cluster::clone_handle))
+    }
+
+    pub(crate) fn handle(inner: Arc<Inner>) -> Cluster {
+        Cluster { inner, owner: false }
+    }
+
+    pub(crate) fn worker_handle(me: Pid, uplink: Arc<Link>) -> Cluster {
+        Cluster { inner: Arc::new(Inner { me, uplink: Some(uplink), master: None }), owner: false }
+    }
+
+    fn clone_handle(&self) -> Cluster {
+        Cluster::handle(self.inner.clone())
+    }
+
+    fn master(&self) -> Result<&Master> {
+        self.inner.master.as_ref().ok_or_else(|| Error::Unsupported("only the master (pid 1) can add or remove workers".into()))
+    }
+
+    /// This process's pid (1 on the master).
+    pub fn my_id(&self) -> Pid {
+        self.inner.me
+    }
+
+    /// The address workers dial (the port the OS picked when binding port 0).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.inner.master.as_ref().map(|m| m.addr)
+    }
+
+    /// Pids of the connected workers, ascending. On a worker this asks the master.
+    pub fn workers(&self) -> Vec<Pid> {
+        match &self.inner.master {
+            Some(m) => m.workers.read().expect("workers lock").keys().copied().collect(),
+            None => self.remote_call_fetch(1, builtin_workers, ()).unwrap_or_default(),
+        }
+    }
+
+    /// Number of processes: the workers plus the master.
+    pub fn nprocs(&self) -> usize {
+        self.workers().len() + 1
+    }
+
+    /// What the master knows about worker `pid` (host, OS pid, MPI rank).
+    pub fn worker_info(&self, pid: Pid) -> Option<WorkerInfo> {
+        self.inner.master.as_ref()?.worker(pid).map(|e| e.info.clone())
+    }
+
+    /// Refused connection attempts so far (wrong secret, other binary, garbage), newest last.
+    pub fn refusals(&self) -> Vec<String> {
+        self.inner.master.as_ref().map(|m| m.refusals.lock().expect("refusals lock").clone()).unwrap_or_default()
+    }
+
+    /// Starts the workers `manager` describes and waits until all have dialled in. Returns
+    /// their pids (ascending; in rank order for MPI launches). On failure or timeout, the
+    /// workers of this launch that did start are stopped again.
+    pub fn add_procs(&self, manager: impl ClusterManager) -> Result<Vec<Pid>> {
+        let m = self.master()?;
+        if m.shut.load(Ordering::Relaxed) {
+            return Err(Error::ShutDown);
+        }
+        let n = manager.count();
+        let id = random_u64();
+        let wait = m.register_launch(id, n);
+        let ctx = LaunchContext::new(id, n, m.addr, m.advertise, m.secret);
+        let started = Instant::now();
+        let mut launch = match manager.launch(&ctx) {
+            Ok(l) => l,
+            Err(e) => {
+                m.unregister_launch(id);
+                return Err(e);
+            }
+        };
+        let timeout = manager.launch_timeout();
+        let outcome = loop {
+            let connected = wait.wait(Duration::from_millis(100));
+            if connected == n {
+                break Ok(());
+            }
+            if let Err(problem) = launch.check() {
+                break Err(Error::Launch(format!("{problem} ({connected} of {n} workers had connected)")));
+            }
+            if started.elapsed() >= timeout {
+                break Err(Error::LaunchTimeout { waited: started.elapsed(), connected, expected: n, detail: launch.describe() });
+            }
+        };
+        m.unregister_launch(id);
+        let mut pids = wait.connected();
+        pids.sort_unstable();
+        match outcome {
+            Ok(()) => {
+                tracing::info!("{n} {} workers ready in {:.1} ms: pids {pids:?}", manager.name(), started.elapsed().as_secs_f64() * 1e3);
+                m.launches.lock().expect("launches lock").push((id, launch));
+                Ok(pids)
+            }
+            Err(e) => {
+                master::stop_workers(m, &pids, Duration::from_secs(2))?;
+                launch.stop(Duration::from_secs(2));
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops the given workers (they finish the call they are running, then exit).
+    pub fn rm_procs(&self, pids: &[Pid]) -> Result<()> {
+        let m = self.master()?;
+        if let Some(p) = pids.iter().find(|p| m.worker(**p).is_none()) {
+            return Err(Error::NoSuchWorker(*p));
+        }
+        master::stop_workers(m, pids, Duration::from_secs(10))?;
+        for (_, launch) in m.launches.lock().expect("launches lock").iter_mut() {
+            let _ = launch.check(); // reaps local children that exited
+        }
+        Ok(())
+    }
+
+    fn link_to(&self, pid: Pid) -> Result<Arc<Link>> {
+        match (&self.inner.master, &self.inner.uplink) {
+            (Some(m), _) => m.worker(pid).map(|e| e.link.clone()).ok_or(Error::NoSuchWorker(pid)),
+            (None, Some(up)) => Ok(up.clone()),
+            (None, None) => Err(Error::ShutDown),
+        }
+    }
+
+    /// Sends one call frame to `pid`; the payload is written by `encode`.
+    pub(crate) fn send(&self, kind: Kind, pid: Pid, func: u64, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<()> {
+        self.link_to(pid)?.call(kind, self.inner.me, pid, func, hint, encode, waiter).map(|_| ())
+    }
+
+    /// Runs `f(args)` on process `pid` and returns at once with a future of the result.
+    ///
+    /// The types are checked at compile time: `args` must be `f`'s argument tuple and the
+    /// future yields `f`'s result type. On `pid == my_id()` the call runs here, now.
+    pub fn remote_call<F: RemoteFn>(&self, pid: Pid, f: F, args: F::Args) -> Result<RemoteFuture<F::Output>> {
+        let _ = f;
+        if pid == self.inner.me {
+            return Ok(RemoteFuture::ready(pid, run_here::<F>(pid, args)));
+        }
+        let slot = Arc::new(future::Slot::default());
+        self.send(Kind::Call, pid, F::ID, 64, |buf| codec::encode_into(&args, buf), Some(Waiter::Slot(slot.clone())))?;
+        Ok(RemoteFuture::pending(pid, slot))
+    }
+
+    /// [`remote_call`](Cluster::remote_call) and wait for the result.
+    pub fn remote_call_fetch<F: RemoteFn>(&self, pid: Pid, f: F, args: F::Args) -> Result<F::Output> {
+        self.remote_call(pid, f, args)?.fetch()
+    }
+
+    /// Runs `f(args)` on `pid` without waiting or a reply; a failure is logged on `pid`.
+    pub fn remote_do<F: RemoteFn>(&self, pid: Pid, f: F, args: F::Args) -> Result<()> {
+        let _ = f;
+        if pid == self.inner.me {
+            if let Err(e) = run_here::<F>(pid, args) {
+                tracing::warn!("remote_do on pid {pid} failed: {e}");
+            }
+            return Ok(());
+        }
+        self.send(Kind::Cast, pid, F::ID, 64, |buf| codec::encode_into(&args, buf), None)
+    }
+
+    /// Runs `f(args)` on every worker at once; results by pid. The first failure (by pid)
+    /// is returned as the error, after every call has finished.
+    pub fn everywhere<F: RemoteFn>(&self, f: F, args: F::Args) -> Result<BTreeMap<Pid, F::Output>> {
+        let _ = f;
+        let payload = codec::encode(&args)?;
+        let mut futures = Vec::new();
+        for pid in self.workers() {
+            let slot = Arc::new(future::Slot::default());
+            let sent = self.send(Kind::Call, pid, F::ID, payload.len(), |buf| {
+                buf.extend_from_slice(&payload);
+                Ok(())
+            }, Some(Waiter::Slot(slot.clone())));
+            futures.push((pid, sent.map(|_| RemoteFuture::<F::Output>::pending(pid, slot))));
+        }
+        let mut results = BTreeMap::new();
+        let mut first_error = None;
+        for (pid, fut) in futures {
+            match fut.and_then(RemoteFuture::fetch) {
+                Ok(v) => {
+                    results.insert(pid, v);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(results), Err)
+    }
+
+    /// Maps `f` over `items` on all workers, dynamically balanced; results in input order.
+    /// Items go out in batches (see [`PmapOptions::batch_size`]); any failure fails the map.
+    pub fn pmap<F: RemoteFn>(&self, f: F, items: impl IntoIterator<Item = F::Args>) -> Result<Vec<F::Output>> {
+        self.pmap_with(f, items, PmapOptions::new())
+    }
+
+    /// [`pmap`](Cluster::pmap) with options: batch size, retries with delays, an error
+    /// handler that supplies a value for items that failed for good, or a subset of workers.
+    pub fn pmap_with<F: RemoteFn>(&self, f: F, items: impl IntoIterator<Item = F::Args>, options: PmapOptions<F::Output>) -> Result<Vec<F::Output>> {
+        pmap::run(self, f, items.into_iter().collect(), options)
+    }
+
+    /// Stops every worker and everything the launches started (children, jobs). Idempotent;
+    /// also runs on drop. Workers finish the call they are running first (up to 5 s).
+    pub fn shutdown(&self) -> Result<()> {
+        let Some(m) = &self.inner.master else { return Ok(()) };
+        if m.shut.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let pids = self.workers();
+        let result = master::stop_workers(m, &pids, Duration::from_secs(5));
+        drop(m.listener.lock().expect("listener lock").take());
+        let launches = std::mem::take(&mut *m.launches.lock().expect("launches lock"));
+        for (_, mut launch) in launches {
+            launch.stop(Duration::from_secs(3));
+        }
+        tracing::debug!("cluster shut down ({} workers stopped)", pids.len());
+        result
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.owner {
+            if let Err(e) = self.shutdown() {
+                tracing::warn!("shutdown on drop: {e}");
+            }
+        }
+    }
+}
+
+/// Runs `F` in this process, with a panic or `Err` turned into a [`RemoteError`].
+fn run_here<F: RemoteFn>(pid: Pid, args: F::Args) -> Result<F::Output> {
+    registry::catch(|| F::invoke(args)).map_err(|e| Error::Remote(RemoteError { pid, function: F::NAME.into(), message: e.message, location: e.location }))
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the operating system has no random source");
+    u64::from_le_bytes(b)
+}
+
+/// Runs on the master for a worker's `Cluster::workers()`.
+#[crate::remote]
+fn builtin_workers() -> Vec<Pid> {
+    Cluster::current().map(|c| c.workers()).unwrap_or_default()
+}

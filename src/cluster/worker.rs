@@ -1,0 +1,241 @@
+//! The worker side: started with the master's address and secret in its environment, a
+//! process dials in, proves the secret, and serves calls on its main thread until told to
+//! stop or until the master's connection is gone.
+
+use std::cell::RefCell;
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::Pid;
+use crate::error::{Error, Result};
+use crate::fingerprint;
+use crate::protocol::{self, Hello, Kind, MAX_HANDSHAKE, Secret, Welcome};
+use crate::sys;
+
+use super::link::Link;
+use super::{Cluster, exec, output};
+
+/// Environment variable holding the master's `host:port`.
+pub const ENV_MASTER: &str = "CLUSTERMAN_MASTER";
+/// Environment variable holding the secret (hex); removed as soon as it is read.
+pub const ENV_SECRET: &str = "CLUSTERMAN_SECRET";
+/// Environment variable naming the launch and this worker's index in it (`<id>:<index>`).
+pub const ENV_LAUNCH: &str = "CLUSTERMAN_LAUNCH";
+
+static MY_PID: AtomicU32 = AtomicU32::new(1);
+/// Set when the master asked this worker to stop (possibly while a nested wait was pumping).
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// This process's pid in the cluster: 1 on the master, the assigned pid on a worker.
+pub fn my_id() -> Pid {
+    MY_PID.load(Ordering::Relaxed)
+}
+
+/// What a worker needs to dial in.
+pub(crate) struct WorkerConfig {
+    master: String,
+    secret: Secret,
+    launch: Option<(u64, u32)>,
+    mpi: Option<(i32, i32)>,
+}
+
+impl WorkerConfig {
+    /// Reads (and removes) the worker variables; `None` in a process that is not a worker.
+    fn from_env() -> Option<Result<WorkerConfig>> {
+        let master = std::env::var(ENV_MASTER).ok()?;
+        let secret = std::env::var(ENV_SECRET).ok();
+        let launch = std::env::var(ENV_LAUNCH).ok();
+        // SAFETY: called at the start of main (see `init`), before the program starts threads;
+        // the variables must not reach processes this worker starts.
+        unsafe {
+            std::env::remove_var(ENV_MASTER);
+            std::env::remove_var(ENV_SECRET);
+            std::env::remove_var(ENV_LAUNCH);
+        }
+        Some(Self::parse(master, secret, launch))
+    }
+
+    fn parse(master: String, secret: Option<String>, launch: Option<String>) -> Result<WorkerConfig> {
+        let secret = secret
+            .as_deref()
+            .and_then(Secret::from_hex)
+            .ok_or_else(|| Error::Handshake(format!("{ENV_SECRET} is missing or not 32 hex digits; start workers through a ClusterManager or the command an ElasticManager prints")))?;
+        let mpi = mpi_identity_from_env();
+        let launch = match launch {
+            None => None,
+            Some(s) => {
+                let (id, index) = s.split_once(':').ok_or_else(|| Error::Handshake(format!("malformed {ENV_LAUNCH}={s}")))?;
+                let id = id.parse().map_err(|_| Error::Handshake(format!("malformed {ENV_LAUNCH}={s}")))?;
+                let index = match index {
+                    "rank" => mpi.map(|(rank, _)| rank as u32).ok_or_else(|| Error::Handshake("launched as an MPI rank, but no MPI rank is set in the environment (OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK or SLURM_PROCID); is the launcher an MPI launcher?".into()))?,
+                    n => n.parse().map_err(|_| Error::Handshake(format!("malformed {ENV_LAUNCH}={s}")))?,
+                };
+                Some((id, index))
+            }
+        };
+        Ok(WorkerConfig { master, secret, launch, mpi })
+    }
+}
+
+/// Rank and size as MPI launchers publish them, read without initialising MPI.
+fn mpi_identity_from_env() -> Option<(i32, i32)> {
+    let pairs = [("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"), ("PMIX_RANK", "OMPI_COMM_WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")];
+    pairs.iter().find_map(|(r, s)| {
+        let rank = std::env::var(r).ok()?.parse().ok()?;
+        let size = std::env::var(s).ok()?.parse().ok()?;
+        Some((rank, size))
+    })
+}
+
+/// Call first in `main`. In a process started as a worker, it connects to the master and
+/// serves until shut down, then exits the process: it never returns. Elsewhere it returns
+/// at once.
+pub fn init() {
+    let Some(config) = WorkerConfig::from_env() else { return };
+    let code = match config.and_then(run) {
+        Ok(()) => 0,
+        Err(e) => {
+            sys::write_original_stderr(&format!("clusterman worker (os pid {}): {e}", std::process::id()));
+            1
+        }
+    };
+    output::finish_forwarding();
+    std::process::exit(code);
+}
+
+fn run(config: WorkerConfig) -> Result<()> {
+    let (stream, pid) = dial(&config)?;
+    MY_PID.store(pid, Ordering::Relaxed);
+    let link = Link::new(1, stream.try_clone().map_err(|e| Error::io("cloning the master connection", e))?);
+    if let Err(e) = output::start_forwarding(link.clone(), pid) {
+        tracing::warn!("worker {pid}: output stays local, forwarding failed: {e}");
+    }
+    let _ = WORKER_CLUSTER.set(Cluster::worker_handle(pid, link.clone()));
+    SERVING.with(|s| *s.borrow_mut() = Some(Serving { reader: BufReader::with_capacity(64 * 1024, stream), link, me: pid }));
+    loop {
+        match pump_once() {
+            Ok(()) if !STOPPING.load(Ordering::Relaxed) => {}
+            Ok(()) | Err(Error::ShutDown) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Connects (retrying briefly: the master may still be binding on a slow node) and shakes hands.
+fn dial(config: &WorkerConfig) -> Result<(TcpStream, Pid)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match TcpStream::connect(&config.master) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("connecting to {}: {e}; retrying", config.master);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(Error::io(format!("cannot reach the master at {} ({ENV_MASTER}); is it running and reachable from {}?", config.master, sys::hostname()), e)),
+        }
+    };
+    stream.set_nodelay(true).map_err(|e| Error::io("setting TCP_NODELAY", e))?;
+    let (fp, exe) = fingerprint::this_process();
+    let hello = Hello {
+        secret: config.secret,
+        fingerprint: fp.clone(),
+        exe: exe.clone(),
+        launch: config.launch,
+        host: sys::hostname(),
+        os_pid: std::process::id(),
+        mpi: config.mpi,
+    };
+    stream.write_all(&hello.encode()).map_err(|e| Error::io("sending the hello", e))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| Error::io("setting a timeout", e))?;
+    let body = read_prefixed(&mut stream, MAX_HANDSHAKE).map_err(|e| Error::Handshake(format!("no answer from the master at {}: {e}", config.master)))?;
+    stream.set_read_timeout(None).map_err(|e| Error::io("clearing a timeout", e))?;
+    match Welcome::decode(&body).map_err(Error::Handshake)? {
+        Welcome::Accepted(pid) => Ok((stream, pid)),
+        Welcome::Refused(reason) => Err(Error::Handshake(format!("the master refused this worker: {reason}"))),
+    }
+}
+
+/// Reads one `u32`-length-prefixed message of at most `max` bytes.
+pub(crate) fn read_prefixed(r: &mut impl Read, max: usize) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("message of {len} bytes exceeds {max}")));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(body)
+}
+
+static WORKER_CLUSTER: std::sync::OnceLock<Cluster> = std::sync::OnceLock::new();
+
+/// The cluster handle of a worker process (used by `Cluster::current`).
+pub(crate) fn worker_cluster() -> Option<&'static Cluster> {
+    WORKER_CLUSTER.get()
+}
+
+struct Serving {
+    reader: BufReader<TcpStream>,
+    link: Arc<Link>,
+    me: Pid,
+}
+
+thread_local! {
+    static SERVING: RefCell<Option<Serving>> = const { RefCell::new(None) };
+}
+
+/// True on the thread that reads the worker's connection.
+pub(crate) fn serves_on_this_thread() -> bool {
+    SERVING.with(|s| s.borrow().is_some())
+}
+
+/// Reads and handles one frame on the serving thread. Calls run right here, so a no-op call
+/// costs no thread switch; a call that itself waits for a reply pumps recursively.
+pub(crate) fn pump_once() -> Result<()> {
+    let (frame, link, me) = SERVING.with(|s| {
+        let mut s = s.borrow_mut();
+        let s = s.as_mut().expect("pump_once on a thread that does not serve");
+        let frame = protocol::read_frame(&mut s.reader, protocol::DEFAULT_MAX_FRAME);
+        (frame, s.link.clone(), s.me)
+    });
+    let frame = match frame {
+        Ok(Some(frame)) => frame,
+        Ok(None) => return Err(Error::Protocol("the master closed the connection; exiting".into())),
+        Err(e) => return Err(Error::Protocol(format!("connection to the master failed: {e}; exiting"))),
+    };
+    match frame.header.kind {
+        Kind::Call | Kind::Cast | Kind::Batch => {
+            if let Some(reply) = exec::execute(me, &frame) {
+                link.send(&reply)?;
+            }
+        }
+        Kind::Reply | Kind::Failure => link.resolve(frame),
+        Kind::Shutdown => {
+            STOPPING.store(true, Ordering::Relaxed);
+            link.fail_all("the worker is shutting down");
+            return Err(Error::ShutDown);
+        }
+        Kind::Output => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_parsing_reports_what_is_wrong() {
+        let secret = Secret::random().to_hex();
+        let ok = WorkerConfig::parse("h:1".into(), Some(secret.clone()), Some("5:3".into())).unwrap();
+        assert_eq!(ok.launch, Some((5, 3)));
+        let err = WorkerConfig::parse("h:1".into(), None, None).err().unwrap().to_string();
+        assert!(err.contains(ENV_SECRET), "{err}");
+        let err = WorkerConfig::parse("h:1".into(), Some(secret), Some("x".into())).err().unwrap().to_string();
+        assert!(err.contains("malformed"), "{err}");
+    }
+}

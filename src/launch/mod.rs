@@ -1,0 +1,126 @@
+//! Starting workers. A [`ClusterManager`] only has to start N copies of this program with
+//! the environment [`LaunchContext`] gives it, and to stop them again; every worker then
+//! dials the master's listener by itself (no output scraping, no dial-back).
+
+pub(crate) mod affinity;
+pub(crate) mod listener;
+pub(crate) mod local;
+pub mod topology;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cluster::worker::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET};
+use crate::error::Result;
+use crate::protocol::Secret;
+
+pub use affinity::LocalAffinityManager;
+pub use local::LocalManager;
+
+/// A way of starting workers: local processes, `mpirun`, a job scheduler...
+///
+/// Implement it to add a launcher: [`launch`](ClusterManager::launch) starts
+/// [`count`](ClusterManager::count) processes running [`LaunchContext::program`] with
+/// [`LaunchContext::env`] for worker `i` in their environment, and returns a [`Launch`]
+/// that can check on them and stop them.
+pub trait ClusterManager {
+    /// Short name for logs and errors (`"local"`, `"mpirun"`, `"slurm"`).
+    fn name(&self) -> &str;
+    /// How many workers this manager starts.
+    fn count(&self) -> usize;
+    /// Starts the workers; does not wait for them to connect.
+    fn launch(&self, ctx: &LaunchContext) -> Result<Box<dyn Launch>>;
+    /// How long `add_procs` waits for every worker to connect (default 60 s).
+    fn launch_timeout(&self) -> Duration {
+        Duration::from_secs(60)
+    }
+}
+
+impl<M: ClusterManager + ?Sized> ClusterManager for &M {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn count(&self) -> usize {
+        (**self).count()
+    }
+    fn launch(&self, ctx: &LaunchContext) -> Result<Box<dyn Launch>> {
+        (**self).launch(ctx)
+    }
+    fn launch_timeout(&self) -> Duration {
+        (**self).launch_timeout()
+    }
+}
+
+/// What a manager started: checked while workers connect, stopped at shutdown.
+pub trait Launch: Send {
+    /// Cheap, non-blocking health check: `Err` with a message if the launch has failed for
+    /// good (a process exited before connecting, a job was cancelled).
+    fn check(&mut self) -> std::result::Result<(), String>;
+    /// Stops everything this launch started. Workers have been asked to exit already; wait
+    /// up to `grace` for that, then force it (kill, cancel the job).
+    fn stop(&mut self, grace: Duration);
+    /// What is known about the launch for a timeout message (states, output tails).
+    fn describe(&self) -> String {
+        String::new()
+    }
+}
+
+/// Everything a manager needs to start workers that will find this master.
+#[derive(Debug, Clone)]
+pub struct LaunchContext {
+    id: u64,
+    count: usize,
+    listen: SocketAddr,
+    advertise: IpAddr,
+    secret: Secret,
+    program: PathBuf,
+}
+
+impl LaunchContext {
+    pub(crate) fn new(id: u64, count: usize, listen: SocketAddr, advertise: IpAddr, secret: Secret) -> Self {
+        let program = std::env::current_exe().unwrap_or_else(|_| PathBuf::from(std::env::args().next().unwrap_or_default()));
+        LaunchContext { id, count, listen, advertise, secret, program }
+    }
+
+    /// Number of workers to start.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The program to run: this process's own executable, so the worker has the same
+    /// remote functions (the handshake checks it).
+    pub fn program(&self) -> &std::path::Path {
+        &self.program
+    }
+
+    /// `host:port` of the master for workers on other hosts.
+    pub fn master_address(&self) -> String {
+        SocketAddr::new(self.advertise, self.listen.port()).to_string()
+    }
+
+    /// `host:port` of the master for workers on this host.
+    pub fn local_master_address(&self) -> String {
+        let ip = if self.listen.ip().is_unspecified() { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { self.listen.ip() };
+        SocketAddr::new(ip, self.listen.port()).to_string()
+    }
+
+    /// Environment for worker `index` dialling `master` (one of the two addresses above).
+    /// The secret is in it: pass it through the environment, never on a command line.
+    pub fn env(&self, index: u32, master: &str) -> Vec<(String, String)> {
+        self.env_with_index(&index.to_string(), master)
+    }
+
+    /// Environment for a launch whose workers take their index from their MPI rank.
+    pub fn env_by_rank(&self, master: &str) -> Vec<(String, String)> {
+        self.env_with_index("rank", master)
+    }
+
+    fn env_with_index(&self, index: &str, master: &str) -> Vec<(String, String)> {
+        vec![
+            (ENV_MASTER.into(), master.into()),
+            (ENV_SECRET.into(), self.secret.to_hex()),
+            (ENV_LAUNCH.into(), format!("{}:{index}", self.id)),
+        ]
+    }
+}

@@ -1,0 +1,107 @@
+//! # clusterman
+//!
+//! Turn one Rust program into a cluster program: launch worker processes (locally, pinned
+//! to CPUs, and — in later layers — through `mpirun` and job schedulers), then run typed
+//! functions on them.
+//!
+//! ```no_run
+//! use clusterman::prelude::*;
+//!
+//! #[remote]
+//! fn simulate(seed: u64, steps: u32) -> f64 {
+//!     (seed as f64) * (steps as f64)
+//! }
+//!
+//! fn main() -> clusterman::Result<()> {
+//!     clusterman::init(); // in a worker process this serves calls and never returns
+//!     let cluster = Cluster::new()?;
+//!     let pids = cluster.add_procs(LocalManager::new(4))?;
+//!     let x: f64 = cluster.remote_call(pids[0], simulate, (7, 1000))?.fetch()?;
+//!     let all: Vec<f64> = cluster.pmap(simulate, (0..10_000).map(|s| (s, 1000)))?;
+//!     cluster.shutdown()?; // also on drop
+//!     # let _ = (x, all);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ## How it works
+//!
+//! Every worker is a copy of the master's own binary. Whatever starts it only has to set
+//! three environment variables ([`LaunchContext::env`]); the worker then *dials in* to the
+//! master's single listener, proves a 128-bit secret (never on a command line), and states
+//! its protocol version and build fingerprint (the remote-function table and the binary's
+//! build id): a worker built from another binary is refused with both fingerprints named.
+//!
+//! `#[remote]` registers a function in a link-time table under its module path; calls name
+//! it by a hash of that path. Arguments and results are checked at compile time
+//! ([`RemoteFn`]) and travel as bincode in length-prefixed frames whose size is checked
+//! before anything is allocated.
+//!
+//! Calls run on the worker's main thread, straight from the socket: a no-op round trip costs
+//! two socket writes and one thread wake-up on the master. Worker-to-worker calls go through
+//! the master (one connection per worker, which also works where workers cannot reach each
+//! other). A worker's stdout and stderr are forwarded line by line (`From worker 3: ...`).
+//!
+//! ## Tests and other programs without your own `main`
+//!
+//! A `cargo test` binary's `main` belongs to the test harness; put
+//! [`init_in_constructor!()`](init_in_constructor) at the top level of the test file so
+//! the binary can serve as its own workers.
+
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+extern crate self as clusterman;
+
+mod cluster;
+mod codec;
+mod error;
+mod fingerprint;
+pub mod launch;
+mod protocol;
+mod registry;
+mod sys;
+
+pub use clusterman_macros::remote;
+pub use cluster::worker::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET, init, my_id};
+pub use cluster::{Cluster, ClusterBuilder, OutputSink, PmapOptions, RemoteFuture, WorkerInfo, print_sink};
+pub use cluster::pmap::exponential_backoff;
+pub use error::{Error, RemoteError, Result};
+pub use launch::topology::{AffinityMode, CpuTopology};
+pub use launch::{ClusterManager, Launch, LaunchContext, LocalAffinityManager, LocalManager};
+pub use registry::RemoteFn;
+
+/// A process in the cluster: 1 is the master, workers are 2, 3, ...
+pub type Pid = u32;
+
+/// The names most programs need: `use clusterman::prelude::*;`.
+pub mod prelude {
+    pub use crate::{AffinityMode, Cluster, ClusterManager, LocalAffinityManager, LocalManager, Pid, PmapOptions, RemoteFn, RemoteFuture, my_id, remote};
+}
+
+/// Items used by the code `#[remote]` generates. Not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::registry::{REMOTE_FUNCTIONS, RemoteEntry, entry};
+    pub use linkme;
+}
+
+/// Runs [`init`] before `main`, from the executable's constructor list, for binaries whose
+/// `main` is not yours (test harnesses). Put it once at the top level of the binary's crate.
+///
+/// ```ignore
+/// clusterman::init_in_constructor!();
+/// ```
+#[macro_export]
+macro_rules! init_in_constructor {
+    () => {
+        #[used]
+        #[unsafe(link_section = ".init_array")]
+        static __CLUSTERMAN_INIT: extern "C" fn() = {
+            extern "C" fn __clusterman_init() {
+                $crate::init()
+            }
+            __clusterman_init
+        };
+    };
+}

@@ -1,0 +1,17 @@
+//! The wire protocol, without I/O: frame layout, message header, handshake.
+//!
+//! Every message is one frame: a little-endian `u32` body length, then the body. The body
+//! starts with a fixed [`Header`] (kind, source pid, destination pid, request id, function id)
+//! followed by the payload (codec bytes, or raw text for output lines). Lengths are checked
+//! against a maximum before anything is allocated, and every parse failure is an error value,
+//! never a panic. The transports (TCP today, MPI later) only move these bytes.
+
+mod frame;
+mod handshake;
+
+pub use frame::{Frame, FrameBuf, Header, Kind, LEN_PREFIX, read_frame};
+pub use handshake::{Fingerprint, Hello, MAX_HANDSHAKE, Secret, Welcome, check_hello};
+
+/// Default largest frame a peer may send (1 GiB); raise it with
+/// [`ClusterBuilder::max_frame`](crate::ClusterBuilder::max_frame) for bigger single values.
+pub const DEFAULT_MAX_FRAME: usize = 1 << 30;

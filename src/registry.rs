@@ -1,0 +1,205 @@
+//! The remote-function registry: every `#[remote]` function puts one [`RemoteEntry`] into a
+//! link-time slice (linkme), so the table exists in every process of the same binary without
+//! any code running before `main`. Functions are found by a 64-bit hash of their
+//! module-qualified name, so a different function set cannot silently misroute a call; the
+//! handshake compares the table's hash anyway.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::OnceLock;
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::codec;
+
+/// A function that can be run on another process. Implemented by `#[remote]`; use the
+/// generated unit struct (it has the function's name) wherever a `RemoteFn` is asked for.
+pub trait RemoteFn: Copy + Send + Sync + 'static {
+    /// The arguments as a tuple: `(A, B)`, `(A,)` or `()`.
+    type Args: Serialize + DeserializeOwned + Send + 'static;
+    /// The result (for a function returning `Result<T, E>`, this is `T`).
+    type Output: Serialize + DeserializeOwned + Send + 'static;
+    /// Module-qualified name, e.g. `my_crate::simulate`.
+    const NAME: &'static str;
+    /// Hash of [`RemoteFn::NAME`]: the id on the wire.
+    const ID: u64 = fn_id(Self::NAME);
+    /// Runs the function here. `Err` carries the `Display` of an error the function returned.
+    fn invoke(args: Self::Args) -> Result<Self::Output, String>;
+}
+
+/// FNV-1a of a name, at compile time.
+pub const fn fn_id(name: &str) -> u64 {
+    let bytes = name.as_bytes();
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}
+
+/// Why running a registered function failed (the pid is added by the caller).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CallError {
+    /// Panic message, returned error, or decoding problem.
+    pub message: String,
+    /// Panic location.
+    pub location: Option<String>,
+}
+
+/// One registered function.
+#[derive(Debug)]
+pub struct RemoteEntry {
+    /// Module-qualified name.
+    pub name: &'static str,
+    /// Argument and result types as written, e.g. `fn(u64, u32) -> f64`.
+    pub signature: &'static str,
+    /// Decodes one argument tuple, runs, appends the encoded result to the output buffer.
+    pub call: fn(&[u8], &mut Vec<u8>) -> Result<(), CallError>,
+    /// Decodes a `Vec` of argument tuples, runs each, appends a `Vec<Result<Output, CallError>>`.
+    pub batch: fn(&[u8], &mut Vec<u8>) -> Result<(), CallError>,
+}
+
+/// Builds the registry entry of `F` (used by `#[remote]`).
+pub const fn entry<F: RemoteFn>(signature: &'static str) -> RemoteEntry {
+    RemoteEntry { name: F::NAME, signature, call: run_call::<F>, batch: run_batch::<F> }
+}
+
+#[linkme::distributed_slice]
+/// Every `#[remote]` function of the program.
+pub static REMOTE_FUNCTIONS: [RemoteEntry];
+
+struct Table {
+    by_id: HashMap<u64, &'static RemoteEntry>,
+    hash: u64,
+}
+
+fn table() -> &'static Table {
+    static TABLE: OnceLock<Table> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut entries: Vec<&'static RemoteEntry> = REMOTE_FUNCTIONS.iter().collect();
+        entries.sort_by_key(|e| e.name);
+        let mut by_id = HashMap::with_capacity(entries.len());
+        let mut hasher = Fnv::default();
+        for e in entries {
+            if let Some(prev) = by_id.insert(fn_id(e.name), e) {
+                panic!("two remote functions hash to the same id: {} and {}; rename one", prev.name, e.name);
+            }
+            hasher.write(e.name.as_bytes());
+            hasher.write(b"\0");
+            hasher.write(e.signature.as_bytes());
+            hasher.write(b"\0");
+        }
+        Table { by_id, hash: hasher.0 }
+    })
+}
+
+/// Looks a function up by id.
+pub fn lookup(id: u64) -> Option<&'static RemoteEntry> {
+    table().by_id.get(&id).copied()
+}
+
+/// Hash of the whole table (names and signatures), part of the build fingerprint.
+pub fn registry_hash() -> u64 {
+    table().hash
+}
+
+/// Streaming FNV-1a.
+pub(crate) struct Fnv(pub u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+thread_local! {
+    static IN_REMOTE: Cell<bool> = const { Cell::new(false) };
+    static LAST_PANIC: RefCell<Option<(String, Option<String>)>> = const { RefCell::new(None) };
+}
+
+/// Runs `f`, turning a panic into a [`CallError`] with its message and location. While a
+/// remote function runs, the panic is reported to the caller instead of printed here.
+pub(crate) fn catch<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, CallError> {
+    install_panic_hook();
+    let was = IN_REMOTE.with(|c| c.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    IN_REMOTE.with(|c| c.set(was));
+    match result {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(message)) => Err(CallError { message, location: None }),
+        Err(payload) => {
+            let (message, location) = LAST_PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| (panic_message(&*payload), None));
+            Err(CallError { message, location })
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".into()
+    }
+}
+
+fn install_panic_hook() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if IN_REMOTE.with(|c| c.get()) {
+                let location = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+                LAST_PANIC.with(|p| *p.borrow_mut() = Some((panic_message(info.payload()), location)));
+            } else {
+                previous(info);
+            }
+        }));
+    });
+}
+
+fn run_call<F: RemoteFn>(payload: &[u8], out: &mut Vec<u8>) -> Result<(), CallError> {
+    let args: F::Args = codec::decode(payload).map_err(|e| CallError { message: format!("cannot decode the arguments: {e}"), location: None })?;
+    let value = catch(|| F::invoke(args))?;
+    codec::encode_into(&value, out).map_err(|e| CallError { message: format!("cannot encode the result: {e}"), location: None })
+}
+
+fn run_batch<F: RemoteFn>(payload: &[u8], out: &mut Vec<u8>) -> Result<(), CallError> {
+    let items: Vec<F::Args> = codec::decode(payload).map_err(|e| CallError { message: format!("cannot decode the batch: {e}"), location: None })?;
+    let results: Vec<Result<F::Output, CallError>> = items.into_iter().map(|args| catch(|| F::invoke(args))).collect();
+    codec::encode_into(&results, out).map_err(|e| CallError { message: format!("cannot encode the results: {e}"), location: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stable_hashes_of_names() {
+        assert_eq!(fn_id(""), 0xcbf2_9ce4_8422_2325);
+        assert_ne!(fn_id("a::f"), fn_id("b::f"));
+    }
+
+    #[test]
+    fn catch_reports_panic_message_and_location() {
+        let err = catch::<()>(|| panic!("boom {}", 7)).unwrap_err();
+        assert_eq!(err.message, "boom 7");
+        assert!(err.location.unwrap().contains("registry.rs"));
+        let err = catch::<()>(|| Err("returned".into())).unwrap_err();
+        assert_eq!((err.message.as_str(), err.location), ("returned", None));
+    }
+}
