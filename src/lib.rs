@@ -84,6 +84,12 @@ pub mod prelude {
 pub mod __private {
     pub use crate::registry::{REMOTE_FUNCTIONS, RemoteEntry, entry};
     pub use linkme;
+
+    /// Test hook: writes raw bytes into a worker's connection to the master, to check how
+    /// the master handles a misbehaving peer. Returns false outside a worker.
+    pub fn send_raw_to_master(bytes: &[u8]) -> bool {
+        crate::cluster::worker::send_raw(bytes)
+    }
 }
 
 /// Runs [`init`] before `main`, from the executable's constructor list, for binaries whose

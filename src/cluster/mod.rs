@@ -202,6 +202,10 @@ impl Cluster {
         Cluster { inner: Arc::new(Inner { me, uplink: Some(uplink), master: None }), owner: false }
     }
 
+    pub(crate) fn uplink(&self) -> Option<Arc<Link>> {
+        self.inner.uplink.clone()
+    }
+
     fn clone_handle(&self) -> Cluster {
         Cluster::handle(self.inner.clone())
     }

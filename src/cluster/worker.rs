@@ -173,6 +173,11 @@ pub(crate) fn read_prefixed(r: &mut impl Read, max: usize) -> std::io::Result<Ve
 
 static WORKER_CLUSTER: std::sync::OnceLock<Cluster> = std::sync::OnceLock::new();
 
+/// Writes raw bytes to the master (tests of the master's protocol checks).
+pub(crate) fn send_raw(bytes: &[u8]) -> bool {
+    worker_cluster().and_then(|c| c.uplink()).is_some_and(|link| link.send(bytes).is_ok())
+}
+
 /// The cluster handle of a worker process (used by `Cluster::current`).
 pub(crate) fn worker_cluster() -> Option<&'static Cluster> {
     WORKER_CLUSTER.get()

@@ -1,0 +1,56 @@
+//! Pinned local workers: the kernel's view of each worker's CPU mask matches the placement.
+
+mod common;
+
+use clusterman::prelude::*;
+use clusterman::{CpuTopology, Error};
+
+clusterman::init_in_constructor!();
+
+#[remote]
+fn allowed_cpus() -> Vec<usize> {
+    common::cpus_allowed(std::process::id())
+}
+
+fn online_cpus() -> Vec<usize> {
+    CpuTopology::detect().unwrap().cpus().iter().map(|c| c.id).collect()
+}
+
+#[test]
+fn explicit_cpu_list_pins_each_worker() {
+    let cpus = online_cpus();
+    let wanted: Vec<usize> = cpus.iter().rev().copied().collect(); // reverse order: not the default
+    let cluster = Cluster::new().unwrap();
+    let pids = cluster.add_procs(LocalAffinityManager::new(wanted.len()).mode(AffinityMode::Cpus(wanted.clone()))).unwrap();
+    for (pid, cpu) in pids.iter().zip(&wanted) {
+        let os = cluster.worker_info(*pid).unwrap().os_pid;
+        assert_eq!(common::cpus_allowed(os), vec![*cpu], "worker {pid} read from /proc/{os}/status");
+        assert_eq!(cluster.remote_call_fetch(*pid, allowed_cpus, ()).unwrap(), vec![*cpu]);
+    }
+}
+
+#[test]
+fn balanced_and_compact_follow_the_topology() {
+    let topology = CpuTopology::detect().unwrap();
+    let np = topology.len() + 1; // one more than CPUs: wraps around
+    for mode in [AffinityMode::Balanced, AffinityMode::Compact] {
+        let manager = LocalAffinityManager::new(np).mode(mode.clone());
+        let placement = manager.placement().unwrap();
+        let order = if mode == AffinityMode::Balanced { topology.balanced_order() } else { topology.compact_order() };
+        assert_eq!(placement[..topology.len()], order[..], "{mode:?}");
+        assert_eq!(placement[topology.len()], order[0], "{mode:?} wraps around");
+        let cluster = Cluster::new().unwrap();
+        let pids = cluster.add_procs(manager).unwrap();
+        for (pid, cpu) in pids.iter().zip(&placement) {
+            assert_eq!(common::cpus_allowed(cluster.worker_info(*pid).unwrap().os_pid), vec![*cpu], "{mode:?} worker {pid}");
+        }
+    }
+}
+
+#[test]
+fn a_cpu_that_does_not_exist_is_a_clear_error() {
+    let cluster = Cluster::new().unwrap();
+    let err = cluster.add_procs(LocalAffinityManager::new(1).mode(AffinityMode::Cpus(vec![4096]))).unwrap_err();
+    assert!(matches!(&err, Error::Launch(m) if m.contains("4096")), "{err}");
+    assert!(cluster.workers().is_empty());
+}

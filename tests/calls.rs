@@ -1,0 +1,226 @@
+//! Typed remote calls on real worker processes: results, panics, `Err`, futures,
+//! `remote_do`, `everywhere`, worker-to-worker calls, removing workers.
+
+mod common;
+
+use std::time::Duration;
+
+use clusterman::prelude::*;
+use clusterman::{Error, RemoteError};
+
+clusterman::init_in_constructor!();
+
+#[remote]
+fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[remote]
+fn describe(name: String, values: Vec<u32>) -> (String, u32, Pid) {
+    (name.to_uppercase(), values.iter().sum(), my_id())
+}
+
+#[remote]
+fn explode(msg: String) -> u8 {
+    panic!("exploding: {msg}")
+}
+
+#[remote]
+fn parse_number(s: String) -> Result<u32, std::num::ParseIntError> {
+    s.parse()
+}
+
+#[remote]
+fn os_pid() -> u32 {
+    std::process::id()
+}
+
+/// Calls `add` on another worker from inside a worker.
+#[remote]
+fn add_via(other: Pid, a: i64, b: i64) -> clusterman::Result<(Pid, i64)> {
+    let cluster = Cluster::current().expect("a worker has a current cluster");
+    Ok((my_id(), cluster.remote_call_fetch(other, add, (a, b))?))
+}
+
+/// Calls back into the master (pid 1).
+#[remote]
+fn ask_master_for_workers() -> Vec<Pid> {
+    Cluster::current().unwrap().workers()
+}
+
+static TOUCHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[remote]
+fn touch(v: u64) {
+    TOUCHED.store(v, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[remote]
+fn touched() -> u64 {
+    TOUCHED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+fn cluster_with(n: usize) -> (Cluster, Vec<Pid>) {
+    let cluster = Cluster::new().expect("cluster");
+    let pids = cluster.add_procs(LocalManager::new(n)).expect("workers start");
+    (cluster, pids)
+}
+
+#[test]
+fn typed_calls_return_typed_results() {
+    let (cluster, pids) = cluster_with(2);
+    assert_eq!(pids, vec![2, 3]);
+    assert_eq!(cluster.workers(), pids);
+    assert_eq!(cluster.nprocs(), 3);
+    assert_eq!(cluster.remote_call_fetch(pids[0], add, (40, 2)).unwrap(), 42);
+    let (name, sum, ran_on) = cluster.remote_call(pids[1], describe, ("abc".into(), vec![1, 2, 3])).unwrap().fetch().unwrap();
+    assert_eq!((name.as_str(), sum, ran_on), ("ABC", 6, pids[1]));
+    // each worker is its own process, and not the master
+    let a = cluster.remote_call_fetch(pids[0], os_pid, ()).unwrap();
+    let b = cluster.remote_call_fetch(pids[1], os_pid, ()).unwrap();
+    assert!(a != b && a != std::process::id());
+    assert_eq!(cluster.worker_info(pids[0]).unwrap().os_pid, a);
+    // calling pid 1 (this process) runs here
+    assert_eq!(cluster.remote_call_fetch(1, describe, ("x".into(), vec![])).unwrap().2, 1);
+}
+
+#[test]
+fn many_futures_in_flight_resolve_to_their_own_results() {
+    let (cluster, pids) = cluster_with(2);
+    let futures: Vec<_> = (0..200).map(|i| cluster.remote_call(pids[i % 2], add, (i as i64, 1000)).unwrap()).collect();
+    for (i, f) in futures.into_iter().enumerate() {
+        assert_eq!(f.pid(), pids[i % 2]);
+        assert_eq!(f.fetch().unwrap(), i as i64 + 1000);
+    }
+}
+
+#[test]
+fn remote_future_is_a_std_future() {
+    let (cluster, pids) = cluster_with(1);
+    let fut = cluster.remote_call(pids[0], add, (2, 3)).unwrap();
+    assert_eq!(common::block_on(fut).unwrap(), 5);
+    let both = async {
+        let a = cluster.remote_call(pids[0], add, (1, 1)).unwrap().await.unwrap();
+        let b = cluster.remote_call(pids[0], add, (a, 1)).unwrap().await.unwrap();
+        b
+    };
+    assert_eq!(common::block_on(both), 3);
+}
+
+#[test]
+fn a_panic_comes_back_as_remote_error_with_location() {
+    let (cluster, pids) = cluster_with(1);
+    let err = cluster.remote_call_fetch(pids[0], explode, ("kaboom".into(),)).unwrap_err();
+    match err {
+        Error::Remote(RemoteError { pid, function, message, location }) => {
+            assert_eq!(pid, pids[0]);
+            assert!(function.ends_with("::explode"), "{function}");
+            assert_eq!(message, "exploding: kaboom");
+            assert!(location.unwrap().contains("calls.rs"));
+        }
+        other => panic!("expected a RemoteError, got {other}"),
+    }
+    // the worker survived its panic
+    assert_eq!(cluster.remote_call_fetch(pids[0], add, (1, 2)).unwrap(), 3);
+}
+
+#[test]
+fn an_err_comes_back_as_remote_error_without_location() {
+    let (cluster, pids) = cluster_with(1);
+    assert_eq!(cluster.remote_call_fetch(pids[0], parse_number, ("17".into(),)).unwrap(), 17);
+    let err = cluster.remote_call_fetch(pids[0], parse_number, ("x7".into(),)).unwrap_err();
+    let Error::Remote(e) = err else { panic!("expected RemoteError") };
+    assert_eq!((e.pid, e.message.as_str(), e.location), (pids[0], "invalid digit found in string", None));
+}
+
+#[test]
+fn workers_call_each_other_and_the_master() {
+    let (cluster, pids) = cluster_with(2);
+    assert_eq!(cluster.remote_call_fetch(pids[0], add_via, (pids[1], 20, 22)).unwrap(), (pids[0], 42));
+    assert_eq!(cluster.remote_call_fetch(pids[1], ask_master_for_workers, ()).unwrap(), pids);
+    // a worker asking for a pid that does not exist gets a clear error
+    let err = cluster.remote_call_fetch(pids[0], add_via, (99, 1, 1)).unwrap_err();
+    assert!(err.to_string().contains("no worker with pid 99"), "{err}");
+}
+
+#[test]
+fn remote_do_runs_without_a_reply_and_everywhere_reaches_all() {
+    let (cluster, pids) = cluster_with(3);
+    for &p in &pids {
+        cluster.remote_do(p, touch, (p as u64 * 10,)).unwrap();
+    }
+    // a call after remote_do on the same connection sees its effect (frames are in order)
+    let seen = cluster.everywhere(touched, ()).unwrap();
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), pids.iter().map(|&p| (p, p as u64 * 10)).collect::<Vec<_>>());
+    let all = cluster.everywhere(describe, ("w".into(), vec![5])).unwrap();
+    assert_eq!(all.keys().copied().collect::<Vec<_>>(), pids);
+    assert!(all.iter().all(|(pid, (_, sum, ran_on))| *sum == 5 && ran_on == pid));
+    // one failing worker fails everywhere with its error
+    let err = cluster.everywhere(explode, ("all".into(),)).unwrap_err();
+    assert!(matches!(err, Error::Remote(ref e) if e.pid == pids[0]), "{err}");
+}
+
+#[test]
+fn rm_procs_stops_workers_and_their_processes() {
+    let (cluster, pids) = cluster_with(2);
+    let os = cluster.worker_info(pids[0]).unwrap().os_pid;
+    cluster.rm_procs(&pids[..1]).unwrap();
+    assert_eq!(cluster.workers(), vec![pids[1]]);
+    assert!(common::wait_until(Duration::from_secs(10), || !common::process_alive(os)), "worker process {os} still alive");
+    let err = cluster.remote_call(pids[0], add, (1, 1)).unwrap_err();
+    assert!(matches!(err, Error::NoSuchWorker(p) if p == pids[0]));
+    assert!(matches!(cluster.rm_procs(&[77]), Err(Error::NoSuchWorker(77))));
+    assert_eq!(cluster.remote_call_fetch(pids[1], add, (1, 1)).unwrap(), 2);
+}
+
+#[test]
+fn shutdown_is_idempotent_and_leaves_no_process() {
+    let (cluster, pids) = cluster_with(3);
+    let os: Vec<u32> = pids.iter().map(|p| cluster.worker_info(*p).unwrap().os_pid).collect();
+    cluster.shutdown().unwrap();
+    cluster.shutdown().unwrap();
+    assert!(cluster.workers().is_empty());
+    for p in os {
+        assert!(!common::process_alive(p), "worker process {p} survived shutdown");
+    }
+    assert!(matches!(cluster.add_procs(LocalManager::new(1)), Err(Error::ShutDown)));
+    drop(cluster); // drop after shutdown does nothing more
+}
+
+#[test]
+fn drop_stops_the_workers() {
+    let (cluster, pids) = cluster_with(2);
+    let os: Vec<u32> = pids.iter().map(|p| cluster.worker_info(*p).unwrap().os_pid).collect();
+    drop(cluster);
+    for p in os {
+        assert!(!common::process_alive(p), "worker process {p} survived drop");
+    }
+}
+
+#[test]
+fn a_dead_worker_fails_pending_calls_promptly() {
+    let (cluster, pids) = cluster_with(2);
+    let os = cluster.worker_info(pids[0]).unwrap().os_pid;
+    let slow = cluster.remote_call(pids[0], sleep_ms, (30_000,)).unwrap();
+    unsafe_kill(os);
+    let started = std::time::Instant::now();
+    let err = slow.fetch().unwrap_err();
+    assert!(matches!(err, Error::WorkerDied { pid, .. } if pid == pids[0]), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(common::wait_until(Duration::from_secs(5), || cluster.workers() == vec![pids[1]]));
+    // a call routed through the master to the dead worker fails too, the others still serve
+    let err = cluster.remote_call_fetch(pids[1], add_via, (pids[0], 1, 1)).unwrap_err();
+    assert!(err.to_string().contains(&format!("no worker with pid {}", pids[0])), "{err}");
+    assert_eq!(cluster.remote_call_fetch(pids[1], add, (2, 2)).unwrap(), 4);
+}
+
+#[remote]
+fn sleep_ms(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+fn unsafe_kill(pid: u32) {
+    let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    assert!(status.success());
+}

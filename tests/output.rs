@@ -1,0 +1,49 @@
+//! Worker output reaches the master, line by line, tagged with the worker's pid.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clusterman::prelude::*;
+
+clusterman::init_in_constructor!();
+
+#[remote]
+fn shout(lines: u32) {
+    for i in 0..lines {
+        println!("line {i} from {}", my_id());
+    }
+    eprintln!("and one on stderr from {}", my_id());
+}
+
+#[test]
+fn stdout_and_stderr_lines_arrive_with_the_pid() {
+    let seen: Arc<Mutex<Vec<(Pid, String)>>> = Arc::default();
+    let sink = seen.clone();
+    let cluster = Cluster::builder().output(move |pid, line| sink.lock().unwrap().push((pid, line.to_string()))).build().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
+    cluster.everywhere(shout, (3,)).unwrap();
+    let expected = 2 * 4;
+    assert!(common::wait_until(Duration::from_secs(10), || seen.lock().unwrap().len() >= expected), "got {:?}", seen.lock().unwrap());
+    let seen = seen.lock().unwrap();
+    for &p in &pids {
+        let mine: Vec<&str> = seen.iter().filter(|(q, _)| *q == p).map(|(_, l)| l.as_str()).collect();
+        assert!(mine.contains(&format!("line 0 from {p}").as_str()) && mine.contains(&format!("line 2 from {p}").as_str()), "{mine:?}");
+        assert!(mine.contains(&format!("and one on stderr from {p}").as_str()), "{mine:?}");
+        let order: Vec<&str> = mine.iter().copied().filter(|l| l.starts_with("line")).collect();
+        assert_eq!(order, (0..3).map(|i| format!("line {i} from {p}")).collect::<Vec<_>>(), "lines keep their order");
+    }
+}
+
+#[test]
+fn output_printed_just_before_shutdown_is_not_lost() {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = seen.clone();
+    let cluster = Cluster::builder().output(move |_, line| sink.lock().unwrap().push(line.to_string())).build().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(1)).unwrap();
+    cluster.remote_do(pids[0], shout, (50,)).unwrap();
+    cluster.shutdown().unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(seen.iter().any(|l| l == &format!("line 49 from {}", pids[0])), "last line missing: {} lines", seen.len());
+}

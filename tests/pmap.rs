@@ -1,0 +1,116 @@
+//! `pmap` on real workers: order, batching, retries, `on_error`, a worker killed mid-map.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clusterman::prelude::*;
+use clusterman::{Error, exponential_backoff};
+
+clusterman::init_in_constructor!();
+
+#[remote]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+#[remote]
+fn slow_square(x: u64, ms: u64) -> (u64, Pid) {
+    std::thread::sleep(Duration::from_millis(ms));
+    (x * x, my_id())
+}
+
+static FAILED_ONCE: AtomicBool = AtomicBool::new(false);
+
+/// Fails the first time it runs in each process, then works: a transient failure.
+#[remote]
+fn flaky(x: u64) -> Result<u64, String> {
+    if !FAILED_ONCE.swap(true, Ordering::SeqCst) { Err(format!("transient failure on {x}")) } else { Ok(x + 1) }
+}
+
+#[remote]
+fn odd_fails(x: u64) -> u64 {
+    assert!(x % 2 == 0, "odd input {x}");
+    x
+}
+
+#[remote]
+fn os_pid() -> u32 {
+    std::process::id()
+}
+
+#[test]
+fn results_come_back_in_input_order_for_every_batch_size() {
+    let cluster = Cluster::new().unwrap();
+    cluster.add_procs(LocalManager::new(3)).unwrap();
+    let expected: Vec<u64> = (0..5_000u64).map(|x| x * x).collect();
+    for batch in [1, 7, 1000, 10_000] {
+        let got = cluster.pmap_with(square, (0..5_000u64).map(|x| (x,)), PmapOptions::new().batch_size(batch)).unwrap();
+        assert_eq!(got, expected, "batch size {batch}");
+    }
+    assert_eq!(cluster.pmap(square, (0..5_000u64).map(|x| (x,))).unwrap(), expected, "automatic batch size");
+    assert!(cluster.pmap(square, std::iter::empty()).unwrap().is_empty());
+}
+
+#[test]
+fn work_is_spread_over_all_workers() {
+    let cluster = Cluster::new().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(3)).unwrap();
+    let out = cluster.pmap_with(slow_square, (0..30u64).map(|x| (x, 5)), PmapOptions::new().batch_size(1)).unwrap();
+    let used: std::collections::BTreeSet<Pid> = out.iter().map(|(_, p)| *p).collect();
+    assert_eq!(used.into_iter().collect::<Vec<_>>(), pids);
+    assert_eq!(out.iter().map(|(v, _)| *v).collect::<Vec<_>>(), (0..30u64).map(|x| x * x).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_failed_item_fails_the_map_unless_retried_or_handled() {
+    let cluster = Cluster::new().unwrap();
+    cluster.add_procs(LocalManager::new(2)).unwrap();
+    let err = cluster.pmap(odd_fails, (0..10u64).map(|x| (x,))).unwrap_err();
+    assert!(matches!(&err, Error::Remote(e) if e.message.starts_with("odd input")), "{err}");
+    let handled = cluster.pmap_with(odd_fails, (0..6u64).map(|x| (x,)), PmapOptions::new().batch_size(2).on_error(|_| 999)).unwrap();
+    assert_eq!(handled, vec![0, 999, 2, 999, 4, 999]);
+    let retried = cluster
+        .pmap_with(flaky, (0..20u64).map(|x| (x,)), PmapOptions::new().batch_size(3).retry_delays([Duration::from_millis(5), Duration::from_millis(10)]))
+        .unwrap();
+    assert_eq!(retried, (1..=20u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_worker_killed_mid_pmap_has_its_items_finished_by_the_others() {
+    let cluster = Cluster::new().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(3)).unwrap();
+    let victim = cluster.remote_call_fetch(pids[0], os_pid, ()).unwrap();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        std::process::Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
+    });
+    let options = PmapOptions::new().batch_size(2).retry_delays(exponential_backoff(3, Duration::from_millis(10), 2.0, Duration::from_secs(1)));
+    let out = cluster.pmap_with(slow_square, (0..120u64).map(|x| (x, 10)), options).unwrap();
+    killer.join().unwrap();
+    assert_eq!(out.iter().map(|(v, _)| *v).collect::<Vec<_>>(), (0..120u64).map(|x| x * x).collect::<Vec<_>>());
+    assert!(out.iter().any(|(_, p)| *p == pids[0]), "the victim did some work before it died");
+    assert!(!cluster.workers().contains(&pids[0]));
+    assert!(out[100..].iter().all(|(_, p)| *p != pids[0]), "items after the kill ran on the survivors");
+}
+
+#[test]
+fn without_retries_a_worker_death_fails_the_map() {
+    let cluster = Cluster::new().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
+    let victim = cluster.remote_call_fetch(pids[1], os_pid, ()).unwrap();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        std::process::Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
+    });
+    let err = cluster.pmap_with(slow_square, (0..200u64).map(|x| (x, 10)), PmapOptions::new().batch_size(1)).unwrap_err();
+    killer.join().unwrap();
+    assert!(matches!(err, Error::WorkerDied { pid, .. } if pid == pids[1]), "{err}");
+}
+
+#[test]
+fn exponential_backoff_grows_and_caps() {
+    let d = exponential_backoff(5, Duration::from_secs(1), 2.0, Duration::from_secs(5));
+    assert_eq!(d, [1, 2, 4, 5, 5].map(Duration::from_secs));
+}
