@@ -71,6 +71,9 @@ pub enum Error {
     /// A peer broke the wire protocol (garbage, oversized or truncated frame).
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The connection to the master is gone (on a worker).
+    #[error("lost the master: {0}")]
+    MasterGone(String),
     /// A worker was refused at the handshake.
     #[error("handshake refused: {0}")]
     Handshake(String),

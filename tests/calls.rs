@@ -101,8 +101,7 @@ fn remote_future_is_a_std_future() {
     assert_eq!(common::block_on(fut).unwrap(), 5);
     let both = async {
         let a = cluster.remote_call(pids[0], add, (1, 1)).unwrap().await.unwrap();
-        let b = cluster.remote_call(pids[0], add, (a, 1)).unwrap().await.unwrap();
-        b
+        cluster.remote_call(pids[0], add, (a, 1)).unwrap().await.unwrap()
     };
     assert_eq!(common::block_on(both), 3);
 }

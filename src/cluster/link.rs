@@ -92,20 +92,11 @@ impl Link {
         Error::WorkerDied { pid: self.peer, reason: reason.to_string() }
     }
 
-    /// Sends a call whose payload `encode` writes, registering `waiter` first so a fast reply
-    /// cannot overtake it. Returns the request id.
-    pub(crate) fn call(
-        &self,
-        kind: Kind,
-        src: Pid,
-        dst: Pid,
-        func: u64,
-        payload_hint: usize,
-        encode: impl FnOnce(&mut Vec<u8>) -> Result<()>,
-        waiter: Option<Waiter>,
-    ) -> Result<u64> {
+    /// Sends a call (`header.req` is filled in here) whose payload `encode` writes,
+    /// registering `waiter` first so a fast reply cannot overtake it. Returns the request id.
+    pub(crate) fn call(&self, header: Header, payload_hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<u64> {
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-        let mut frame = FrameBuf::with_capacity(Header { kind, src, dst, req, func }, payload_hint);
+        let mut frame = FrameBuf::with_capacity(Header { req, ..header }, payload_hint);
         encode(frame.payload())?;
         let bytes = frame.finish()?;
         if let Some(waiter) = waiter {

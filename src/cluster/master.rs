@@ -77,6 +77,8 @@ pub(crate) struct Master {
     pub launches: Mutex<Vec<(u64, Box<dyn Launch>)>>,
     pub output: OutputSink,
     pub refusals: Mutex<Vec<String>>,
+    /// Workers that are gone, with the reason (newest last).
+    pub terminated: Mutex<Vec<(Pid, String)>>,
     pub shut: AtomicBool,
     pub max_frame: usize,
     /// A listener that failed to start, reported by `ClusterBuilder::build`.
@@ -126,10 +128,9 @@ impl Admit for Admission {
                 Ok(wait.base + index as Pid)
             }
         }
-        .map(|pid| {
+        .inspect(|&pid| {
             tracing::debug!(pid, host = %hello.host, os_pid = hello.os_pid, "worker admitted");
             PENDING_INFO.lock().expect("info lock").insert(pid, (hello.clone(), launch));
-            pid
         })
     }
 
@@ -254,8 +255,10 @@ fn worker_gone(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, reason: &str) {
     } else {
         tracing::warn!("worker {pid} (os pid {} on {}) terminated: {reason}", entry.info.os_pid, entry.info.host);
     }
-    entry.link.fail_all(reason);
+    // Out of the table first: whoever waits for the link to die then sees the worker gone.
     m.workers.write().expect("workers lock").remove(&pid);
+    m.terminated.lock().expect("terminated lock").push((pid, reason.to_string()));
+    entry.link.fail_all(reason);
     for (caller, req) in entry.link.take_routed() {
         if let Some(c) = m.worker(caller) {
             send_failure(&c, pid, req, &Failure::WorkerDied { pid, reason: reason.to_string() });

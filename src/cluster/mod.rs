@@ -22,7 +22,7 @@ use crate::codec;
 use crate::error::{Error, RemoteError, Result};
 use crate::launch::listener::Listener;
 use crate::launch::{ClusterManager, LaunchContext};
-use crate::protocol::{DEFAULT_MAX_FRAME, Kind, Secret};
+use crate::protocol::{DEFAULT_MAX_FRAME, Header, Kind, Secret};
 use crate::registry::{self, RemoteFn};
 
 pub use future::RemoteFuture;
@@ -143,6 +143,7 @@ impl ClusterBuilder {
                 launches: Mutex::new(Vec::new()),
                 output: self.output.unwrap_or_else(print_sink),
                 refusals: Mutex::new(Vec::new()),
+                terminated: Mutex::new(Vec::new()),
                 shut: AtomicBool::new(error.is_some()),
                 max_frame: self.max_frame,
                 start_error: Mutex::new(error),
@@ -247,6 +248,12 @@ impl Cluster {
         self.inner.master.as_ref().map(|m| m.refusals.lock().expect("refusals lock").clone()).unwrap_or_default()
     }
 
+    /// Workers that are gone, each with the reason its connection ended (oldest first):
+    /// stopped by `rm_procs` or `shutdown`, killed, or cut off for breaking the protocol.
+    pub fn terminated_workers(&self) -> Vec<(Pid, String)> {
+        self.inner.master.as_ref().map(|m| m.terminated.lock().expect("terminated lock").clone()).unwrap_or_default()
+    }
+
     /// Starts the workers `manager` describes and waits until all have dialled in. Returns
     /// their pids (ascending; in rank order for MPI launches). On failure or timeout, the
     /// workers of this launch that did start are stopped again.
@@ -320,7 +327,8 @@ impl Cluster {
 
     /// Sends one call frame to `pid`; the payload is written by `encode`.
     pub(crate) fn send(&self, kind: Kind, pid: Pid, func: u64, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<()> {
-        self.link_to(pid)?.call(kind, self.inner.me, pid, func, hint, encode, waiter).map(|_| ())
+        let header = Header { kind, src: self.inner.me, dst: pid, req: 0, func };
+        self.link_to(pid)?.call(header, hint, encode, waiter).map(|_| ())
     }
 
     /// Runs `f(args)` on process `pid` and returns at once with a future of the result.

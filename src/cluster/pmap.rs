@@ -20,11 +20,14 @@ use super::{Cluster, run_here, worker};
 /// Batches in flight per worker: one running, one queued behind it.
 const IN_FLIGHT: usize = 2;
 
+/// Supplies a result for an item that failed for good.
+type ErrorHandler<R> = Box<dyn Fn(&Error) -> R + Send + Sync>;
+
 /// Options for [`Cluster::pmap_with`].
 pub struct PmapOptions<R> {
     batch_size: Option<usize>,
     retry_delays: Vec<Duration>,
-    on_error: Option<Box<dyn Fn(&Error) -> R + Send + Sync>>,
+    on_error: Option<ErrorHandler<R>>,
     workers: Option<Vec<Pid>>,
 }
 

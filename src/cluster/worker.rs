@@ -209,8 +209,8 @@ pub(crate) fn pump_once() -> Result<()> {
     });
     let frame = match frame {
         Ok(Some(frame)) => frame,
-        Ok(None) => return Err(Error::Protocol("the master closed the connection; exiting".into())),
-        Err(e) => return Err(Error::Protocol(format!("connection to the master failed: {e}; exiting"))),
+        Ok(None) => return Err(Error::MasterGone("it closed the connection; exiting".into())),
+        Err(e) => return Err(Error::MasterGone(format!("{e}; exiting"))),
     };
     match frame.header.kind {
         Kind::Call | Kind::Cast | Kind::Batch => {

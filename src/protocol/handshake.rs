@@ -28,7 +28,7 @@ impl Secret {
     }
 
     /// Hex form, as passed to workers in their environment.
-    pub fn to_hex(&self) -> String {
+    pub fn to_hex(self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 

@@ -1,0 +1,202 @@
+//! Hostile or mistaken peers: wrong secret, another binary, garbage at the handshake, garbage
+//! and oversized frames from a connected worker. Each is refused or cut off with a clear
+//! error, and the master keeps serving.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clusterman::prelude::*;
+use clusterman::{Error, Launch, LaunchContext};
+
+clusterman::init_in_constructor!();
+
+#[remote]
+fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[remote]
+fn send_raw(bytes: Vec<u8>) -> bool {
+    clusterman::__private::send_raw_to_master(&bytes)
+}
+
+#[remote]
+fn sleep_ms(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+/// Starts one worker from `program` with the launch environment, changed by `tweak`, and
+/// keeps its stderr for the test to read.
+struct OneWorker {
+    program: PathBuf,
+    tweak: fn(&mut Vec<(String, String)>),
+    stderr: Arc<Mutex<String>>,
+}
+
+struct OneChild(std::process::Child);
+
+impl Launch for OneChild {
+    fn check(&mut self) -> Result<(), String> {
+        match self.0.try_wait() {
+            Ok(Some(status)) => Err(format!("worker exited with {status}")),
+            _ => Ok(()),
+        }
+    }
+    fn stop(&mut self, _grace: Duration) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl ClusterManager for OneWorker {
+    fn name(&self) -> &str {
+        "one-worker"
+    }
+    fn count(&self) -> usize {
+        1
+    }
+    fn launch(&self, ctx: &LaunchContext) -> clusterman::Result<Box<dyn Launch>> {
+        let mut env = ctx.env(0, &ctx.local_master_address());
+        (self.tweak)(&mut env);
+        let mut child = Command::new(&self.program).envs(env).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let sink = self.stderr.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            sink.lock().unwrap().push_str(&s);
+        });
+        Ok(Box::new(OneChild(child)))
+    }
+    fn launch_timeout(&self) -> Duration {
+        Duration::from_secs(20)
+    }
+}
+
+fn still_serves(cluster: &Cluster) {
+    let pids = cluster.add_procs(LocalManager::new(1)).expect("the master still accepts good workers");
+    assert_eq!(cluster.remote_call_fetch(pids[0], add, (2, 2)).unwrap(), 4);
+}
+
+fn stderr_of(launch: &OneWorker) -> String {
+    let mut text = String::new();
+    common::wait_until(Duration::from_secs(5), || {
+        text = launch.stderr.lock().unwrap().clone();
+        !text.is_empty()
+    });
+    text
+}
+
+#[test]
+fn a_wrong_secret_is_refused_and_the_master_keeps_serving() {
+    let cluster = Cluster::new().unwrap();
+    let manager = OneWorker {
+        program: std::env::current_exe().unwrap(),
+        tweak: |env| env.iter_mut().filter(|(k, _)| k == clusterman::ENV_SECRET).for_each(|(_, v)| *v = "00".repeat(16)),
+        stderr: Arc::default(),
+    };
+    let err = cluster.add_procs(&manager).unwrap_err();
+    assert!(matches!(err, Error::Launch(ref m) if m.contains("exited")), "{err}");
+    let stderr = stderr_of(&manager);
+    assert!(stderr.contains("wrong secret"), "worker stderr: {stderr}");
+    assert!(cluster.refusals().iter().any(|r| r.contains("wrong secret")), "{:?}", cluster.refusals());
+    still_serves(&cluster);
+}
+
+#[test]
+fn a_worker_from_another_binary_is_refused_naming_both_fingerprints() {
+    // `cargo test` builds the examples next to the test binaries: a real, different program.
+    let other = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("examples/quickstart");
+    assert!(other.exists(), "{} is missing: run the tests with `cargo test --all-targets`", other.display());
+    let cluster = Cluster::new().unwrap();
+    let manager = OneWorker { program: other.clone(), tweak: |_| {}, stderr: Arc::default() };
+    cluster.add_procs(&manager).unwrap_err();
+    let stderr = stderr_of(&manager);
+    assert!(stderr.contains("build fingerprint mismatch"), "worker stderr: {stderr}");
+    assert!(stderr.contains(&other.display().to_string()), "names the worker's binary: {stderr}");
+    assert!(stderr.contains(&std::env::current_exe().unwrap().display().to_string()), "names the master's binary: {stderr}");
+    assert_eq!(stderr.matches("registry ").count(), 2, "both fingerprints: {stderr}");
+    still_serves(&cluster);
+}
+
+#[test]
+fn garbage_at_the_handshake_is_refused() {
+    let cluster = Cluster::new().unwrap();
+    let port = cluster.listen_addr().unwrap().port();
+    for garbage in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0xff; 64][..], &[0, 0, 0, 0][..]] {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(garbage).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer); // the master answers (or not) and closes
+    }
+    assert!(common::wait_until(Duration::from_secs(5), || cluster.refusals().len() >= 3), "{:?}", cluster.refusals());
+    still_serves(&cluster);
+}
+
+fn frame(len: u32, body: &[u8]) -> Vec<u8> {
+    let mut b = len.to_le_bytes().to_vec();
+    b.extend_from_slice(body);
+    b
+}
+
+/// Makes worker `pid` write `bytes` into its connection, then checks that the master cut it
+/// off for the right reason while another worker and new launches keep working.
+fn misbehave(cluster: &Cluster, pids: &[Pid], bytes: Vec<u8>, expected_reason: &str) {
+    let os = cluster.worker_info(pids[0]).unwrap().os_pid;
+    cluster.remote_do(pids[0], send_raw, (bytes,)).unwrap();
+    // a call made meanwhile fails (it is either pending when the link dies, or refused after)
+    let call = cluster.remote_call(pids[0], sleep_ms, (10_000,)).and_then(|f| f.fetch());
+    assert!(matches!(call, Err(Error::WorkerDied { .. } | Error::NoSuchWorker(_))), "{call:?}");
+    assert!(common::wait_until(Duration::from_secs(5), || cluster.workers() == vec![pids[1]]));
+    let gone = cluster.terminated_workers();
+    assert!(gone.iter().any(|(p, why)| *p == pids[0] && why.contains(expected_reason)), "{gone:?}");
+    // the cut-off worker notices the closed connection and exits by itself
+    assert!(common::wait_until(Duration::from_secs(10), || !common::process_alive(os)));
+    assert_eq!(cluster.remote_call_fetch(pids[1], add, (1, 2)).unwrap(), 3);
+    still_serves(cluster);
+}
+
+#[test]
+fn a_garbage_frame_closes_that_worker_only() {
+    let cluster = Cluster::new().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
+    misbehave(&cluster, &pids, frame(25, &[99u8; 25]), "unknown frame kind 99");
+}
+
+#[test]
+fn an_oversized_length_closes_that_worker_without_allocating() {
+    let cluster = Cluster::builder().max_frame(1 << 20).build().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
+    misbehave(&cluster, &pids, frame(u32::MAX, &[]), "exceeds the maximum of 1048576");
+}
+
+#[test]
+fn a_frame_that_lies_about_its_sender_closes_that_worker() {
+    let cluster = Cluster::new().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
+    // a well-formed Output frame claiming to come from pid 77
+    let mut body = vec![6u8];
+    body.extend_from_slice(&77u32.to_le_bytes());
+    body.extend_from_slice(&[1, 0, 0, 0]);
+    body.extend_from_slice(&[0u8; 16]);
+    misbehave(&cluster, &pids, frame(body.len() as u32, &body), "claiming to be from pid 77");
+}
+
+#[test]
+fn the_secret_is_not_on_any_command_line() {
+    let cluster = Cluster::new().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(1)).unwrap();
+    let os = cluster.worker_info(pids[0]).unwrap().os_pid;
+    let cmdline = std::fs::read(format!("/proc/{os}/cmdline")).unwrap();
+    let text = String::from_utf8_lossy(&cmdline);
+    assert!(!text.contains("CLUSTERMAN") && !text.to_lowercase().contains("secret"), "{text}");
+    assert_eq!(text.split('\0').filter(|a| !a.is_empty()).count(), 1, "the worker gets no arguments: {text}");
+}
