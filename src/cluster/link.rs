@@ -42,11 +42,37 @@ struct Pending {
     dead: Option<String>,
 }
 
+/// Where a link's outgoing frames go: a socket, or the MPI progress thread.
+pub(crate) trait FrameOut: Send + Sync {
+    /// Sends one whole frame (length prefix included; MPI drops it, messages have bounds).
+    fn send(&self, frame: Vec<u8>) -> std::io::Result<()>;
+    /// Stops the connection so that the reading side sees its end.
+    fn close(&self);
+}
+
+/// A TCP connection's writing half.
+pub(crate) struct TcpOut(Mutex<TcpStream>);
+
+impl TcpOut {
+    pub(crate) fn new(stream: TcpStream) -> Box<dyn FrameOut> {
+        Box::new(TcpOut(Mutex::new(stream)))
+    }
+}
+
+impl FrameOut for TcpOut {
+    fn send(&self, frame: Vec<u8>) -> std::io::Result<()> {
+        self.0.lock().expect("writer lock").write_all(&frame)
+    }
+    fn close(&self) {
+        let _ = self.0.lock().expect("writer lock").shutdown(Shutdown::Both);
+    }
+}
+
 /// A connection to one peer.
 pub(crate) struct Link {
     /// The pid on the other end.
     pub peer: Pid,
-    writer: Mutex<TcpStream>,
+    out: Box<dyn FrameOut>,
     pending: Mutex<Pending>,
     /// Signalled when the link dies.
     died: Condvar,
@@ -56,10 +82,10 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    pub(crate) fn new(peer: Pid, socket: TcpStream) -> Arc<Link> {
+    pub(crate) fn new(peer: Pid, out: Box<dyn FrameOut>) -> Arc<Link> {
         Arc::new(Link {
             peer,
-            writer: Mutex::new(socket),
+            out,
             pending: Mutex::new(Pending::default()),
             died: Condvar::new(),
             next_req: AtomicU64::new(1),
@@ -67,25 +93,17 @@ impl Link {
         })
     }
 
-    /// Writes one finished frame (prefix included).
-    pub(crate) fn send(&self, bytes: &[u8]) -> Result<()> {
-        let mut w = self.writer.lock().expect("writer lock");
-        w.write_all(bytes).map_err(|e| self.died(&e.to_string()))
+    /// Sends one finished frame (prefix included).
+    pub(crate) fn send(&self, frame: Vec<u8>) -> Result<()> {
+        self.out.send(frame).map_err(|e| self.died(&e.to_string()))
     }
 
-    /// Writes a received frame body on to this peer (routing), prefix added.
+    /// Sends a received frame body on to this peer (routing), prefix added.
     pub(crate) fn forward(&self, body: &[u8]) -> Result<()> {
-        let prefix = (body.len() as u32).to_le_bytes();
-        let mut w = self.writer.lock().expect("writer lock");
-        let r = if body.len() <= 64 * 1024 {
-            let mut bytes = Vec::with_capacity(LEN_PREFIX + body.len());
-            bytes.extend_from_slice(&prefix);
-            bytes.extend_from_slice(body);
-            w.write_all(&bytes)
-        } else {
-            w.write_all(&prefix).and_then(|_| w.write_all(body))
-        };
-        r.map_err(|e| self.died(&e.to_string()))
+        let mut frame = Vec::with_capacity(LEN_PREFIX + body.len());
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(body);
+        self.send(frame)
     }
 
     fn died(&self, reason: &str) -> Error {
@@ -106,7 +124,7 @@ impl Link {
             }
             p.calls.insert(req, waiter);
         }
-        if let Err(e) = self.send(&bytes) {
+        if let Err(e) = self.send(bytes) {
             self.pending.lock().expect("pending lock").calls.remove(&req);
             return Err(e);
         }
@@ -142,10 +160,9 @@ impl Link {
         p.dead.is_some()
     }
 
-    /// Closes both directions; the peer sees end of stream, our reader wakes up.
+    /// Closes the connection; the peer sees its end, our reader wakes up.
     pub(crate) fn close(&self) {
-        let w = self.writer.lock().expect("writer lock");
-        let _ = w.shutdown(Shutdown::Both);
+        self.out.close();
     }
 
     pub(crate) fn note_routed(&self, caller: Pid, req: u64) {

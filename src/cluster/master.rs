@@ -17,7 +17,7 @@ use crate::protocol::{self, Frame, Hello, Kind, Secret};
 
 use super::exec;
 use super::failure::Failure;
-use super::link::{Link, failure_frame};
+use super::link::{Link, TcpOut, failure_frame};
 use super::output::OutputSink;
 use super::{Cluster, Inner};
 
@@ -106,7 +106,7 @@ impl Master {
 pub(crate) struct Admission(pub Weak<Inner>);
 
 impl Admit for Admission {
-    fn admit(&self, hello: &Hello, _stream: &TcpStream) -> std::result::Result<Pid, String> {
+    fn admit(&self, hello: &Hello) -> std::result::Result<Pid, String> {
         let inner = self.0.upgrade().ok_or("the master is shutting down")?;
         let m = inner.master();
         if m.shut.load(Ordering::Relaxed) {
@@ -128,20 +128,15 @@ impl Admit for Admission {
                 Ok(wait.base + index as Pid)
             }
         }
-        .inspect(|&pid| {
-            tracing::debug!(pid, host = %hello.host, os_pid = hello.os_pid, "worker admitted");
-            PENDING_INFO.lock().expect("info lock").insert(pid, (hello.clone(), launch));
-        })
+        .inspect(|&pid| tracing::debug!(pid, host = %hello.host, os_pid = hello.os_pid, "worker admitted"))
     }
 
-    fn serve(&self, pid: Pid, stream: TcpStream) {
-        let Some((hello, launch)) = PENDING_INFO.lock().expect("info lock").remove(&pid) else { return };
+    fn serve(&self, pid: Pid, hello: Hello, stream: TcpStream) {
         let Some(inner) = self.0.upgrade() else { return };
+        let Some((launch, _)) = hello.launch else { return };
         let Ok(reader) = stream.try_clone() else { return };
         let info = WorkerInfo { pid, host: hello.host, os_pid: hello.os_pid, mpi: hello.mpi };
-        let entry = Arc::new(WorkerEntry { info, link: Link::new(pid, stream) });
-        let m = inner.master();
-        m.workers.write().expect("workers lock").insert(pid, entry.clone());
+        let entry = add_worker(&inner, info, Link::new(pid, TcpOut::new(stream)));
         let spawned = std::thread::Builder::new().name(format!("cman-worker-{pid}")).spawn({
             let inner = inner.clone();
             move || read_worker(inner, entry, reader)
@@ -149,7 +144,7 @@ impl Admit for Admission {
         if spawned.is_err() {
             tracing::error!("cannot start a reader thread for worker {pid}");
         }
-        if let Some(wait) = m.waiting.lock().expect("waiting lock").get(&launch) {
+        if let Some(wait) = inner.master().waiting.lock().expect("waiting lock").get(&launch) {
             wait.state.lock().expect("launch lock").connected.push(pid);
             wait.cv.notify_all();
         }
@@ -163,33 +158,37 @@ impl Admit for Admission {
     }
 }
 
-/// Hellos of admitted workers between `admit` and `serve` (one handshake thread each).
-static PENDING_INFO: Mutex<BTreeMap<Pid, (Hello, u64)>> = Mutex::new(BTreeMap::new());
+/// Puts a worker into the process table.
+pub(crate) fn add_worker(inner: &Arc<Inner>, info: WorkerInfo, link: Arc<Link>) -> Arc<WorkerEntry> {
+    let entry = Arc::new(WorkerEntry { info, link });
+    inner.master().workers.write().expect("workers lock").insert(entry.info.pid, entry.clone());
+    entry
+}
 
 /// The reader thread of one worker connection.
 fn read_worker(inner: Arc<Inner>, entry: Arc<WorkerEntry>, stream: TcpStream) {
     let max = inner.master().max_frame;
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     let reason = loop {
-        match protocol::read_frame(&mut reader, max) {
-            Ok(Some(frame)) => {
-                if let Err(reason) = dispatch(&inner, &entry, frame) {
-                    entry.link.close();
-                    break reason;
-                }
-            }
+        let frame = match protocol::read_frame(&mut reader, max) {
+            Ok(Some(frame)) => frame,
             Ok(None) => break "its connection closed".to_string(),
-            Err(e) => {
-                entry.link.close();
-                break e.to_string();
-            }
+            Err(e) => break e.to_string(),
+        };
+        if let Err(reason) = dispatch(&inner, &entry, frame) {
+            break reason;
         }
     };
+    entry.link.close();
     worker_gone(&inner, &entry, &reason);
 }
 
-/// Handles one frame from worker `entry`. `Err` means the worker broke the protocol.
-fn dispatch(inner: &Arc<Inner>, entry: &WorkerEntry, frame: Frame) -> std::result::Result<(), String> {
+/// What stopped a worker's conversation after a goodbye.
+pub(crate) const STOPPED: &str = "stopped";
+
+/// Handles one frame from worker `entry`. `Err` ends the conversation with that worker:
+/// its goodbye ([`STOPPED`]), or a broken protocol.
+pub(crate) fn dispatch(inner: &Arc<Inner>, entry: &WorkerEntry, frame: Frame) -> std::result::Result<(), String> {
     let h = frame.header;
     let from = entry.info.pid;
     if h.src != from {
@@ -211,7 +210,7 @@ fn dispatch(inner: &Arc<Inner>, entry: &WorkerEntry, frame: Frame) -> std::resul
             let _ = std::thread::Builder::new().name("cman-exec".into()).spawn(move || {
                 let reply = super::with_current(&cluster, || exec::execute(1, &frame));
                 if let Some(reply) = reply {
-                    let _ = link.send(&reply);
+                    let _ = link.send(reply);
                 }
             });
         }
@@ -235,22 +234,22 @@ fn dispatch(inner: &Arc<Inner>, entry: &WorkerEntry, frame: Frame) -> std::resul
                 (inner.master().output)(from, line);
             }
         }
-        Kind::Shutdown => return Err(format!("protocol error: worker {from} sent a shutdown frame")),
+        Kind::Shutdown => return Err(STOPPED.into()),
     }
     Ok(())
 }
 
 fn send_failure(to: &WorkerEntry, from: Pid, req: u64, failure: &Failure) {
     if let Ok(bytes) = failure_frame(from, to.info.pid, req, failure) {
-        let _ = to.link.send(&bytes);
+        let _ = to.link.send(bytes);
     }
 }
 
 /// A worker's connection is gone: fail what waits on it, tell callers routed through it.
-fn worker_gone(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, reason: &str) {
+pub(crate) fn worker_gone(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, reason: &str) {
     let pid = entry.info.pid;
     let m = inner.master();
-    if m.shut.load(Ordering::Relaxed) {
+    if m.shut.load(Ordering::Relaxed) || reason == STOPPED {
         tracing::debug!("worker {pid} stopped: {reason}");
     } else {
         tracing::warn!("worker {pid} (os pid {} on {}) terminated: {reason}", entry.info.os_pid, entry.info.host);
@@ -271,7 +270,7 @@ pub(crate) fn stop_workers(m: &Master, pids: &[Pid], grace: Duration) -> Result<
     let entries: Vec<_> = pids.iter().filter_map(|p| m.worker(*p)).collect();
     for e in &entries {
         let frame = crate::protocol::FrameBuf::new(crate::protocol::Header { kind: Kind::Shutdown, src: 1, dst: e.info.pid, req: 0, func: 0 });
-        let _ = e.link.send(&frame.finish()?);
+        let _ = e.link.send(frame.finish()?);
     }
     let deadline = std::time::Instant::now() + grace;
     for e in &entries {

@@ -57,15 +57,15 @@ fn send_lines(link: &Link, me: Pid, text: &[u8]) {
     let mut frame = FrameBuf::with_capacity(Header { kind: Kind::Output, src: me, dst: 1, req: 0, func: 0 }, text.len());
     frame.payload().extend_from_slice(text);
     if let Ok(bytes) = frame.finish() {
-        let _ = link.send(&bytes);
+        let _ = link.send(bytes);
     }
 }
 
-/// Flushes what the worker printed to the master before it exits.
+/// Flushes what the worker printed to the master before it exits (nothing to do if
+/// forwarding never started).
 pub(crate) fn finish_forwarding() {
+    let Some(done) = FORWARDER_DONE.lock().expect("forwarder lock").take() else { return };
     let _ = std::io::stdout().flush();
     sys::detach_stdio();
-    if let Some(done) = FORWARDER_DONE.lock().expect("forwarder lock").take() {
-        let _ = done.recv_timeout(Duration::from_secs(2));
-    }
+    let _ = done.recv_timeout(Duration::from_secs(2));
 }

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use crate::Pid;
 use crate::error::{Error, Result};
 use crate::fingerprint;
-use crate::protocol::{self, Hello, Kind, MAX_HANDSHAKE, Secret, Welcome};
+use crate::protocol::{self, Frame, FrameBuf, Header, Hello, Kind, MAX_HANDSHAKE, Secret, Welcome};
 use crate::sys;
 
-use super::link::Link;
+use super::link::{Link, TcpOut};
 use super::{Cluster, exec, output};
 
 /// Environment variable holding the master's `host:port`.
@@ -95,33 +95,65 @@ fn mpi_identity_from_env() -> Option<(i32, i32)> {
 /// at once.
 pub fn init() {
     let Some(config) = WorkerConfig::from_env() else { return };
-    let code = match config.and_then(run) {
+    exit_worker(config.and_then(run));
+}
+
+/// Ends a worker process: status 0 after a requested stop, else 1 with the reason on the
+/// original stderr. Runs the exit hooks first (finalising MPI).
+pub(crate) fn exit_worker(outcome: Result<()>) -> ! {
+    let code = match outcome {
         Ok(()) => 0,
         Err(e) => {
-            sys::write_original_stderr(&format!("clusterman worker (os pid {}): {e}", std::process::id()));
+            output::finish_forwarding();
+            sys::write_original_stderr(&format!("clusterman worker {} (os pid {}): {e}", my_id(), std::process::id()));
             1
         }
     };
-    output::finish_forwarding();
+    for hook in std::mem::take(&mut *EXIT_HOOKS.lock().expect("exit hooks lock")) {
+        hook();
+    }
     std::process::exit(code);
+}
+
+/// Work to do on this (the main) thread just before a worker exits, newest first.
+static EXIT_HOOKS: std::sync::Mutex<Vec<Box<dyn FnOnce() + Send>>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers `hook` to run when this worker exits (e.g. `MPI_Finalize`).
+#[allow(dead_code)]
+pub(crate) fn at_worker_exit(hook: impl FnOnce() + Send + 'static) {
+    EXIT_HOOKS.lock().expect("exit hooks lock").insert(0, Box::new(hook));
 }
 
 fn run(config: WorkerConfig) -> Result<()> {
     let (stream, pid) = dial(&config)?;
+    let out = TcpOut::new(stream.try_clone().map_err(|e| Error::io("cloning the master connection", e))?);
+    serve(pid, Link::new(1, out), Inbox::Tcp(BufReader::with_capacity(64 * 1024, stream)))
+}
+
+/// Serves calls on this thread as worker `pid` until the master says stop (`Ok`) or is
+/// gone (`Err`). On a stop, the worker's output is flushed and a goodbye frame ends the
+/// conversation, so the master knows nothing more is coming (MPI links have no EOF).
+pub(crate) fn serve(pid: Pid, link: Arc<Link>, inbox: Inbox) -> Result<()> {
     MY_PID.store(pid, Ordering::Relaxed);
-    let link = Link::new(1, stream.try_clone().map_err(|e| Error::io("cloning the master connection", e))?);
     if let Err(e) = output::start_forwarding(link.clone(), pid) {
         tracing::warn!("worker {pid}: output stays local, forwarding failed: {e}");
     }
     let _ = WORKER_CLUSTER.set(Cluster::worker_handle(pid, link.clone()));
-    SERVING.with(|s| *s.borrow_mut() = Some(Serving { reader: BufReader::with_capacity(64 * 1024, stream), link, me: pid }));
-    loop {
+    SERVING.with(|s| *s.borrow_mut() = Some(Serving { inbox, link: link.clone(), me: pid }));
+    let outcome = loop {
         match pump_once() {
             Ok(()) if !STOPPING.load(Ordering::Relaxed) => {}
-            Ok(()) | Err(Error::ShutDown) => return Ok(()),
-            Err(e) => return Err(e),
+            Ok(()) | Err(Error::ShutDown) => break Ok(()),
+            Err(e) => break Err(e),
         }
+    };
+    SERVING.with(|s| *s.borrow_mut() = None);
+    output::finish_forwarding();
+    if outcome.is_ok() {
+        let goodbye = FrameBuf::new(Header { kind: Kind::Shutdown, src: pid, dst: 1, req: 0, func: 0 });
+        let _ = link.send(goodbye.finish()?);
     }
+    outcome
 }
 
 /// Connects (retrying briefly: the master may still be binding on a slow node) and shakes hands.
@@ -175,7 +207,7 @@ static WORKER_CLUSTER: std::sync::OnceLock<Cluster> = std::sync::OnceLock::new()
 
 /// Writes raw bytes to the master (tests of the master's protocol checks).
 pub(crate) fn send_raw(bytes: &[u8]) -> bool {
-    worker_cluster().and_then(|c| c.uplink()).is_some_and(|link| link.send(bytes).is_ok())
+    worker_cluster().and_then(|c| c.uplink()).is_some_and(|link| link.send(bytes.to_vec()).is_ok())
 }
 
 /// The cluster handle of a worker process (used by `Cluster::current`).
@@ -183,8 +215,29 @@ pub(crate) fn worker_cluster() -> Option<&'static Cluster> {
     WORKER_CLUSTER.get()
 }
 
+/// Where a serving worker's incoming frames come from.
+pub(crate) enum Inbox {
+    /// Read straight from the master's socket.
+    Tcp(BufReader<TcpStream>),
+    /// Handed over by the MPI progress thread (`Err`: the transport failed).
+    Channel(std::sync::mpsc::Receiver<Result<Frame>>),
+}
+
+impl Inbox {
+    fn next(&mut self) -> Result<Frame> {
+        match self {
+            Inbox::Tcp(reader) => match protocol::read_frame(reader, protocol::DEFAULT_MAX_FRAME) {
+                Ok(Some(frame)) => Ok(frame),
+                Ok(None) => Err(Error::MasterGone("it closed the connection; exiting".into())),
+                Err(e) => Err(Error::MasterGone(format!("{e}; exiting"))),
+            },
+            Inbox::Channel(rx) => rx.recv().unwrap_or_else(|_| Err(Error::MasterGone("the MPI transport stopped; exiting".into()))),
+        }
+    }
+}
+
 struct Serving {
-    reader: BufReader<TcpStream>,
+    inbox: Inbox,
     link: Arc<Link>,
     me: Pid,
 }
@@ -204,18 +257,13 @@ pub(crate) fn pump_once() -> Result<()> {
     let (frame, link, me) = SERVING.with(|s| {
         let mut s = s.borrow_mut();
         let s = s.as_mut().expect("pump_once on a thread that does not serve");
-        let frame = protocol::read_frame(&mut s.reader, protocol::DEFAULT_MAX_FRAME);
-        (frame, s.link.clone(), s.me)
+        (s.inbox.next(), s.link.clone(), s.me)
     });
-    let frame = match frame {
-        Ok(Some(frame)) => frame,
-        Ok(None) => return Err(Error::MasterGone("it closed the connection; exiting".into())),
-        Err(e) => return Err(Error::MasterGone(format!("{e}; exiting"))),
-    };
+    let frame = frame?;
     match frame.header.kind {
         Kind::Call | Kind::Cast | Kind::Batch => {
             if let Some(reply) = exec::execute(me, &frame) {
-                link.send(&reply)?;
+                link.send(reply)?;
             }
         }
         Kind::Reply | Kind::Failure => link.resolve(frame),

@@ -17,10 +17,10 @@ use crate::protocol::{Hello, MAX_HANDSHAKE, Secret, Welcome, check_hello};
 
 /// Decides what to do with a worker whose hello checked out: its pid, or a refusal.
 pub(crate) trait Admit: Send + Sync + 'static {
-    /// Registers the worker and returns its pid, or a refusal reason.
-    fn admit(&self, hello: &Hello, stream: &TcpStream) -> std::result::Result<Pid, String>;
+    /// Reserves the worker's pid, or gives a refusal reason.
+    fn admit(&self, hello: &Hello) -> std::result::Result<Pid, String>;
     /// Starts serving an admitted worker (after it was told its pid).
-    fn serve(&self, pid: Pid, stream: TcpStream);
+    fn serve(&self, pid: Pid, hello: Hello, stream: TcpStream);
     /// Records a refused connection (logged, kept for [`crate::Cluster::refusals`]).
     fn refused(&self, peer: SocketAddr, reason: &str);
 }
@@ -92,14 +92,14 @@ fn handshake(mut stream: TcpStream, secret: Secret, admit: &dyn Admit) {
         }
     };
     let (fp, exe) = fingerprint::this_process();
-    let outcome = check_hello(&body, &secret, fp, exe).map_err(|r| r.0).and_then(|hello| admit.admit(&hello, &stream).map(|pid| (pid, hello)));
+    let outcome = check_hello(&body, &secret, fp, exe).map_err(|r| r.0).and_then(|hello| admit.admit(&hello).map(|pid| (pid, hello)));
     match outcome {
         Ok((pid, hello)) => {
             if stream.write_all(&Welcome::Accepted(pid).encode()).is_err() || stream.set_read_timeout(None).is_err() {
                 admit.refused(peer, &format!("worker {} (os pid {}) vanished during the handshake", hello.host, hello.os_pid));
                 return;
             }
-            admit.serve(pid, stream);
+            admit.serve(pid, hello, stream);
         }
         Err(reason) => {
             let _ = stream.write_all(&Welcome::Refused(reason.clone()).encode());
