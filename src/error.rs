@@ -53,6 +53,9 @@ pub enum Error {
         /// Its id (a hash of the name).
         id: u64,
     },
+    /// Some ranks of an `mpido!` failed: each failing rank with its error, in rank order.
+    #[error("mpido! failed on {} rank(s): {}", .0.len(), list_ranks(.0))]
+    Ranks(Vec<(i32, Error)>),
     /// Starting workers failed.
     #[error("launch failed: {0}")]
     Launch(String),
@@ -95,6 +98,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn list_ranks(failures: &[(i32, Error)]) -> String {
+    failures.iter().map(|(rank, e)| format!("rank {rank}: {e}")).collect::<Vec<_>>().join("; ")
 }
 
 /// `Result` with clusterman's [`Error`].

@@ -58,12 +58,14 @@ mod codec;
 mod error;
 mod fingerprint;
 pub mod launch;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 mod protocol;
 mod registry;
 mod sys;
 
 pub use clusterman_macros::remote;
-pub use cluster::worker::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET, init, my_id};
+pub use cluster::worker::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, init, my_id};
 pub use cluster::{Cluster, ClusterBuilder, OutputSink, PmapOptions, RemoteFuture, WorkerInfo, print_sink};
 pub use cluster::pmap::exponential_backoff;
 pub use error::{Error, RemoteError, Result};
@@ -83,6 +85,8 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::registry::{REMOTE_FUNCTIONS, RemoteEntry, entry};
+    #[cfg(feature = "mpi")]
+    pub use crate::mpi::{mpido_entry, mpido_run};
     pub use linkme;
 
     /// Test hook: writes raw bytes into a worker's connection to the master, to check how

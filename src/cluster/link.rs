@@ -54,7 +54,7 @@ pub(crate) trait FrameOut: Send + Sync {
 pub(crate) struct TcpOut(Mutex<TcpStream>);
 
 impl TcpOut {
-    pub(crate) fn new(stream: TcpStream) -> Box<dyn FrameOut> {
+    pub(crate) fn boxed(stream: TcpStream) -> Box<dyn FrameOut> {
         Box::new(TcpOut(Mutex::new(stream)))
     }
 }

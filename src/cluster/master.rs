@@ -136,7 +136,7 @@ impl Admit for Admission {
         let Some((launch, _)) = hello.launch else { return };
         let Ok(reader) = stream.try_clone() else { return };
         let info = WorkerInfo { pid, host: hello.host, os_pid: hello.os_pid, mpi: hello.mpi };
-        let entry = add_worker(&inner, info, Link::new(pid, TcpOut::new(stream)));
+        let entry = add_worker(&inner, info, Link::new(pid, TcpOut::boxed(stream)));
         let spawned = std::thread::Builder::new().name(format!("cman-worker-{pid}")).spawn({
             let inner = inner.clone();
             move || read_worker(inner, entry, reader)

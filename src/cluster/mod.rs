@@ -207,7 +207,7 @@ impl Cluster {
         self.inner.uplink.clone()
     }
 
-    fn clone_handle(&self) -> Cluster {
+    pub(crate) fn clone_handle(&self) -> Cluster {
         Cluster::handle(self.inner.clone())
     }
 
@@ -290,6 +290,10 @@ impl Cluster {
         m.unregister_launch(id);
         let mut pids = wait.connected();
         pids.sort_unstable();
+        let outcome = outcome.and_then(|()| {
+            let infos: Vec<WorkerInfo> = pids.iter().filter_map(|p| self.worker_info(*p)).collect();
+            manager.added(self, &infos)
+        });
         match outcome {
             Ok(()) => {
                 tracing::info!("{n} {} workers ready in {:.1} ms: pids {pids:?}", manager.name(), started.elapsed().as_secs_f64() * 1e3);
@@ -311,10 +315,37 @@ impl Cluster {
             return Err(Error::NoSuchWorker(*p));
         }
         master::stop_workers(m, pids, Duration::from_secs(10))?;
-        for (_, launch) in m.launches.lock().expect("launches lock").iter_mut() {
-            let _ = launch.check(); // reaps local children that exited
-        }
+        self.reap_launches();
         Ok(())
+    }
+
+    /// Adds a worker that was identified by another transport (MPI) and talks through `out`.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    pub(crate) fn attach_worker(&self, info: WorkerInfo, out: Box<dyn link::FrameOut>) {
+        let Some(m) = &self.inner.master else { return };
+        m.next_pid.fetch_max(info.pid + 1, Ordering::Relaxed);
+        let pid = info.pid;
+        master::add_worker(&self.inner, info, Link::new(pid, out));
+    }
+
+    /// Handles a frame from worker `pid` that arrived through another transport (MPI).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    pub(crate) fn receive_from(&self, pid: Pid, frame: Result<crate::protocol::Frame>) {
+        let Some(entry) = self.inner.master.as_ref().and_then(|m| m.worker(pid)) else { return };
+        let outcome = frame.map_err(|e| e.to_string()).and_then(|f| master::dispatch(&self.inner, &entry, f));
+        if let Err(reason) = outcome {
+            entry.link.close();
+            master::worker_gone(&self.inner, &entry, &reason);
+        }
+    }
+
+    /// Lets every launch notice processes that have exited (reaps local children).
+    pub(crate) fn reap_launches(&self) {
+        if let Some(m) = &self.inner.master {
+            for (_, launch) in m.launches.lock().expect("launches lock").iter_mut() {
+                let _ = launch.check();
+            }
+        }
     }
 
     fn link_to(&self, pid: Pid) -> Result<Arc<Link>> {
@@ -362,20 +393,23 @@ impl Cluster {
         self.send(Kind::Cast, pid, F::ID, 64, |buf| codec::encode_into(&args, buf), None)
     }
 
+    /// Calls function `func` on `pid` with an already encoded argument tuple.
+    pub(crate) fn call_with_payload<R: serde::de::DeserializeOwned>(&self, pid: Pid, func: u64, payload: &[u8]) -> Result<RemoteFuture<R>> {
+        let slot = Arc::new(future::Slot::default());
+        let copy = |buf: &mut Vec<u8>| {
+            buf.extend_from_slice(payload);
+            Ok(())
+        };
+        self.send(Kind::Call, pid, func, payload.len(), copy, Some(Waiter::Slot(slot.clone())))?;
+        Ok(RemoteFuture::pending(pid, slot))
+    }
+
     /// Runs `f(args)` on every worker at once; results by pid. The first failure (by pid)
     /// is returned as the error, after every call has finished.
     pub fn everywhere<F: RemoteFn>(&self, f: F, args: F::Args) -> Result<BTreeMap<Pid, F::Output>> {
         let _ = f;
         let payload = codec::encode(&args)?;
-        let mut futures = Vec::new();
-        for pid in self.workers() {
-            let slot = Arc::new(future::Slot::default());
-            let sent = self.send(Kind::Call, pid, F::ID, payload.len(), |buf| {
-                buf.extend_from_slice(&payload);
-                Ok(())
-            }, Some(Waiter::Slot(slot.clone())));
-            futures.push((pid, sent.map(|_| RemoteFuture::<F::Output>::pending(pid, slot))));
-        }
+        let futures: Vec<_> = self.workers().into_iter().map(|pid| (pid, self.call_with_payload::<F::Output>(pid, F::ID, &payload))).collect();
         let mut results = BTreeMap::new();
         let mut first_error = None;
         for (pid, fut) in futures {

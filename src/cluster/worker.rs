@@ -24,6 +24,8 @@ pub const ENV_MASTER: &str = "CLUSTERMAN_MASTER";
 pub const ENV_SECRET: &str = "CLUSTERMAN_SECRET";
 /// Environment variable naming the launch and this worker's index in it (`<id>:<index>`).
 pub const ENV_LAUNCH: &str = "CLUSTERMAN_LAUNCH";
+/// Environment variable telling a worker to initialise MPI first, at this threading level.
+pub const ENV_MPI: &str = "CLUSTERMAN_MPI";
 
 static MY_PID: AtomicU32 = AtomicU32::new(1);
 /// Set when the master asked this worker to stop (possibly while a nested wait was pumping).
@@ -36,10 +38,10 @@ pub fn my_id() -> Pid {
 
 /// What a worker needs to dial in.
 pub(crate) struct WorkerConfig {
-    master: String,
-    secret: Secret,
-    launch: Option<(u64, u32)>,
-    mpi: Option<(i32, i32)>,
+    pub master: String,
+    pub secret: Secret,
+    pub launch: Option<(u64, u32)>,
+    pub mpi: Option<(i32, i32)>,
 }
 
 impl WorkerConfig {
@@ -48,22 +50,26 @@ impl WorkerConfig {
         let master = std::env::var(ENV_MASTER).ok()?;
         let secret = std::env::var(ENV_SECRET).ok();
         let launch = std::env::var(ENV_LAUNCH).ok();
+        let mpi = std::env::var(ENV_MPI).ok();
         // SAFETY: called at the start of main (see `init`), before the program starts threads;
         // the variables must not reach processes this worker starts.
         unsafe {
-            std::env::remove_var(ENV_MASTER);
-            std::env::remove_var(ENV_SECRET);
-            std::env::remove_var(ENV_LAUNCH);
+            for var in [ENV_MASTER, ENV_SECRET, ENV_LAUNCH, ENV_MPI] {
+                std::env::remove_var(var);
+            }
         }
-        Some(Self::parse(master, secret, launch))
+        Some(Self::parse(master, secret, launch, mpi))
     }
 
-    fn parse(master: String, secret: Option<String>, launch: Option<String>) -> Result<WorkerConfig> {
+    pub(crate) fn parse(master: String, secret: Option<String>, launch: Option<String>, mpi_level: Option<String>) -> Result<WorkerConfig> {
         let secret = secret
             .as_deref()
             .and_then(Secret::from_hex)
             .ok_or_else(|| Error::Handshake(format!("{ENV_SECRET} is missing or not 32 hex digits; start workers through a ClusterManager or the command an ElasticManager prints")))?;
-        let mpi = mpi_identity_from_env();
+        let mpi = match mpi_level {
+            Some(level) => Some(init_mpi(&level)?),
+            None => mpi_identity_from_env(),
+        };
         let launch = match launch {
             None => None,
             Some(s) => {
@@ -78,6 +84,16 @@ impl WorkerConfig {
         };
         Ok(WorkerConfig { master, secret, launch, mpi })
     }
+}
+
+#[cfg(feature = "mpi")]
+fn init_mpi(level: &str) -> Result<(i32, i32)> {
+    crate::mpi::init_worker(level)
+}
+
+#[cfg(not(feature = "mpi"))]
+fn init_mpi(_level: &str) -> Result<(i32, i32)> {
+    Err(Error::Unsupported("started by an MpiManager, but this program was built without clusterman's `mpi` feature".into()))
 }
 
 /// Rank and size as MPI launchers publish them, read without initialising MPI.
@@ -119,14 +135,13 @@ pub(crate) fn exit_worker(outcome: Result<()>) -> ! {
 static EXIT_HOOKS: std::sync::Mutex<Vec<Box<dyn FnOnce() + Send>>> = std::sync::Mutex::new(Vec::new());
 
 /// Registers `hook` to run when this worker exits (e.g. `MPI_Finalize`).
-#[allow(dead_code)]
 pub(crate) fn at_worker_exit(hook: impl FnOnce() + Send + 'static) {
     EXIT_HOOKS.lock().expect("exit hooks lock").insert(0, Box::new(hook));
 }
 
-fn run(config: WorkerConfig) -> Result<()> {
+pub(crate) fn run(config: WorkerConfig) -> Result<()> {
     let (stream, pid) = dial(&config)?;
-    let out = TcpOut::new(stream.try_clone().map_err(|e| Error::io("cloning the master connection", e))?);
+    let out = TcpOut::boxed(stream.try_clone().map_err(|e| Error::io("cloning the master connection", e))?);
     serve(pid, Link::new(1, out), Inbox::Tcp(BufReader::with_capacity(64 * 1024, stream)))
 }
 
@@ -284,11 +299,11 @@ mod tests {
     #[test]
     fn config_parsing_reports_what_is_wrong() {
         let secret = Secret::random().to_hex();
-        let ok = WorkerConfig::parse("h:1".into(), Some(secret.clone()), Some("5:3".into())).unwrap();
+        let ok = WorkerConfig::parse("h:1".into(), Some(secret.clone()), Some("5:3".into()), None).unwrap();
         assert_eq!(ok.launch, Some((5, 3)));
-        let err = WorkerConfig::parse("h:1".into(), None, None).err().unwrap().to_string();
+        let err = WorkerConfig::parse("h:1".into(), None, None, None).err().unwrap().to_string();
         assert!(err.contains(ENV_SECRET), "{err}");
-        let err = WorkerConfig::parse("h:1".into(), Some(secret), Some("x".into())).err().unwrap().to_string();
+        let err = WorkerConfig::parse("h:1".into(), Some(secret), Some("x".into()), None).err().unwrap().to_string();
         assert!(err.contains("malformed"), "{err}");
     }
 }

@@ -35,6 +35,13 @@ pub trait ClusterManager {
     fn launch_timeout(&self) -> Duration {
         Duration::from_secs(60)
     }
+    /// Called once every worker has connected, before `add_procs` returns; an `Err` makes
+    /// the launch fail (its workers are stopped). Managers that keep per-worker state (MPI
+    /// rank maps) record it here.
+    fn added(&self, cluster: &crate::Cluster, workers: &[crate::WorkerInfo]) -> Result<()> {
+        let _ = (cluster, workers);
+        Ok(())
+    }
 }
 
 impl<M: ClusterManager + ?Sized> ClusterManager for &M {
@@ -49,6 +56,9 @@ impl<M: ClusterManager + ?Sized> ClusterManager for &M {
     }
     fn launch_timeout(&self) -> Duration {
         (**self).launch_timeout()
+    }
+    fn added(&self, cluster: &crate::Cluster, workers: &[crate::WorkerInfo]) -> Result<()> {
+        (**self).added(cluster, workers)
     }
 }
 
@@ -83,6 +93,16 @@ impl LaunchContext {
         LaunchContext { id, count, listen, advertise, secret, program }
     }
 
+    /// Identifies this launch (its workers carry it in their hello).
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The cluster secret.
+    pub(crate) fn secret(&self) -> Secret {
+        self.secret
+    }
+
     /// Number of workers to start.
     pub fn count(&self) -> usize {
         self.count
@@ -97,6 +117,11 @@ impl LaunchContext {
     /// `host:port` of the master for workers on other hosts.
     pub fn master_address(&self) -> String {
         SocketAddr::new(self.advertise, self.listen.port()).to_string()
+    }
+
+    /// The port the master listens on.
+    pub fn master_port(&self) -> u16 {
+        self.listen.port()
     }
 
     /// `host:port` of the master for workers on this host.

@@ -1,0 +1,295 @@
+//! Modes 2 and 3: every process is an MPI rank. Rank 0 becomes the master (pid 1) and gets
+//! an [`MpiManager`] back; every other rank serves as worker `rank + 1` and exits (MPI
+//! finalised, status 0) when the master shuts down.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use ::mpi::Threading;
+use ::mpi::topology::SimpleCommunicator;
+use ::mpi::traits::{Communicator, Destination, Root, Source};
+use serde::{Deserialize, Serialize};
+
+use crate::Pid;
+use crate::cluster::link::Link;
+use crate::cluster::worker::{self, Inbox, WorkerConfig, at_worker_exit, exit_worker};
+use crate::cluster::{Cluster, WorkerInfo};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::fingerprint;
+use crate::launch::{ClusterManager, Launch, LaunchContext};
+use crate::protocol::{Fingerprint, PROTOCOL_VERSION, Secret};
+use crate::sys;
+
+use super::env::{self, MpiIdentity};
+use super::manager::MpiManager;
+use super::transport::{MpiTransport, SendComm};
+
+/// How the processes of an all-rank program talk to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Over TCP: rank 0 sends its address and the secret to the others over MPI, and they
+    /// dial in like any worker. Needs TCP between the nodes.
+    Tcp,
+    /// Over MPI itself, for clusters whose nodes have no TCP between them. Needs
+    /// `MPI_THREAD_MULTIPLE` (Open MPI and MPICH grant it).
+    Mpi,
+}
+
+/// Starts the all-rank main loop with default options; see [`MainLoop`].
+///
+/// ```no_run
+/// use clusterman::mpi::{Transport, start_main_loop};
+/// # fn main() -> clusterman::Result<()> {
+/// clusterman::init();
+/// let mgr = start_main_loop(Transport::Mpi)?; // only rank 0 gets here
+/// let cluster = mgr.cluster().expect("rank 0 owns the cluster");
+/// println!("{} processes", cluster.nprocs());
+/// mgr.shutdown()?;                             // every rank finalises MPI and exits
+/// # Ok(()) }
+/// ```
+pub fn start_main_loop(transport: Transport) -> Result<MpiManager> {
+    MainLoop::new(transport).start()
+}
+
+/// Options for the all-rank modes.
+#[derive(Debug, Clone)]
+pub struct MainLoop {
+    transport: Transport,
+    threading: Option<Threading>,
+    bind: Option<SocketAddr>,
+    advertise: Option<IpAddr>,
+    timeout: Duration,
+}
+
+impl MainLoop {
+    /// Defaults: bind all interfaces, advertise this host's first non-loopback address
+    /// (reachable from other nodes), 60 s for the ranks to connect.
+    pub fn new(transport: Transport) -> Self {
+        MainLoop { transport, threading: None, bind: None, advertise: None, timeout: Duration::from_secs(60) }
+    }
+
+    /// Threading level to ask MPI for (default `Serialized` for TCP, `Multiple` for MPI).
+    pub fn threading(mut self, level: Threading) -> Self {
+        self.threading = Some(level);
+        self
+    }
+
+    /// Address rank 0 listens on (TCP transport).
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = Some(addr);
+        self
+    }
+
+    /// Address the other ranks dial (TCP transport), e.g. the one on the cluster network.
+    pub fn advertise(mut self, ip: IpAddr) -> Self {
+        self.advertise = Some(ip);
+        self
+    }
+
+    /// How long rank 0 waits for the other ranks to connect (TCP transport).
+    pub fn launch_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Initialises MPI and starts the loop. Rank 0 returns the manager; other ranks serve
+    /// and exit the process when told to, so this returns only on rank 0 (or on error).
+    pub fn start(self) -> Result<MpiManager> {
+        let wanted = self.threading.unwrap_or(match self.transport {
+            Transport::Tcp => Threading::Serialized,
+            Transport::Mpi => Threading::Multiple,
+        });
+        let me = env::initialize(wanted)?;
+        if self.transport == Transport::Mpi && me.threading != Threading::Multiple {
+            return Err(Error::Unsupported(format!(
+                "the MPI transport needs MPI_THREAD_MULTIPLE, this MPI granted {}; use Transport::Tcp or an MPI built with thread support",
+                env::threading_name(me.threading)
+            )));
+        }
+        match self.transport {
+            Transport::Tcp => self.start_tcp(me),
+            Transport::Mpi => self.start_mpi(me),
+        }
+    }
+
+    fn cluster(&self) -> Result<Cluster> {
+        let mut b = Cluster::builder();
+        if let Some(bind) = self.bind {
+            b = b.bind(bind);
+        }
+        if let Some(ip) = self.advertise {
+            b = b.advertise(ip);
+        }
+        b.build()
+    }
+
+    fn start_tcp(self, me: MpiIdentity) -> Result<MpiManager> {
+        let world = SimpleCommunicator::world();
+        if me.rank != 0 {
+            let Invitation { master, secret, launch } = receive_broadcast(&world);
+            let config = WorkerConfig { master: master.clone(), secret, launch: Some((launch, me.rank as u32 - 1)), mpi: Some((me.rank, me.size)) };
+            at_worker_exit(env::finalize);
+            exit_worker(worker::run(config).map_err(|e| match e {
+                Error::Io { .. } | Error::Handshake(_) => Error::Launch(format!(
+                    "rank {} cannot reach rank 0 at {master} over TCP ({e}); if the nodes have no TCP route to each other, use Transport::Mpi",
+                    me.rank
+                )),
+                other => other,
+            }));
+        }
+        let cluster = self.cluster()?;
+        let pids = cluster.add_procs(Invite { world: &world, n: me.size as usize - 1, timeout: self.timeout })?;
+        let ranks = std::iter::once((0, 1)).chain(pids.iter().map(|&pid| (pid as i32 - 1, pid)));
+        let mgr = MpiManager::for_all_ranks(cluster, ranks);
+        mgr.state().on_shutdown.push(Box::new(env::finalize));
+        Ok(mgr)
+    }
+
+    fn start_mpi(self, me: MpiIdentity) -> Result<MpiManager> {
+        let world = SimpleCommunicator::world();
+        let comm = world.duplicate();
+        let mine = Identity { version: PROTOCOL_VERSION, fingerprint: fingerprint::this_process().0.clone(), exe: fingerprint::this_process().1.clone(), host: sys::hostname(), os_pid: std::process::id() };
+        if me.rank != 0 {
+            comm.process_at_rank(0).send(&codec::encode(&mine)?[..]);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let transport = MpiTransport::start(SendComm(comm), Box::new(move |_, frame| {
+                let _ = tx.send(frame);
+            }))?;
+            let verdict = String::from_utf8_lossy(&receive_bytes(&world)).into_owned();
+            at_worker_exit(env::finalize);
+            if !verdict.is_empty() {
+                transport.stop();
+                exit_worker(Err(Error::Handshake(verdict)));
+            }
+            let link = Link::new(1, transport.out(0));
+            at_worker_exit(move || transport.stop());
+            exit_worker(worker::serve(me.rank as Pid + 1, link, Inbox::Channel(rx)));
+        }
+        let mut others = Vec::new();
+        let mut problems = Vec::new();
+        for rank in 1..me.size {
+            let (bytes, _) = comm.process_at_rank(rank).receive_vec::<u8>();
+            match codec::decode::<Identity>(&bytes) {
+                Ok(id) if id.version != PROTOCOL_VERSION => problems.push(format!("rank {rank} speaks protocol {}, rank 0 speaks {PROTOCOL_VERSION}", id.version)),
+                Ok(id) if id.fingerprint != mine.fingerprint => problems.push(format!(
+                    "rank {rank} ({}) has build [{}], rank 0 ({}) has [{}]; run the same binary on every rank",
+                    id.exe, id.fingerprint, mine.exe, mine.fingerprint
+                )),
+                Ok(id) => others.push((rank, id)),
+                Err(e) => problems.push(format!("rank {rank} sent a malformed identity: {e}")),
+            }
+        }
+        let verdict = problems.join("; ");
+        let cluster = match self.cluster() {
+            Ok(c) => c,
+            Err(e) => {
+                broadcast_bytes(&world, e.to_string().as_bytes());
+                return Err(e);
+            }
+        };
+        let handle = cluster.clone_handle();
+        let transport = MpiTransport::start(SendComm(comm), Box::new(move |rank, frame| handle.receive_from(rank as Pid + 1, frame)))?;
+        if verdict.is_empty() {
+            for (rank, id) in others {
+                let info = WorkerInfo { pid: rank as Pid + 1, host: id.host, os_pid: id.os_pid, mpi: Some((rank, me.size)) };
+                cluster.attach_worker(info, transport.out(rank));
+            }
+        }
+        broadcast_bytes(&world, verdict.as_bytes());
+        if !verdict.is_empty() {
+            transport.stop();
+            env::finalize();
+            return Err(Error::Handshake(verdict));
+        }
+        let ranks: Vec<(i32, Pid)> = (0..me.size).map(|r| (r, r as Pid + 1)).collect();
+        let mgr = MpiManager::for_all_ranks(cluster, ranks);
+        let mut s = mgr.state();
+        s.on_shutdown.push(Box::new(move || transport.stop()));
+        s.on_shutdown.push(Box::new(env::finalize));
+        drop(s);
+        Ok(mgr)
+    }
+}
+
+/// What a rank tells rank 0 about itself in mode 3 (the MPI world replaces the secret).
+#[derive(Serialize, Deserialize)]
+struct Identity {
+    version: u16,
+    fingerprint: Fingerprint,
+    exe: String,
+    host: String,
+    os_pid: u32,
+}
+
+/// What rank 0 broadcasts in mode 2.
+#[derive(Serialize, Deserialize)]
+struct Invitation {
+    master: String,
+    secret: Secret,
+    launch: u64,
+}
+
+/// The "launcher" of mode 2: the ranks already run; it only tells them where to dial.
+struct Invite<'a> {
+    world: &'a SimpleCommunicator,
+    n: usize,
+    timeout: Duration,
+}
+
+impl ClusterManager for Invite<'_> {
+    fn name(&self) -> &str {
+        "mpi-ranks"
+    }
+    fn count(&self) -> usize {
+        self.n
+    }
+    fn launch(&self, ctx: &LaunchContext) -> Result<Box<dyn Launch>> {
+        let invitation = Invitation { master: ctx.master_address(), secret: ctx.secret(), launch: ctx.id() };
+        broadcast_bytes(self.world, &codec::encode(&invitation)?);
+        Ok(Box::new(RanksAlreadyRunning))
+    }
+    fn launch_timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+struct RanksAlreadyRunning;
+
+impl Launch for RanksAlreadyRunning {
+    fn check(&mut self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+    fn stop(&mut self, _grace: Duration) {}
+    fn describe(&self) -> String {
+        "ranks that cannot reach rank 0 over TCP print why; if the nodes have no TCP route to each other, use Transport::Mpi".into()
+    }
+}
+
+/// Broadcasts `bytes` from rank 0: the length, then the bytes (skipped when empty: an
+/// empty slice's dangling pointer is 0x1, which Open MPI reads as `MPI_IN_PLACE`).
+fn broadcast_bytes(world: &SimpleCommunicator, bytes: &[u8]) {
+    let root = world.process_at_rank(0);
+    let mut len = bytes.len() as u64;
+    root.broadcast_into(&mut len);
+    if len > 0 {
+        let mut buf = bytes.to_vec();
+        root.broadcast_into(&mut buf[..]);
+    }
+}
+
+/// Receives what rank 0 sends with [`broadcast_bytes`].
+fn receive_bytes(world: &SimpleCommunicator) -> Vec<u8> {
+    let root = world.process_at_rank(0);
+    let mut len = 0u64;
+    root.broadcast_into(&mut len);
+    let mut buf = vec![0u8; len as usize];
+    if len > 0 {
+        root.broadcast_into(&mut buf[..]);
+    }
+    buf
+}
+
+fn receive_broadcast(world: &SimpleCommunicator) -> Invitation {
+    codec::decode(&receive_bytes(world)).unwrap_or_else(|e| exit_worker(Err(Error::Protocol(format!("bad invitation from rank 0: {e}")))))
+}

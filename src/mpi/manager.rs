@@ -1,0 +1,341 @@
+//! `MpiManager`: the workers of one MPI world, their pid↔rank maps, and `mpido!`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ::mpi::Threading;
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::Pid;
+use crate::cluster::{Cluster, WorkerInfo};
+use crate::codec;
+use crate::error::{Error, RemoteError, Result};
+use crate::launch::{ClusterManager, Launch, LaunchContext};
+use crate::registry::{CallError, RemoteEntry, catch, fn_id};
+
+use super::launcher::{self, RunningLauncher};
+use super::{Comm, ENV_MPI, env};
+
+/// Workers started as the ranks of one `mpirun` (mode 1: this program stays outside MPI),
+/// or — from [`start_main_loop`](super::start_main_loop) — every rank of the world.
+///
+/// ```no_run
+/// use clusterman::prelude::*;
+/// use clusterman::mpi::MpiManager;
+/// # fn main() -> clusterman::Result<()> {
+/// clusterman::init();
+/// let cluster = Cluster::new()?;
+/// let mgr = MpiManager::new(4);
+/// let pids = cluster.add_procs(&mgr)?;            // pids in rank order
+/// let ranks: Vec<i32> = clusterman::mpido!(mgr, |comm| comm.rank())?;
+/// assert_eq!(ranks, vec![0, 1, 2, 3]);
+/// # Ok(()) }
+/// ```
+///
+/// Ranks initialise MPI at the [`threading`](MpiManager::threading) level asked for
+/// (default `Serialized`) and dial the master over TCP with their rank and world size in the
+/// handshake. One manager launches once; several managers are separate MPI worlds.
+#[derive(Debug, Clone)]
+pub struct MpiManager {
+    np: usize,
+    launcher: Option<PathBuf>,
+    flags: Vec<String>,
+    threading: Threading,
+    timeout: Duration,
+    master_ip: Option<IpAddr>,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    launched: bool,
+    /// The cluster the ranks belong to (owning it when every rank is in MPI).
+    pub(crate) cluster: Option<Cluster>,
+    pid_to_rank: BTreeMap<Pid, i32>,
+    rank_to_pid: BTreeMap<i32, Pid>,
+    launcher_status: Arc<Mutex<Option<ExitStatus>>>,
+    /// Runs when the manager shuts down, after the workers are gone (all-rank modes).
+    pub(crate) on_shutdown: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MpiState").field("launched", &self.launched).field("pid_to_rank", &self.pid_to_rank).finish()
+    }
+}
+
+impl MpiManager {
+    /// `np` ranks, started by `mpiexec`/`mpirun` from `PATH`.
+    pub fn new(np: usize) -> Self {
+        MpiManager {
+            np,
+            launcher: None,
+            flags: Vec::new(),
+            threading: Threading::Serialized,
+            timeout: Duration::from_secs(60),
+            master_ip: None,
+            state: Arc::default(),
+        }
+    }
+
+    /// The launcher to run (like Julia's `mpiexec=`), e.g. `/usr/bin/mpiexec.mpich`.
+    pub fn launcher(mut self, path: impl Into<PathBuf>) -> Self {
+        self.launcher = Some(path.into());
+        self
+    }
+
+    /// Extra launcher flags before the program (like Julia's `mpiflags=`), e.g.
+    /// `["--oversubscribe", "--hostfile", "hosts"]`.
+    pub fn flags<S: Into<String>>(mut self, flags: impl IntoIterator<Item = S>) -> Self {
+        self.flags = flags.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// MPI threading level the ranks ask for (default `Serialized`). `mpido!` bodies run on
+    /// the thread that initialised MPI, so `Funneled` is enough unless your code starts
+    /// threads that call MPI.
+    pub fn threading(mut self, level: Threading) -> Self {
+        self.threading = level;
+        self
+    }
+
+    /// How long to wait for every rank to connect, counted from the launcher's start
+    /// (default 60 s).
+    pub fn launch_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The address ranks dial to reach the master (default: the cluster's advertised
+    /// address, a non-loopback address of this host, so ranks on other nodes can reach it).
+    pub fn master_address(mut self, ip: IpAddr) -> Self {
+        self.master_ip = Some(ip);
+        self
+    }
+
+    pub(crate) fn for_all_ranks(cluster: Cluster, ranks: impl IntoIterator<Item = (i32, Pid)>) -> Self {
+        let mgr = MpiManager::new(0);
+        {
+            let mut s = mgr.state.lock().expect("mpi state lock");
+            s.launched = true;
+            s.cluster = Some(cluster);
+            for (rank, pid) in ranks {
+                s.pid_to_rank.insert(pid, rank);
+                s.rank_to_pid.insert(rank, pid);
+            }
+        }
+        mgr
+    }
+
+    pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("mpi state lock")
+    }
+
+    /// The MPI rank of cluster process `pid`, if it is one of this manager's.
+    pub fn pid_to_rank(&self, pid: Pid) -> Option<i32> {
+        self.state().pid_to_rank.get(&pid).copied()
+    }
+
+    /// The cluster pid of MPI rank `rank`.
+    pub fn rank_to_pid(&self, rank: i32) -> Option<Pid> {
+        self.state().rank_to_pid.get(&rank).copied()
+    }
+
+    /// The pids of this manager's ranks, ascending (in rank order).
+    pub fn procs(&self) -> Vec<Pid> {
+        self.state().pid_to_rank.keys().copied().collect()
+    }
+
+    /// This manager's ranks, ascending.
+    pub fn mpi_procs(&self) -> Vec<i32> {
+        self.state().rank_to_pid.keys().copied().collect()
+    }
+
+    /// A handle on the cluster these ranks belong to (after launch).
+    pub fn cluster(&self) -> Option<Cluster> {
+        self.state().cluster.as_ref().map(Cluster::clone_handle)
+    }
+
+    /// How the launcher (`mpirun`) exited, once it has.
+    pub fn launcher_status(&self) -> Option<ExitStatus> {
+        *self.state().launcher_status.lock().expect("status lock")
+    }
+
+    /// Stops this manager's ranks: each flushes its output, finalises MPI and exits 0; the
+    /// launcher then exits. When every process is a rank (modes 2 and 3), this is the end
+    /// of the program's MPI: the master's own MPI is finalised too. Idempotent.
+    pub fn shutdown(&self) -> Result<()> {
+        let (cluster, pids, hooks) = {
+            let mut s = self.state();
+            (s.cluster.as_ref().map(Cluster::clone_handle), s.pid_to_rank.keys().copied().collect::<Vec<_>>(), std::mem::take(&mut s.on_shutdown))
+        };
+        let Some(cluster) = cluster else { return Ok(()) };
+        let result = if hooks.is_empty() {
+            let mine: Vec<Pid> = pids.into_iter().filter(|p| cluster.workers().contains(p)).collect();
+            let r = if mine.is_empty() { Ok(()) } else { cluster.rm_procs(&mine) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.launcher_status().is_none() && Instant::now() < deadline {
+                cluster.reap_launches();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r
+        } else {
+            cluster.shutdown()
+        };
+        for hook in hooks {
+            hook();
+        }
+        result
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        // the all-rank modes finalise MPI when their manager goes away without a shutdown
+        for hook in std::mem::take(&mut self.on_shutdown) {
+            if let Some(c) = &self.cluster {
+                let _ = c.shutdown();
+            }
+            hook();
+        }
+    }
+}
+
+impl ClusterManager for MpiManager {
+    fn name(&self) -> &str {
+        "mpirun"
+    }
+
+    fn count(&self) -> usize {
+        self.np
+    }
+
+    fn launch(&self, ctx: &LaunchContext) -> Result<Box<dyn Launch>> {
+        let status = {
+            let mut s = self.state();
+            if s.launched {
+                return Err(Error::Launch("this MpiManager has already launched its ranks; create a new MpiManager for more workers (each is its own MPI world)".into()));
+            }
+            s.launched = true;
+            s.launcher_status.clone()
+        };
+        let launcher = match &self.launcher {
+            Some(l) => l.clone(),
+            None => launcher::find_on_path().ok_or_else(|| Error::Launch("no mpiexec or mpirun on PATH: install Open MPI or MPICH, or set MpiManager::launcher".into()))?,
+        };
+        let kind = launcher::detect_kind(&launcher)?;
+        let address = match self.master_ip {
+            Some(ip) => SocketAddr::new(ip, ctx.master_port()).to_string(),
+            None => ctx.master_address(),
+        };
+        let mut cmd = Command::new(&launcher);
+        cmd.args(launcher::command_args(kind, self.np, &self.flags, ctx.program()));
+        cmd.envs(ctx.env_by_rank(&address)).env(ENV_MPI, env::threading_name(self.threading));
+        tracing::info!("starting {} ranks: {} {}", self.np, launcher.display(), launcher::command_args(kind, self.np, &self.flags, ctx.program()).join(" "));
+        let running = RunningLauncher::start(cmd, "mpirun", status)?;
+        Ok(Box::new(running))
+    }
+
+    fn launch_timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn added(&self, cluster: &Cluster, workers: &[WorkerInfo]) -> Result<()> {
+        let mut s = self.state();
+        for w in workers {
+            let Some((rank, size)) = w.mpi else {
+                return Err(Error::Launch(format!("worker {} did not report an MPI rank", w.pid)));
+            };
+            if size as usize != self.np {
+                return Err(Error::Launch(format!(
+                    "rank {rank} reports a world of {size} processes, not {}: the launcher and the MPI this program was built with do not match (e.g. MPICH's mpiexec running an Open MPI build starts single-rank copies); set MpiManager::launcher",
+                    self.np
+                )));
+            }
+            s.pid_to_rank.insert(w.pid, rank);
+            s.rank_to_pid.insert(rank, w.pid);
+        }
+        s.cluster = Some(cluster.clone_handle());
+        Ok(())
+    }
+}
+
+/// Builds the registry entry of an `mpido!` body (used by the macro).
+pub const fn mpido_entry<C, A, T>(name: &'static str, body: C) -> RemoteEntry
+where
+    C: Fn(&Comm, A) -> T + 'static,
+    A: DeserializeOwned + 'static,
+    T: Serialize + 'static,
+{
+    assert!(std::mem::size_of::<C>() == 0, "an mpido! body cannot capture variables: pass them as `|comm, name: Type|` parameters");
+    std::mem::forget(body);
+    RemoteEntry { name, signature: "mpido!", call: run_body::<C, A, T>, batch: no_batch }
+}
+
+fn run_body<C, A, T>(payload: &[u8], out: &mut Vec<u8>) -> std::result::Result<(), CallError>
+where
+    C: Fn(&Comm, A) -> T + 'static,
+    A: DeserializeOwned + 'static,
+    T: Serialize + 'static,
+{
+    // SAFETY: `mpido_entry` checked at compile time that `C` is zero-sized: a closure that
+    // captures nothing, so a value of it carries no data that could be invalid.
+    let body: C = unsafe { std::mem::zeroed() };
+    let fail = |message: String| CallError { message, location: None };
+    let args: A = codec::decode(payload).map_err(|e| fail(format!("cannot decode the mpido! arguments: {e}")))?;
+    let comm = env::world().map_err(|e| fail(e.to_string()))?;
+    let value = catch(|| Ok(body(&comm, args)))?;
+    codec::encode_into(&value, out).map_err(|e| fail(format!("cannot encode the mpido! result: {e}")))
+}
+
+fn no_batch(_: &[u8], _: &mut Vec<u8>) -> std::result::Result<(), CallError> {
+    Err(CallError { message: "mpido! bodies cannot be used with pmap".into(), location: None })
+}
+
+/// Runs a registered `mpido!` body on every rank of `mgr` (used by the macro): sends it to
+/// the other ranks first, then runs it here if this process is a rank, so collectives meet.
+/// `_body` only ties the result type to the body.
+pub fn mpido_run<A, T, C, W>(mgr: &MpiManager, entry: &'static RemoteEntry, args: &A, _body: C) -> Result<Vec<T>>
+where
+    A: Serialize + ?Sized,
+    T: DeserializeOwned,
+    C: Fn(&Comm, W) -> T,
+{
+    let (cluster, ranks) = {
+        let s = mgr.state();
+        let cluster = s.cluster.as_ref().map(Cluster::clone_handle).ok_or_else(|| Error::Unsupported("mpido!: this MpiManager has no ranks yet; add_procs(&mgr) first".into()))?;
+        (cluster, s.rank_to_pid.iter().map(|(r, p)| (*r, *p)).collect::<Vec<_>>())
+    };
+    let payload = codec::encode(args)?;
+    let id = fn_id(entry.name);
+    let me = cluster.my_id();
+    let mut pending = Vec::with_capacity(ranks.len());
+    for &(rank, pid) in ranks.iter().filter(|(_, p)| *p != me) {
+        pending.push((rank, cluster.call_with_payload::<T>(pid, id, &payload)));
+    }
+    let mut results: Vec<(i32, Result<T>)> = Vec::with_capacity(ranks.len());
+    if let Some(&(rank, _)) = ranks.iter().find(|(_, p)| *p == me) {
+        let mut out = Vec::new();
+        let local = (entry.call)(&payload, &mut out)
+            .map_err(|e| Error::Remote(RemoteError { pid: me, function: "mpido!".into(), message: e.message, location: e.location }))
+            .and_then(|()| codec::decode::<T>(&out));
+        results.push((rank, local));
+    }
+    for (rank, fut) in pending {
+        results.push((rank, fut.and_then(|f| f.fetch())));
+    }
+    results.sort_by_key(|(rank, _)| *rank);
+    let mut values = Vec::with_capacity(results.len());
+    let mut failures = Vec::new();
+    for (rank, r) in results {
+        match r {
+            Ok(v) => values.push(v),
+            Err(e) => failures.push((rank, e)),
+        }
+    }
+    if failures.is_empty() { Ok(values) } else { Err(Error::Ranks(failures)) }
+}
