@@ -1,0 +1,267 @@
+//! MPI under a real launcher: mode 1 (this test process outside MPI, ranks started by
+//! `mpirun`), and modes 2 and 3 (the test binary itself run as every rank of `mpirun -np N`).
+//! `CMAN_MPIEXEC` names the launcher that matches the MPI this binary was built with
+//! (default `mpirun`; `mpiexec.mpich` for the MPICH build). Every test asserts the world
+//! size, because a mismatched launcher silently runs N single-rank copies.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clusterman::mpi::{MainLoop, MpiManager, SystemOperation, Transport, start_main_loop};
+use clusterman::prelude::*;
+use clusterman::{Error, mpido};
+
+clusterman::init_in_constructor!();
+
+fn launcher() -> String {
+    std::env::var("CMAN_MPIEXEC").unwrap_or_else(|_| "mpirun".into())
+}
+
+fn manager(np: usize) -> MpiManager {
+    MpiManager::new(np).launcher(launcher()).launch_timeout(Duration::from_secs(60))
+}
+
+#[remote]
+fn rank_and_size() -> (Pid, i32, i32) {
+    let (rank, size) = mpi_env();
+    (my_id(), rank, size)
+}
+
+fn mpi_env() -> (i32, i32) {
+    let r = std::env::var("OMPI_COMM_WORLD_RANK").or_else(|_| std::env::var("PMI_RANK")).unwrap().parse().unwrap();
+    let s = std::env::var("OMPI_COMM_WORLD_SIZE").or_else(|_| std::env::var("PMI_SIZE")).unwrap().parse().unwrap();
+    (r, s)
+}
+
+#[test]
+fn ranks_dial_in_in_rank_order_with_maps() {
+    let cluster = Cluster::new().unwrap();
+    let mgr = manager(3);
+    let pids = cluster.add_procs(&mgr).unwrap();
+    assert_eq!(pids, vec![2, 3, 4]);
+    assert_eq!(mgr.procs(), pids);
+    assert_eq!(mgr.mpi_procs(), vec![0, 1, 2]);
+    for (rank, pid) in pids.iter().enumerate() {
+        assert_eq!(mgr.pid_to_rank(*pid), Some(rank as i32));
+        assert_eq!(mgr.rank_to_pid(rank as i32), Some(*pid));
+        assert_eq!(cluster.worker_info(*pid).unwrap().mpi, Some((rank as i32, 3)));
+        assert_eq!(cluster.remote_call_fetch(*pid, rank_and_size, ()).unwrap(), (*pid, rank as i32, 3));
+    }
+    let ranks: Vec<(i32, i32)> = mpido!(mgr, |comm| (comm.rank(), comm.size())).unwrap();
+    assert_eq!(ranks, vec![(0, 3), (1, 3), (2, 3)], "one world of 3 ranks");
+    mgr.shutdown().unwrap();
+    assert!(mgr.launcher_status().unwrap().success(), "mpirun exits 0: {:?}", mgr.launcher_status());
+    assert!(cluster.workers().is_empty());
+}
+
+#[test]
+fn collectives_inside_mpido_do_not_deadlock() {
+    let cluster = Cluster::new().unwrap();
+    let mgr = manager(4);
+    cluster.add_procs(&mgr).unwrap();
+    let sizes: Vec<i32> = mpido!(mgr, |comm| {
+        comm.barrier();
+        comm.size()
+    })
+    .unwrap();
+    assert_eq!(sizes, vec![4; 4]);
+    let sums: Vec<i32> = mpido!(mgr, |comm| {
+        let mut sum = 0;
+        comm.all_reduce_into(&comm.rank(), &mut sum, SystemOperation::sum());
+        sum
+    })
+    .unwrap();
+    assert_eq!(sums, vec![6; 4]);
+    let seed = 2.5f64;
+    let broadcast: Vec<Vec<f64>> = mpido!(mgr, |comm, seed: f64| {
+        let mut data = if comm.rank() == 0 { vec![seed, seed * 2.0] } else { vec![0.0; 2] };
+        comm.process_at_rank(0).broadcast_into(&mut data[..]);
+        data
+    })
+    .unwrap();
+    assert_eq!(broadcast, vec![vec![2.5, 5.0]; 4]);
+    let ring: Vec<i32> = mpido!(mgr, |comm| {
+        let (rank, size) = (comm.rank(), comm.size());
+        let mut got = -1;
+        clusterman::mpi::rsmpi::point_to_point::send_receive_into(&rank, &comm.process_at_rank((rank + 1) % size), &mut got, &comm.process_at_rank((rank + size - 1) % size));
+        got
+    })
+    .unwrap();
+    assert_eq!(ring, vec![3, 0, 1, 2]);
+}
+
+#[test]
+fn failing_ranks_are_all_listed() {
+    let cluster = Cluster::new().unwrap();
+    let mgr = manager(3);
+    cluster.add_procs(&mgr).unwrap();
+    let limit = 1i32;
+    let err = mpido!(mgr, |comm, limit: i32| {
+        assert!(comm.rank() < limit, "rank {} is over the limit", comm.rank());
+        comm.rank()
+    })
+    .unwrap_err();
+    let Error::Ranks(failures) = &err else { panic!("expected Error::Ranks, got {err}") };
+    assert_eq!(failures.iter().map(|(r, _)| *r).collect::<Vec<_>>(), vec![1, 2]);
+    let text = err.to_string();
+    assert!(text.contains("rank 1: ") && text.contains("rank 1 is over the limit") && text.contains("rank 2 is over the limit"), "{text}");
+    // the ranks survived their panics
+    let ok: Vec<i32> = mpido!(mgr, |comm| comm.rank()).unwrap();
+    assert_eq!(ok, vec![0, 1, 2]);
+}
+
+#[test]
+fn two_managers_are_two_worlds() {
+    let cluster = Cluster::new().unwrap();
+    let (a, b) = (manager(2), manager(3));
+    let pa = cluster.add_procs(&a).unwrap();
+    let pb = cluster.add_procs(&b).unwrap();
+    assert_eq!((pa.len(), pb.len()), (2, 3));
+    assert!(pa.iter().all(|p| !pb.contains(p)));
+    let wa: Vec<(Pid, i32)> = mpido!(a, |comm| (clusterman::my_id(), comm.size())).unwrap();
+    let wb: Vec<(Pid, i32)> = mpido!(b, |comm| (clusterman::my_id(), comm.size())).unwrap();
+    assert_eq!(wa, pa.iter().map(|p| (*p, 2)).collect::<Vec<_>>(), "mpido on a touches only a's ranks");
+    assert_eq!(wb, pb.iter().map(|p| (*p, 3)).collect::<Vec<_>>());
+    assert_eq!(b.mpi_procs(), vec![0, 1, 2]);
+    a.shutdown().unwrap();
+    assert_eq!(cluster.workers(), pb, "shutting down one world leaves the other");
+    assert_eq!(mpido!(b, |comm| comm.rank()).unwrap(), vec![0, 1, 2]);
+}
+
+#[test]
+fn a_manager_launches_once() {
+    let cluster = Cluster::new().unwrap();
+    let mgr = manager(1);
+    cluster.add_procs(&mgr).unwrap();
+    let err = cluster.add_procs(&mgr).unwrap_err();
+    assert!(err.to_string().contains("already launched"), "{err}");
+}
+
+#[test]
+fn output_of_every_rank_reaches_the_master() {
+    let lines: Arc<Mutex<Vec<(Pid, String)>>> = Arc::default();
+    let sink = lines.clone();
+    let cluster = Cluster::builder().output(move |pid, line| sink.lock().unwrap().push((pid, line.into()))).build().unwrap();
+    let mgr = manager(2);
+    let pids = cluster.add_procs(&mgr).unwrap();
+    mpido!(mgr, |comm| println!("hello from rank {}", comm.rank())).unwrap();
+    assert!(common::wait_until(Duration::from_secs(10), || lines.lock().unwrap().len() >= 2));
+    let got: BTreeSet<(Pid, String)> = lines.lock().unwrap().iter().cloned().collect();
+    assert!(got.contains(&(pids[0], "hello from rank 0".into())) && got.contains(&(pids[1], "hello from rank 1".into())), "{got:?}");
+}
+
+#[test]
+fn a_launcher_that_never_starts_ranks_times_out_with_its_stderr() {
+    let script = std::env::temp_dir().join(format!("cman-fake-mpirun-{}", std::process::id()));
+    std::fs::write(&script, "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'mpirun (Open MPI) 4.1.4'; exit 0; }\necho 'not enough slots available' >&2\nexec sleep 30\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cluster = Cluster::new().unwrap();
+    let mgr = MpiManager::new(2).launcher(&script).launch_timeout(Duration::from_secs(2));
+    let err = cluster.add_procs(&mgr).unwrap_err();
+    std::fs::remove_file(&script).unwrap();
+    let text = err.to_string();
+    assert!(matches!(err, Error::LaunchTimeout { connected: 0, expected: 2, .. }), "{text}");
+    assert!(text.contains("not enough slots available"), "shows the launcher's stderr: {text}");
+    assert!(mgr.launcher_status().is_some(), "the launcher was stopped");
+}
+
+#[test]
+fn shutdown_finalizes_every_rank_and_leaves_no_process() {
+    let cluster = Cluster::new().unwrap();
+    let mgr = manager(3);
+    let pids = cluster.add_procs(&mgr).unwrap();
+    let os: Vec<u32> = pids.iter().map(|p| cluster.worker_info(*p).unwrap().os_pid).collect();
+    cluster.shutdown().unwrap();
+    assert!(common::wait_until(Duration::from_secs(10), || mgr.launcher_status().is_some()), "mpirun still running");
+    assert!(mgr.launcher_status().unwrap().success(), "{:?}", mgr.launcher_status());
+    assert!(os.iter().all(|p| !common::process_alive(*p)), "ranks still alive");
+    mgr.shutdown().unwrap(); // after the cluster's shutdown: nothing left to do, no error
+}
+
+// ---- modes 2 and 3: this binary as every rank ----
+
+/// Body run on every rank by `all_ranks`; rank 0 checks and prints `CHECKED <n>`.
+fn all_rank_checks(transport: Transport) {
+    let mgr = start_main_loop(transport).unwrap(); // ranks > 0 never return
+    let cluster = mgr.cluster().unwrap();
+    let size = cluster.nprocs();
+    assert!(size >= 2, "a world of {size}: run with mpirun -np N, N >= 2");
+    assert_eq!(mgr.rank_to_pid(0), Some(1));
+    assert_eq!(mgr.pid_to_rank(1), Some(0));
+    assert_eq!(mgr.procs(), (1..=size as Pid).collect::<Vec<_>>());
+    assert_eq!(mgr.mpi_procs(), (0..size as i32).collect::<Vec<_>>());
+    let ranks: Vec<(Pid, i32, i32)> = mpido!(mgr, |comm| (clusterman::my_id(), comm.rank(), comm.size())).unwrap();
+    assert_eq!(ranks, (0..size as i32).map(|r| (r as Pid + 1, r, size as i32)).collect::<Vec<_>>());
+    let sums: Vec<i32> = mpido!(mgr, |comm| {
+        comm.barrier();
+        let mut sum = 0;
+        comm.all_reduce_into(&comm.rank(), &mut sum, SystemOperation::sum());
+        sum
+    })
+    .unwrap();
+    let expected = (0..size as i32).sum::<i32>();
+    assert_eq!(sums, vec![expected; size]);
+    let last = *cluster.workers().last().unwrap();
+    // a worker calls another worker (over the transport, through rank 0)
+    assert_eq!(cluster.remote_call_fetch(2, call_other, (last,)).unwrap(), (last, last as i32 - 1));
+    let squares = cluster.pmap(square, (0..100u64).map(|x| (x,))).unwrap();
+    assert_eq!(squares, (0..100u64).map(|x| x * x).collect::<Vec<_>>());
+    mgr.shutdown().unwrap();
+    println!("CHECKED world={size}");
+}
+
+#[remote]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+#[remote]
+fn call_other(pid: Pid) -> clusterman::Result<(Pid, i32)> {
+    let (p, rank, _) = Cluster::current().unwrap().remote_call_fetch(pid, rank_and_size, ())?;
+    Ok((p, rank))
+}
+
+#[test]
+#[ignore = "runs as every rank under mpirun (see all_ranks_tcp)"]
+fn rank_main_tcp() {
+    all_rank_checks(Transport::Tcp);
+}
+
+#[test]
+#[ignore = "runs as every rank under mpirun (see all_ranks_mpi)"]
+fn rank_main_mpi() {
+    all_rank_checks(Transport::Mpi);
+}
+
+fn mpirun_self(np: usize, test: &str, wrap: &[&str]) -> Output {
+    let me = std::env::current_exe().unwrap();
+    let mut cmd = Command::new(launcher());
+    cmd.args(["-np", &np.to_string()]).args(wrap).arg(&me).args(["--ignored", "--exact", test, "--nocapture", "--test-threads=1"]);
+    let out = cmd.output().expect("run the MPI launcher");
+    eprintln!("--- {test} -np {np}\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn check_all_ranks(test: &str) {
+    for np in [2, 3, 5] {
+        let out = mpirun_self(np, test, &[]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "mpirun -np {np} failed: {:?}", out.status);
+        assert!(stdout.contains(&format!("CHECKED world={np}")), "rank 0 saw a world of {np}: {stdout}");
+    }
+}
+
+#[test]
+fn all_ranks_tcp() {
+    check_all_ranks("rank_main_tcp");
+}
+
+#[test]
+fn all_ranks_mpi() {
+    check_all_ranks("rank_main_mpi");
+}
