@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what clusterman needs to build and test with MPI (Debian/Ubuntu packages), if missing.
 # As root it installs them; otherwise it prints the exact command to run and exits 1.
+# Usage: install-deps.sh [extra packages...]   (the tests add MPICH: mpich libmpich-dev)
 set -euo pipefail
-packages=(libclang-dev pkg-config openmpi-bin libopenmpi-dev)
+packages=(libclang-dev pkg-config openmpi-bin libopenmpi-dev "$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clusterman::mpi::{MainLoop, MpiManager, SystemOperation, Transport, start_main_loop};
+use clusterman::mpi::{MpiManager, SystemOperation, Transport, start_main_loop};
 use clusterman::prelude::*;
 use clusterman::{Error, mpido};
 
@@ -264,4 +264,19 @@ fn all_ranks_tcp() {
 #[test]
 fn all_ranks_mpi() {
     check_all_ranks("rank_main_mpi");
+}
+
+#[test]
+fn a_launcher_of_another_mpi_is_a_clear_error() {
+    // Only meaningful for the Open MPI build with MPICH installed beside it (as in CI).
+    if std::env::var("CMAN_MPIEXEC").is_ok() || Command::new("mpiexec.mpich").arg("--version").output().is_err() {
+        eprintln!("skipped: needs the default (Open MPI) build and mpiexec.mpich");
+        return;
+    }
+    let cluster = Cluster::new().unwrap();
+    let mgr = MpiManager::new(2).launcher("mpiexec.mpich").launch_timeout(Duration::from_secs(30));
+    let started = std::time::Instant::now();
+    let err = cluster.add_procs(&mgr).unwrap_err().to_string();
+    assert!(err.contains("does not match the MPI this program was built with"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20), "failed fast, not by timeout");
 }

@@ -49,8 +49,11 @@ impl Launch for OneChild {
             _ => Ok(()),
         }
     }
-    fn stop(&mut self, _grace: Duration) {
-        let _ = self.0.kill();
+    fn stop(&mut self, grace: Duration) {
+        // like the real managers: give the worker `grace` to exit by itself, then kill it
+        if !common::wait_until(grace, || matches!(self.0.try_wait(), Ok(Some(_)))) {
+            let _ = self.0.kill();
+        }
         let _ = self.0.wait();
     }
 }
@@ -129,7 +132,8 @@ fn a_worker_from_another_binary_is_refused_naming_both_fingerprints() {
     let other = other_build();
     let cluster = Cluster::new().unwrap();
     let manager = OneWorker { program: other.clone(), tweak: |_| {}, stderr: Arc::default() };
-    cluster.add_procs(&manager).unwrap_err();
+    let err = cluster.add_procs(&manager).unwrap_err().to_string();
+    assert!(err.contains("a worker was refused: build fingerprint mismatch"), "the launch fails at once, saying why: {err}");
     let stderr = stderr_of(&manager);
     std::fs::remove_file(&other).unwrap();
     assert!(stderr.contains("build fingerprint mismatch"), "worker stderr: {stderr}");

@@ -13,7 +13,7 @@ use crate::Pid;
 use crate::error::Result;
 use crate::launch::listener::{Admit, Listener};
 use crate::launch::Launch;
-use crate::protocol::{self, Frame, Hello, Kind, Secret};
+use crate::protocol::{self, Frame, Hello, Kind, Refusal, Secret};
 
 use super::exec;
 use super::failure::Failure;
@@ -51,14 +51,20 @@ pub(crate) struct LaunchWait {
 struct LaunchState {
     reserved: Vec<bool>,
     connected: Vec<Pid>,
+    /// Why a worker of this launch was refused (the launch cannot complete).
+    failure: Option<String>,
 }
 
 impl LaunchWait {
-    /// Waits up to `timeout` for more workers; returns how many are connected.
-    pub(crate) fn wait(&self, timeout: Duration) -> usize {
+    /// Waits up to `timeout` for more workers; returns how many are connected, or why one
+    /// of them was refused.
+    pub(crate) fn wait(&self, timeout: Duration) -> std::result::Result<usize, String> {
         let s = self.state.lock().expect("launch lock");
-        let (s, _) = self.cv.wait_timeout_while(s, timeout, |s| s.connected.len() < self.n).expect("launch lock");
-        s.connected.len()
+        let (s, _) = self.cv.wait_timeout_while(s, timeout, |s| s.connected.len() < self.n && s.failure.is_none()).expect("launch lock");
+        match &s.failure {
+            Some(reason) => Err(reason.clone()),
+            None => Ok(s.connected.len()),
+        }
     }
 
     pub(crate) fn connected(&self) -> Vec<Pid> {
@@ -88,7 +94,8 @@ pub(crate) struct Master {
 impl Master {
     pub(crate) fn register_launch(&self, id: u64, n: usize) -> Arc<LaunchWait> {
         let base = self.next_pid.fetch_add(n as u32, Ordering::Relaxed);
-        let wait = Arc::new(LaunchWait { base, n, state: Mutex::new(LaunchState { reserved: vec![false; n], connected: Vec::new() }), cv: Condvar::new() });
+        let state = LaunchState { reserved: vec![false; n], ..LaunchState::default() };
+        let wait = Arc::new(LaunchWait { base, n, state: Mutex::new(state), cv: Condvar::new() });
         self.waiting.lock().expect("waiting lock").insert(id, wait.clone());
         wait
     }
@@ -106,28 +113,35 @@ impl Master {
 pub(crate) struct Admission(pub Weak<Inner>);
 
 impl Admit for Admission {
-    fn admit(&self, hello: &Hello) -> std::result::Result<Pid, String> {
-        let inner = self.0.upgrade().ok_or("the master is shutting down")?;
+    fn admit(&self, hello: &Hello) -> std::result::Result<Pid, Refusal> {
+        let refuse = |reason: String| Refusal { reason, launch: hello.launch.map(|(id, _)| id) };
+        let inner = self.0.upgrade().ok_or_else(|| refuse("the master is shutting down".into()))?;
         let m = inner.master();
         if m.shut.load(Ordering::Relaxed) {
-            return Err("the master is shutting down".into());
+            return Err(refuse("the master is shutting down".into()));
         }
         let Some((launch, index)) = hello.launch else {
-            return Err("this master accepts only workers it launched (no CLUSTERMAN_LAUNCH); use an ElasticManager for workers that join by themselves".into());
+            return Err(refuse("this master accepts only workers it launched (no CLUSTERMAN_LAUNCH); use an ElasticManager for workers that join by themselves".into()));
         };
         let wait = m.waiting.lock().expect("waiting lock").get(&launch).cloned().ok_or_else(|| {
-            format!("no launch {launch} is waiting for workers (it timed out, or this worker belongs to another master)")
+            refuse(format!("no launch {launch} is waiting for workers (it timed out, or this worker belongs to another master)"))
         })?;
         let index = index as usize;
         let mut s = wait.state.lock().expect("launch lock");
         match s.reserved.get_mut(index) {
             None => Err(format!("worker index {index} is outside launch {launch} of {} workers", wait.n)),
-            Some(true) => Err(format!("worker index {index} of launch {launch} has already connected")),
+            Some(true) => Err(match hello.mpi {
+                Some((rank, 1)) => format!(
+                    "MPI rank {rank} reports a world of 1 process, and its index was taken: the launcher does not match the MPI this program was built with (it started single-rank copies); use the matching mpirun/mpiexec"
+                ),
+                _ => format!("worker index {index} of launch {launch} has already connected"),
+            }),
             Some(r) => {
                 *r = true;
                 Ok(wait.base + index as Pid)
             }
         }
+        .map_err(refuse)
         .inspect(|&pid| tracing::debug!(pid, host = %hello.host, os_pid = hello.os_pid, "worker admitted"))
     }
 
@@ -150,10 +164,15 @@ impl Admit for Admission {
         }
     }
 
-    fn refused(&self, peer: SocketAddr, reason: &str) {
-        tracing::warn!("refused a connection from {peer}: {reason}");
-        if let Some(inner) = self.0.upgrade() {
-            inner.master().refusals.lock().expect("refusals lock").push(format!("{peer}: {reason}"));
+    fn refused(&self, peer: SocketAddr, refusal: &Refusal) {
+        tracing::warn!("refused a connection from {peer}: {}", refusal.reason);
+        let Some(inner) = self.0.upgrade() else { return };
+        let m = inner.master();
+        m.refusals.lock().expect("refusals lock").push(format!("{peer}: {}", refusal.reason));
+        // A worker of a waiting launch was refused: that launch cannot complete, say why now.
+        if let Some(wait) = refusal.launch.and_then(|id| m.waiting.lock().expect("waiting lock").get(&id).cloned()) {
+            wait.state.lock().expect("launch lock").failure.get_or_insert_with(|| refusal.reason.clone());
+            wait.cv.notify_all();
         }
     }
 }

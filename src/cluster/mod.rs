@@ -276,7 +276,10 @@ impl Cluster {
         };
         let timeout = manager.launch_timeout();
         let outcome = loop {
-            let connected = wait.wait(Duration::from_millis(100));
+            let connected = match wait.wait(Duration::from_millis(100)) {
+                Ok(connected) => connected,
+                Err(reason) => break Err(Error::Launch(format!("a worker was refused: {reason}"))),
+            };
             if connected == n {
                 break Ok(());
             }

@@ -13,16 +13,16 @@ use crate::Pid;
 use crate::cluster::worker::read_prefixed;
 use crate::error::{Error, Result};
 use crate::fingerprint;
-use crate::protocol::{Hello, MAX_HANDSHAKE, Secret, Welcome, check_hello};
+use crate::protocol::{Hello, MAX_HANDSHAKE, Refusal, Secret, Welcome, check_hello};
 
 /// Decides what to do with a worker whose hello checked out: its pid, or a refusal.
 pub(crate) trait Admit: Send + Sync + 'static {
-    /// Reserves the worker's pid, or gives a refusal reason.
-    fn admit(&self, hello: &Hello) -> std::result::Result<Pid, String>;
+    /// Reserves the worker's pid, or refuses it.
+    fn admit(&self, hello: &Hello) -> std::result::Result<Pid, Refusal>;
     /// Starts serving an admitted worker (after it was told its pid).
     fn serve(&self, pid: Pid, hello: Hello, stream: TcpStream);
     /// Records a refused connection (logged, kept for [`crate::Cluster::refusals`]).
-    fn refused(&self, peer: SocketAddr, reason: &str);
+    fn refused(&self, peer: SocketAddr, refusal: &Refusal);
 }
 
 /// A running listener; stops when dropped.
@@ -87,23 +87,24 @@ fn handshake(mut stream: TcpStream, secret: Secret, admit: &dyn Admit) {
     let body = match read_prefixed(&mut stream, MAX_HANDSHAKE) {
         Ok(b) => b,
         Err(e) => {
-            admit.refused(peer, &format!("no valid hello within 10 s: {e}"));
+            admit.refused(peer, &Refusal { reason: format!("no valid hello within 10 s: {e}"), launch: None });
             return;
         }
     };
     let (fp, exe) = fingerprint::this_process();
-    let outcome = check_hello(&body, &secret, fp, exe).map_err(|r| r.0).and_then(|hello| admit.admit(&hello).map(|pid| (pid, hello)));
+    let outcome = check_hello(&body, &secret, fp, exe).and_then(|hello| admit.admit(&hello).map(|pid| (pid, hello)));
     match outcome {
         Ok((pid, hello)) => {
             if stream.write_all(&Welcome::Accepted(pid).encode()).is_err() || stream.set_read_timeout(None).is_err() {
-                admit.refused(peer, &format!("worker {} (os pid {}) vanished during the handshake", hello.host, hello.os_pid));
+                let reason = format!("worker {} (os pid {}) vanished during the handshake", hello.host, hello.os_pid);
+                admit.refused(peer, &Refusal { reason, launch: None });
                 return;
             }
             admit.serve(pid, hello, stream);
         }
-        Err(reason) => {
-            let _ = stream.write_all(&Welcome::Refused(reason.clone()).encode());
-            admit.refused(peer, &reason);
+        Err(refusal) => {
+            let _ = stream.write_all(&Welcome::Refused(refusal.reason.clone()).encode());
+            admit.refused(peer, &refusal);
         }
     }
 }

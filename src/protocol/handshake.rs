@@ -105,7 +105,19 @@ impl Hello {
 
 /// Why the master refused a worker; sent back to the worker and logged by the master.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal(pub String);
+pub struct Refusal {
+    /// What was wrong and what to do.
+    pub reason: String,
+    /// The launch the worker belongs to, when it proved the secret (so the claim is
+    /// trustworthy and that launch can fail at once instead of waiting for its timeout).
+    pub launch: Option<u64>,
+}
+
+impl Refusal {
+    fn anonymous(reason: String) -> Refusal {
+        Refusal { reason, launch: None }
+    }
+}
 
 /// Master to worker: the pid given, or the reason for refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,24 +180,27 @@ fn version_mismatch(mine: u16, theirs: u16) -> String {
 /// Master side: checks a hello body (without its length prefix) against our secret and
 /// fingerprint. The order matters: nothing about us is revealed before the secret matched.
 pub fn check_hello(body: &[u8], secret: &Secret, mine: &Fingerprint, my_exe: &str) -> Result<Hello, Refusal> {
-    let (version, rest) = split_magic(body).map_err(Refusal)?;
+    let (version, rest) = split_magic(body).map_err(Refusal::anonymous)?;
     if version != PROTOCOL_VERSION {
-        return Err(Refusal(format!(
+        return Err(Refusal::anonymous(format!(
             "protocol version mismatch: master speaks {PROTOCOL_VERSION}, worker speaks {version}; build master and workers from the same clusterman version"
         )));
     }
-    let hello: Hello = codec::decode(rest).map_err(|e| Refusal(format!("malformed hello: {e}")))?;
+    let hello: Hello = codec::decode(rest).map_err(|e| Refusal::anonymous(format!("malformed hello: {e}")))?;
     if !hello.secret.matches(secret) {
-        return Err(Refusal(format!(
+        return Err(Refusal::anonymous(format!(
             "wrong secret from {} (os pid {}): the worker was not started by this master, or with a stale CLUSTERMAN_SECRET",
             hello.host, hello.os_pid
         )));
     }
     if hello.fingerprint != *mine {
-        return Err(Refusal(format!(
-            "build fingerprint mismatch: worker {} ({}) has [{}], master {my_exe} has [{mine}]; start workers from the master's own binary",
-            hello.host, hello.exe, hello.fingerprint
-        )));
+        return Err(Refusal {
+            reason: format!(
+                "build fingerprint mismatch: worker {} ({}) has [{}], master {my_exe} has [{mine}]; start workers from the master's own binary",
+                hello.host, hello.exe, hello.fingerprint
+            ),
+            launch: hello.launch.map(|(id, _)| id),
+        });
     }
     Ok(hello)
 }
@@ -217,18 +232,21 @@ mod tests {
     fn wrong_secret_is_refused_without_revealing_ours() {
         let s = Secret::random();
         let other = Secret([0; 16]);
-        let err = check_hello(body(&hello(other, 1).encode()), &s, &fp(1), "/bin/m").unwrap_err().0;
+        let err = check_hello(body(&hello(other, 1).encode()), &s, &fp(1), "/bin/m").unwrap_err().reason;
         assert!(err.contains("wrong secret"), "{err}");
         assert!(!err.contains(&s.to_hex()));
         assert!(!err.contains("registry"), "the fingerprint must not leak before the secret matched: {err}");
+        let refusal = check_hello(body(&hello(other, 1).encode()), &s, &fp(1), "/bin/m").unwrap_err();
+        assert_eq!(refusal.launch, None, "an unproven launch claim is not trusted");
     }
 
     #[test]
     fn fingerprint_mismatch_names_both() {
         let s = Secret::random();
-        let err = check_hello(body(&hello(s, 0xaa).encode()), &s, &fp(0xbb), "/bin/m").unwrap_err().0;
+        let err = check_hello(body(&hello(s, 0xaa).encode()), &s, &fp(0xbb), "/bin/m").unwrap_err().reason;
         assert!(err.contains("00000000000000aa") && err.contains("00000000000000bb"), "{err}");
         assert!(err.contains("/bin/w") && err.contains("/bin/m"), "{err}");
+        assert_eq!(check_hello(body(&hello(s, 0xaa).encode()), &s, &fp(0xbb), "/bin/m").unwrap_err().launch, Some(9));
     }
 
     #[test]
@@ -236,17 +254,17 @@ mod tests {
         let s = Secret::random();
         let mut msg = hello(s, 1).encode();
         msg[8..10].copy_from_slice(&7u16.to_le_bytes());
-        let err = check_hello(body(&msg), &s, &fp(1), "/bin/m").unwrap_err().0;
+        let err = check_hello(body(&msg), &s, &fp(1), "/bin/m").unwrap_err().reason;
         assert!(err.contains(&format!("master speaks {PROTOCOL_VERSION}")) && err.contains("worker speaks 7"), "{err}");
     }
 
     #[test]
     fn garbage_is_refused() {
         let s = Secret::random();
-        assert!(check_hello(b"GET / HTTP/1.1\r\n", &s, &fp(1), "m").unwrap_err().0.contains("bad magic"));
+        assert!(check_hello(b"GET / HTTP/1.1\r\n", &s, &fp(1), "m").unwrap_err().reason.contains("bad magic"));
         let mut msg = hello(s, 1).encode();
         msg.truncate(30);
-        assert!(check_hello(body(&msg), &s, &fp(1), "m").unwrap_err().0.contains("malformed hello"));
+        assert!(check_hello(body(&msg), &s, &fp(1), "m").unwrap_err().reason.contains("malformed hello"));
     }
 
     #[test]
