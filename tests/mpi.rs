@@ -280,3 +280,80 @@ fn a_launcher_of_another_mpi_is_a_clear_error() {
     assert!(err.contains("does not match the MPI this program was built with"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(20), "failed fast, not by timeout");
 }
+
+/// Network namespaces with only loopback, deleted on drop.
+struct Namespaces(Vec<String>);
+
+impl Namespaces {
+    fn create(n: usize) -> Result<Namespaces, String> {
+        let mut made = Namespaces(Vec::new());
+        for i in 0..n {
+            let name = format!("cman{}-{i}", std::process::id());
+            let ok = Command::new("ip").args(["netns", "add", &name]).status().map_err(|e| format!("cannot run `ip` (iproute2): {e}"))?;
+            if !ok.success() {
+                return Err(format!("`ip netns add` failed ({ok}): creating network namespaces needs root (CAP_SYS_ADMIN)"));
+            }
+            made.0.push(name.clone());
+            Command::new("ip").args(["netns", "exec", &name, "ip", "link", "set", "lo", "up"]).status().unwrap();
+        }
+        Ok(made)
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+/// Rank 0 of a TCP world whose ranks cannot reach it: the others must say why and stop.
+#[test]
+#[ignore = "runs as every rank under mpirun (see ranks_without_tcp_between_them)"]
+fn rank_main_tcp_isolated() {
+    match clusterman::mpi::MainLoop::new(Transport::Tcp).launch_timeout(Duration::from_secs(60)).start() {
+        Ok(mgr) => println!("UNEXPECTED success: {:?}", mgr.procs()),
+        Err(e) => println!("RANK0 ERROR: {e}"),
+    }
+}
+
+/// Each rank in its own network namespace with only loopback (MPI still runs over shared
+/// memory): the MPI transport works there, the TCP transport fails saying to use it.
+#[test]
+fn ranks_without_tcp_between_them() {
+    if launcher() != "mpiexec.mpich" {
+        eprintln!(
+            "skipped in this run: Open MPI's PMIx client reaches mpirun over loopback TCP, so a rank in its own network namespace cannot start; the MPICH run of these tests (CMAN_MPIEXEC=mpiexec.mpich, whose launcher hands each rank an inherited socket) covers it"
+        );
+        return;
+    }
+    let ns = match Namespaces::create(3) {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let me = std::env::current_exe().unwrap();
+    let run = |test: &str| {
+        let mut cmd = Command::new(launcher());
+        for (i, name) in ns.0.iter().enumerate() {
+            if i > 0 {
+                cmd.arg(":");
+            }
+            cmd.args(["-np", "1", "ip", "netns", "exec", name]).arg(&me).args(["--ignored", "--exact", test, "--nocapture", "--test-threads=1"]);
+        }
+        let out = cmd.output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        eprintln!("--- {test}\n{text}");
+        (out.status, text)
+    };
+    let (status, text) = run("rank_main_mpi");
+    assert!(status.success() && text.contains("CHECKED world=3"), "the MPI transport works without TCP: {text}");
+    let started = std::time::Instant::now();
+    let (_, text) = run("rank_main_tcp_isolated");
+    let rank0 = text.lines().find(|l| l.contains("RANK0 ERROR")).unwrap_or_else(|| panic!("rank 0 reports an error: {text}"));
+    assert!(rank0.contains("cannot reach rank 0") && rank0.contains("use Transport::Mpi"), "{rank0}");
+    assert!(started.elapsed() < Duration::from_secs(30), "rank 0 failed at once, not at its 60 s timeout");
+}

@@ -121,7 +121,11 @@ pub(crate) fn exit_worker(outcome: Result<()>) -> ! {
         Ok(()) => 0,
         Err(e) => {
             output::finish_forwarding();
-            sys::write_original_stderr(&format!("clusterman worker {} (os pid {}): {e}", my_id(), std::process::id()));
+            let who = match my_id() {
+                1 => String::from("clusterman worker"),
+                pid => format!("clusterman worker {pid}"),
+            };
+            sys::write_original_stderr(&format!("{who} (os pid {}): {e}", std::process::id()));
             1
         }
     };

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ::mpi::Threading;
 use ::mpi::topology::SimpleCommunicator;
+use ::mpi::point_to_point::MatchedReceiveVec;
 use ::mpi::traits::{Communicator, Destination, Root, Source};
 use serde::{Deserialize, Serialize};
 
@@ -130,16 +131,20 @@ impl MainLoop {
             let Invitation { master, secret, launch } = receive_broadcast(&world);
             let config = WorkerConfig { master: master.clone(), secret, launch: Some((launch, me.rank as u32 - 1)), mpi: Some((me.rank, me.size)) };
             at_worker_exit(env::finalize);
-            exit_worker(worker::run(config).map_err(|e| match e {
-                Error::Io { .. } | Error::Handshake(_) => Error::Launch(format!(
-                    "rank {} cannot reach rank 0 at {master} over TCP ({e}); if the nodes have no TCP route to each other, use Transport::Mpi",
-                    me.rank
-                )),
-                other => other,
+            exit_worker(worker::run(config).map_err(|e| {
+                let why = match &e {
+                    Error::Io { source, .. } => source.to_string(),
+                    Error::Handshake(_) => e.to_string(),
+                    _ => return e,
+                };
+                let message = format!("rank {} cannot reach rank 0 at {master} over TCP: {why}. If the nodes have no TCP route to each other, use Transport::Mpi", me.rank);
+                // MPI still works: tell rank 0, so it fails now instead of at its timeout
+                world.process_at_rank(0).send_with_tag(message.as_bytes(), DIAL_FAILED);
+                Error::Launch(message)
             }));
         }
         let cluster = self.cluster()?;
-        let pids = cluster.add_procs(Invite { world: &world, n: me.size as usize - 1, timeout: self.timeout })?;
+        let pids = cluster.add_procs(Invite { n: me.size as usize - 1, timeout: self.timeout })?;
         let ranks = std::iter::once((0, 1)).chain(pids.iter().map(|&pid| (pid as i32 - 1, pid)));
         let mgr = MpiManager::for_all_ranks(cluster, ranks);
         mgr.state().on_shutdown.push(Box::new(env::finalize));
@@ -230,14 +235,16 @@ struct Invitation {
     launch: u64,
 }
 
+/// Tag of a rank's report that it cannot dial rank 0 (mode 2).
+const DIAL_FAILED: i32 = 7002;
+
 /// The "launcher" of mode 2: the ranks already run; it only tells them where to dial.
-struct Invite<'a> {
-    world: &'a SimpleCommunicator,
+struct Invite {
     n: usize,
     timeout: Duration,
 }
 
-impl ClusterManager for Invite<'_> {
+impl ClusterManager for Invite {
     fn name(&self) -> &str {
         "mpi-ranks"
     }
@@ -246,7 +253,7 @@ impl ClusterManager for Invite<'_> {
     }
     fn launch(&self, ctx: &LaunchContext) -> Result<Box<dyn Launch>> {
         let invitation = Invitation { master: ctx.master_address(), secret: ctx.secret(), launch: ctx.id() };
-        broadcast_bytes(self.world, &codec::encode(&invitation)?);
+        broadcast_bytes(&SimpleCommunicator::world(), &codec::encode(&invitation)?);
         Ok(Box::new(RanksAlreadyRunning))
     }
     fn launch_timeout(&self) -> Duration {
@@ -257,8 +264,13 @@ impl ClusterManager for Invite<'_> {
 struct RanksAlreadyRunning;
 
 impl Launch for RanksAlreadyRunning {
+    /// Runs on the thread that called `start_main_loop`, which initialised MPI.
     fn check(&mut self) -> std::result::Result<(), String> {
-        Ok(())
+        let world = SimpleCommunicator::world();
+        match world.any_process().immediate_matched_probe_with_tag(DIAL_FAILED) {
+            Some(report) => Err(String::from_utf8_lossy(&report.matched_receive_vec::<u8>().0).into_owned()),
+            None => Ok(()),
+        }
     }
     fn stop(&mut self, _grace: Duration) {}
     fn describe(&self) -> String {
