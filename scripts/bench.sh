@@ -4,13 +4,14 @@
 #
 #   scripts/bench.sh            (honours CARGO_TARGET_DIR and the other cargo variables)
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source "$(dirname "$0")/env.sh"
 
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 
 cargo build --release --example bench
 cargo run --quiet --release --example bench | tee "$out"
+mpirun -np 2 "${CARGO_TARGET_DIR:-target}/release/examples/bench" --mpi-rtt | tee -a "$out"
 
 cpu=$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)
 {
@@ -22,8 +23,9 @@ cpu=$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^
     echo "- Commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src 2>/dev/null || echo ' (src/ has uncommitted changes)')"
     echo "- Command: \`scripts/bench.sh\` (runs \`cargo run --release --example bench\`)"
     echo
-    echo "Ratio = ours / baseline, where the baseline is raw loopback TCP measured in the same run:"
-    echo "lower is better for latencies (us), higher is better for throughput (MB/s)."
+    echo "Ratio = ours / baseline, where the baseline is raw loopback TCP (raw MPI for \`mpi_*\`)"
+    echo "measured in the same run: lower is better for latencies (us), higher is better for"
+    echo "throughput (MB/s)."
     echo
     echo "| Figure | Value | Unit | Raw TCP baseline | Ratio |"
     echo "|---|---:|---|---:|---:|"

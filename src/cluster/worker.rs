@@ -48,13 +48,18 @@ impl WorkerConfig {
     /// Reads (and removes) the worker variables; `None` in a process that is not a worker.
     fn from_env() -> Option<Result<WorkerConfig>> {
         let master = std::env::var(ENV_MASTER).ok()?;
+        let parent = std::env::var(sys::ENV_PARENT).ok().and_then(|p| p.parse().ok());
+        let cpu = std::env::var(sys::ENV_CPU).ok().and_then(|c| c.parse().ok());
+        if let Err(e) = sys::apply_child_settings(parent, cpu) {
+            return Some(Err(Error::io("setting up a local worker", e)));
+        }
         let secret = std::env::var(ENV_SECRET).ok();
         let launch = std::env::var(ENV_LAUNCH).ok();
         let mpi = std::env::var(ENV_MPI).ok();
         // SAFETY: called at the start of main (see `init`), before the program starts threads;
         // the variables must not reach processes this worker starts.
         unsafe {
-            for var in [ENV_MASTER, ENV_SECRET, ENV_LAUNCH, ENV_MPI] {
+            for var in [ENV_MASTER, ENV_SECRET, ENV_LAUNCH, ENV_MPI, sys::ENV_PARENT, sys::ENV_CPU] {
                 std::env::remove_var(var);
             }
         }

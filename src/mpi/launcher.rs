@@ -83,7 +83,7 @@ impl RunningLauncher {
     /// Starts `cmd` (dies with the master), forwarding its output as `[name] line`.
     pub(crate) fn start(mut cmd: Command, name: &str, status: Arc<Mutex<Option<ExitStatus>>>) -> Result<Self> {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        sys::prepare_child(&mut cmd, None);
+        sys::die_with_master(&mut cmd);
         let mut child = sys::spawn(cmd).map_err(|e| Error::io(format!("cannot start {name}"), e))?;
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         forward_lines(child.stdout.take().expect("piped"), name, None);

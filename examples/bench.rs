@@ -1,0 +1,481 @@
+//! Benchmarks: worker start-up, no-op round trip, 64 MiB fetch, pmap throughput.
+//!
+//! Run: `cargo run --release --example bench` (or `scripts/bench.sh`, which also writes
+//! `BENCHMARKS.md`).
+//!
+//! Every figure is printed as one line
+//!
+//! ```text
+//! BENCH <name> <value> <unit> baseline=<value> ratio=<value>
+//! ```
+//!
+//! where `ratio` is always ours / baseline:
+//! - latency figures (`us`, microseconds): LOWER is better; 1.0 means "as fast as raw TCP";
+//! - throughput figures (`MB/s`, 10^6 bytes/s): HIGHER is better; 1.0 means "as fast as raw TCP".
+//!
+//! Figures without a baseline print `baseline=- ratio=-`. Lines starting with `#` are notes.
+//!
+//! The baselines are measured in the same run against a child process that is this same
+//! executable started with `--raw-echo`: one plain TCP_NODELAY loopback socket, blocking
+//! reads and writes, no framing. It echoes small messages and streams bulk data on request,
+//! and it is pinned exactly like the clusterman worker it is compared with.
+
+use std::borrow::Cow;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+use clusterman::prelude::*;
+
+/// Size of a raw ping-pong message: a clusterman no-op call frame is the same size
+/// (4-byte length prefix + 25-byte header; `()` encodes to nothing), and so is its reply.
+const MSG: usize = 29;
+/// Round trips measured per side, after `RTT_WARMUP` unmeasured ones.
+const RTT_ITERS: usize = 20_000;
+const RTT_WARMUP: usize = 2_000;
+/// The bulk transfer: 64 MiB, `FETCH_REPS` times after one warm-up.
+const FETCH_BYTES: usize = 64 << 20;
+const FETCH_REPS: usize = 5;
+
+// ---- remote functions -------------------------------------------------------------------
+
+/// The cheapest possible call: no arguments, no result.
+#[remote]
+fn noop() {}
+
+/// One pmap item.
+#[remote]
+fn identity_u64(x: u64) -> u64 {
+    x
+}
+
+/// A `bytes`-long result of `u8`s. It borrows a vector built once per worker, so a fetch
+/// times clusterman (encode, transfer, decode into a new owned vector on the master) and not
+/// a copy inside the function. `Cow` encodes like the slice and arrives as `Cow::Owned(Vec)`.
+#[remote]
+fn blob_u8(bytes: usize) -> Cow<'static, [u8]> {
+    static DATA: OnceLock<Vec<u8>> = OnceLock::new();
+    Cow::Borrowed(DATA.get_or_init(|| vec![0xa5; bytes]))
+}
+
+/// The same number of bytes as `u64`s.
+#[remote]
+fn blob_u64(bytes: usize) -> Cow<'static, [u64]> {
+    static DATA: OnceLock<Vec<u64>> = OnceLock::new();
+    Cow::Borrowed(DATA.get_or_init(|| vec![0x0123_4567_89ab_cdef; bytes / 8]))
+}
+
+// ---- main -------------------------------------------------------------------------------
+
+fn main() -> clusterman::Result<()> {
+    clusterman::init(); // a worker serves here and never returns; elsewhere this returns at once
+
+    // The raw baseline child, selected by argv. It is started without clusterman's
+    // environment variables, so `init` above has returned without doing anything.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--raw-echo") {
+        raw_echo_server(&args[2], args.get(3).and_then(|c| c.parse().ok()));
+    }
+    if args.get(1).map(String::as_str) == Some("--mpi-rtt") {
+        return mpi_rtt::run(); // every process is an MPI rank: `mpirun -np 2 bench --mpi-rtt`
+    }
+
+    println!("# ratio = ours/baseline: for us (latency) lower is better, for MB/s (throughput) higher is better");
+    // First, while this process is still small (fork cost grows with the master's memory).
+    workers_ready()?;
+
+    // Pinning: the master process on one CPU, the worker (or the raw echo child) on another.
+    let allowed = affinity::get();
+    match allowed[..] {
+        [master, worker, ..] => {
+            println!("# pinning for rtt_* and fetch_*: master process on CPU {master}, clusterman worker / raw echo child on CPU {worker}; the other figures run unpinned");
+            latency_and_bandwidth(Some((master, worker)))?;
+            // The same again with everything on one CPU: there, waking a thread on the idle
+            // other vCPU (tens of µs in a VM) no longer hides the library's own overhead.
+            same_cpu_rtt(master)?;
+            affinity::set(&allowed);
+        }
+        _ => {
+            println!("# pinning: none (only {} CPU may be used); all figures unpinned", allowed.len());
+            latency_and_bandwidth(None)?;
+        }
+    }
+
+    pmap_throughput()
+}
+
+/// Everything the latency and bandwidth figures need: a cluster with one worker and the raw
+/// echo child, both pinned to `pins.1` while this process is pinned to `pins.0`.
+struct Pair {
+    cluster: Cluster,
+    pid: Pid,
+    raw: RawPeer,
+}
+
+impl Pair {
+    fn start(pins: Option<(usize, usize)>) -> clusterman::Result<Pair> {
+        // Pin before the cluster exists: its listener thread, and through it every connection
+        // reader thread, inherit the main thread's affinity, so the whole master sits on one CPU.
+        if let Some((master_cpu, _)) = pins {
+            affinity::set(&[master_cpu]);
+        }
+        let worker_cpu = pins.map(|(_, w)| w);
+        let raw = RawPeer::start(worker_cpu);
+        let cluster = Cluster::new()?;
+        let pid = match worker_cpu {
+            Some(cpu) => cluster.add_procs(LocalAffinityManager::new(1).mode(AffinityMode::Cpus(vec![cpu])))?[0],
+            None => cluster.add_procs(LocalManager::new(1))?[0],
+        };
+        Ok(Pair { cluster, pid, raw })
+    }
+
+    /// Round trips, ours and raw, in alternating blocks so drift hits both alike.
+    fn rtt(&mut self) -> clusterman::Result<(Summary, Summary)> {
+        for _ in 0..RTT_WARMUP {
+            self.raw.ping();
+            self.cluster.remote_call_fetch(self.pid, noop, ())?;
+        }
+        const BLOCKS: usize = 4;
+        let (mut ours, mut base) = (Vec::with_capacity(RTT_ITERS), Vec::with_capacity(RTT_ITERS));
+        for _ in 0..BLOCKS {
+            for _ in 0..RTT_ITERS / BLOCKS {
+                let t = Instant::now();
+                self.raw.ping();
+                base.push(t.elapsed());
+            }
+            for _ in 0..RTT_ITERS / BLOCKS {
+                let t = Instant::now();
+                self.cluster.remote_call_fetch(self.pid, noop, ())?;
+                ours.push(t.elapsed());
+            }
+        }
+        Ok((Summary::of(ours), Summary::of(base)))
+    }
+
+    fn stop(self) -> clusterman::Result<()> {
+        self.raw.stop();
+        self.cluster.shutdown()
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// `rtt_noop_*` and `fetch_64mib`, each beside its raw TCP baseline, with identical pinning.
+fn latency_and_bandwidth(pins: Option<(usize, usize)>) -> clusterman::Result<()> {
+    let mut pair = Pair::start(pins)?;
+    let (ours, base) = pair.rtt()?;
+    println!("# rtt: {RTT_ITERS} round trips each after {RTT_WARMUP} warm-up ones, raw messages of {MSG} bytes; minimum ours {:.1} us, raw {:.1} us", us(ours.min), us(base.min));
+    bench("rtt_noop_median", us(ours.median), "us", Some(us(base.median)));
+    bench("rtt_noop_p99", us(ours.p99), "us", Some(us(base.p99)));
+
+    // 64 MiB result vs 64 MiB streamed over the raw socket.
+    let mb_per_s = |d: Duration| FETCH_BYTES as f64 / d.as_secs_f64() / 1e6;
+    let Pair { cluster, pid, raw } = &mut pair;
+    let raw_time = median_of(FETCH_REPS, || Ok(raw.stream(FETCH_BYTES)))?;
+    let u8_time = median_of(FETCH_REPS, || {
+        let t = Instant::now();
+        let v = cluster.remote_call_fetch(*pid, blob_u8, (FETCH_BYTES,))?;
+        let elapsed = t.elapsed();
+        assert_eq!(v.len(), FETCH_BYTES);
+        Ok(elapsed)
+    })?;
+    let u64_time = median_of(FETCH_REPS, || {
+        let t = Instant::now();
+        let v = cluster.remote_call_fetch(*pid, blob_u64, (FETCH_BYTES,))?;
+        let elapsed = t.elapsed();
+        assert_eq!(v.len() * 8, FETCH_BYTES);
+        Ok(elapsed)
+    })?;
+    let (best, which) = if u64_time <= u8_time { (u64_time, "Vec<u64>") } else { (u8_time, "Vec<u8>") };
+    println!(
+        "# fetch_64mib: median of {FETCH_REPS}; as Vec<u8> {:.0} MB/s, as Vec<u64> {:.0} MB/s: reporting {which}. The remote fn returns a borrowed slice (no copy in it); the master gets an owned Vec. Raw: 64 MiB streamed by the echo child into a reused buffer",
+        mb_per_s(u8_time),
+        mb_per_s(u64_time)
+    );
+    bench("fetch_64mib", mb_per_s(best), "MB/s", Some(mb_per_s(raw_time)));
+    pair.stop()
+}
+
+/// A note with the round trip when master, worker and echo child all share `cpu`.
+fn same_cpu_rtt(cpu: usize) -> clusterman::Result<()> {
+    let mut pair = Pair::start(Some((cpu, cpu)))?;
+    let (ours, base) = pair.rtt()?;
+    println!(
+        "# rtt with master, worker and echo child all on CPU {cpu}: median {:.1} us (raw {:.1} us, ratio {:.2}), p99 {:.1} us (raw {:.1} us, ratio {:.2})",
+        us(ours.median),
+        us(base.median),
+        ours.median.as_secs_f64() / base.median.as_secs_f64(),
+        us(ours.p99),
+        us(base.p99),
+        ours.p99.as_secs_f64() / base.p99.as_secs_f64()
+    );
+    pair.stop()
+}
+
+/// `pmap_items_per_s_batch*`: identity over u64 on 2 local workers.
+fn pmap_throughput() -> clusterman::Result<()> {
+    let cluster = Cluster::new()?;
+    cluster.add_procs(LocalManager::new(2))?;
+    let run = |n: u64, batch: usize| -> clusterman::Result<(f64, Duration)> {
+        let t = Instant::now();
+        let out = cluster.pmap_with(identity_u64, (0..n).map(|i| (i,)), PmapOptions::new().batch_size(batch))?;
+        let elapsed = t.elapsed();
+        assert!(out.len() as u64 == n && out.iter().enumerate().all(|(i, x)| *x == i as u64));
+        Ok((n as f64 / elapsed.as_secs_f64(), elapsed))
+    };
+    run(100_000, 1000)?; // warm-up
+    let (rate1, t1) = run(50_000, 1)?;
+    let (rate1000, t1000) = run(16_000_000, 1000)?;
+    println!("# pmap: 2 LocalManager workers; 50,000 items at batch 1 took {:.2} s, 16,000,000 at batch 1000 took {:.2} s (one run each, after a warm-up)", t1.as_secs_f64(), t1000.as_secs_f64());
+    bench("pmap_items_per_s_batch1", rate1, "items/s", None);
+    bench("pmap_items_per_s_batch1000", rate1000, "items/s", None);
+    cluster.shutdown()
+}
+
+/// `workers_ready_8`: `add_procs(LocalManager::new(8))` on a fresh cluster, median of 5; and
+/// the same with 1 GiB of touched heap in the master, as a note.
+fn workers_ready() -> clusterman::Result<()> {
+    let ready_ms = |reps| {
+        median_of(reps, || {
+            let cluster = Cluster::new()?;
+            let t = Instant::now();
+            cluster.add_procs(LocalManager::new(8))?;
+            let elapsed = t.elapsed();
+            cluster.shutdown()?;
+            Ok(elapsed)
+        })
+        .map(|d| d.as_secs_f64() * 1e3)
+    };
+    bench("workers_ready_8", ready_ms(5)?, "ms", None);
+    let ballast = vec![1u8; 1 << 30]; // every page written, so it is resident
+    let heavy = ready_ms(3)?;
+    drop(std::hint::black_box(ballast));
+    println!("# workers_ready_8 with 1 GiB of touched heap in the master: {heavy:.1} ms (median of 3)");
+    Ok(())
+}
+
+// ---- the MPI transport ------------------------------------------------------------------
+
+/// No-op round trip over the MPI transport (mode 3) beside a raw MPI ping-pong of the same
+/// message size between the same two ranks, measured in the same run.
+mod mpi_rtt {
+    use std::time::Instant;
+
+    use clusterman::mpi::rsmpi::traits::{Communicator, Destination, Source};
+    use clusterman::mpi::{Comm, Transport, start_main_loop};
+
+    use super::{MSG, RTT_ITERS, RTT_WARMUP, Summary, bench, noop, us};
+
+    pub fn run() -> clusterman::Result<()> {
+        let mgr = start_main_loop(Transport::Mpi)?; // rank 1 serves and never returns
+        let cluster = mgr.cluster().expect("rank 0 owns the cluster");
+        let worker = cluster.workers()[0];
+        // raw first, on MPI_COMM_WORLD while rank 1 also serves: bounce the message through
+        // an mpido! body that echoes on the world communicator (the same two ranks, the same
+        // threads that run user code)
+        let raw = clusterman::mpido!(mgr, |comm| ping_pong(comm))?;
+        let base = raw[0].clone().expect("rank 0 measures");
+        for _ in 0..RTT_WARMUP {
+            cluster.remote_call_fetch(worker, noop, ())?;
+        }
+        let ours: Vec<_> = (0..RTT_ITERS)
+            .map(|_| {
+                let t = Instant::now();
+                cluster.remote_call_fetch(worker, noop, ()).map(|()| t.elapsed())
+            })
+            .collect::<clusterman::Result<_>>()?;
+        let (ours, base) = (Summary::of(ours), Summary::of(base.into_iter().map(std::time::Duration::from_nanos).collect()));
+        println!("# mpi transport: mpirun -np 2, raw = blocking MPI_Send/MPI_Recv ping-pong of {MSG} bytes on MPI_COMM_WORLD between the same ranks");
+        bench("mpi_rtt_noop_median", us(ours.median), "us", Some(us(base.median)));
+        bench("mpi_rtt_noop_p99", us(ours.p99), "us", Some(us(base.p99)));
+        mgr.shutdown()
+    }
+
+    /// Rank 0 sends, rank 1 echoes; rank 0 returns its round-trip times in nanoseconds.
+    fn ping_pong(comm: &Comm) -> Option<Vec<u64>> {
+        let mut msg = [0u8; MSG];
+        let (zero, one) = (comm.process_at_rank(0), comm.process_at_rank(1));
+        let mut times = Vec::with_capacity(RTT_ITERS);
+        for i in 0..RTT_WARMUP + RTT_ITERS {
+            if comm.rank() == 0 {
+                let t = Instant::now();
+                one.send(&msg[..]);
+                one.receive_into(&mut msg[..]);
+                if i >= RTT_WARMUP {
+                    times.push(t.elapsed().as_nanos() as u64);
+                }
+            } else {
+                zero.receive_into(&mut msg[..]);
+                zero.send(&msg[..]);
+            }
+        }
+        (comm.rank() == 0).then_some(times)
+    }
+}
+
+// ---- reporting --------------------------------------------------------------------------
+
+/// Prints one figure; the ratio is ours / baseline (see the file header for the direction).
+fn bench(name: &str, value: f64, unit: &str, baseline: Option<f64>) {
+    match baseline {
+        Some(b) => println!("BENCH {name} {} {unit} baseline={} ratio={:.2}", fmt(value), fmt(b), value / b),
+        None => println!("BENCH {name} {} {unit} baseline=- ratio=-", fmt(value)),
+    }
+}
+
+/// Whole numbers from 100 up, two decimals below.
+fn fmt(x: f64) -> String {
+    if x >= 100.0 { format!("{x:.0}") } else { format!("{x:.2}") }
+}
+
+struct Summary {
+    min: Duration,
+    median: Duration,
+    p99: Duration,
+}
+
+impl Summary {
+    fn of(mut samples: Vec<Duration>) -> Summary {
+        samples.sort_unstable();
+        let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+        Summary { min: samples[0], median: at(0.5), p99: at(0.99) }
+    }
+}
+
+/// Runs `f` once to warm up, then `reps` times; the median of the durations it returns.
+fn median_of(reps: usize, mut f: impl FnMut() -> clusterman::Result<Duration>) -> clusterman::Result<Duration> {
+    f()?;
+    let samples = (0..reps).map(|_| f()).collect::<clusterman::Result<Vec<_>>>()?;
+    Ok(Summary::of(samples).median)
+}
+
+// ---- the raw TCP baseline ---------------------------------------------------------------
+
+/// The master's end of the raw baseline: a child process and one TCP_NODELAY socket to it.
+struct RawPeer {
+    child: Child,
+    socket: TcpStream,
+    sink: Vec<u8>,
+}
+
+impl RawPeer {
+    /// Starts the echo child (pinned to `cpu`, if given) and waits for it to dial in, as a
+    /// clusterman worker does.
+    fn start(cpu: Option<usize>) -> RawPeer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        let addr = listener.local_addr().expect("local address").to_string();
+        let mut cmd = Command::new(std::env::current_exe().expect("own executable"));
+        cmd.arg("--raw-echo").arg(&addr).args(cpu.map(|c| c.to_string())).stdin(Stdio::null());
+        for var in [clusterman::ENV_MASTER, clusterman::ENV_SECRET, clusterman::ENV_LAUNCH] {
+            cmd.env_remove(var);
+        }
+        let child = cmd.spawn().expect("start the raw echo child");
+        // Accept on a helper thread, so that a child that dies at start-up cannot hang us.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(listener.accept().map(|(s, _)| s)));
+        let socket = rx.recv_timeout(Duration::from_secs(10)).expect("the raw echo child did not connect within 10 s").expect("accept");
+        socket.set_nodelay(true).expect("TCP_NODELAY");
+        RawPeer { child, socket, sink: vec![0; FETCH_BYTES] }
+    }
+
+    /// One MSG-byte round trip.
+    fn ping(&mut self) {
+        let mut msg = [0u8; MSG];
+        msg[0] = b'p';
+        self.socket.write_all(&msg).expect("raw ping");
+        self.socket.read_exact(&mut msg).expect("raw pong");
+    }
+
+    /// Asks for `bytes` bytes; the time until the last one has arrived.
+    fn stream(&mut self, bytes: usize) -> Duration {
+        let mut msg = [0u8; MSG];
+        msg[0] = b's';
+        msg[1..9].copy_from_slice(&(bytes as u64).to_le_bytes());
+        let t = Instant::now();
+        self.socket.write_all(&msg).expect("raw stream request");
+        self.socket.read_exact(&mut self.sink[..bytes]).expect("raw stream");
+        t.elapsed()
+    }
+
+    /// Closes the socket (the child exits at end of stream) and reaps the child.
+    fn stop(mut self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        let _ = self.child.wait();
+    }
+}
+
+/// The child side: pin, dial the master, then serve requests until the socket closes.
+/// `p...`: echo the message back. `s` + u64 length: stream that many bytes.
+fn raw_echo_server(addr: &str, cpu: Option<usize>) -> ! {
+    if let Some(cpu) = cpu {
+        affinity::set(&[cpu]);
+    }
+    let mut socket = TcpStream::connect(addr).expect("raw echo: connect to the master");
+    socket.set_nodelay(true).expect("TCP_NODELAY");
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut msg = [0u8; MSG];
+    while socket.read_exact(&mut msg).is_ok() {
+        let ok = match msg[0] {
+            b'p' => socket.write_all(&msg).is_ok(),
+            b's' => {
+                let mut left = u64::from_le_bytes(msg[1..9].try_into().expect("8 bytes")) as usize;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if socket.write_all(&chunk[..n]).is_err() {
+                        break;
+                    }
+                    left -= n;
+                }
+                left == 0
+            }
+            other => panic!("raw echo: unknown request {other}"),
+        };
+        if !ok {
+            break;
+        }
+    }
+    std::process::exit(0);
+}
+
+// ---- CPU affinity (Linux; elsewhere nothing is pinned) ----------------------------------
+
+mod affinity {
+    /// The CPUs the calling thread may run on, ascending.
+    #[cfg(target_os = "linux")]
+    pub fn get() -> Vec<usize> {
+        // SAFETY: sched_getaffinity fills a zeroed cpu_set_t of the size we pass.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+                return Vec::new();
+            }
+            (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+        }
+    }
+
+    /// Restricts the calling thread, and the threads it starts from now on, to `cpus`.
+    #[cfg(target_os = "linux")]
+    pub fn set(cpus: &[usize]) {
+        // SAFETY: sched_setaffinity reads a cpu_set_t we built on the stack.
+        let rc = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &c in cpus {
+                libc::CPU_SET(c, &mut set);
+            }
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        assert_eq!(rc, 0, "sched_setaffinity({cpus:?}): {}", std::io::Error::last_os_error());
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn get() -> Vec<usize> {
+        Vec::new()
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn set(_cpus: &[usize]) {}
+}
