@@ -39,6 +39,23 @@ pub(crate) fn redirect_stdio_to_pipe() -> io::Result<File> {
     }
 }
 
+/// Makes reads on `fd` return `WouldBlock` instead of waiting.
+pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let flags = check(libc::fcntl(fd, libc::F_GETFL))?;
+        check(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
+    }
+    Ok(())
+}
+
+/// Blocks until `fd` is readable (or at end of file, or in error).
+pub(crate) fn wait_readable(fd: RawFd) {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll on one valid pollfd; an interrupted poll just returns early.
+    unsafe { libc::poll(&mut p, 1, -1) };
+}
+
 /// Points fd 1 and 2 at /dev/null, closing the pipe so the forwarder sees end of file.
 pub(crate) fn detach_stdio() {
     // SAFETY: open/dup2/close on fds we own; a failure leaves stdio as it was.

@@ -37,6 +37,21 @@ fn stdout_and_stderr_lines_arrive_with_the_pid() {
 }
 
 #[test]
+fn a_calls_output_arrives_before_its_result() {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = seen.clone();
+    let cluster = Cluster::builder().output(move |_, line| sink.lock().unwrap().push(line.to_string())).build().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(1)).unwrap();
+    for round in 0..20 {
+        seen.lock().unwrap().clear();
+        cluster.remote_call_fetch(pids[0], shout, (3,)).unwrap();
+        let lines = seen.lock().unwrap().clone(); // no waiting: already there
+        assert_eq!(lines.len(), 4, "round {round}: {lines:?}");
+        assert_eq!(lines[2], format!("line 2 from {}", pids[0]));
+    }
+}
+
+#[test]
 fn output_printed_just_before_shutdown_is_not_lost() {
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let sink = seen.clone();

@@ -1,8 +1,13 @@
-//! Worker output: a worker's stdout and stderr go into a pipe; a thread sends what arrives, a
+//! Worker output: a worker's stdout and stderr go into a pipe, and what arrives is sent, a
 //! line at a time, to the master, which prints `From worker 3: ...` (or calls your sink).
+//!
+//! Two readers share the pipe: a thread that waits for output at any time, and the serving
+//! thread, which drains the pipe before it sends each reply. So the lines a call printed
+//! always reach the master before that call's result.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
@@ -23,34 +28,68 @@ pub fn print_sink() -> OutputSink {
     })
 }
 
+/// The read end of the worker's output pipe (non-blocking) and what it has forwarded.
+struct Forwarder {
+    pipe: File,
+    partial: Vec<u8>,
+    link: Arc<Link>,
+    me: Pid,
+}
+
+impl Forwarder {
+    /// Reads what is in the pipe now and sends the complete lines. `Ok(false)` at end of file.
+    fn drain(&mut self) -> std::io::Result<bool> {
+        let mut buf = [0u8; 64 * 1024];
+        let open = loop {
+            match self.pipe.read(&mut buf) {
+                Ok(0) => break false,
+                Ok(n) => self.partial.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        };
+        let end = if open { self.partial.iter().rposition(|&b| b == b'\n').map(|i| i + 1) } else { Some(self.partial.len()) };
+        if let Some(end) = end.filter(|&e| e > 0) {
+            let rest = self.partial.split_off(end);
+            let text = std::mem::replace(&mut self.partial, rest);
+            send_lines(&self.link, self.me, text.strip_suffix(b"\n").unwrap_or(&text));
+        }
+        Ok(open)
+    }
+}
+
+static FORWARDER: Mutex<Option<Forwarder>> = Mutex::new(None);
 static FORWARDER_DONE: Mutex<Option<mpsc::Receiver<()>>> = Mutex::new(None);
 
 /// Sends this worker's stdout and stderr to the master from now on.
 pub(crate) fn start_forwarding(link: Arc<Link>, me: Pid) -> std::io::Result<()> {
-    let mut pipe: File = sys::redirect_stdio_to_pipe()?;
+    let pipe: File = sys::redirect_stdio_to_pipe()?;
+    let fd = pipe.as_raw_fd();
+    sys::set_nonblocking(fd)?;
+    *FORWARDER.lock().expect("forwarder lock") = Some(Forwarder { pipe, partial: Vec::new(), link, me });
     let (done_tx, done_rx) = mpsc::channel();
     *FORWARDER_DONE.lock().expect("forwarder lock") = Some(done_rx);
     std::thread::Builder::new().name("cman-output".into()).spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut partial: Vec<u8> = Vec::new();
         loop {
-            let n = match pipe.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            partial.extend_from_slice(&buf[..n]);
-            if let Some(end) = partial.iter().rposition(|&b| b == b'\n') {
-                let rest = partial.split_off(end + 1);
-                send_lines(&link, me, &partial[..end]);
-                partial = rest;
+            sys::wait_readable(fd);
+            let mut f = FORWARDER.lock().expect("forwarder lock");
+            match f.as_mut().map(Forwarder::drain) {
+                Some(Ok(true)) => {}
+                _ => break, // end of file, an error, or forwarding finished
             }
-        }
-        if !partial.is_empty() {
-            send_lines(&link, me, &partial);
         }
         let _ = done_tx.send(());
     })?;
     Ok(())
+}
+
+/// Sends what the worker printed so far (called before each reply, so output comes first).
+pub(crate) fn flush() {
+    let _ = std::io::stdout().flush();
+    if let Some(f) = FORWARDER.lock().expect("forwarder lock").as_mut() {
+        let _ = f.drain();
+    }
 }
 
 fn send_lines(link: &Link, me: Pid, text: &[u8]) {

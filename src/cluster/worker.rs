@@ -287,6 +287,7 @@ pub(crate) fn pump_once() -> Result<()> {
     match frame.header.kind {
         Kind::Call | Kind::Cast | Kind::Batch => {
             if let Some(reply) = exec::execute(me, &frame) {
+                output::flush();
                 link.send(reply)?;
             }
         }
