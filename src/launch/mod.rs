@@ -5,6 +5,7 @@
 pub(crate) mod affinity;
 pub(crate) mod listener;
 pub(crate) mod local;
+mod ranks;
 pub mod topology;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -17,6 +18,7 @@ use crate::protocol::Secret;
 
 pub use affinity::LocalAffinityManager;
 pub use local::LocalManager;
+pub use ranks::{MpiRanks, RankMap};
 
 /// A way of starting workers: local processes, `mpirun`, a job scheduler...
 ///

@@ -1,6 +1,5 @@
 //! `MpiManager`: the workers of one MPI world, their pid↔rank maps, and `mpido!`.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
@@ -14,7 +13,7 @@ use crate::Pid;
 use crate::cluster::{Cluster, WorkerInfo};
 use crate::codec;
 use crate::error::{Error, RemoteError, Result};
-use crate::launch::{ClusterManager, Launch, LaunchContext};
+use crate::launch::{ClusterManager, Launch, LaunchContext, MpiRanks, RankMap};
 use crate::registry::{CallError, RemoteEntry, catch, fn_id};
 
 use super::launcher::{self, RunningLauncher};
@@ -47,24 +46,23 @@ pub struct MpiManager {
     threading: Threading,
     timeout: Duration,
     master_ip: Option<IpAddr>,
+    ranks: RankMap,
     state: Arc<Mutex<State>>,
 }
 
 #[derive(Default)]
 pub(crate) struct State {
     launched: bool,
-    /// The cluster the ranks belong to (owning it when every rank is in MPI).
-    pub(crate) cluster: Option<Cluster>,
-    pid_to_rank: BTreeMap<Pid, i32>,
-    rank_to_pid: BTreeMap<i32, Pid>,
     launcher_status: Arc<Mutex<Option<ExitStatus>>>,
+    /// The all-rank modes' ranks, to shut the cluster down before the hooks run on drop.
+    ranks: Option<RankMap>,
     /// Runs when the manager shuts down, after the workers are gone (all-rank modes).
     pub(crate) on_shutdown: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MpiState").field("launched", &self.launched).field("pid_to_rank", &self.pid_to_rank).finish()
+        f.debug_struct("MpiState").field("launched", &self.launched).finish()
     }
 }
 
@@ -78,6 +76,7 @@ impl MpiManager {
             threading: Threading::Serialized,
             timeout: Duration::from_secs(60),
             master_ip: None,
+            ranks: RankMap::default(),
             state: Arc::default(),
         }
     }
@@ -119,15 +118,11 @@ impl MpiManager {
 
     pub(crate) fn for_all_ranks(cluster: Cluster, ranks: impl IntoIterator<Item = (i32, Pid)>) -> Self {
         let mgr = MpiManager::new(0);
-        {
-            let mut s = mgr.state.lock().expect("mpi state lock");
-            s.launched = true;
-            s.cluster = Some(cluster);
-            for (rank, pid) in ranks {
-                s.pid_to_rank.insert(pid, rank);
-                s.rank_to_pid.insert(rank, pid);
-            }
-        }
+        mgr.ranks.set(cluster, ranks);
+        let mut s = mgr.state();
+        s.launched = true;
+        s.ranks = Some(mgr.ranks.clone());
+        drop(s);
         mgr
     }
 
@@ -137,27 +132,27 @@ impl MpiManager {
 
     /// The MPI rank of cluster process `pid`, if it is one of this manager's.
     pub fn pid_to_rank(&self, pid: Pid) -> Option<i32> {
-        self.state().pid_to_rank.get(&pid).copied()
+        self.ranks.pid_to_rank(pid)
     }
 
     /// The cluster pid of MPI rank `rank`.
     pub fn rank_to_pid(&self, rank: i32) -> Option<Pid> {
-        self.state().rank_to_pid.get(&rank).copied()
+        self.ranks.rank_to_pid(rank)
     }
 
     /// The pids of this manager's ranks, ascending (in rank order).
     pub fn procs(&self) -> Vec<Pid> {
-        self.state().pid_to_rank.keys().copied().collect()
+        self.ranks.procs()
     }
 
     /// This manager's ranks, ascending.
     pub fn mpi_procs(&self) -> Vec<i32> {
-        self.state().rank_to_pid.keys().copied().collect()
+        self.ranks.mpi_procs()
     }
 
     /// A handle on the cluster these ranks belong to (after launch).
     pub fn cluster(&self) -> Option<Cluster> {
-        self.state().cluster.as_ref().map(Cluster::clone_handle)
+        self.ranks.cluster()
     }
 
     /// How the launcher (`mpirun`) exited, once it has.
@@ -169,11 +164,9 @@ impl MpiManager {
     /// launcher then exits. When every process is a rank (modes 2 and 3), this is the end
     /// of the program's MPI: the master's own MPI is finalised too. Idempotent.
     pub fn shutdown(&self) -> Result<()> {
-        let (cluster, pids, hooks) = {
-            let mut s = self.state();
-            (s.cluster.as_ref().map(Cluster::clone_handle), s.pid_to_rank.keys().copied().collect::<Vec<_>>(), std::mem::take(&mut s.on_shutdown))
-        };
-        let Some(cluster) = cluster else { return Ok(()) };
+        let hooks = std::mem::take(&mut self.state().on_shutdown);
+        let pids = self.procs();
+        let Some(cluster) = self.cluster() else { return Ok(()) };
         let result = if hooks.is_empty() {
             let mine: Vec<Pid> = pids.into_iter().filter(|p| cluster.workers().contains(p)).collect();
             let r = if mine.is_empty() { Ok(()) } else { cluster.rm_procs(&mine) };
@@ -196,12 +189,19 @@ impl MpiManager {
 impl Drop for State {
     fn drop(&mut self) {
         // the all-rank modes finalise MPI when their manager goes away without a shutdown
-        for hook in std::mem::take(&mut self.on_shutdown) {
-            if let Some(c) = &self.cluster {
-                let _ = c.shutdown();
-            }
+        let hooks = std::mem::take(&mut self.on_shutdown);
+        if !hooks.is_empty() {
+            drop(self.ranks.as_ref().and_then(RankMap::take_cluster)); // the owner: shuts down
+        }
+        for hook in hooks {
             hook();
         }
+    }
+}
+
+impl MpiRanks for MpiManager {
+    fn ranks(&self) -> &RankMap {
+        &self.ranks
     }
 }
 
@@ -245,22 +245,7 @@ impl ClusterManager for MpiManager {
     }
 
     fn added(&self, cluster: &Cluster, workers: &[WorkerInfo]) -> Result<()> {
-        let mut s = self.state();
-        for w in workers {
-            let Some((rank, size)) = w.mpi else {
-                return Err(Error::Launch(format!("worker {} did not report an MPI rank", w.pid)));
-            };
-            if size as usize != self.np {
-                return Err(Error::Launch(format!(
-                    "rank {rank} reports a world of {size} processes, not {}: the launcher and the MPI this program was built with do not match (e.g. MPICH's mpiexec running an Open MPI build starts single-rank copies); set MpiManager::launcher",
-                    self.np
-                )));
-            }
-            s.pid_to_rank.insert(w.pid, rank);
-            s.rank_to_pid.insert(rank, w.pid);
-        }
-        s.cluster = Some(cluster.clone_handle());
-        Ok(())
+        self.ranks.record(cluster, workers, self.np)
     }
 }
 
@@ -299,17 +284,14 @@ fn no_batch(_: &[u8], _: &mut Vec<u8>) -> std::result::Result<(), CallError> {
 /// Runs a registered `mpido!` body on every rank of `mgr` (used by the macro): sends it to
 /// the other ranks first, then runs it here if this process is a rank, so collectives meet.
 /// `_body` only ties the result type to the body.
-pub fn mpido_run<A, T, C, W>(mgr: &MpiManager, entry: &'static RemoteEntry, args: &A, _body: C) -> Result<Vec<T>>
+pub fn mpido_run<M, A, T, C, W>(mgr: &M, entry: &'static RemoteEntry, args: &A, _body: C) -> Result<Vec<T>>
 where
+    M: MpiRanks + ?Sized,
     A: Serialize + ?Sized,
     T: DeserializeOwned,
     C: Fn(&Comm, W) -> T,
 {
-    let (cluster, ranks) = {
-        let s = mgr.state();
-        let cluster = s.cluster.as_ref().map(Cluster::clone_handle).ok_or_else(|| Error::Unsupported("mpido!: this MpiManager has no ranks yet; add_procs(&mgr) first".into()))?;
-        (cluster, s.rank_to_pid.iter().map(|(r, p)| (*r, *p)).collect::<Vec<_>>())
-    };
+    let (cluster, ranks) = mgr.ranks().entries().ok_or_else(|| Error::Unsupported("mpido!: this manager has no ranks yet; add_procs(&manager) first".into()))?;
     let payload = codec::encode(args)?;
     let id = fn_id(entry.name);
     let me = cluster.my_id();
