@@ -70,7 +70,7 @@ pub use cluster::{Cluster, ClusterBuilder, OutputSink, PmapOptions, RemoteFuture
 pub use cluster::pmap::exponential_backoff;
 pub use error::{Error, RemoteError, Result};
 pub use launch::topology::{AffinityMode, CpuTopology};
-pub use launch::{ClusterManager, Launch, LaunchContext, LocalAffinityManager, LocalManager, MpiRanks, RankMap};
+pub use launch::{ClusterManager, Launch, LaunchContext, LaunchStatus, LocalAffinityManager, LocalManager, MpiRanks, RankMap};
 pub use registry::RemoteFn;
 
 /// A process in the cluster: 1 is the master, workers are 2, 3, ...

@@ -21,7 +21,7 @@ use crate::Pid;
 use crate::codec;
 use crate::error::{Error, RemoteError, Result};
 use crate::launch::listener::Listener;
-use crate::launch::{ClusterManager, LaunchContext};
+use crate::launch::{ClusterManager, Launch, LaunchContext, LaunchStatus};
 use crate::protocol::{DEFAULT_MAX_FRAME, Header, Kind, Secret};
 use crate::registry::{self, RemoteFn};
 
@@ -274,22 +274,7 @@ impl Cluster {
                 return Err(e);
             }
         };
-        let timeout = manager.launch_timeout();
-        let outcome = loop {
-            let connected = match wait.wait(Duration::from_millis(100)) {
-                Ok(connected) => connected,
-                Err(reason) => break Err(Error::Launch(format!("a worker was refused: {reason}"))),
-            };
-            if connected == n {
-                break Ok(());
-            }
-            if let Err(problem) = launch.check() {
-                break Err(Error::Launch(format!("{problem} ({connected} of {n} workers had connected)")));
-            }
-            if started.elapsed() >= timeout {
-                break Err(Error::LaunchTimeout { waited: started.elapsed(), connected, expected: n, detail: launch.describe() });
-            }
-        };
+        let outcome = wait_for_workers(&manager, &wait, &mut *launch, started);
         m.unregister_launch(id);
         let mut pids = wait.connected();
         pids.sort_unstable();
@@ -299,7 +284,7 @@ impl Cluster {
         });
         match outcome {
             Ok(()) => {
-                tracing::info!("{n} {} workers ready in {:.1} ms: pids {pids:?}", manager.name(), started.elapsed().as_secs_f64() * 1e3);
+                tracing::info!("{} {} workers ready in {:.1} ms: pids {pids:?}", pids.len(), manager.name(), started.elapsed().as_secs_f64() * 1e3);
                 m.launches.lock().expect("launches lock").push((id, launch));
                 Ok(pids)
             }
@@ -346,7 +331,7 @@ impl Cluster {
     pub(crate) fn reap_launches(&self) {
         if let Some(m) = &self.inner.master {
             for (_, launch) in m.launches.lock().expect("launches lock").iter_mut() {
-                let _ = launch.check();
+                let _ = launch.status();
             }
         }
     }
@@ -464,6 +449,45 @@ impl Drop for Cluster {
         if self.owner {
             if let Err(e) = self.shutdown() {
                 tracing::warn!("shutdown on drop: {e}");
+            }
+        }
+    }
+}
+
+/// Waits until every worker of a launch has connected. The launch timeout counts from when
+/// the launch is running (a queued job shows its id and state instead, and has its own
+/// optional limit); when it ends, `min_workers` decides between going on and failing.
+fn wait_for_workers(manager: &impl ClusterManager, wait: &master::LaunchWait, launch: &mut dyn Launch, submitted: Instant) -> Result<()> {
+    let n = manager.count();
+    let mut running_since = None;
+    let mut shown: Option<(String, Instant)> = None;
+    loop {
+        let connected = wait.wait(Duration::from_millis(100)).map_err(|reason| Error::Launch(format!("a worker was refused: {reason}")))?;
+        if connected == n {
+            return Ok(());
+        }
+        match launch.status() {
+            LaunchStatus::Failed(problem) => return Err(Error::Launch(format!("{problem} ({connected} of {n} workers had connected)"))),
+            LaunchStatus::Queued(state) => {
+                let waited = submitted.elapsed();
+                if shown.as_ref().is_none_or(|(s, at)| *s != state || at.elapsed() >= Duration::from_secs(10)) {
+                    tracing::info!("{state} ({} s)", waited.as_secs());
+                    eprintln!("clusterman: {state} ({} s)", waited.as_secs());
+                    shown = Some((state.clone(), Instant::now()));
+                }
+                if let Some(limit) = manager.queue_timeout().filter(|limit| waited >= *limit) {
+                    return Err(Error::Launch(format!("still queued after {limit:?}: {state}")));
+                }
+            }
+            LaunchStatus::Running => {
+                let since = *running_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= manager.launch_timeout() {
+                    if connected > 0 && connected >= manager.min_workers() {
+                        tracing::warn!("going on with {connected} of {n} workers after {:?} (min_workers {})", manager.launch_timeout(), manager.min_workers());
+                        return Ok(());
+                    }
+                    return Err(Error::LaunchTimeout { waited: since.elapsed(), connected, expected: n, detail: launch.describe() });
+                }
             }
         }
     }

@@ -82,6 +82,7 @@ impl WorkerConfig {
                 let id = id.parse().map_err(|_| Error::Handshake(format!("malformed {ENV_LAUNCH}={s}")))?;
                 let index = match index {
                     "rank" => mpi.map(|(rank, _)| rank as u32).ok_or_else(|| Error::Handshake("launched as an MPI rank, but no MPI rank is set in the environment (OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK or SLURM_PROCID); is the launcher an MPI launcher?".into()))?,
+                    "task" => array_task_index().ok_or_else(|| Error::Handshake("launched as a job array task, but no task id is set (SLURM_ARRAY_TASK_ID, SGE_TASK_ID, PBS_ARRAYID, PBS_ARRAY_INDEX or LSB_JOBINDEX)".into()))?,
                     n => n.parse().map_err(|_| Error::Handshake(format!("malformed {ENV_LAUNCH}={s}")))?,
                 };
                 Some((id, index))
@@ -99,6 +100,14 @@ fn init_mpi(level: &str) -> Result<(i32, i32)> {
 #[cfg(not(feature = "mpi"))]
 fn init_mpi(_level: &str) -> Result<(i32, i32)> {
     Err(Error::Unsupported("started by an MpiManager, but this program was built without clusterman's `mpi` feature".into()))
+}
+
+/// This job-array task's index, from 0 (schedulers count tasks from 1).
+fn array_task_index() -> Option<u32> {
+    ["SLURM_ARRAY_TASK_ID", "SGE_TASK_ID", "PBS_ARRAYID", "PBS_ARRAY_INDEX", "LSB_JOBINDEX"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse::<u32>().ok())
+        .and_then(|task| task.checked_sub(1))
 }
 
 /// Rank and size as MPI launchers publish them, read without initialising MPI.

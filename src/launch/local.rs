@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::sys;
 
-use super::{ClusterManager, Launch, LaunchContext};
+use super::{ClusterManager, Launch, LaunchContext, LaunchStatus};
 
 /// Starts `np` workers as child processes of this program on this machine.
 ///
@@ -86,16 +86,16 @@ struct LocalLaunch {
 }
 
 impl Launch for LocalLaunch {
-    fn check(&mut self) -> std::result::Result<(), String> {
+    fn status(&mut self) -> LaunchStatus {
         for (child, status) in &mut self.children {
             if status.is_none() {
                 if let Ok(Some(s)) = child.try_wait() {
                     *status = Some(s);
-                    return Err(format!("worker process {} exited with {s} (its stderr is above)", child.id()));
+                    return LaunchStatus::Failed(format!("worker process {} exited with {s} (its stderr is above)", child.id()));
                 }
             }
         }
-        Ok(())
+        LaunchStatus::Running
     }
 
     fn stop(&mut self, grace: Duration) {

@@ -5,7 +5,9 @@
 pub(crate) mod affinity;
 pub(crate) mod listener;
 pub(crate) mod local;
+pub(crate) mod process;
 mod ranks;
+pub mod scheduler;
 pub mod topology;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -33,9 +35,19 @@ pub trait ClusterManager {
     fn count(&self) -> usize;
     /// Starts the workers; does not wait for them to connect.
     fn launch(&self, ctx: &LaunchContext) -> Result<Box<dyn Launch>>;
-    /// How long `add_procs` waits for every worker to connect (default 60 s).
+    /// How long `add_procs` waits for every worker to connect (default 60 s), counted from
+    /// when the launch is [`Running`](LaunchStatus::Running), not from submission.
     fn launch_timeout(&self) -> Duration {
         Duration::from_secs(60)
+    }
+    /// How long a launch may stay [`Queued`](LaunchStatus::Queued) (default: no limit).
+    fn queue_timeout(&self) -> Option<Duration> {
+        None
+    }
+    /// The fewest workers worth going on with when the launch timeout ends (default: all of
+    /// them, so a missing worker fails the launch).
+    fn min_workers(&self) -> usize {
+        self.count()
     }
     /// Called once every worker has connected, before `add_procs` returns; an `Err` makes
     /// the launch fail (its workers are stopped). Managers that keep per-worker state (MPI
@@ -59,16 +71,33 @@ impl<M: ClusterManager + ?Sized> ClusterManager for &M {
     fn launch_timeout(&self) -> Duration {
         (**self).launch_timeout()
     }
+    fn queue_timeout(&self) -> Option<Duration> {
+        (**self).queue_timeout()
+    }
+    fn min_workers(&self) -> usize {
+        (**self).min_workers()
+    }
     fn added(&self, cluster: &crate::Cluster, workers: &[crate::WorkerInfo]) -> Result<()> {
         (**self).added(cluster, workers)
     }
 }
 
-/// What a manager started: checked while workers connect, stopped at shutdown.
+/// What a launch is doing, as far as its manager can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LaunchStatus {
+    /// Waiting in a scheduler's queue; the text says which job and why (`job 961 pending (Resources)`).
+    Queued(String),
+    /// Started: the workers are starting or running.
+    Running,
+    /// Failed for good (a process exited before connecting, the job was cancelled).
+    Failed(String),
+}
+
+/// What a manager started: watched while workers connect, stopped at shutdown.
 pub trait Launch: Send {
-    /// Cheap, non-blocking health check: `Err` with a message if the launch has failed for
-    /// good (a process exited before connecting, a job was cancelled).
-    fn check(&mut self) -> std::result::Result<(), String>;
+    /// Cheap, non-blocking look at the launch (called about every 100 ms while workers
+    /// connect; managers that ask a scheduler should cache the answer for a second or so).
+    fn status(&mut self) -> LaunchStatus;
     /// Stops everything this launch started. Workers have been asked to exit already; wait
     /// up to `grace` for that, then force it (kill, cancel the job).
     fn stop(&mut self, grace: Duration);
@@ -141,6 +170,13 @@ impl LaunchContext {
     /// Environment for a launch whose workers take their index from their MPI rank.
     pub fn env_by_rank(&self, master: &str) -> Vec<(String, String)> {
         self.env_with_index("rank", master)
+    }
+
+    /// Environment for a job array whose workers take their index from their task id
+    /// (`SLURM_ARRAY_TASK_ID`, `SGE_TASK_ID`, `PBS_ARRAYID`, `PBS_ARRAY_INDEX` or
+    /// `LSB_JOBINDEX`, counted from 1).
+    pub fn env_by_task(&self, master: &str) -> Vec<(String, String)> {
+        self.env_with_index("task", master)
     }
 
     fn env_with_index(&self, index: &str, master: &str) -> Vec<(String, String)> {

@@ -1,17 +1,10 @@
-//! Running `mpirun`/`mpiexec`: which family it is, the command line, and the running
-//! launcher (its output forwarded and the tail of its stderr kept for error messages).
+//! Running `mpirun`/`mpiexec`: which family it is and its command line.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use crate::cluster::worker::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET};
 use crate::error::{Error, Result};
-use crate::launch::Launch;
-use crate::sys;
 
 use super::ENV_MPI;
 
@@ -66,97 +59,6 @@ pub(crate) fn command_args(kind: LauncherKind, np: usize, flags: &[String], prog
     args.extend(flags.iter().cloned());
     args.push(program.display().to_string());
     args
-}
-
-/// Lines of launcher output kept for error messages.
-const TAIL: usize = 30;
-
-/// A running launcher process.
-pub(crate) struct RunningLauncher {
-    child: Child,
-    name: String,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
-    status: Arc<Mutex<Option<ExitStatus>>>,
-}
-
-impl RunningLauncher {
-    /// Starts `cmd` (dies with the master), forwarding its output as `[name] line`.
-    pub(crate) fn start(mut cmd: Command, name: &str, status: Arc<Mutex<Option<ExitStatus>>>) -> Result<Self> {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        sys::die_with_master(&mut cmd);
-        let mut child = sys::spawn(cmd).map_err(|e| Error::io(format!("cannot start {name}"), e))?;
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-        forward_lines(child.stdout.take().expect("piped"), name, None);
-        forward_lines(child.stderr.take().expect("piped"), name, Some(stderr_tail.clone()));
-        Ok(RunningLauncher { child, name: name.to_string(), stderr_tail, status })
-    }
-
-    /// The last lines the launcher wrote to stderr.
-    pub(crate) fn stderr_tail(&self) -> String {
-        let tail = self.stderr_tail.lock().expect("tail lock");
-        if tail.is_empty() {
-            format!("{} wrote nothing to stderr", self.name)
-        } else {
-            format!("last lines of {}'s stderr:\n{}", self.name, tail.iter().cloned().collect::<Vec<_>>().join("\n"))
-        }
-    }
-
-    fn reap(&mut self) -> Option<ExitStatus> {
-        let mut status = self.status.lock().expect("status lock");
-        if status.is_none() {
-            *status = self.child.try_wait().ok().flatten();
-        }
-        *status
-    }
-}
-
-fn forward_lines(stream: impl Read + Send + 'static, name: &str, tail: Option<Arc<Mutex<VecDeque<String>>>>) {
-    let name = name.to_string();
-    let _ = std::thread::Builder::new().name(format!("cman-{name}-output")).spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(std::result::Result::ok) {
-            eprintln!("[{name}] {line}");
-            if let Some(tail) = &tail {
-                let mut t = tail.lock().expect("tail lock");
-                if t.len() == TAIL {
-                    t.pop_front();
-                }
-                t.push_back(line);
-            }
-        }
-    });
-}
-
-impl Launch for RunningLauncher {
-    fn check(&mut self) -> std::result::Result<(), String> {
-        match self.reap() {
-            Some(status) => Err(format!("{} exited with {status} before every rank connected; {}", self.name, self.stderr_tail())),
-            None => Ok(()),
-        }
-    }
-
-    fn stop(&mut self, grace: Duration) {
-        let deadline = Instant::now() + grace;
-        while self.reap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if self.reap().is_none() {
-            tracing::warn!("{} still running after {grace:?}; terminating it", self.name);
-            sys::kill(self.child.id(), libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while self.reap().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if self.reap().is_none() {
-                sys::kill(self.child.id(), libc::SIGKILL);
-                let status = self.child.wait().ok();
-                *self.status.lock().expect("status lock") = status;
-            }
-        }
-    }
-
-    fn describe(&self) -> String {
-        self.stderr_tail()
-    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::cluster::{Cluster, WorkerInfo};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::fingerprint;
-use crate::launch::{ClusterManager, Launch, LaunchContext};
+use crate::launch::{ClusterManager, Launch, LaunchContext, LaunchStatus};
 use crate::protocol::{Fingerprint, PROTOCOL_VERSION, Secret};
 use crate::sys;
 
@@ -265,11 +265,11 @@ struct RanksAlreadyRunning;
 
 impl Launch for RanksAlreadyRunning {
     /// Runs on the thread that called `start_main_loop`, which initialised MPI.
-    fn check(&mut self) -> std::result::Result<(), String> {
+    fn status(&mut self) -> LaunchStatus {
         let world = SimpleCommunicator::world();
         match world.any_process().immediate_matched_probe_with_tag(DIAL_FAILED) {
-            Some(report) => Err(String::from_utf8_lossy(&report.matched_receive_vec::<u8>().0).into_owned()),
-            None => Ok(()),
+            Some(report) => LaunchStatus::Failed(String::from_utf8_lossy(&report.matched_receive_vec::<u8>().0).into_owned()),
+            None => LaunchStatus::Running,
         }
     }
     fn stop(&mut self, _grace: Duration) {}

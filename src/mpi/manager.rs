@@ -16,7 +16,8 @@ use crate::error::{Error, RemoteError, Result};
 use crate::launch::{ClusterManager, Launch, LaunchContext, MpiRanks, RankMap};
 use crate::registry::{CallError, RemoteEntry, catch, fn_id};
 
-use super::launcher::{self, RunningLauncher};
+use super::launcher;
+use crate::launch::process::RunningLauncher;
 use super::{Comm, ENV_MPI, env};
 
 /// Workers started as the ranks of one `mpirun` (mode 1: this program stays outside MPI),

@@ -1,0 +1,129 @@
+//! `BatchManager`: a [`ClusterManager`] for any [`Scheduler`] — it renders, submits and
+//! watches one job, and records the MPI ranks of its workers.
+
+use std::time::Duration;
+
+use crate::cluster::{Cluster, WorkerInfo};
+use crate::error::Result;
+use crate::launch::process::RunningLauncher;
+use crate::launch::{ClusterManager, Launch, LaunchContext, MpiRanks, RankMap};
+use crate::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET};
+
+use super::{JobOptions, JobSpec, Layout, Scheduler, submit};
+
+/// Workers started by one job of scheduler `S`. Use it through the scheduler's alias, such
+/// as [`SlurmManager`](super::SlurmManager) or [`SgeManager`](super::SgeManager).
+#[derive(Debug, Clone)]
+pub struct BatchManager<S> {
+    pub(crate) np: usize,
+    pub(crate) scheduler: S,
+    pub(crate) job: JobOptions,
+    ranks: RankMap,
+}
+
+impl<S: Scheduler + Clone + 'static> BatchManager<S> {
+    pub(crate) fn with(np: usize, scheduler: S) -> Self {
+        BatchManager { np, scheduler, job: JobOptions::default(), ranks: RankMap::default() }
+    }
+
+    /// Sets the common job options (name, walltime, queue, account, memory, timeouts...).
+    pub fn job(mut self, options: JobOptions) -> Self {
+        self.job = options;
+        self
+    }
+
+    /// The job script that would be submitted (dry run); the secret is shown as `<secret>`.
+    pub fn job_script(&self) -> Result<String> {
+        Ok(self.scheduler.job(&self.spec(placeholder_exports(&self.job)))?.script)
+    }
+
+    /// The submit command that would run (dry run), without the command prefix.
+    pub fn submit_command(&self) -> Result<Vec<String>> {
+        Ok(self.scheduler.job(&self.spec(placeholder_exports(&self.job)))?.submit)
+    }
+
+    fn spec(&self, exports: Vec<(String, String)>) -> JobSpec<'_> {
+        let program = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "<program>".into());
+        JobSpec { options: &self.job, workers: self.np, program, exports }
+    }
+}
+
+/// What a job script exports, with stand-ins for the values only a launch knows.
+fn placeholder_exports(job: &JobOptions) -> Vec<(String, String)> {
+    let index = if job.layout == Layout::Mpi { "rank" } else { "task" };
+    let mut env = vec![
+        (ENV_MASTER.to_string(), "<master-address>".to_string()),
+        (ENV_SECRET.to_string(), "<secret>".to_string()),
+        (ENV_LAUNCH.to_string(), format!("<launch>:{index}")),
+    ];
+    if job.layout == Layout::Mpi {
+        env.push((ENV_MPI.to_string(), "serialized".to_string()));
+    }
+    env.extend(job.env.iter().cloned());
+    env
+}
+
+/// The real exports of a launch: where to dial, the secret, the launch id and how a worker
+/// finds its index (its MPI rank, or its array task), then the user's variables.
+fn exports(ctx: &LaunchContext, job: &JobOptions) -> Vec<(String, String)> {
+    let master = ctx.master_address();
+    let mut env = match job.layout {
+        Layout::Mpi => {
+            let mut e = ctx.env_by_rank(&master);
+            e.push((ENV_MPI.to_string(), "serialized".to_string()));
+            e
+        }
+        Layout::Array => ctx.env_by_task(&master),
+    };
+    env.extend(job.env.iter().cloned());
+    env
+}
+
+impl<S> MpiRanks for BatchManager<S> {
+    fn ranks(&self) -> &RankMap {
+        &self.ranks
+    }
+}
+
+impl<S: Scheduler + Clone + 'static> ClusterManager for BatchManager<S> {
+    fn name(&self) -> &str {
+        self.scheduler.name()
+    }
+
+    fn count(&self) -> usize {
+        self.np
+    }
+
+    fn launch(&self, ctx: &LaunchContext) -> Result<Box<dyn Launch>> {
+        let env = exports(ctx, &self.job);
+        let spec = self.spec(env.clone());
+        if let Some(step) = self.scheduler.step(&spec)? {
+            // inside an allocation: start the workers directly, as a job step
+            tracing::info!("starting {} workers as a job step: {}", self.np, step.join(" "));
+            let mut cmd = std::process::Command::new(&step[0]);
+            cmd.args(&step[1..]).envs(env);
+            return Ok(Box::new(RunningLauncher::start(cmd, &step[0], Default::default())?));
+        }
+        let job = self.scheduler.job(&spec)?;
+        submit(Box::new(self.scheduler.clone()), &self.job, &job)
+    }
+
+    fn launch_timeout(&self) -> Duration {
+        self.job.launch_timeout
+    }
+
+    fn queue_timeout(&self) -> Option<Duration> {
+        self.job.queue_timeout
+    }
+
+    fn min_workers(&self) -> usize {
+        self.job.min_workers.unwrap_or(self.np)
+    }
+
+    fn added(&self, cluster: &Cluster, workers: &[WorkerInfo]) -> Result<()> {
+        match self.job.layout {
+            Layout::Mpi => self.ranks.record(cluster, workers, self.np),
+            Layout::Array => Ok(()),
+        }
+    }
+}

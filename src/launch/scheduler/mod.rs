@@ -1,0 +1,271 @@
+//! Batch schedulers. Each adapter is one file of the same shape — a [`Scheduler`]: render the
+//! job (script text and submit command, a pure function), parse the job id, read the job's
+//! state, cancel it. Everything else is shared here: submitting (optionally through a command
+//! prefix such as `ssh login`), showing the job while it is queued, cancelling it on failure,
+//! timeout, shutdown — and, through a small guard process, when the master dies.
+//!
+//! Workers still dial in (the secret travels inside the job script, which goes to the
+//! scheduler on stdin and is readable only by its owner; never on a command line).
+
+mod batch;
+pub(crate) mod guard;
+pub mod options;
+pub mod sge;
+pub mod slurm;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+use super::{Launch, LaunchStatus};
+pub use batch::BatchManager;
+use guard::CancelGuard;
+pub use options::{JobOptions, Layout};
+pub use sge::{Sge, SgeManager};
+pub use slurm::{Slurm, SlurmManager};
+
+/// A job scheduler's command-line dialect.
+pub trait Scheduler: Send + Sync {
+    /// Short name (`slurm`, `sge`), used in messages and default job names.
+    fn name(&self) -> &'static str;
+    /// The job to submit for `spec` (pure: also what `job_script()` shows).
+    fn job(&self, spec: &JobSpec<'_>) -> Result<Job>;
+    /// The job id in the submit command's standard output.
+    fn parse_job_id(&self, stdout: &str) -> Result<String>;
+    /// The command whose output tells the job's state.
+    fn state_command(&self, id: &str) -> Vec<String>;
+    /// The job's state from that command's result.
+    fn parse_state(&self, id: &str, result: &CommandResult) -> JobState;
+    /// The command that cancels the job.
+    fn cancel_command(&self, id: &str) -> Vec<String>;
+    /// Inside an allocation this scheduler can start the workers directly (a Slurm job step)
+    /// instead of submitting a job: the command, or `None` to submit.
+    fn step(&self, spec: &JobSpec<'_>) -> Result<Option<Vec<String>>> {
+        let _ = spec;
+        Ok(None)
+    }
+}
+
+/// What a scheduler command printed.
+#[derive(Debug, Clone, Default)]
+pub struct CommandResult {
+    /// It exited with status 0.
+    pub success: bool,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+/// What an adapter renders a job from.
+#[derive(Debug)]
+pub struct JobSpec<'a> {
+    /// Common options.
+    pub options: &'a JobOptions,
+    /// Number of workers.
+    pub workers: usize,
+    /// The program every worker runs (the master's own binary).
+    pub program: String,
+    /// The workers' environment: `export` lines at the top of the script.
+    pub exports: Vec<(String, String)>,
+}
+
+impl JobSpec<'_> {
+    /// The script lines after the directives: exports, prologue, then `launch`.
+    pub fn body(&self, launch: &str) -> String {
+        let mut body = export_lines(&self.exports);
+        for line in &self.options.prologue {
+            body.push_str(line);
+            body.push('\n');
+        }
+        body.push_str(launch);
+        body.push('\n');
+        body
+    }
+}
+
+/// A rendered job: the submit command and the script it reads on stdin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// The submit command (without the command prefix).
+    pub submit: Vec<String>,
+    /// The job script, given to the submit command on stdin.
+    pub script: String,
+}
+
+/// A job's state, as the scheduler reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    /// Waiting to start; the text is the scheduler's reason, if any.
+    Pending(String),
+    /// Started.
+    Running,
+    /// Over (completed, cancelled, or gone from the queue).
+    Finished(String),
+    /// The state could not be read (the text says why); try again later.
+    Unknown(String),
+}
+
+/// The environment lines every job script starts with (values shell-quoted).
+pub(crate) fn export_lines(exports: &[(String, String)]) -> String {
+    exports.iter().map(|(k, v)| format!("export {k}={}\n", shell_quote(v))).collect()
+}
+
+/// Quotes `s` for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Runs a scheduler command (behind the prefix), feeding `stdin`. Errors name the command,
+/// the prefix option when the command is missing, and include the command's stderr.
+pub(crate) fn run(prefix: &[String], argv: &[String], stdin: Option<&str>) -> Result<std::process::Output> {
+    let full: Vec<&String> = prefix.iter().chain(argv).collect();
+    let (program, args) = full.split_first().ok_or_else(|| Error::Launch("empty scheduler command".into()))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = cmd.spawn().map_err(|e| {
+        let hint = if prefix.is_empty() {
+            "is it installed and on PATH here? If the scheduler's commands live on another host, submit through it with JobOptions::command_prefix (e.g. [\"ssh\", \"login-node\"])".to_string()
+        } else {
+            format!("check JobOptions::command_prefix ({})", prefix.join(" "))
+        };
+        Error::io(format!("cannot run `{program}`: {hint}"), e)
+    })?;
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("piped");
+        pipe.write_all(text.as_bytes()).map_err(|e| Error::io(format!("writing the job script to `{program}`"), e))?;
+    }
+    child.wait_with_output().map_err(|e| Error::io(format!("waiting for `{program}`"), e))
+}
+
+/// Submits `job`, returns the running launch (with its cancel guard).
+pub(crate) fn submit(scheduler: Box<dyn Scheduler>, options: &JobOptions, job: &Job) -> Result<Box<dyn Launch>> {
+    let out = run(&options.command_prefix, &job.submit, Some(&job.script))?;
+    if !out.status.success() {
+        return Err(Error::Launch(format!(
+            "{} refused the job ({}): {}",
+            job.submit[0],
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let id = scheduler.parse_job_id(&String::from_utf8_lossy(&out.stdout))?;
+    let cancel: Vec<String> = options.command_prefix.iter().cloned().chain(scheduler.cancel_command(&id)).collect();
+    let guard = CancelGuard::start(&cancel).map_err(|e| Error::io("starting the job's cancel guard", e))?;
+    tracing::info!("submitted {} job {id}", scheduler.name());
+    Ok(Box::new(BatchJob { scheduler, id, prefix: options.command_prefix.clone(), guard: Some(guard), last: None, started: false }))
+}
+
+/// A submitted job.
+struct BatchJob {
+    scheduler: Box<dyn Scheduler>,
+    id: String,
+    prefix: Vec<String>,
+    guard: Option<CancelGuard>,
+    last: Option<(Instant, LaunchStatus)>,
+    started: bool,
+}
+
+impl BatchJob {
+    fn query(&self) -> JobState {
+        match run(&self.prefix, &self.scheduler.state_command(&self.id), None) {
+            Ok(out) => self.scheduler.parse_state(&self.id, &CommandResult {
+                success: out.status.success(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }),
+            Err(e) => JobState::Unknown(e.to_string()),
+        }
+    }
+
+    fn cancel(&mut self) {
+        if let Some(guard) = self.guard.take() {
+            guard.cancel_now();
+        }
+    }
+}
+
+impl Launch for BatchJob {
+    fn status(&mut self) -> LaunchStatus {
+        if let Some((at, status)) = &self.last {
+            if at.elapsed() < Duration::from_secs(1) {
+                return status.clone();
+            }
+        }
+        let name = self.scheduler.name();
+        let status = match self.query() {
+            JobState::Pending(reason) if reason.is_empty() => LaunchStatus::Queued(format!("{name} job {} pending", self.id)),
+            JobState::Pending(reason) => LaunchStatus::Queued(format!("{name} job {} pending ({reason})", self.id)),
+            JobState::Running => {
+                if !self.started {
+                    tracing::info!("{name} job {} started", self.id);
+                    self.started = true;
+                }
+                LaunchStatus::Running
+            }
+            JobState::Finished(how) => LaunchStatus::Failed(format!("{name} job {} ended before its workers connected: {how}", self.id)),
+            // a scheduler that does not answer for a moment is no reason to give up
+            JobState::Unknown(why) => match &self.last {
+                Some((_, previous)) => {
+                    tracing::debug!("{name} job {}: state unknown ({why}), keeping {previous:?}", self.id);
+                    previous.clone()
+                }
+                None => LaunchStatus::Queued(format!("{name} job {} (state unknown: {why})", self.id)),
+            },
+        };
+        self.last = Some((Instant::now(), status.clone()));
+        status
+    }
+
+    fn stop(&mut self, grace: Duration) {
+        // the workers were told to exit; give the job a moment to end by itself, then cancel
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let JobState::Finished(_) = self.query() {
+                if let Some(guard) = self.guard.take() {
+                    guard.dismiss();
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.cancel();
+    }
+
+    fn describe(&self) -> String {
+        format!("{} job {}: {:?}", self.scheduler.name(), self.id, self.query())
+    }
+}
+
+impl Drop for BatchJob {
+    fn drop(&mut self) {
+        self.cancel(); // a dropped launch never leaves its job in the queue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("/usr/bin/prog"), "/usr/bin/prog");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn a_missing_command_names_itself_and_the_prefix_option() {
+        let err = run(&[], &["no-such-sbatch".into()], None).unwrap_err().to_string();
+        assert!(err.contains("cannot run `no-such-sbatch`") && err.contains("command_prefix"), "{err}");
+        let err = run(&["no-such-ssh".into(), "login".into()], &["sbatch".into()], None).unwrap_err().to_string();
+        assert!(err.contains("no-such-ssh") && err.contains("command_prefix (no-such-ssh login)"), "{err}");
+    }
+}

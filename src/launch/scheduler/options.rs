@@ -1,0 +1,244 @@
+//! Options every scheduler understands, and the keyword → flag rule of ClusterManagers.jl.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// How the workers of one job are started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// One job whose launcher (`srun` under Slurm, `mpirun` elsewhere) starts every worker
+    /// as a rank of one MPI world: `mpido!` works on them.
+    #[default]
+    Mpi,
+    /// An array of independent single-worker tasks (no MPI between them).
+    Array,
+}
+
+/// Options shared by every batch scheduler. Unset options are left out of the job script.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    pub(crate) name: String,
+    pub(crate) workdir: Option<PathBuf>,
+    pub(crate) walltime: Option<Duration>,
+    pub(crate) queue: Option<String>,
+    pub(crate) account: Option<String>,
+    pub(crate) memory: Option<String>,
+    pub(crate) cpus_per_worker: Option<u32>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) extra_directives: Vec<String>,
+    pub(crate) skip_directives: Vec<String>,
+    pub(crate) prologue: Vec<String>,
+    pub(crate) command_prefix: Vec<String>,
+    pub(crate) launcher: Option<String>,
+    pub(crate) layout: Layout,
+    pub(crate) launch_timeout: Duration,
+    pub(crate) queue_timeout: Option<Duration>,
+    pub(crate) min_workers: Option<usize>,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        JobOptions {
+            name: "clusterman".into(),
+            workdir: None,
+            walltime: None,
+            queue: None,
+            account: None,
+            memory: None,
+            cpus_per_worker: None,
+            env: Vec::new(),
+            extra_directives: Vec::new(),
+            skip_directives: Vec::new(),
+            prologue: Vec::new(),
+            command_prefix: Vec::new(),
+            launcher: None,
+            layout: Layout::Mpi,
+            launch_timeout: Duration::from_secs(60),
+            queue_timeout: None,
+            min_workers: None,
+        }
+    }
+}
+
+impl JobOptions {
+    /// Defaults: job name `clusterman`, MPI layout, 60 s launch timeout after the job
+    /// starts, no limit on queueing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The job's name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+    /// Working directory of the job (default: the master's current directory).
+    pub fn workdir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.workdir = Some(dir.into());
+        self
+    }
+    /// Wall-clock limit.
+    pub fn walltime(mut self, limit: Duration) -> Self {
+        self.walltime = Some(limit);
+        self
+    }
+    /// Queue (partition under Slurm).
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+    /// Account (project) to charge.
+    pub fn account(mut self, account: impl Into<String>) -> Self {
+        self.account = Some(account.into());
+        self
+    }
+    /// Memory per worker, in the scheduler's syntax (`4G`).
+    pub fn memory(mut self, memory: impl Into<String>) -> Self {
+        self.memory = Some(memory.into());
+        self
+    }
+    /// CPUs per worker.
+    pub fn cpus_per_worker(mut self, cpus: u32) -> Self {
+        self.cpus_per_worker = Some(cpus);
+        self
+    }
+    /// An environment variable set for the workers (on top of what the scheduler forwards).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+    /// An extra directive line, as the scheduler writes it (`--gres=gpu:1` under Slurm).
+    pub fn extra_directive(mut self, directive: impl Into<String>) -> Self {
+        self.extra_directives.push(directive.into());
+        self
+    }
+    /// Leave out every generated directive containing `text` (for sites that reject one).
+    pub fn skip_directive(mut self, text: impl Into<String>) -> Self {
+        self.skip_directives.push(text.into());
+        self
+    }
+    /// A shell line run in the job before the workers start (`module load openmpi`).
+    pub fn prologue(mut self, line: impl Into<String>) -> Self {
+        self.prologue.push(line.into());
+        self
+    }
+    /// Runs every scheduler command through this prefix, e.g. `["ssh", "login-node"]`, for
+    /// masters on a machine without the scheduler's commands.
+    pub fn command_prefix<S: Into<String>>(mut self, prefix: impl IntoIterator<Item = S>) -> Self {
+        self.command_prefix = prefix.into_iter().map(Into::into).collect();
+        self
+    }
+    /// The command that starts the workers inside an MPI-layout job (default `srun` under
+    /// Slurm, `mpirun` elsewhere).
+    pub fn launcher(mut self, launcher: impl Into<String>) -> Self {
+        self.launcher = Some(launcher.into());
+        self
+    }
+    /// One MPI world (default) or an array of independent workers.
+    pub fn layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+    /// How long the workers may take to connect once the job runs (default 60 s).
+    pub fn launch_timeout(mut self, timeout: Duration) -> Self {
+        self.launch_timeout = timeout;
+        self
+    }
+    /// How long the job may wait in the queue (default: no limit). When it runs out, the
+    /// job is cancelled.
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.queue_timeout = Some(timeout);
+        self
+    }
+    /// Go on with at least this many workers if not all connect within the launch timeout
+    /// (default: all are needed).
+    pub fn min_workers(mut self, n: usize) -> Self {
+        self.min_workers = Some(n);
+        self
+    }
+
+    /// The generated directives minus the skipped ones, then the extra ones.
+    pub(crate) fn directives(&self, generated: Vec<String>) -> Vec<String> {
+        let kept = generated.into_iter().filter(|d| !self.skip_directives.iter().any(|s| d.contains(s.as_str())));
+        kept.chain(self.extra_directives.iter().cloned()).collect()
+    }
+
+    /// The working directory, absolute.
+    pub(crate) fn workdir_or_current(&self) -> String {
+        self.workdir.clone().or_else(|| std::env::current_dir().ok()).unwrap_or_else(|| PathBuf::from(".")).display().to_string()
+    }
+}
+
+/// `HH:MM:SS`, as Slurm and Grid Engine write wall-clock limits.
+pub fn hms(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// The flag for a free-form option, by ClusterManagers.jl's rule: a one-letter key becomes
+/// `-k value`, a longer one `--long-name=value` with `_` turned into `-`, an empty value a
+/// bare flag.
+///
+/// ```
+/// use clusterman::launch::scheduler::options::keyword_flag;
+/// assert_eq!(keyword_flag("t", "00:05:00"), ["-t", "00:05:00"]);
+/// assert_eq!(keyword_flag("mem_per_cpu", "100"), ["--mem-per-cpu=100"]);
+/// assert_eq!(keyword_flag("exclusive", ""), ["--exclusive"]);
+/// ```
+pub fn keyword_flag(key: &str, value: &str) -> Vec<String> {
+    match (key.chars().count(), value.is_empty()) {
+        (1, true) => vec![format!("-{key}")],
+        (1, false) => vec![format!("-{key}"), value.to_string()],
+        (_, true) => vec![format!("--{}", key.replace('_', "-"))],
+        (_, false) => vec![format!("--{}={value}", key.replace('_', "-"))],
+    }
+}
+
+/// Checks free-form options against the flags the manager sets itself: `owned` holds
+/// `(short, long)` pairs such as `("J", "job-name")`.
+pub(crate) fn check_owned(options: &[(String, String)], owned: &[(&str, &str, &str)]) -> Result<()> {
+    for (key, _) in options {
+        let long = key.replace('_', "-");
+        if let Some((short, long_flag, instead)) = owned.iter().find(|(s, l, _)| key == s || long == *l) {
+            return Err(Error::Launch(format!("option `{key}` clashes with -{short}/--{long_flag}, which clusterman sets itself; {instead}")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keywords_translate_like_clustermanagers_jl() {
+        assert_eq!(keyword_flag("exclusive", ""), ["--exclusive"]);
+        assert_eq!(keyword_flag("mem_per_cpu", "100"), ["--mem-per-cpu=100"]);
+        assert_eq!(keyword_flag("t", "00:05:00"), ["-t", "00:05:00"]);
+        assert_eq!(keyword_flag("p", ""), ["-p"]);
+        assert_eq!(keyword_flag("partition", "debug"), ["--partition=debug"]);
+    }
+
+    #[test]
+    fn owned_flags_are_refused_by_either_name() {
+        let owned = [("J", "job-name", "use JobOptions::name")];
+        for key in ["J", "job_name", "job-name"] {
+            let err = check_owned(&[(key.into(), "x".into())], &owned).unwrap_err().to_string();
+            assert!(err.contains(&format!("option `{key}`")) && err.contains("-J/--job-name") && err.contains("JobOptions::name"), "{err}");
+        }
+        assert!(check_owned(&[("time".into(), "1".into())], &owned).is_ok());
+    }
+
+    #[test]
+    fn skipped_directives_go_and_extra_ones_come_last() {
+        let o = JobOptions::new().skip_directive("--mem").extra_directive("--gres=gpu:1");
+        assert_eq!(o.directives(vec!["--mem=4G".into(), "--time=1".into()]), ["--time=1", "--gres=gpu:1"]);
+    }
+
+    #[test]
+    fn walltime_is_hours_minutes_seconds() {
+        assert_eq!(hms(Duration::from_secs(3 * 3600 + 5 * 60 + 7)), "03:05:07");
+        assert_eq!(hms(Duration::from_secs(100 * 3600)), "100:00:00");
+    }
+}
