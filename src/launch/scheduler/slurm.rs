@@ -153,7 +153,7 @@ impl Scheduler for Slurm {
             };
         }
         let states: Vec<JobState> = r.stdout.lines().filter(|l| !l.trim().is_empty()).map(task_state).collect();
-        if states.iter().any(|s| *s == JobState::Running) {
+        if states.contains(&JobState::Running) {
             return JobState::Running;
         }
         if let Some(pending) = states.iter().find(|s| matches!(s, JobState::Pending(_))) {
