@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use clusterman::prelude::*;
-use clusterman::{Launch, LaunchContext};
+use clusterman::{Launch, LaunchContext, LaunchStatus};
 
 clusterman::init_in_constructor!();
 
@@ -20,8 +20,8 @@ struct PlainChild;
 struct Child(std::process::Child);
 
 impl Launch for Child {
-    fn check(&mut self) -> Result<(), String> {
-        Ok(())
+    fn status(&mut self) -> LaunchStatus {
+        LaunchStatus::Running
     }
     fn stop(&mut self, _: Duration) {
         let _ = self.0.kill();

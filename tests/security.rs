@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clusterman::prelude::*;
-use clusterman::{Error, Launch, LaunchContext};
+use clusterman::{Error, Launch, LaunchContext, LaunchStatus};
 
 clusterman::init_in_constructor!();
 
@@ -43,10 +43,10 @@ struct OneWorker {
 struct OneChild(std::process::Child);
 
 impl Launch for OneChild {
-    fn check(&mut self) -> Result<(), String> {
+    fn status(&mut self) -> LaunchStatus {
         match self.0.try_wait() {
-            Ok(Some(status)) => Err(format!("worker exited with {status}")),
-            _ => Ok(()),
+            Ok(Some(status)) => LaunchStatus::Failed(format!("worker exited with {status}")),
+            _ => LaunchStatus::Running,
         }
     }
     fn stop(&mut self, grace: Duration) {

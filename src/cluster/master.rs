@@ -72,6 +72,9 @@ impl LaunchWait {
     }
 }
 
+/// Called with the pid and the reason when a worker's connection ends.
+pub(crate) type DepartureHook = Box<dyn Fn(Pid, &str) + Send + Sync>;
+
 pub(crate) struct Master {
     pub secret: Secret,
     pub listener: Mutex<Option<Listener>>,
@@ -85,6 +88,8 @@ pub(crate) struct Master {
     pub refusals: Mutex<Vec<String>>,
     /// Workers that are gone, with the reason (newest last).
     pub terminated: Mutex<Vec<(Pid, String)>>,
+    /// Told about every worker that is gone (elastic managers keep their lists with it).
+    pub departures: Mutex<Vec<DepartureHook>>,
     pub shut: AtomicBool,
     pub max_frame: usize,
     /// A listener that failed to start, reported by `ClusterBuilder::build`.
@@ -148,15 +153,8 @@ impl Admit for Admission {
     fn serve(&self, pid: Pid, hello: Hello, stream: TcpStream) {
         let Some(inner) = self.0.upgrade() else { return };
         let Some((launch, _)) = hello.launch else { return };
-        let Ok(reader) = stream.try_clone() else { return };
-        let info = WorkerInfo { pid, host: hello.host, os_pid: hello.os_pid, mpi: hello.mpi };
-        let entry = add_worker(&inner, info, Link::new(pid, TcpOut::boxed(stream)));
-        let spawned = std::thread::Builder::new().name(format!("cman-worker-{pid}")).spawn({
-            let inner = inner.clone();
-            move || read_worker(inner, entry, reader)
-        });
-        if spawned.is_err() {
-            tracing::error!("cannot start a reader thread for worker {pid}");
+        if serve_connection(&inner, pid, hello, stream).is_none() {
+            return;
         }
         if let Some(wait) = inner.master().waiting.lock().expect("waiting lock").get(&launch) {
             wait.state.lock().expect("launch lock").connected.push(pid);
@@ -175,6 +173,22 @@ impl Admit for Admission {
             wait.cv.notify_all();
         }
     }
+}
+
+/// Puts a worker that passed the handshake on `stream` into the process table and starts
+/// reading its connection.
+pub(crate) fn serve_connection(inner: &Arc<Inner>, pid: Pid, hello: Hello, stream: TcpStream) -> Option<Arc<WorkerEntry>> {
+    let reader = stream.try_clone().ok()?;
+    let info = WorkerInfo { pid, host: hello.host, os_pid: hello.os_pid, mpi: hello.mpi };
+    let entry = add_worker(inner, info, Link::new(pid, TcpOut::boxed(stream)));
+    let spawned = std::thread::Builder::new().name(format!("cman-worker-{pid}")).spawn({
+        let (inner, entry) = (inner.clone(), entry.clone());
+        move || read_worker(inner, entry, reader)
+    });
+    if spawned.is_err() {
+        tracing::error!("cannot start a reader thread for worker {pid}");
+    }
+    Some(entry)
 }
 
 /// Puts a worker into the process table.
@@ -277,6 +291,9 @@ pub(crate) fn worker_gone(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, reason: 
     m.workers.write().expect("workers lock").remove(&pid);
     m.terminated.lock().expect("terminated lock").push((pid, reason.to_string()));
     entry.link.fail_all(reason);
+    for hook in m.departures.lock().expect("departures lock").iter() {
+        hook(pid, reason);
+    }
     for (caller, req) in entry.link.take_routed() {
         if let Some(c) = m.worker(caller) {
             send_failure(&c, pid, req, &Failure::WorkerDied { pid, reason: reason.to_string() });

@@ -37,7 +37,7 @@ pub(crate) struct Inner {
     me: Pid,
     /// A worker's connection to the master (all its calls go there, also those for other workers).
     uplink: Option<Arc<Link>>,
-    master: Option<Master>,
+    pub(crate) master: Option<Master>,
 }
 
 impl Inner {
@@ -144,6 +144,7 @@ impl ClusterBuilder {
                 output: self.output.unwrap_or_else(print_sink),
                 refusals: Mutex::new(Vec::new()),
                 terminated: Mutex::new(Vec::new()),
+                departures: Mutex::new(Vec::new()),
                 shut: AtomicBool::new(error.is_some()),
                 max_frame: self.max_frame,
                 start_error: Mutex::new(error),
@@ -201,6 +202,10 @@ impl Cluster {
 
     pub(crate) fn worker_handle(me: Pid, uplink: Arc<Link>) -> Cluster {
         Cluster { inner: Arc::new(Inner { me, uplink: Some(uplink), master: None }), owner: false }
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
     }
 
     pub(crate) fn uplink(&self) -> Option<Arc<Link>> {
@@ -476,7 +481,9 @@ fn wait_for_workers(manager: &impl ClusterManager, wait: &master::LaunchWait, la
                     shown = Some((state.clone(), Instant::now()));
                 }
                 if let Some(limit) = manager.queue_timeout().filter(|limit| waited >= *limit) {
-                    return Err(Error::Launch(format!("still queued after {limit:?}: {state}")));
+                    return Err(Error::Launch(format!(
+                        "still queued after {limit:?}: {state}; the job was cancelled (ask for fewer resources, or raise JobOptions::queue_timeout)"
+                    )));
                 }
             }
             LaunchStatus::Running => {

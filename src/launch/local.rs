@@ -53,15 +53,17 @@ impl LocalManager {
     /// Spawns one child per entry of `cpus` (`None`: not pinned).
     pub(crate) fn spawn(&self, ctx: &LaunchContext, cpus: &[Option<usize>]) -> Result<Box<dyn Launch>> {
         let master = ctx.local_master_address();
-        let mut children = LocalLaunch { children: Vec::new() };
-        for (index, cpu) in cpus.iter().enumerate() {
-            let mut cmd = Command::new(ctx.program());
-            cmd.envs(ctx.env(index as u32, &master)).envs(self.env.iter().cloned()).stdin(Stdio::null());
-            sys::prepare_child(&mut cmd, *cpu);
-            let child = sys::spawn(cmd).map_err(|e| Error::io(format!("cannot start worker {index} ({})", ctx.program().display()), e))?;
-            children.children.push((child, None));
-        }
-        Ok(Box::new(children))
+        let commands = cpus
+            .iter()
+            .enumerate()
+            .map(|(index, cpu)| {
+                let mut cmd = Command::new(ctx.program());
+                cmd.envs(ctx.env(index as u32, &master)).envs(self.env.iter().cloned()).stdin(Stdio::null());
+                sys::prepare_child(&mut cmd, *cpu);
+                cmd
+            })
+            .collect();
+        spawn_children(commands, "worker")
     }
 }
 
@@ -78,6 +80,17 @@ impl ClusterManager for LocalManager {
     fn launch_timeout(&self) -> Duration {
         self.timeout
     }
+}
+
+/// Starts each command as a child of this process (from the long-lived spawner thread).
+pub(crate) fn spawn_children(commands: Vec<Command>, what: &str) -> Result<Box<dyn Launch>> {
+    let mut launch = LocalLaunch { children: Vec::new() };
+    for (index, cmd) in commands.into_iter().enumerate() {
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let child = sys::spawn(cmd).map_err(|e| Error::io(format!("cannot start {what} {index} ({program})"), e))?;
+        launch.children.push((child, None));
+    }
+    Ok(Box::new(launch))
 }
 
 /// Local children and, once reaped, their exit status.

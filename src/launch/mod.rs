@@ -3,6 +3,8 @@
 //! dials the master's listener by itself (no output scraping, no dial-back).
 
 pub(crate) mod affinity;
+mod detect;
+mod elastic;
 pub(crate) mod listener;
 pub(crate) mod local;
 pub(crate) mod process;
@@ -19,6 +21,8 @@ use crate::error::Result;
 use crate::protocol::Secret;
 
 pub use affinity::LocalAffinityManager;
+pub use detect::{Allocation, detect_allocation, detect_from};
+pub use elastic::{ElasticAddress, ElasticManager};
 pub use local::LocalManager;
 pub use ranks::{MpiRanks, RankMap};
 

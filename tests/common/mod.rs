@@ -68,3 +68,46 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         std::thread::park();
     }
 }
+
+/// A fresh directory under the system temp dir (for job working directories).
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("cman-{tag}-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+}
+
+/// True if `program --help`-style probing finds the command on PATH.
+pub fn have(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+}
+
+/// Whether the real scheduler daemons must be there (scripts/test.sh starts them and sets
+/// this); otherwise a test without them says so and does nothing.
+pub fn schedulers_required() -> bool {
+    std::env::var_os("CMAN_REQUIRE_SCHEDULERS").is_some()
+}
+
+/// Output of a command (stdout), panicking with its stderr if it fails.
+pub fn output_of(argv: &[&str]) -> String {
+    let out = std::process::Command::new(argv[0]).args(&argv[1..]).output().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert!(out.status.success(), "{argv:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Reads `WORKERS <os pid> ...` from a child's stdout (with a deadline).
+pub fn read_workers_line(stdout: impl std::io::Read + Send + 'static, timeout: Duration) -> Vec<u32> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("WORKERS ") {
+                let _ = tx.send(rest.split_whitespace().map(|p| p.parse::<u32>().unwrap()).collect::<Vec<_>>());
+            }
+        }
+    });
+    rx.recv_timeout(timeout).expect("the child reports its workers")
+}

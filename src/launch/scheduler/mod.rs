@@ -10,6 +10,7 @@
 mod batch;
 pub(crate) mod guard;
 pub mod options;
+mod qrsh;
 pub mod sge;
 pub mod slurm;
 
@@ -23,6 +24,7 @@ use super::{Launch, LaunchStatus};
 pub use batch::BatchManager;
 use guard::CancelGuard;
 pub use options::{JobOptions, Layout};
+pub use qrsh::QrshManager;
 pub use sge::{Sge, SgeManager};
 pub use slurm::{Slurm, SlurmManager};
 

@@ -1,0 +1,210 @@
+//! Slurm, for real: a single-node slurmctld + slurmd started by `ci/slurm.sh`. Jobs are
+//! submitted with `sbatch`, their workers dial in, `mpido!` runs over the job's ranks, and
+//! after every test `squeue` shows no job of ours.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use clusterman::launch::scheduler::{JobOptions, Layout, SlurmManager};
+use clusterman::prelude::*;
+use clusterman::{Error, mpido};
+
+clusterman::init_in_constructor!();
+
+#[remote]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+#[remote]
+fn job_id_here() -> Option<String> {
+    std::env::var("SLURM_JOB_ID").ok()
+}
+
+/// Slurm is there (or the test must fail because CI promised it).
+fn slurm_up() -> bool {
+    let up = Command::new("sinfo").arg("-h").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    assert!(up || !common::schedulers_required(), "CMAN_REQUIRE_SCHEDULERS is set but Slurm does not answer (ci/slurm.sh start)");
+    if !up {
+        eprintln!("skipped: no Slurm here; start one with `ci/slurm.sh start`");
+    }
+    up
+}
+
+/// Job options for a test: a unique name (to find our jobs) and a scratch working directory.
+fn job(tag: &str) -> JobOptions {
+    let name = format!("cman-{tag}-{}", std::process::id());
+    JobOptions::new().name(name).workdir(common::temp_dir(tag)).launch_timeout(Duration::from_secs(60))
+        // Open MPI refuses root unless told; CI runs as root
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+}
+
+fn our_jobs(name: &str) -> String {
+    common::output_of(&["squeue", "-h", "-n", name, "-o", "%i %T"])
+}
+
+fn assert_no_job_left(name: &str) {
+    assert!(common::wait_until(Duration::from_secs(15), || our_jobs(name).trim().is_empty()), "jobs left in the queue: {}", our_jobs(name));
+}
+
+#[test]
+fn sbatch_with_srun_forms_one_mpi_world() {
+    if !slurm_up() {
+        return;
+    }
+    let options = job("srun");
+    let name = options_name(&options);
+    let cluster = Cluster::new().unwrap();
+    let slurm = SlurmManager::new(3).job(options);
+    let pids = cluster.add_procs(&slurm).unwrap();
+    assert_eq!(pids.len(), 3);
+    let ranks: Vec<(i32, i32)> = mpido!(slurm, |comm| (comm.rank(), comm.size())).unwrap();
+    assert_eq!(ranks, vec![(0, 3), (1, 3), (2, 3)]);
+    let jobs: Vec<Option<String>> = pids.iter().map(|p| cluster.remote_call_fetch(*p, job_id_here, ()).unwrap()).collect();
+    assert!(jobs.iter().all(|j| j.is_some() && *j == jobs[0]), "all workers in one job: {jobs:?}");
+    assert_eq!(cluster.pmap(square, (0..50u64).map(|x| (x,))).unwrap(), (0..50u64).map(|x| x * x).collect::<Vec<_>>());
+    cluster.shutdown().unwrap();
+    assert_no_job_left(&name);
+}
+
+#[test]
+fn sbatch_with_mpirun_inside_the_job() {
+    if !slurm_up() {
+        return;
+    }
+    let options = job("mpirun").launcher("mpirun");
+    let name = options_name(&options);
+    let cluster = Cluster::new().unwrap();
+    let slurm = SlurmManager::new(2).job(options);
+    assert!(slurm.job_script().unwrap().contains("exec mpirun "), "{}", slurm.job_script().unwrap());
+    cluster.add_procs(&slurm).unwrap();
+    let sums: Vec<i32> = mpido!(slurm, |comm| {
+        let mut sum = 0;
+        comm.all_reduce_into(&(comm.rank() + 1), &mut sum, clusterman::mpi::SystemOperation::sum());
+        sum
+    })
+    .unwrap();
+    assert_eq!(sums, vec![3, 3]);
+    drop(cluster); // drop shuts down and cancels too
+    assert_no_job_left(&name);
+}
+
+#[test]
+fn an_array_of_independent_workers() {
+    if !slurm_up() {
+        return;
+    }
+    let options = job("array").layout(Layout::Array);
+    let name = options_name(&options);
+    let cluster = Cluster::new().unwrap();
+    let pids = cluster.add_procs(SlurmManager::new(3).job(options)).unwrap();
+    assert_eq!(pids.len(), 3);
+    let squares = cluster.pmap(square, (0..30u64).map(|x| (x,))).unwrap();
+    assert_eq!(squares[29], 29 * 29);
+    cluster.shutdown().unwrap();
+    assert_no_job_left(&name);
+}
+
+#[test]
+fn a_job_that_cannot_start_is_a_clear_error_and_leaves_nothing() {
+    if !slurm_up() {
+        return;
+    }
+    let options = job("impossible").queue_timeout(Duration::from_secs(10));
+    let name = options_name(&options);
+    let cluster = Cluster::new().unwrap();
+    // 64 tasks on a node with 8 CPUs: refused at submission, or pending until the queue timeout
+    let err = cluster.add_procs(SlurmManager::new(64).job(options)).unwrap_err();
+    let text = err.to_string();
+    eprintln!("the error a user sees: {text}");
+    assert!(matches!(err, Error::Launch(_)), "{text}");
+    assert!(text.contains("sbatch refused the job") || text.contains("still queued"), "{text}");
+    assert_no_job_left(&name);
+    assert!(cluster.workers().is_empty());
+}
+
+#[test]
+fn a_missing_sbatch_names_the_command_and_the_prefix_option() {
+    let cluster = Cluster::new().unwrap();
+    let options = job("missing").command_prefix(["env", "PATH=/nonexistent"]);
+    let err = cluster.add_procs(SlurmManager::new(1).job(options)).unwrap_err().to_string();
+    assert!(err.contains("sbatch"), "{err}");
+}
+
+/// Rank of the master inside an allocation: run by `a_master_inside_an_sbatch_job`.
+#[test]
+#[ignore = "runs inside an sbatch job (see a_master_inside_an_sbatch_job)"]
+fn master_in_allocation() {
+    let slurm = SlurmManager::in_allocation().unwrap();
+    assert_eq!(slurm.count(), std::env::var("SLURM_NTASKS").unwrap().parse::<usize>().unwrap());
+    let cluster = Cluster::new().unwrap();
+    let pids = cluster.add_procs(&slurm).unwrap();
+    let here = std::env::var("SLURM_JOB_ID").unwrap();
+    for pid in &pids {
+        assert_eq!(cluster.remote_call_fetch(*pid, job_id_here, ()).unwrap(), Some(here.clone()), "a step of this job");
+    }
+    let ranks: Vec<i32> = mpido!(slurm, |comm| comm.rank()).unwrap();
+    assert_eq!(ranks, (0..pids.len() as i32).collect::<Vec<_>>());
+    cluster.shutdown().unwrap();
+    println!("CHECKED {} workers in job {here}", pids.len());
+}
+
+#[test]
+fn a_master_inside_an_sbatch_job() {
+    if !slurm_up() {
+        return;
+    }
+    let dir = common::temp_dir("inside");
+    let log = dir.join("master.out");
+    let me = std::env::current_exe().unwrap();
+    let out = Command::new("sbatch")
+        .args(["--wait", "-n", "3", "-J", &format!("cman-inside-{}", std::process::id()), "-o"])
+        .arg(&log)
+        .arg(format!("--wrap={} --ignored --exact master_in_allocation --nocapture --test-threads=1", me.display()))
+        .output()
+        .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(out.status.success(), "sbatch --wait failed: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("CHECKED 3 workers in job"), "{text}");
+}
+
+/// A master that submits a job and reports it, for `killing_the_master_cancels_its_job`.
+#[test]
+#[ignore = "run by killing_the_master_cancels_its_job"]
+fn master_to_be_killed() {
+    let Ok(name) = std::env::var("CMAN_JOB_NAME") else { return };
+    let cluster = Cluster::new().unwrap();
+    let opts = JobOptions::new().name(name).workdir(common::temp_dir("killed"));
+    let pids = cluster.add_procs(SlurmManager::new(2).job(opts)).unwrap();
+    let os: Vec<String> = pids.iter().map(|p| cluster.worker_info(*p).unwrap().os_pid.to_string()).collect();
+    println!("WORKERS {}", os.join(" "));
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+#[test]
+fn killing_the_master_cancels_its_job() {
+    if !slurm_up() {
+        return;
+    }
+    let name = format!("cman-killed-{}", std::process::id());
+    let mut master = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "master_to_be_killed", "--nocapture"])
+        .env("CMAN_JOB_NAME", &name)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let workers = common::read_workers_line(master.stdout.take().unwrap(), Duration::from_secs(60));
+    assert!(!our_jobs(&name).trim().is_empty(), "the job runs");
+    master.kill().unwrap();
+    master.wait().unwrap();
+    assert_no_job_left(&name);
+    assert!(common::wait_until(Duration::from_secs(10), || workers.iter().all(|p| !common::process_alive(*p))), "workers still alive");
+}
+
+fn options_name(o: &JobOptions) -> String {
+    // the name is the first directive of the rendered script
+    let script = SlurmManager::new(1).job(o.clone()).job_script().unwrap();
+    script.lines().find_map(|l| l.strip_prefix("#SBATCH --job-name=")).unwrap().to_string()
+}
