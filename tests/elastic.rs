@@ -1,0 +1,135 @@
+//! ElasticManager: workers that join by running the printed command, from this host or from
+//! another network namespace (a veth pair with private addresses), and a wrong secret.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clusterman::launch::{ElasticAddress, ElasticManager};
+use clusterman::prelude::*;
+
+clusterman::init_in_constructor!();
+
+#[remote]
+fn host_and_pid() -> (String, u32) {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+    (host, std::process::id())
+}
+
+/// Runs the printed command exactly as a user would paste it (bash then becomes the worker).
+fn start_worker(command: &str) -> std::process::Child {
+    Command::new("bash").args(["-c", command]).stdout(Stdio::null()).spawn().unwrap()
+}
+
+#[test]
+fn a_worker_started_with_the_printed_command_joins_and_leaves() {
+    let cluster = Cluster::new().unwrap();
+    let elastic = ElasticManager::start(&cluster, ElasticAddress::Ip("127.0.0.1".parse().unwrap()), 0).unwrap();
+    let joined: Arc<Mutex<Vec<Pid>>> = Arc::default();
+    let left: Arc<Mutex<Vec<Pid>>> = Arc::default();
+    let (j, l) = (joined.clone(), left.clone());
+    elastic.on_join(move |pid| j.lock().unwrap().push(pid));
+    elastic.on_leave(move |pid| l.lock().unwrap().push(pid));
+    let command = elastic.connect_command();
+    assert!(command.contains(&std::env::current_exe().unwrap().display().to_string()), "absolute program path: {command}");
+    let mut a = start_worker(&command);
+    let mut b = start_worker(&command);
+    let pids = elastic.wait_for(2, Duration::from_secs(30)).unwrap();
+    assert_eq!(cluster.workers(), pids);
+    assert_eq!(*joined.lock().unwrap(), pids);
+    let (_, os) = cluster.remote_call_fetch(pids[0], host_and_pid, ()).unwrap();
+    assert!(os == a.id() || os == b.id());
+    let shown = elastic.to_string();
+    assert!(shown.contains(&format!("Active workers : [{}, {}]", pids[0], pids[1])) && shown.contains("Worker connect command"), "{shown}");
+    // a worker that leaves: its pending call fails, it is listed as terminated
+    let victim = if os == a.id() { &mut a } else { &mut b };
+    let pending = cluster.remote_call(pids[0], host_and_pid, ()).unwrap();
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let _ = pending.fetch(); // answered before the kill, or failed with WorkerDied: never hangs
+    assert!(common::wait_until(Duration::from_secs(10), || elastic.terminated() == vec![pids[0]]), "{elastic}");
+    assert_eq!(*left.lock().unwrap(), vec![pids[0]]);
+    assert!(elastic.to_string().contains(&format!("Terminated workers : [{}]", pids[0])));
+    assert_eq!(elastic.active(), vec![pids[1]]);
+    cluster.shutdown().unwrap();
+    let _ = a.wait();
+    let _ = b.wait();
+}
+
+#[test]
+fn a_wrong_secret_is_refused_and_the_manager_keeps_serving() {
+    let cluster = Cluster::new().unwrap();
+    let elastic = ElasticManager::start(&cluster, ElasticAddress::Ip("127.0.0.1".parse().unwrap()), 0).unwrap();
+    let command = elastic.connect_command();
+    let secret = command.split_whitespace().find_map(|w| w.strip_prefix("CLUSTERMAN_SECRET=")).unwrap().to_string();
+    let wrong = command.replace(&secret, &"0".repeat(32));
+    let out = Command::new("bash").args(["-c", &wrong]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong secret"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(cluster.refusals().iter().any(|r| r.contains("wrong secret")));
+    let mut good = start_worker(&command);
+    let pids = elastic.wait_for(1, Duration::from_secs(30)).unwrap();
+    assert_eq!(cluster.remote_call_fetch(pids[0], host_and_pid, ()).unwrap().1, good.id());
+    cluster.shutdown().unwrap();
+    let _ = good.wait();
+}
+
+/// A network namespace joined to this one by a veth pair with private addresses.
+struct Netns {
+    name: String,
+    host_if: String,
+}
+
+impl Netns {
+    fn create(tag: u32) -> Result<Netns, String> {
+        let name = format!("cmanel{tag}");
+        let host_if = format!("cmh{tag}");
+        let peer_if = format!("cmp{tag}");
+        let net = 200 + (tag % 50);
+        let run = |args: &[&str]| -> Result<(), String> {
+            let s = Command::new("ip").args(args).status().map_err(|e| format!("cannot run ip: {e}"))?;
+            if s.success() { Ok(()) } else { Err(format!("`ip {}` failed (needs root)", args.join(" "))) }
+        };
+        run(&["netns", "add", &name])?;
+        let ns = Netns { name: name.clone(), host_if: host_if.clone() };
+        run(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer_if])?;
+        run(&["link", "set", &peer_if, "netns", &name])?;
+        run(&["addr", "add", &format!("10.{net}.0.1/24"), "dev", &host_if])?;
+        run(&["link", "set", &host_if, "up"])?;
+        run(&["netns", "exec", &name, "ip", "addr", "add", &format!("10.{net}.0.2/24"), "dev", &peer_if])?;
+        run(&["netns", "exec", &name, "ip", "link", "set", &peer_if, "up"])?;
+        run(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"])?;
+        run(&["netns", "exec", &name, "ip", "route", "add", "default", "via", &format!("10.{net}.0.1")])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+#[test]
+fn a_worker_in_another_network_namespace_joins_through_the_auto_address() {
+    let ns = match Netns::create(std::process::id() % 1000) {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("skipped: cannot create a network namespace: {why}");
+            return;
+        }
+    };
+    let cluster = Cluster::new().unwrap();
+    let elastic = ElasticManager::start(&cluster, ElasticAddress::Auto, 0).unwrap();
+    assert!(!elastic.address().ip().is_loopback(), "auto picks a reachable address: {}", elastic.address());
+    let command = format!("ip netns exec {} env {}", ns.name, elastic.connect_command());
+    let mut worker = start_worker(&command);
+    let pids = elastic.wait_for(1, Duration::from_secs(30)).unwrap();
+    let (_, os) = cluster.remote_call_fetch(pids[0], host_and_pid, ()).unwrap();
+    assert_eq!(os, worker.id(), "the worker in the namespace answers");
+    cluster.shutdown().unwrap();
+    let _ = worker.wait();
+}
