@@ -45,8 +45,10 @@ configure() {  # needs a running qmaster; root is a manager from init_cluster on
   local w; w=$(mktemp -d)
   qconf -sh 2>/dev/null | grep -qx "$HOST" || quiet qconf -ah "$HOST"   # admin host
   qconf -ss 2>/dev/null | grep -qx "$HOST" || quiet qconf -as "$HOST"   # submit host
-  # global: min_uid/min_gid default to 1000 and would refuse root's jobs
-  qconf -sconf global | sed -e 's/^min_uid .*/min_uid 0/' -e 's/^min_gid .*/min_gid 0/' > "$w/global"
+  # global: min_uid/min_gid default to 1000 and would refuse root's jobs; the accounting file
+  # (qacct: exit status of finished jobs) is flushed every second instead of every 15 s
+  qconf -sconf global | sed -e 's/^min_uid .*/min_uid 0/' -e 's/^min_gid .*/min_gid 0/' \
+      -e 's/flush_time=[0-9:]*/flush_time=00:00:01/' > "$w/global"
   quiet qconf -Mconf "$w/global"
   # scheduler: run every second (default 15 s) and right after a submit/finish
   qconf -ssconf | sed -e 's/^schedule_interval .*/schedule_interval 0:0:1/' \
@@ -113,7 +115,7 @@ start() {
 logs() {
   local f
   for f in "$SPOOL"/qmaster/messages "$SPOOL"/execd/*/messages /tmp/qmaster_messages* /tmp/execd_messages*; do
-    [ -f "$f" ] && { echo "--- tail $f"; tail -n 30 "$f"; }
+    [ -f "$f" ] && { echo "--- tail $f"; tail -n 20 "$f"; }
   done
   return 0
 }

@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# Every test: unit and integration tests (real worker processes, real mpirun with Open MPI and
-# with MPICH), the build without MPI, and clippy with warnings denied.
+# Every test: unit and integration tests with real worker processes, real mpirun (Open MPI and
+# MPICH), real Slurm and Grid Engine daemons (started here when run as root), the build
+# without MPI, and clippy with warnings denied.
 set -euo pipefail
 CMAN_EXTRA_PACKAGES="mpich libmpich-dev" source "$(dirname "$0")/env.sh"
 step() { echo; echo "=== $* ==="; }
 log=target/test-output.txt
 mkdir -p target && : > "$log"
+
+if [ "$(id -u)" -eq 0 ]; then
+  step "start Slurm and Grid Engine (single node, real daemons)"
+  bash ci/schedulers.sh start
+  set +u; . /var/lib/gridengine/default/common/settings.sh; set -u
+  export CMAN_REQUIRE_SCHEDULERS=1   # their tests fail, not skip, if a daemon is missing
+else
+  echo "not root: the Slurm and Grid Engine tests will report themselves skipped (start them with: sudo ci/schedulers.sh start)"
+fi
+
 step "build without MPI";        cargo build --no-default-features --lib
 step "clippy";                   cargo clippy --all-targets -- -D warnings
 step "tests (Open MPI)";         cargo test --all-targets 2>&1 | tee -a "$log"

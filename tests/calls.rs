@@ -213,6 +213,40 @@ fn a_dead_worker_fails_pending_calls_promptly() {
     assert_eq!(cluster.remote_call_fetch(pids[1], add, (2, 2)).unwrap(), 4);
 }
 
+/// Claims 3 workers but starts only 2: a launch that never completes.
+struct TwoOfThree {
+    min: Option<usize>,
+}
+
+impl ClusterManager for TwoOfThree {
+    fn name(&self) -> &str {
+        "two-of-three"
+    }
+    fn count(&self) -> usize {
+        3
+    }
+    fn launch(&self, ctx: &clusterman::LaunchContext) -> clusterman::Result<Box<dyn clusterman::Launch>> {
+        LocalManager::new(2).launch(ctx)
+    }
+    fn launch_timeout(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn min_workers(&self) -> usize {
+        self.min.unwrap_or(3)
+    }
+}
+
+#[test]
+fn min_workers_decides_between_going_on_and_failing() {
+    let cluster = Cluster::new().unwrap();
+    let err = cluster.add_procs(TwoOfThree { min: None }).unwrap_err();
+    assert!(matches!(err, Error::LaunchTimeout { connected: 2, expected: 3, .. }), "{err}");
+    assert!(cluster.workers().is_empty(), "the workers of a failed launch are stopped");
+    let pids = cluster.add_procs(TwoOfThree { min: Some(2) }).unwrap();
+    assert_eq!(pids.len(), 2);
+    assert_eq!(cluster.remote_call_fetch(pids[1], add, (1, 1)).unwrap(), 2);
+}
+
 #[remote]
 fn sleep_ms(ms: u64) -> u64 {
     std::thread::sleep(Duration::from_millis(ms));

@@ -116,7 +116,7 @@ fn a_request_that_cannot_be_met_is_a_clear_error_and_leaves_nothing() {
     let text = err.to_string();
     eprintln!("the error a user sees: {text}");
     assert!(matches!(err, Error::Launch(_)), "{text}");
-    assert!(text.contains("qsub refused the job") || text.contains("still queued"), "{text}");
+    assert!(text.contains("qsub refused the job") && text.contains("no suitable queues"), "refused at once (qsub -w e): {text}");
     assert_no_job_left(&n);
 }
 

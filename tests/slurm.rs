@@ -126,6 +126,25 @@ fn a_job_that_cannot_start_is_a_clear_error_and_leaves_nothing() {
 }
 
 #[test]
+fn the_launch_timeout_counts_from_the_job_start_not_from_submission() {
+    if !slurm_up() {
+        return;
+    }
+    // a job holding all 8 CPUs for 6 s keeps ours queued longer than its 3 s launch timeout
+    let blocker = common::output_of(&["sbatch", "--parsable", "-n", "8", "-J", &format!("cman-blocker-{}", std::process::id()), "-o", "/dev/null", "--wrap", "sleep 6"]);
+    let options = job("queued").launch_timeout(Duration::from_secs(3));
+    let name = options_name(&options);
+    let cluster = Cluster::new().unwrap();
+    let started = std::time::Instant::now();
+    let pids = cluster.add_procs(SlurmManager::new(2).job(options)).unwrap();
+    assert!(started.elapsed() > Duration::from_secs(3), "it did wait in the queue ({:?}) and still succeeded", started.elapsed());
+    assert_eq!(pids.len(), 2);
+    cluster.shutdown().unwrap();
+    assert_no_job_left(&name);
+    let _ = Command::new("scancel").arg(blocker.trim()).status();
+}
+
+#[test]
 fn a_missing_sbatch_names_the_command_and_the_prefix_option() {
     let cluster = Cluster::new().unwrap();
     let options = job("missing").command_prefix(["env", "PATH=/nonexistent"]);

@@ -91,7 +91,8 @@ impl Scheduler for Sge {
             Layout::Array => format!("exec {program}"),
         };
         script.push_str(&spec.body(&launch));
-        let mut submit = vec!["qsub".to_string(), "-terse".to_string()];
+        // -w e: a request no queue could ever satisfy is refused at once, not left waiting
+        let mut submit = ["qsub", "-terse", "-w", "e"].map(String::from).to_vec();
         submit.extend(self.flags.iter().cloned());
         Ok(Job { submit, script })
     }
@@ -149,7 +150,7 @@ mod tests {
     fn golden_pe_script() {
         let o = JobOptions::new().name("sim").workdir("/w").walltime(Duration::from_secs(3600)).queue("all.q").memory("2G").prologue("module load mpi");
         let job = Sge { pe: "orte".into(), flags: vec!["-P".into(), "proj".into()] }.job(&spec(&o)).unwrap();
-        assert_eq!(job.submit, ["qsub", "-terse", "-P", "proj"]);
+        assert_eq!(job.submit, ["qsub", "-terse", "-w", "e", "-P", "proj"]);
         assert_eq!(
             job.script,
             "#!/bin/bash
