@@ -70,6 +70,12 @@ impl LaunchWait {
     pub(crate) fn connected(&self) -> Vec<Pid> {
         self.state.lock().expect("launch lock").connected.clone()
     }
+
+    /// Indices of the workers that never connected.
+    pub(crate) fn missing(&self) -> Vec<u32> {
+        let s = self.state.lock().expect("launch lock");
+        s.reserved.iter().enumerate().filter(|(_, r)| !**r).map(|(i, _)| i as u32).collect()
+    }
 }
 
 /// Called with the pid and the reason when a worker's connection ends.

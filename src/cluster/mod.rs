@@ -289,6 +289,9 @@ impl Cluster {
         });
         match outcome {
             Ok(()) => {
+                if pids.len() < n {
+                    launch.trim(&wait.missing());
+                }
                 tracing::info!("{} {} workers ready in {:.1} ms: pids {pids:?}", pids.len(), manager.name(), started.elapsed().as_secs_f64() * 1e3);
                 m.launches.lock().expect("launches lock").push((id, launch));
                 Ok(pids)

@@ -109,6 +109,11 @@ pub trait Launch: Send {
     fn describe(&self) -> String {
         String::new()
     }
+    /// The launch goes on without the workers of these indices (`min_workers`): remove
+    /// what was started for them, if that can be done alone (stuck pods, array tasks).
+    fn trim(&mut self, missing: &[u32]) {
+        let _ = missing;
+    }
 }
 
 /// Everything a manager needs to start workers that will find this master.

@@ -111,3 +111,10 @@ pub fn read_workers_line(stdout: impl std::io::Read + Send + 'static, timeout: D
     });
     rx.recv_timeout(timeout).expect("the child reports its workers")
 }
+
+/// A command prefix that puts `tests/fixtures/<dir>` (fake scheduler CLIs) first on PATH
+/// for every scheduler command, the cancel guard's included.
+pub fn fixtures_prefix(dir: &str) -> Vec<String> {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(dir);
+    vec!["env".into(), format!("PATH={}:{}", fixtures.display(), std::env::var("PATH").unwrap_or_default())]
+}

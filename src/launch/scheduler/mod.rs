@@ -9,8 +9,13 @@
 
 mod batch;
 pub(crate) mod guard;
+pub mod htcondor;
+pub mod kubernetes;
+pub mod lsf;
 pub mod options;
+pub mod pbs;
 mod qrsh;
+pub mod scyld;
 pub mod sge;
 pub mod slurm;
 
@@ -42,6 +47,12 @@ pub trait Scheduler: Send + Sync {
     fn parse_state(&self, id: &str, result: &CommandResult) -> JobState;
     /// The command that cancels the job.
     fn cancel_command(&self, id: &str) -> Vec<String>;
+    /// The command that removes the workers with these indices (0-based) from a job that
+    /// goes on without them (`min_workers`), or `None` if they cannot be removed alone.
+    fn trim_command(&self, id: &str, missing: &[u32]) -> Option<Vec<String>> {
+        let _ = (id, missing);
+        None
+    }
     /// Inside an allocation this scheduler can start the workers directly (a Slurm job step)
     /// instead of submitting a job: the command, or `None` to submit.
     fn step(&self, spec: &JobSpec<'_>) -> Result<Option<Vec<String>>> {
@@ -124,9 +135,12 @@ pub fn shell_quote(s: &str) -> String {
     }
 }
 
-/// Runs a scheduler command (behind the prefix), feeding `stdin`. Errors name the command,
-/// the prefix option when the command is missing, and include the command's stderr.
-pub(crate) fn run(prefix: &[String], argv: &[String], stdin: Option<&str>) -> Result<std::process::Output> {
+/// Runs a scheduler command (behind the prefix, within the throttle), feeding `stdin`.
+/// Errors name the command, the prefix option when the command is missing, and include the
+/// command's stderr.
+pub(crate) fn run(options: &JobOptions, argv: &[String], stdin: Option<&str>) -> Result<std::process::Output> {
+    let _slot = options.throttle.as_ref().map(|t| t.acquire());
+    let prefix = &options.command_prefix;
     let full: Vec<&String> = prefix.iter().chain(argv).collect();
     let (program, args) = full.split_first().ok_or_else(|| Error::Launch("empty scheduler command".into()))?;
     let mut cmd = Command::new(program);
@@ -146,29 +160,36 @@ pub(crate) fn run(prefix: &[String], argv: &[String], stdin: Option<&str>) -> Re
     child.wait_with_output().map_err(|e| Error::io(format!("waiting for `{program}`"), e))
 }
 
-/// Submits `job`, returns the running launch (with its cancel guard).
+/// Submits `job` (retrying after `options.submit_retry_delays` if it fails), returns the
+/// running launch with its cancel guard.
 pub(crate) fn submit(scheduler: Box<dyn Scheduler>, options: &JobOptions, job: &Job) -> Result<Box<dyn Launch>> {
-    let out = run(&options.command_prefix, &job.submit, Some(&job.script))?;
-    if !out.status.success() {
-        return Err(Error::Launch(format!(
-            "{} refused the job ({}): {}",
-            job.submit[0],
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
+    let mut delays = options.submit_retry_delays.iter();
+    let out = loop {
+        let out = run(options, &job.submit, Some(&job.script))?;
+        if out.status.success() {
+            break out;
+        }
+        let why = format!("{} refused the job ({}): {}", job.submit[0], out.status, String::from_utf8_lossy(&out.stderr).trim());
+        match delays.next() {
+            Some(delay) => {
+                tracing::warn!("{why}; trying again in {delay:?}");
+                std::thread::sleep(*delay);
+            }
+            None => return Err(Error::Launch(why)),
+        }
+    };
     let id = scheduler.parse_job_id(&String::from_utf8_lossy(&out.stdout))?;
     let cancel: Vec<String> = options.command_prefix.iter().cloned().chain(scheduler.cancel_command(&id)).collect();
     let guard = CancelGuard::start(&cancel).map_err(|e| Error::io("starting the job's cancel guard", e))?;
     tracing::info!("submitted {} job {id}", scheduler.name());
-    Ok(Box::new(BatchJob { scheduler, id, prefix: options.command_prefix.clone(), guard: Some(guard), last: None, started: false }))
+    Ok(Box::new(BatchJob { scheduler, id, options: options.clone(), guard: Some(guard), last: None, started: false }))
 }
 
 /// A submitted job.
 struct BatchJob {
     scheduler: Box<dyn Scheduler>,
     id: String,
-    prefix: Vec<String>,
+    options: JobOptions,
     guard: Option<CancelGuard>,
     last: Option<(Instant, LaunchStatus)>,
     started: bool,
@@ -176,7 +197,7 @@ struct BatchJob {
 
 impl BatchJob {
     fn query(&self) -> JobState {
-        match run(&self.prefix, &self.scheduler.state_command(&self.id), None) {
+        match run(&self.options, &self.scheduler.state_command(&self.id), None) {
             Ok(out) => self.scheduler.parse_state(&self.id, &CommandResult {
                 success: out.status.success(),
                 stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -243,6 +264,16 @@ impl Launch for BatchJob {
     fn describe(&self) -> String {
         format!("{} job {}: {:?}", self.scheduler.name(), self.id, self.query())
     }
+
+    fn trim(&mut self, missing: &[u32]) {
+        if let Some(command) = self.scheduler.trim_command(&self.id, missing) {
+            match run(&self.options, &command, None) {
+                Ok(out) if out.status.success() => tracing::info!("removed the workers {missing:?} that did not start"),
+                Ok(out) => tracing::warn!("could not remove the workers that did not start: {}", String::from_utf8_lossy(&out.stderr).trim()),
+                Err(e) => tracing::warn!("could not remove the workers that did not start: {e}"),
+            }
+        }
+    }
 }
 
 impl Drop for BatchJob {
@@ -265,9 +296,9 @@ mod tests {
 
     #[test]
     fn a_missing_command_names_itself_and_the_prefix_option() {
-        let err = run(&[], &["no-such-sbatch".into()], None).unwrap_err().to_string();
+        let err = run(&JobOptions::new(), &["no-such-sbatch".into()], None).unwrap_err().to_string();
         assert!(err.contains("cannot run `no-such-sbatch`") && err.contains("command_prefix"), "{err}");
-        let err = run(&["no-such-ssh".into(), "login".into()], &["sbatch".into()], None).unwrap_err().to_string();
+        let err = run(&JobOptions::new().command_prefix(["no-such-ssh", "login"]), &["sbatch".into()], None).unwrap_err().to_string();
         assert!(err.contains("no-such-ssh") && err.contains("command_prefix (no-such-ssh login)"), "{err}");
     }
 }

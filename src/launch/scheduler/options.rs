@@ -1,6 +1,7 @@
 //! Options every scheduler understands, and the keyword → flag rule of ClusterManagers.jl.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -36,6 +37,38 @@ pub struct JobOptions {
     pub(crate) launch_timeout: Duration,
     pub(crate) queue_timeout: Option<Duration>,
     pub(crate) min_workers: Option<usize>,
+    pub(crate) submit_retry_delays: Vec<Duration>,
+    pub(crate) throttle: Option<Arc<Throttle>>,
+}
+
+/// Bounds how many scheduler commands of one manager run at once.
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    max: usize,
+    running: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Throttle {
+    /// Waits for a free slot; the slot is given back when the guard drops.
+    pub(crate) fn acquire(&self) -> ThrottleGuard<'_> {
+        let mut n = self.running.lock().expect("throttle lock");
+        while *n >= self.max {
+            n = self.freed.wait(n).expect("throttle lock");
+        }
+        *n += 1;
+        ThrottleGuard(self)
+    }
+}
+
+/// A slot of a [`Throttle`].
+pub(crate) struct ThrottleGuard<'a>(&'a Throttle);
+
+impl Drop for ThrottleGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.running.lock().expect("throttle lock") -= 1;
+        self.0.freed.notify_one();
+    }
 }
 
 impl Default for JobOptions {
@@ -58,6 +91,8 @@ impl Default for JobOptions {
             launch_timeout: Duration::from_secs(60),
             queue_timeout: None,
             min_workers: None,
+            submit_retry_delays: Vec::new(),
+            throttle: None,
         }
     }
 }
@@ -155,6 +190,18 @@ impl JobOptions {
     /// (default: all are needed).
     pub fn min_workers(mut self, n: usize) -> Self {
         self.min_workers = Some(n);
+        self
+    }
+
+    /// If submitting fails, try again after each of these delays in turn (for schedulers
+    /// whose daemons are sometimes briefly unavailable); the last failure is reported.
+    pub fn submit_retry_delays(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
+        self.submit_retry_delays = delays.into_iter().collect();
+        self
+    }
+    /// At most `n` scheduler commands of this manager run at once (submit, state, cancel).
+    pub fn throttle(mut self, n: usize) -> Self {
+        self.throttle = Some(Arc::new(Throttle { max: n.max(1), running: Mutex::new(0), freed: Condvar::new() }));
         self
     }
 
