@@ -25,6 +25,12 @@ pub trait MpiRanks {
     fn ranks(&self) -> &RankMap;
 }
 
+impl<T: MpiRanks + ?Sized> MpiRanks for &T {
+    fn ranks(&self) -> &RankMap {
+        (**self).ranks()
+    }
+}
+
 impl RankMap {
     fn lock(&self) -> MutexGuard<'_, Ranks> {
         self.0.lock().expect("rank map lock")
