@@ -66,7 +66,7 @@ mod sys;
 
 pub use clusterman_macros::remote;
 pub use cluster::worker::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, init, my_id};
-pub use cluster::{Cluster, ClusterBuilder, OutputSink, PmapOptions, RemoteFuture, WorkerInfo, print_sink};
+pub use cluster::{Cluster, ClusterBuilder, OutputSink, PmapOptions, RemoteFuture, Topology, WorkerInfo, print_sink};
 pub use cluster::pmap::exponential_backoff;
 pub use error::{Error, RemoteError, Result};
 pub use launch::topology::{AffinityMode, CpuTopology};

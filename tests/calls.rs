@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use clusterman::prelude::*;
-use clusterman::{Error, RemoteError};
+use clusterman::{Error, RemoteError, Topology};
 
 clusterman::init_in_constructor!();
 
@@ -46,6 +46,43 @@ fn add_via(other: Pid, a: i64, b: i64) -> clusterman::Result<(Pid, i64)> {
 #[remote]
 fn ask_master_for_workers() -> Vec<Pid> {
     Cluster::current().unwrap().workers()
+}
+
+/// On worker B: calls `add` back on the worker that asked (a call in each direction).
+#[remote]
+fn bounce(origin: Pid) -> clusterman::Result<i64> {
+    Cluster::current().unwrap().remote_call_fetch(origin, add, (my_id() as i64, 1000))
+}
+
+#[remote]
+fn call_sleeper(other: Pid, ms: u64) -> clusterman::Result<u64> {
+    Cluster::current().unwrap().remote_call_fetch(other, sleep_ms, (ms,))
+}
+
+#[test]
+fn all_to_all_workers_call_each_other_directly() {
+    let cluster = Cluster::builder().topology(Topology::AllToAll).build().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(3)).unwrap();
+    for round in 0..10 {
+        assert_eq!(cluster.remote_call_fetch(pids[round % 3], add_via, (pids[(round + 1) % 3], round as i64, 1)).unwrap(), (pids[round % 3], round as i64 + 1));
+    }
+    // a call that calls back the worker it came from: direct links in both directions
+    assert_eq!(cluster.remote_call_fetch(pids[0], call_bounce, (pids[1],)).unwrap(), pids[1] as i64 + 1000);
+    assert_eq!(cluster.routed_frames(), 0, "nothing went through the master");
+    // a peer that dies: the direct call pending on it fails, it does not hang
+    let victim = cluster.worker_info(pids[2]).unwrap().os_pid;
+    let pending = cluster.remote_call(pids[0], call_sleeper, (pids[2], 30_000)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    unsafe_kill(victim);
+    let err = pending.fetch().unwrap_err();
+    assert!(err.to_string().contains("died"), "{err}");
+    assert_eq!(cluster.remote_call_fetch(pids[0], add_via, (pids[1], 2, 2)).unwrap(), (pids[0], 4));
+}
+
+/// On worker A: asks B to call A back.
+#[remote]
+fn call_bounce(other: Pid) -> clusterman::Result<i64> {
+    Cluster::current().unwrap().remote_call_fetch(other, bounce, (my_id(),))
 }
 
 static TOUCHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -136,6 +173,7 @@ fn an_err_comes_back_as_remote_error_without_location() {
 fn workers_call_each_other_and_the_master() {
     let (cluster, pids) = cluster_with(2);
     assert_eq!(cluster.remote_call_fetch(pids[0], add_via, (pids[1], 20, 22)).unwrap(), (pids[0], 42));
+    assert_eq!(cluster.routed_frames(), 1, "master-worker topology: routed through the master");
     assert_eq!(cluster.remote_call_fetch(pids[1], ask_master_for_workers, ()).unwrap(), pids);
     // a worker asking for a pid that does not exist gets a clear error
     let err = cluster.remote_call_fetch(pids[0], add_via, (99, 1, 1)).unwrap_err();

@@ -153,6 +153,11 @@ impl Link {
         }
     }
 
+    /// True once the connection is gone.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.pending.lock().expect("pending lock").dead.is_some()
+    }
+
     /// Waits up to `timeout` for the link to die; true if it did.
     pub(crate) fn wait_dead(&self, timeout: Duration) -> bool {
         let p = self.pending.lock().expect("pending lock");

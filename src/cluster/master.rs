@@ -13,7 +13,7 @@ use crate::Pid;
 use crate::error::Result;
 use crate::launch::listener::{Admit, Listener};
 use crate::launch::Launch;
-use crate::protocol::{self, Frame, Hello, Kind, Refusal, Secret};
+use crate::protocol::{self, Frame, Hello, Kind, Refusal, Secret, Welcome};
 
 use super::exec;
 use super::failure::Failure;
@@ -100,6 +100,12 @@ pub(crate) struct Master {
     pub max_frame: usize,
     /// A listener that failed to start, reported by `ClusterBuilder::build`.
     pub start_error: Mutex<Option<crate::Error>>,
+    /// All-to-all topology: workers connect to each other directly.
+    pub direct_links: bool,
+    /// Where each worker listens for direct links from its peers.
+    pub peer_addresses: Mutex<HashMap<Pid, String>>,
+    /// Frames forwarded from one worker to another.
+    pub routed: std::sync::atomic::AtomicU64,
 }
 
 impl Master {
@@ -124,12 +130,15 @@ impl Master {
 pub(crate) struct Admission(pub Weak<Inner>);
 
 impl Admit for Admission {
-    fn admit(&self, hello: &Hello) -> std::result::Result<Pid, Refusal> {
+    fn admit(&self, hello: &Hello) -> std::result::Result<Welcome, Refusal> {
         let refuse = |reason: String| Refusal { reason, launch: hello.launch.map(|(id, _)| id) };
         let inner = self.0.upgrade().ok_or_else(|| refuse("the master is shutting down".into()))?;
         let m = inner.master();
         if m.shut.load(Ordering::Relaxed) {
             return Err(refuse("the master is shutting down".into()));
+        }
+        if hello.peer.is_some() {
+            return Err(refuse("a worker-to-worker hello sent to the master's listener".into()));
         }
         let Some((launch, index)) = hello.launch else {
             return Err(refuse("this master accepts only workers it launched (no CLUSTERMAN_LAUNCH); use an ElasticManager for workers that join by themselves".into()));
@@ -153,7 +162,10 @@ impl Admit for Admission {
             }
         }
         .map_err(refuse)
-        .inspect(|&pid| tracing::debug!(pid, host = %hello.host, os_pid = hello.os_pid, "worker admitted"))
+        .map(|pid| {
+            tracing::debug!(pid, host = %hello.host, os_pid = hello.os_pid, "worker admitted");
+            Welcome::Accepted { pid, direct_links: m.direct_links }
+        })
     }
 
     fn serve(&self, pid: Pid, hello: Hello, stream: TcpStream) {
@@ -255,6 +267,7 @@ pub(crate) fn dispatch(inner: &Arc<Inner>, entry: &WorkerEntry, frame: Frame) ->
         }
         Kind::Call | Kind::Cast | Kind::Batch => match inner.master().worker(h.dst) {
             Some(target) => {
+                inner.master().routed.fetch_add(1, Ordering::Relaxed);
                 if h.kind != Kind::Cast {
                     target.link.note_routed(from, h.req);
                 }
@@ -295,6 +308,7 @@ pub(crate) fn worker_gone(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, reason: 
     }
     // Out of the table first: whoever waits for the link to die then sees the worker gone.
     m.workers.write().expect("workers lock").remove(&pid);
+    m.peer_addresses.lock().expect("peer addresses lock").remove(&pid);
     m.terminated.lock().expect("terminated lock").push((pid, reason.to_string()));
     entry.link.fail_all(reason);
     for hook in m.departures.lock().expect("departures lock").iter() {

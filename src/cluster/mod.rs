@@ -7,6 +7,7 @@ pub(crate) mod future;
 pub(crate) mod link;
 pub(crate) mod master;
 pub(crate) mod output;
+mod peers;
 pub(crate) mod pmap;
 pub(crate) mod worker;
 
@@ -26,6 +27,7 @@ use crate::protocol::{DEFAULT_MAX_FRAME, Header, Kind, Secret};
 use crate::registry::{self, RemoteFn};
 
 pub use future::RemoteFuture;
+pub(crate) use peers::Peers;
 pub use master::WorkerInfo;
 pub use output::{OutputSink, print_sink};
 pub use pmap::PmapOptions;
@@ -35,9 +37,24 @@ use master::{Admission, Master};
 
 pub(crate) struct Inner {
     me: Pid,
-    /// A worker's connection to the master (all its calls go there, also those for other workers).
+    /// A worker's connection to the master (its calls go there, also those for other
+    /// workers unless it has a direct link to them).
     uplink: Option<Arc<Link>>,
+    /// A worker's direct links to other workers (all-to-all topology).
+    peers: Option<Arc<peers::Peers>>,
     pub(crate) master: Option<Master>,
+}
+
+/// How workers reach each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Topology {
+    /// Every worker has one connection, to the master, which routes worker-to-worker calls
+    /// (works wherever workers cannot reach each other).
+    #[default]
+    MasterWorker,
+    /// Workers also connect to each other directly, on their first call (lazy); where a
+    /// peer cannot be dialled, its calls still go through the master.
+    AllToAll,
 }
 
 impl Inner {
@@ -76,6 +93,7 @@ pub struct ClusterBuilder {
     advertise: Option<IpAddr>,
     output: Option<OutputSink>,
     max_frame: usize,
+    topology: Topology,
 }
 
 impl std::fmt::Debug for ClusterBuilder {
@@ -86,7 +104,7 @@ impl std::fmt::Debug for ClusterBuilder {
 
 impl Default for ClusterBuilder {
     fn default() -> Self {
-        ClusterBuilder { bind: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), advertise: None, output: None, max_frame: DEFAULT_MAX_FRAME }
+        ClusterBuilder { bind: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), advertise: None, output: None, max_frame: DEFAULT_MAX_FRAME, topology: Topology::MasterWorker }
     }
 }
 
@@ -120,6 +138,12 @@ impl ClusterBuilder {
         self
     }
 
+    /// How workers reach each other (default [`Topology::MasterWorker`]).
+    pub fn topology(mut self, topology: Topology) -> Self {
+        self.topology = topology;
+        self
+    }
+
     /// Starts listening and returns the cluster (with no workers yet).
     pub fn build(self) -> Result<Cluster> {
         let secret = Secret::random();
@@ -148,8 +172,11 @@ impl ClusterBuilder {
                 shut: AtomicBool::new(error.is_some()),
                 max_frame: self.max_frame,
                 start_error: Mutex::new(error),
+                direct_links: self.topology == Topology::AllToAll,
+                peer_addresses: Mutex::new(HashMap::new()),
+                routed: std::sync::atomic::AtomicU64::new(0),
             };
-            Inner { me: 1, uplink: None, master: Some(master) }
+            Inner { me: 1, uplink: None, peers: None, master: Some(master) }
         });
         if let Some(e) = inner.master().start_error.lock().expect("start lock").take() {
             return Err(e);
@@ -200,8 +227,8 @@ impl Cluster {
         Cluster { inner, owner: false }
     }
 
-    pub(crate) fn worker_handle(me: Pid, uplink: Arc<Link>) -> Cluster {
-        Cluster { inner: Arc::new(Inner { me, uplink: Some(uplink), master: None }), owner: false }
+    pub(crate) fn worker_handle(me: Pid, uplink: Arc<Link>, peers: Option<Arc<peers::Peers>>) -> Cluster {
+        Cluster { inner: Arc::new(Inner { me, uplink: Some(uplink), peers, master: None }), owner: false }
     }
 
     pub(crate) fn inner(&self) -> &Arc<Inner> {
@@ -344,10 +371,15 @@ impl Cluster {
         }
     }
 
-    fn link_to(&self, pid: Pid) -> Result<Arc<Link>> {
+    /// The link a frame for `pid` goes on, and whether it is the worker's connection to the
+    /// master (whose serving thread must keep reading it while it waits for a reply).
+    fn link_to(&self, pid: Pid) -> Result<(Arc<Link>, bool)> {
         match (&self.inner.master, &self.inner.uplink) {
-            (Some(m), _) => m.worker(pid).map(|e| e.link.clone()).ok_or(Error::NoSuchWorker(pid)),
-            (None, Some(up)) => Ok(up.clone()),
+            (Some(m), _) => m.worker(pid).map(|e| (e.link.clone(), false)).ok_or(Error::NoSuchWorker(pid)),
+            (None, Some(up)) => match self.inner.peers.as_ref().filter(|_| pid != 1).and_then(|p| p.link(self, pid)) {
+                Some(direct) => Ok((direct, false)),
+                None => Ok((up.clone(), true)),
+            },
             (None, None) => Err(Error::ShutDown),
         }
     }
@@ -355,7 +387,20 @@ impl Cluster {
     /// Sends one call frame to `pid`; the payload is written by `encode`.
     pub(crate) fn send(&self, kind: Kind, pid: Pid, func: u64, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<()> {
         let header = Header { kind, src: self.inner.me, dst: pid, req: 0, func };
-        self.link_to(pid)?.call(header, hint, encode, waiter).map(|_| ())
+        self.link_to(pid)?.0.call(header, hint, encode, waiter).map(|_| ())
+    }
+
+    /// A slot for a reply from `pid`: the serving thread pumps while it waits only for
+    /// replies that arrive on the connection it serves.
+    fn slot_for(&self, pid: Pid) -> Arc<future::Slot> {
+        let pumps = self.inner.uplink.is_some() && (pid == 1 || self.inner.peers.is_none());
+        Arc::new(future::Slot::new(pumps))
+    }
+
+    /// Frames the master forwarded from one worker to another (with
+    /// [`Topology::AllToAll`], only calls to workers that could not be dialled directly).
+    pub fn routed_frames(&self) -> u64 {
+        self.inner.master.as_ref().map_or(0, |m| m.routed.load(Ordering::Relaxed))
     }
 
     /// Runs `f(args)` on process `pid` and returns at once with a future of the result.
@@ -367,7 +412,7 @@ impl Cluster {
         if pid == self.inner.me {
             return Ok(RemoteFuture::ready(pid, run_here::<F>(pid, args)));
         }
-        let slot = Arc::new(future::Slot::default());
+        let slot = self.slot_for(pid);
         self.send(Kind::Call, pid, F::ID, 64, |buf| codec::encode_into(&args, buf), Some(Waiter::Slot(slot.clone())))?;
         Ok(RemoteFuture::pending(pid, slot))
     }
@@ -391,7 +436,7 @@ impl Cluster {
 
     /// Calls function `func` on `pid` with an already encoded argument tuple.
     pub(crate) fn call_with_payload<R: serde::de::DeserializeOwned>(&self, pid: Pid, func: u64, payload: &[u8]) -> Result<RemoteFuture<R>> {
-        let slot = Arc::new(future::Slot::default());
+        let slot = self.slot_for(pid);
         let copy = |buf: &mut Vec<u8>| {
             buf.extend_from_slice(payload);
             Ok(())
@@ -512,6 +557,22 @@ fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).expect("the operating system has no random source");
     u64::from_le_bytes(b)
+}
+
+/// Runs on the master: a worker says where it listens for direct links.
+#[crate::remote]
+fn builtin_register_peer(pid: Pid, address: String) {
+    if let Some(c) = Cluster::current() {
+        if let Some(m) = &c.inner.master {
+            m.peer_addresses.lock().expect("peer addresses lock").insert(pid, address);
+        }
+    }
+}
+
+/// Runs on the master: where worker `pid` listens for direct links.
+#[crate::remote]
+fn builtin_peer_address(pid: Pid) -> Option<String> {
+    Cluster::current()?.inner.master.as_ref()?.peer_addresses.lock().expect("peer addresses lock").get(&pid).cloned()
 }
 
 /// Runs on the master for a worker's `Cluster::workers()`.

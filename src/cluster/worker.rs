@@ -16,7 +16,7 @@ use crate::protocol::{self, Frame, FrameBuf, Header, Hello, Kind, MAX_HANDSHAKE,
 use crate::sys;
 
 use super::link::{Link, TcpOut};
-use super::{Cluster, exec, output};
+use super::{Cluster, Peers, exec, output};
 
 /// Environment variable holding the master's `host:port`.
 pub const ENV_MASTER: &str = "CLUSTERMAN_MASTER";
@@ -158,20 +158,30 @@ pub(crate) fn at_worker_exit(hook: impl FnOnce() + Send + 'static) {
 }
 
 pub(crate) fn run(config: WorkerConfig) -> Result<()> {
-    let (stream, pid) = dial(&config)?;
+    let (stream, pid, direct_links) = dial(&config)?;
     let out = TcpOut::boxed(stream.try_clone().map_err(|e| Error::io("cloning the master connection", e))?);
-    serve(pid, Link::new(1, out), Inbox::Tcp(BufReader::with_capacity(64 * 1024, stream)))
+    let link = Link::new(1, out);
+    let peers = if direct_links {
+        // listen where this worker reaches the master from: its peers are on that network
+        let ip = stream.local_addr().map_err(|e| Error::io("reading the local address", e))?.ip();
+        let (peers, address) = Peers::start(pid, config.secret, ip)?;
+        Cluster::worker_handle(pid, link.clone(), None).remote_do(1, super::builtin_register_peer, (pid, address.to_string()))?;
+        Some(peers)
+    } else {
+        None
+    };
+    serve(pid, link, Inbox::Tcp(BufReader::with_capacity(64 * 1024, stream)), peers)
 }
 
 /// Serves calls on this thread as worker `pid` until the master says stop (`Ok`) or is
 /// gone (`Err`). On a stop, the worker's output is flushed and a goodbye frame ends the
 /// conversation, so the master knows nothing more is coming (MPI links have no EOF).
-pub(crate) fn serve(pid: Pid, link: Arc<Link>, inbox: Inbox) -> Result<()> {
+pub(crate) fn serve(pid: Pid, link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) -> Result<()> {
     MY_PID.store(pid, Ordering::Relaxed);
     if let Err(e) = output::start_forwarding(link.clone(), pid) {
         tracing::warn!("worker {pid}: output stays local, forwarding failed: {e}");
     }
-    let _ = WORKER_CLUSTER.set(Cluster::worker_handle(pid, link.clone()));
+    let _ = WORKER_CLUSTER.set(Cluster::worker_handle(pid, link.clone(), peers));
     SERVING.with(|s| *s.borrow_mut() = Some(Serving { inbox, link: link.clone(), me: pid }));
     let outcome = loop {
         match pump_once() {
@@ -189,8 +199,9 @@ pub(crate) fn serve(pid: Pid, link: Arc<Link>, inbox: Inbox) -> Result<()> {
     outcome
 }
 
-/// Connects (retrying briefly: the master may still be binding on a slow node) and shakes hands.
-fn dial(config: &WorkerConfig) -> Result<(TcpStream, Pid)> {
+/// Connects (retrying briefly: the master may still be binding on a slow node) and shakes
+/// hands. Returns the connection, this worker's pid, and whether to open direct links.
+fn dial(config: &WorkerConfig) -> Result<(TcpStream, Pid, bool)> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut stream = loop {
         match TcpStream::connect(&config.master) {
@@ -212,13 +223,14 @@ fn dial(config: &WorkerConfig) -> Result<(TcpStream, Pid)> {
         host: sys::hostname(),
         os_pid: std::process::id(),
         mpi: config.mpi,
+        peer: None,
     };
     stream.write_all(&hello.encode()).map_err(|e| Error::io("sending the hello", e))?;
     stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| Error::io("setting a timeout", e))?;
     let body = read_prefixed(&mut stream, MAX_HANDSHAKE).map_err(|e| Error::Handshake(format!("no answer from the master at {}: {e}", config.master)))?;
     stream.set_read_timeout(None).map_err(|e| Error::io("clearing a timeout", e))?;
     match Welcome::decode(&body).map_err(Error::Handshake)? {
-        Welcome::Accepted(pid) => Ok((stream, pid)),
+        Welcome::Accepted { pid, direct_links } => Ok((stream, pid, direct_links)),
         Welcome::Refused(reason) => Err(Error::Handshake(format!("the master refused this worker: {reason}"))),
     }
 }

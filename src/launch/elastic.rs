@@ -15,7 +15,7 @@ use crate::Pid;
 use crate::cluster::master::serve_connection;
 use crate::cluster::{Cluster, Inner};
 use crate::error::{Error, Result};
-use crate::protocol::{Hello, Refusal};
+use crate::protocol::{Hello, Refusal, Welcome};
 use crate::{ENV_MASTER, ENV_SECRET, sys};
 
 use super::listener::{Admit, Listener};
@@ -175,14 +175,17 @@ struct ElasticAdmission {
 }
 
 impl Admit for ElasticAdmission {
-    fn admit(&self, _hello: &Hello) -> std::result::Result<Pid, Refusal> {
+    fn admit(&self, hello: &Hello) -> std::result::Result<Welcome, Refusal> {
         let refuse = |reason: &str| Refusal { reason: reason.into(), launch: None };
         let inner = self.cluster.upgrade().ok_or_else(|| refuse("the master is shutting down"))?;
         let master = inner.master.as_ref().ok_or_else(|| refuse("not a master"))?;
         if master.shut.load(Ordering::Relaxed) {
             return Err(refuse("the master is shutting down"));
         }
-        Ok(master.next_pid.fetch_add(1, Ordering::Relaxed))
+        if hello.peer.is_some() {
+            return Err(refuse("a worker-to-worker hello sent to the master's elastic listener"));
+        }
+        Ok(Welcome::Accepted { pid: master.next_pid.fetch_add(1, Ordering::Relaxed), direct_links: master.direct_links })
     }
 
     fn serve(&self, pid: Pid, hello: Hello, stream: TcpStream) {

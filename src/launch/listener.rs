@@ -17,8 +17,8 @@ use crate::protocol::{Hello, MAX_HANDSHAKE, Refusal, Secret, Welcome, check_hell
 
 /// Decides what to do with a worker whose hello checked out: its pid, or a refusal.
 pub(crate) trait Admit: Send + Sync + 'static {
-    /// Reserves the worker's pid, or refuses it.
-    fn admit(&self, hello: &Hello) -> std::result::Result<Pid, Refusal>;
+    /// Reserves the worker's pid, or refuses it. Returns the welcome to send.
+    fn admit(&self, hello: &Hello) -> std::result::Result<Welcome, Refusal>;
     /// Starts serving an admitted worker (after it was told its pid).
     fn serve(&self, pid: Pid, hello: Hello, stream: TcpStream);
     /// Records a refused connection (logged, kept for [`crate::Cluster::refusals`]).
@@ -92,10 +92,11 @@ fn handshake(mut stream: TcpStream, secret: Secret, admit: &dyn Admit) {
         }
     };
     let (fp, exe) = fingerprint::this_process();
-    let outcome = check_hello(&body, &secret, fp, exe).and_then(|hello| admit.admit(&hello).map(|pid| (pid, hello)));
+    let outcome = check_hello(&body, &secret, fp, exe).and_then(|hello| admit.admit(&hello).map(|welcome| (welcome, hello)));
     match outcome {
-        Ok((pid, hello)) => {
-            if stream.write_all(&Welcome::Accepted(pid).encode()).is_err() || stream.set_read_timeout(None).is_err() {
+        Ok((welcome, hello)) => {
+            let Welcome::Accepted { pid, .. } = welcome else { return };
+            if stream.write_all(&welcome.encode()).is_err() || stream.set_read_timeout(None).is_err() {
                 let reason = format!("worker {} (os pid {}) vanished during the handshake", hello.host, hello.os_pid);
                 admit.refused(peer, &Refusal { reason, launch: None });
                 return;

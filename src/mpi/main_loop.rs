@@ -169,7 +169,7 @@ impl MainLoop {
             }
             let link = Link::new(1, transport.out(0));
             at_worker_exit(move || transport.stop());
-            exit_worker(worker::serve(me.rank as Pid + 1, link, Inbox::Channel(rx)));
+            exit_worker(worker::serve(me.rank as Pid + 1, link, Inbox::Channel(rx), None));
         }
         let mut others = Vec::new();
         let mut problems = Vec::new();

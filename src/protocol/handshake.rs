@@ -90,6 +90,8 @@ pub struct Hello {
     pub os_pid: u32,
     /// MPI rank and world size, when the worker is an MPI process.
     pub mpi: Option<(i32, i32)>,
+    /// Set when a worker dials another worker directly (all-to-all topology): its own pid.
+    pub peer: Option<Pid>,
 }
 
 impl Hello {
@@ -122,8 +124,13 @@ impl Refusal {
 /// Master to worker: the pid given, or the reason for refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Welcome {
-    /// Accepted as this pid.
-    Accepted(Pid),
+    /// Accepted as `pid`; `direct_links`: workers may connect to each other directly.
+    Accepted {
+        /// The pid given (or, from a peer, the peer's own pid).
+        pid: Pid,
+        /// All-to-all topology: open a peer listener and dial other workers directly.
+        direct_links: bool,
+    },
     /// Refused; the text says why and what to do.
     Refused(String),
 }
@@ -135,9 +142,10 @@ impl Welcome {
         body.extend_from_slice(&MAGIC);
         body.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         match self {
-            Welcome::Accepted(pid) => {
+            Welcome::Accepted { pid, direct_links } => {
                 body.push(1);
                 body.extend_from_slice(&pid.to_le_bytes());
+                body.push(u8::from(*direct_links));
             }
             Welcome::Refused(reason) => {
                 body.push(0);
@@ -151,7 +159,7 @@ impl Welcome {
     pub fn decode(body: &[u8]) -> Result<Welcome, String> {
         let (version, rest) = split_magic(body)?;
         match rest.first() {
-            Some(1) if rest.len() == 5 => Ok(Welcome::Accepted(Pid::from_le_bytes(rest[1..5].try_into().expect("4 bytes")))),
+            Some(1) if rest.len() == 6 => Ok(Welcome::Accepted { pid: Pid::from_le_bytes(rest[1..5].try_into().expect("4 bytes")), direct_links: rest[5] == 1 }),
             Some(0) => Ok(Welcome::Refused(String::from_utf8_lossy(&rest[1..]).into_owned())),
             _ if version != PROTOCOL_VERSION => Err(version_mismatch(PROTOCOL_VERSION, version)),
             _ => Err("malformed welcome from the master".into()),
@@ -214,7 +222,7 @@ mod tests {
     }
 
     fn hello(secret: Secret, registry: u64) -> Hello {
-        Hello { secret, fingerprint: fp(registry), exe: "/bin/w".into(), launch: Some((9, 2)), host: "h".into(), os_pid: 77, mpi: Some((2, 4)) }
+        Hello { secret, fingerprint: fp(registry), exe: "/bin/w".into(), launch: Some((9, 2)), host: "h".into(), os_pid: 77, mpi: Some((2, 4)), peer: None }
     }
 
     fn body(msg: &[u8]) -> &[u8] {
@@ -269,7 +277,7 @@ mod tests {
 
     #[test]
     fn welcome_round_trips() {
-        for w in [Welcome::Accepted(5), Welcome::Refused("no".into())] {
+        for w in [Welcome::Accepted { pid: 5, direct_links: true }, Welcome::Accepted { pid: 6, direct_links: false }, Welcome::Refused("no".into())] {
             assert_eq!(Welcome::decode(body(&w.encode())).unwrap(), w);
         }
     }
