@@ -1,1 +1,274 @@
-//! (being written)
+//! IBM Spectrum LSF: `bsub` a job array (`-J name[1-N]`) of independent workers, or one job
+//! of `-n N` slots running `mpirun`. The script goes to `bsub` on stdin with `#BSUB`
+//! directives. State from `bjobs`, cancel with `bkill`. Submission is retried, because
+//! `bsub` fails now and then while LSF's daemons are busy or restarting.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+use super::{BatchManager, CommandResult, Job, JobSpec, JobState, Layout, Scheduler, shell_quote};
+
+/// Workers started through LSF's `bsub`.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use clusterman::prelude::*;
+/// use clusterman::launch::scheduler::{JobOptions, Layout};
+/// use clusterman::launch::scheduler::lsf::LsfManager;
+/// # fn main() -> clusterman::Result<()> {
+/// let cluster = Cluster::new()?;
+/// let lsf = LsfManager::new(8)
+///     .job(JobOptions::new().layout(Layout::Array).queue("short").command_prefix(["ssh", "login"]))
+///     .bsub_flags(["-P", "scicompsoft"])
+///     .retry_delays([1, 5, 30].map(Duration::from_secs)) // after .job(), which replaces them
+///     .throttle(2);
+/// let pids = cluster.add_procs(&lsf)?;
+/// # Ok(()) }
+/// ```
+pub type LsfManager = BatchManager<Lsf>;
+
+/// The LSF dialect.
+#[derive(Debug, Clone, Default)]
+pub struct Lsf {
+    flags: Vec<String>,
+}
+
+/// `bsub` flags the manager sets itself (or that would make `bsub` wait for the job), and
+/// what to use instead.
+const OWNED: &[(&str, &str)] = &[
+    ("-J", "use JobOptions::name and JobOptions::layout"),
+    ("-o", "worker output reaches the master by itself; the job's log goes to <workdir>/<name>.%J.out"),
+    ("-oo", "the job's log goes to <workdir>/<name>.%J.out"),
+    ("-e", "the job's standard error goes to its log, <workdir>/<name>.%J.out"),
+    ("-eo", "the job's standard error goes to its log, <workdir>/<name>.%J.out"),
+    ("-cwd", "use JobOptions::workdir"),
+    ("-n", "the worker count is LsfManager::new(np); CPUs per worker are JobOptions::cpus_per_worker"),
+    ("-K", "clusterman submits the job and watches it itself"),
+    ("-I", "clusterman submits the job and watches it itself"),
+    ("-Ip", "clusterman submits the job and watches it itself"),
+    ("-Is", "clusterman submits the job and watches it itself"),
+];
+
+impl LsfManager {
+    /// `np` workers. A transient submission failure (LSF's daemons briefly unavailable) is
+    /// retried after 1, 2, 4 … 512 s (ten retries, like ClusterManagers.jl's
+    /// `ExponentialBackOff(n=10)`); a refusal (a misspelt queue) fails at once.
+    pub fn new(np: usize) -> Self {
+        BatchManager::with(np, Lsf::default()).retry_delays((0..10).map(|i| Duration::from_secs(1 << i)))
+    }
+
+    /// Extra `bsub` arguments, as given on its command line (like Julia's `bsub_flags`).
+    /// Flags the manager sets itself (`-J`, `-o`, `-e`, `-cwd`, `-n`...) are refused at launch.
+    pub fn bsub_flags<S: Into<String>>(mut self, flags: impl IntoIterator<Item = S>) -> Self {
+        self.scheduler.flags = flags.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Waits between submission attempts when `bsub` fails (empty: no retry). Set it after
+    /// [`job`](BatchManager::job), which replaces every job option.
+    pub fn retry_delays(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
+        self.job = self.job.submit_retry_delays(delays);
+        self
+    }
+
+    /// At most `n` LSF commands of this manager run at once. Set it after
+    /// [`job`](BatchManager::job), which replaces every job option.
+    pub fn throttle(mut self, n: usize) -> Self {
+        self.job = self.job.throttle(n);
+        self
+    }
+}
+
+impl Scheduler for Lsf {
+    fn name(&self) -> &'static str {
+        "lsf"
+    }
+
+    fn transient(&self, failure: &CommandResult) -> bool {
+        // what bsub prints while its daemons (LIM, mbatchd) are starting or overloaded
+        let text = format!("{}{}", failure.stdout, failure.stderr);
+        ["LIM", "mbatchd", "not responding", "LSF is down", "Please wait", "try again"].iter().any(|m| text.contains(m))
+    }
+
+    fn job(&self, spec: &JobSpec<'_>) -> Result<Job> {
+        super::options::refuse_owned("bsub", &self.flags, OWNED)?;
+        let o = spec.options;
+        let wd = o.workdir_or_current();
+        let mut d = match o.layout {
+            Layout::Mpi => vec![format!("-J {}", o.name), format!("-o {wd}/{}.%J.out", o.name)],
+            // quoted as in LSF's manual: the brackets are part of the name
+            Layout::Array => vec![format!("-J \"{}[1-{}]\"", o.name, spec.workers), format!("-o {wd}/{}.%J.%I.out", o.name)],
+        };
+        d.push(format!("-cwd {wd}"));
+        if o.layout == Layout::Mpi {
+            d.push(format!("-n {}", spec.workers));
+        }
+        d.extend(o.cpus_per_worker.map(|c| format!("-R \"affinity[core({c})]\"")));
+        // LSF's run limit is in minutes; round up so the job never gets less than asked
+        d.extend(o.walltime.map(|t| format!("-W {}", t.as_secs().div_ceil(60).max(1))));
+        d.extend(o.queue.as_ref().map(|q| format!("-q {q}")));
+        d.extend(o.account.as_ref().map(|a| format!("-P {a}")));
+        if let Some(m) = &o.memory {
+            // -M is the enforced limit, rusage the reservation the scheduler plans with
+            d.push(format!("-M {m}"));
+            d.push(format!("-R \"rusage[mem={m}]\""));
+        }
+        let mut script = String::from("#!/bin/bash\n");
+        for directive in o.directives(d) {
+            script.push_str(&format!("#BSUB {directive}\n"));
+        }
+        let program = shell_quote(&spec.program);
+        let launch = match o.layout {
+            Layout::Mpi => format!("exec {} -np {} {program}", o.launcher.as_deref().unwrap_or("mpirun"), spec.workers),
+            Layout::Array => format!("exec {program}"),
+        };
+        script.push_str(&spec.body(&launch));
+        let mut submit = vec!["bsub".to_string()];
+        submit.extend(self.flags.iter().cloned());
+        Ok(Job { submit, script })
+    }
+
+    fn parse_job_id(&self, stdout: &str) -> Result<String> {
+        // `Job <123> is submitted to queue <normal>.`
+        stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Job <")?.split_once("> is submitted").map(|(id, _)| id))
+            .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+            .map(str::to_string)
+            .ok_or_else(|| Error::Launch(format!("unexpected bsub output (no job id): {stdout:?}")))
+    }
+
+    fn state_command(&self, id: &str) -> Vec<String> {
+        // one line per array element: its status word
+        ["bjobs", "-noheader", "-o", "stat", id].map(String::from).to_vec()
+    }
+
+    fn parse_state(&self, id: &str, r: &CommandResult) -> JobState {
+        if !r.success {
+            return if r.stderr.contains("is not found") {
+                JobState::Finished("no longer known to LSF".into())
+            } else {
+                JobState::Unknown(r.stderr.trim().to_string())
+            };
+        }
+        let states: Vec<JobState> = r.stdout.split_whitespace().map(|s| element_state(id, s)).collect();
+        if states.contains(&JobState::Running) {
+            return JobState::Running;
+        }
+        if let Some(waiting) = states.iter().find(|s| matches!(s, JobState::Pending(_) | JobState::Unknown(_))) {
+            return waiting.clone();
+        }
+        states.into_iter().next().unwrap_or_else(|| JobState::Finished("no longer in the queue".into()))
+    }
+
+    fn cancel_command(&self, id: &str) -> Vec<String> {
+        vec!["bkill".into(), id.into()]
+    }
+}
+
+/// One element's `STAT` column of `bjobs`.
+fn element_state(id: &str, stat: &str) -> JobState {
+    match stat {
+        "PEND" | "WAIT" => JobState::Pending(String::new()),
+        "PSUSP" => JobState::Pending("suspended while pending (PSUSP); see bjobs -l".into()),
+        "USUSP" | "SSUSP" => JobState::Pending(format!("suspended ({stat})")),
+        "RUN" | "PROV" => JobState::Running,
+        "DONE" => JobState::Finished("done".into()),
+        "EXIT" => JobState::Finished(format!("exited (EXIT; see bhist -l {id})")),
+        "UNKWN" => JobState::Unknown("LSF lost contact with the job's host (UNKWN)".into()),
+        other => JobState::Finished(other.to_lowercase()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch::scheduler::JobOptions;
+
+    fn spec(options: &JobOptions) -> JobSpec<'_> {
+        JobSpec { options, workers: 3, program: "/opt/app/bin/sim".into(), exports: vec![("CLUSTERMAN_MASTER".into(), "10.0.0.1:4000".into())] }
+    }
+
+    #[test]
+    fn golden_mpi_script() {
+        let o = JobOptions::new().name("sim").workdir("/w").walltime(Duration::from_secs(3601)).queue("normal").account("proj").memory("2GB").cpus_per_worker(2).prologue("module load openmpi");
+        let job = Lsf { flags: vec!["-x".into()] }.job(&spec(&o)).unwrap();
+        assert_eq!(job.submit, ["bsub", "-x"]);
+        assert_eq!(
+            job.script,
+            r#"#!/bin/bash
+#BSUB -J sim
+#BSUB -o /w/sim.%J.out
+#BSUB -cwd /w
+#BSUB -n 3
+#BSUB -R "affinity[core(2)]"
+#BSUB -W 61
+#BSUB -q normal
+#BSUB -P proj
+#BSUB -M 2GB
+#BSUB -R "rusage[mem=2GB]"
+export CLUSTERMAN_MASTER=10.0.0.1:4000
+module load openmpi
+exec mpirun -np 3 /opt/app/bin/sim
+"#
+        );
+    }
+
+    #[test]
+    fn golden_array_script() {
+        let o = JobOptions::new().workdir("/w").layout(Layout::Array).extra_directive("-G grp");
+        let job = Lsf::default().job(&spec(&o)).unwrap();
+        assert_eq!(job.submit, ["bsub"]);
+        assert_eq!(
+            job.script,
+            r#"#!/bin/bash
+#BSUB -J "clusterman[1-3]"
+#BSUB -o /w/clusterman.%J.%I.out
+#BSUB -cwd /w
+#BSUB -G grp
+export CLUSTERMAN_MASTER=10.0.0.1:4000
+exec /opt/app/bin/sim
+"#
+        );
+    }
+
+    #[test]
+    fn flags_clusterman_sets_are_refused_with_the_flag_named() {
+        for flag in ["-J", "-o", "-e", "-cwd", "-n", "-K"] {
+            let lsf = Lsf { flags: vec!["-P".into(), "proj".into(), flag.into(), "x".into()] };
+            let err = lsf.job(&spec(&JobOptions::new())).unwrap_err().to_string();
+            assert!(err.contains(&format!("bsub flag {flag} clashes")), "{err}");
+        }
+    }
+
+    #[test]
+    fn default_retries_back_off_exponentially() {
+        let delays = LsfManager::new(1).job.submit_retry_delays;
+        assert_eq!(delays.len(), 10);
+        assert_eq!((delays[0], delays[1], delays[9]), (Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(512)));
+        assert!(LsfManager::new(1).retry_delays([]).job.submit_retry_delays.is_empty());
+    }
+
+    #[test]
+    fn job_ids_and_states_parse() {
+        let s = Lsf::default();
+        assert_eq!(s.parse_job_id("Job <123> is submitted to queue <normal>.\n").unwrap(), "123");
+        assert_eq!(s.parse_job_id("Job <4> is submitted to default queue <short>.\n").unwrap(), "4");
+        assert!(s.parse_job_id("normal: No such queue. Job not submitted.\n").is_err());
+        let ok = |stdout: &str| CommandResult { success: true, stdout: stdout.into(), stderr: String::new() };
+        assert_eq!(s.parse_state("1", &ok("PEND \n")), JobState::Pending(String::new()));
+        assert_eq!(s.parse_state("1", &ok("RUN  \n")), JobState::Running);
+        assert_eq!(s.parse_state("1", &ok("DONE \nRUN  \nPEND \n")), JobState::Running, "an array with one element running");
+        assert_eq!(s.parse_state("1", &ok("DONE \nDONE \n")), JobState::Finished("done".into()));
+        assert!(matches!(s.parse_state("1", &ok("EXIT \n")), JobState::Finished(m) if m.contains("EXIT")));
+        assert!(matches!(s.parse_state("1", &ok("PSUSP\n")), JobState::Pending(m) if m.contains("PSUSP")));
+        assert!(matches!(s.parse_state("1", &ok("UNKWN\n")), JobState::Unknown(_)));
+        let gone = CommandResult { success: false, stdout: String::new(), stderr: "Job <1> is not found\n".into() };
+        assert_eq!(s.parse_state("1", &gone), JobState::Finished("no longer known to LSF".into()));
+        let down = CommandResult { success: false, stdout: String::new(), stderr: "LSF is down. Please wait ...\n".into() };
+        assert!(matches!(s.parse_state("1", &down), JobState::Unknown(_)));
+        assert_eq!(s.state_command("7"), ["bjobs", "-noheader", "-o", "stat", "7"]);
+        assert_eq!(s.cancel_command("7"), ["bkill", "7"]);
+    }
+}

@@ -29,7 +29,11 @@ use super::{Launch, LaunchStatus};
 pub use batch::BatchManager;
 use guard::CancelGuard;
 pub use options::{JobOptions, Layout};
+pub use htcondor::{HtCondor, HtCondorManager};
+pub use lsf::{Lsf, LsfManager};
+pub use pbs::{Pbs, PbsDialect, PbsManager};
 pub use qrsh::QrshManager;
+pub use scyld::ScyldManager;
 pub use sge::{Sge, SgeManager};
 pub use slurm::{Slurm, SlurmManager};
 
@@ -47,6 +51,12 @@ pub trait Scheduler: Send + Sync {
     fn parse_state(&self, id: &str, result: &CommandResult) -> JobState;
     /// The command that cancels the job.
     fn cancel_command(&self, id: &str) -> Vec<String>;
+    /// Whether a failed submission is worth trying again (a daemon briefly unavailable), as
+    /// opposed to a refusal that will not change. Default: never.
+    fn transient(&self, failure: &CommandResult) -> bool {
+        let _ = failure;
+        false
+    }
     /// The command that removes the workers with these indices (0-based) from a job that
     /// goes on without them (`min_workers`), or `None` if they cannot be removed alone.
     fn trim_command(&self, id: &str, missing: &[u32]) -> Option<Vec<String>> {
@@ -155,13 +165,18 @@ pub(crate) fn run(options: &JobOptions, argv: &[String], stdin: Option<&str>) ->
     })?;
     if let Some(text) = stdin {
         let mut pipe = child.stdin.take().expect("piped");
-        pipe.write_all(text.as_bytes()).map_err(|e| Error::io(format!("writing the job script to `{program}`"), e))?;
+        // a command that exits without reading (missing behind `env`, refusing at once) is
+        // reported by its exit status and stderr below, not by the broken pipe
+        match pipe.write_all(text.as_bytes()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(Error::io(format!("writing the job script to `{program}`"), e)),
+            _ => {}
+        }
     }
     child.wait_with_output().map_err(|e| Error::io(format!("waiting for `{program}`"), e))
 }
 
-/// Submits `job` (retrying after `options.submit_retry_delays` if it fails), returns the
-/// running launch with its cancel guard.
+/// Submits `job` (a transient failure is retried after `options.submit_retry_delays`),
+/// returns the running launch with its cancel guard.
 pub(crate) fn submit(scheduler: Box<dyn Scheduler>, options: &JobOptions, job: &Job) -> Result<Box<dyn Launch>> {
     let mut delays = options.submit_retry_delays.iter();
     let out = loop {
@@ -169,8 +184,13 @@ pub(crate) fn submit(scheduler: Box<dyn Scheduler>, options: &JobOptions, job: &
         if out.status.success() {
             break out;
         }
-        let why = format!("{} refused the job ({}): {}", job.submit[0], out.status, String::from_utf8_lossy(&out.stderr).trim());
-        match delays.next() {
+        let failure = CommandResult {
+            success: false,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        let why = format!("{} refused the job ({}): {}", job.submit[0], out.status, failure.stderr.trim());
+        match delays.next().filter(|_| scheduler.transient(&failure)) {
             Some(delay) => {
                 tracing::warn!("{why}; trying again in {delay:?}");
                 std::thread::sleep(*delay);

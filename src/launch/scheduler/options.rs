@@ -254,6 +254,15 @@ pub(crate) fn check_owned(options: &[(String, String)], owned: &[(&str, &str, &s
     Ok(())
 }
 
+/// Refuses submit flags that clash with the ones the manager sets (ClusterManagers.jl
+/// issue #142: a user's `-J` broke the job array), naming the flag.
+pub(crate) fn refuse_owned(command: &str, flags: &[String], owned: &[(&str, &str)]) -> Result<()> {
+    match owned.iter().find(|(flag, _)| flags.iter().any(|f| f == flag)) {
+        Some((flag, instead)) => Err(Error::Launch(format!("{command} flag {flag} clashes with one clusterman sets itself; {instead}"))),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 
-use super::options::hms;
+use super::options::{hms, refuse_owned};
 use super::{BatchManager, CommandResult, Job, JobSpec, JobState, Layout, Scheduler, shell_quote};
 
 /// Workers started through Grid Engine's `qsub`.
@@ -59,11 +59,9 @@ impl Scheduler for Sge {
     }
 
     fn job(&self, spec: &JobSpec<'_>) -> Result<Job> {
-        for owned in ["-N", "-o", "-e", "-t", "-pe", "-wd", "-cwd", "-terse"] {
-            if self.flags.iter().any(|f| f == owned) {
-                return Err(Error::Launch(format!("qsub flag {owned} clashes with one clusterman sets itself; use JobOptions (name, workdir, layout) instead")));
-            }
-        }
+        let instead = "use JobOptions (name, workdir, layout) instead";
+        let owned = ["-N", "-o", "-e", "-t", "-pe", "-wd", "-cwd", "-terse", "-w"].map(|f| (f, instead));
+        refuse_owned("qsub", &self.flags, &owned)?;
         let o = spec.options;
         let wd = o.workdir_or_current();
         let mut d = vec![format!("-N {}", o.name), "-S /bin/bash".into(), format!("-wd {wd}"), "-j y".into()];

@@ -1,0 +1,216 @@
+//! PBS, Torque and PBS Pro, through a fake `qsub`/`qstat`/`qdel` (tests/fixtures/pbs: small
+//! python scripts that run the job on this machine, in the dialect `FAKE_PBS_DIALECT`
+//! names, and keep its state in a directory, one per test). Array jobs and MPI jobs running
+//! `mpirun` (with `mpido!`) in both dialects, each leaving the job finished and no process
+//! behind; and the error paths: `qsub` missing, a refused submission, a job that never starts.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use clusterman::launch::scheduler::pbs::{PbsDialect, PbsManager};
+use clusterman::launch::scheduler::{JobOptions, Layout};
+use clusterman::prelude::*;
+use clusterman::{Error, mpido};
+
+clusterman::init_in_constructor!();
+
+#[remote]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+/// `PBS_JOBID`, the array index (Torque's or PBS Pro's variable) and the working directory.
+#[remote]
+fn pbs_task() -> (Option<String>, Option<String>, PathBuf) {
+    let index = std::env::var("PBS_ARRAYID").or_else(|_| std::env::var("PBS_ARRAY_INDEX")).ok();
+    (std::env::var("PBS_JOBID").ok(), index, std::env::current_dir().unwrap())
+}
+
+/// One fake PBS server: its state directory and the command prefix that reaches it.
+struct FakePbs {
+    state: PathBuf,
+    prefix: Vec<String>,
+}
+
+impl FakePbs {
+    /// A fresh fake PBS speaking `dialect` (`torque` or `pbspro`); `faults` are `FAKE_...`
+    /// settings for it.
+    fn new(tag: &str, dialect: &str, faults: &[&str]) -> Self {
+        let state = common::temp_dir(&format!("pbs-state-{tag}"));
+        let mut prefix = common::fixtures_prefix("pbs");
+        prefix.push(format!("FAKE_PBS_STATE={}", state.display()));
+        prefix.push(format!("FAKE_PBS_DIALECT={dialect}"));
+        prefix.push("FAKE_PBS_SERVER=headnode".into());
+        prefix.extend(faults.iter().map(|f| f.to_string()));
+        FakePbs { state, prefix }
+    }
+
+    /// Job options for a test: a unique name, a scratch working directory, this fake.
+    fn job(&self, tag: &str) -> JobOptions {
+        JobOptions::new()
+            .name(format!("cman-{tag}-{}", std::process::id()))
+            .workdir(common::temp_dir(tag))
+            .command_prefix(self.prefix.clone())
+            .launch_timeout(Duration::from_secs(60))
+            // Open MPI refuses root unless told; CI runs as root
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+    }
+
+    /// The sequence numbers of the jobs submitted to this fake.
+    fn jobs(&self) -> Vec<String> {
+        std::fs::read_dir(&self.state).unwrap().filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.parse::<u32>().is_ok()).collect()
+    }
+
+    /// What the fake says of job `id`: `qstat -f` (with the array's tasks and, under PBS
+    /// Pro, finished jobs too).
+    fn qstat(&self, id: &str) -> String {
+        let history: &[&str] = if self.prefix.iter().any(|a| a == "FAKE_PBS_DIALECT=pbspro") { &["-x"] } else { &[] };
+        let out = Command::new(&self.prefix[0]).args(&self.prefix[1..]).args(["qstat", "-f", "-t"]).args(history).arg(id).output().unwrap();
+        assert!(out.status.success(), "qstat {id}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until every record of job `id` has finished in `state` with `exit` status, and
+    /// none of its processes is left.
+    fn assert_job_ended(&self, id: &str, states: &[&str], exit: &str) {
+        let ended = || {
+            let text = self.qstat(id);
+            let finished = text.lines().filter_map(|l| l.trim().strip_prefix("job_state = ")).all(|s| states.contains(&s));
+            finished && text.lines().filter_map(|l| l.trim().split_once("xit_status = ")).all(|(_, e)| e == exit)
+        };
+        assert!(common::wait_until(Duration::from_secs(15), ended), "job {id} should be {states:?} with exit status {exit}:\n{}", self.qstat(id));
+        let seq = id.split(['[', '.']).next().unwrap();
+        let groups: Vec<u32> = std::fs::read_dir(self.state.join(seq)).unwrap().filter_map(|e| {
+            let path = e.ok()?.path();
+            (path.extension()? == "pgid").then(|| std::fs::read_to_string(&path).ok()?.parse().ok()).flatten()
+        }).collect();
+        assert!(common::wait_until(Duration::from_secs(10), || groups.iter().all(|p| !common::process_alive(*p))), "job processes left: {groups:?}");
+    }
+}
+
+fn worker_os_pids(cluster: &Cluster, pids: &[Pid]) -> Vec<u32> {
+    pids.iter().map(|p| cluster.worker_info(*p).unwrap().os_pid).collect()
+}
+
+fn assert_gone(os_pids: &[u32]) {
+    assert!(common::wait_until(Duration::from_secs(10), || os_pids.iter().all(|p| !common::process_alive(*p))), "workers still alive: {os_pids:?}");
+}
+
+/// An array of 3 through a fake of `dialect`, which the manager detects from `qstat --version`;
+/// the job runs in the directory given by `wd`, where PBS also writes its logs.
+fn array_job(dialect: &str, log_names: [&str; 3]) {
+    let pbs = FakePbs::new(&format!("array-{dialect}"), dialect, &[]);
+    let name = format!("cman-pbs-{dialect}-array-{}", std::process::id());
+    let wd = common::temp_dir(&format!("pbs-wd-{dialect}"));
+    let cluster = Cluster::new().unwrap();
+    // wd wins over the JobOptions::workdir that pbs.job sets
+    let manager = PbsManager::new(3).job(pbs.job(&format!("pbs-{dialect}-array")).layout(Layout::Array)).wd(&wd);
+    let pids = cluster.add_procs(&manager).unwrap();
+    let tasks: Vec<(Option<String>, Option<String>, PathBuf)> = pids.iter().map(|p| cluster.remote_call_fetch(*p, pbs_task, ()).unwrap()).collect();
+    let indices: BTreeSet<String> = tasks.iter().map(|(_, i, _)| i.clone().expect("an array task")).collect();
+    assert_eq!(indices.into_iter().collect::<Vec<_>>(), ["1", "2", "3"]);
+    let seq = &pbs.jobs()[0];
+    for (job_id, index, dir) in &tasks {
+        assert_eq!(job_id.as_deref(), Some(format!("{seq}[{}].headnode", index.as_ref().unwrap()).as_str()));
+        assert_eq!(dir, &wd, "the job changed to its working directory");
+    }
+    assert_eq!(cluster.pmap(square, (0..20u64).map(|x| (x,))).unwrap(), (0..20u64).map(|x| x * x).collect::<Vec<_>>());
+    let os_pids = worker_os_pids(&cluster, &pids);
+    cluster.shutdown().unwrap();
+    let finished: &[&str] = if dialect == "torque" { &["C"] } else { &["F", "X"] };
+    pbs.assert_job_ended(&format!("{seq}[].headnode"), finished, "0");
+    assert_gone(&os_pids);
+    for log in log_names {
+        let log = wd.join(log.replace("<name>", &name).replace("<seq>", seq));
+        assert!(log.exists(), "PBS's log {} is in the working directory", log.display());
+    }
+}
+
+#[test]
+fn pbs_torque_array_job_with_the_dialect_detected() {
+    array_job("torque", ["<name>.o<seq>-1", "<name>.o<seq>-2", "<name>.o<seq>-3"]);
+}
+
+#[test]
+fn pbs_pro_array_job_with_the_dialect_detected() {
+    array_job("pbspro", ["<name>.o<seq>.1", "<name>.o<seq>.2", "<name>.o<seq>.3"]);
+}
+
+/// An MPI job of 2 ranks through a fake of `dialect`, chosen explicitly.
+fn mpi_job(dialect: PbsDialect, fake: &str, resources: &str, finished: &str) {
+    let pbs = FakePbs::new(&format!("mpi-{fake}"), fake, &[]);
+    let cluster = Cluster::new().unwrap();
+    let manager = PbsManager::new(2).dialect(dialect).job(pbs.job(&format!("pbs-{fake}-mpi")));
+    let script = manager.job_script().unwrap();
+    assert!(script.contains(resources) && script.contains("exec mpirun -np 2 "), "{script}");
+    let pids = cluster.add_procs(&manager).unwrap();
+    let world: Vec<(i32, i32)> = mpido!(manager, |comm| {
+        comm.barrier();
+        (comm.rank(), comm.size())
+    })
+    .unwrap();
+    assert_eq!(world, vec![(0, 2), (1, 2)]);
+    assert_eq!(cluster.pmap(square, (0..10u64).map(|x| (x,))).unwrap()[9], 81);
+    let os_pids = worker_os_pids(&cluster, &pids);
+    drop(cluster); // drop shuts down too
+    pbs.assert_job_ended(&format!("{}.headnode", pbs.jobs()[0]), &[finished], "0");
+    assert_gone(&os_pids);
+}
+
+#[test]
+fn pbs_torque_mpi_job_runs_mpirun_and_mpido() {
+    mpi_job(PbsDialect::Torque, "torque", "#PBS -l nodes=2:ppn=1\n", "C");
+}
+
+#[test]
+fn pbs_pro_mpi_job_runs_mpirun_and_mpido() {
+    mpi_job(PbsDialect::PbsPro, "pbspro", "#PBS -l select=2:ncpus=1:mpiprocs=1\n", "F");
+}
+
+#[test]
+fn pbs_missing_commands_are_named_with_the_prefix_option() {
+    let cluster = Cluster::new().unwrap();
+    let options = |prefix: &[&str]| JobOptions::new().workdir(common::temp_dir("pbs-missing")).command_prefix(prefix.iter().copied());
+    let err = cluster.add_procs(PbsManager::new(1).dialect(PbsDialect::Torque).job(options(&["/nonexistent/pbs-login"]))).unwrap_err().to_string();
+    assert!(err.contains("cannot run `/nonexistent/pbs-login`") && err.contains("JobOptions::command_prefix (/nonexistent/pbs-login)"), "{err}");
+    // the dialect is asked of qstat first: its absence is named
+    let err = cluster.add_procs(PbsManager::new(1).job(options(&["env", "PATH=/nonexistent"]))).unwrap_err().to_string();
+    assert!(err.contains("qstat --version") && err.contains("qstat") && err.contains("No such file or directory") && err.contains("PbsManager::dialect"), "{err}");
+    // a missing qsub behind the prefix is the prefix's error (see the LSF test about the pipe)
+    let err = cluster.add_procs(PbsManager::new(1).dialect(PbsDialect::PbsPro).job(options(&["env", "PATH=/nonexistent"]))).unwrap_err().to_string();
+    let shown = err.contains("qsub refused the job") && err.contains("No such file or directory");
+    assert!(shown || err.contains("writing the job script to `env`: Broken pipe"), "{err}");
+}
+
+#[test]
+fn pbs_refused_submission_shows_qsub_stderr() {
+    let pbs = FakePbs::new("refused", "torque", &[]);
+    let cluster = Cluster::new().unwrap();
+    let err = cluster.add_procs(PbsManager::new(2).dialect(PbsDialect::Torque).job(pbs.job("pbs-refused").queue("nosuch"))).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Launch(_)), "{text}");
+    assert!(text.contains("qsub refused the job") && text.contains("qsub: submit error (Unknown queue  MSG=requested queue not found)"), "{text}");
+    // a dialect mix-up is refused by the scheduler, too: PBS Pro has no pmem
+    let pro = FakePbs::new("mixed", "pbspro", &[]);
+    let err = cluster.add_procs(PbsManager::new(2).dialect(PbsDialect::Torque).job(pro.job("pbs-mixed").memory("1gb"))).unwrap_err().to_string();
+    assert!(err.contains("qsub: Unknown resource Resource_List.pmem"), "{err}");
+    assert!(pbs.jobs().is_empty() && pro.jobs().is_empty());
+}
+
+#[test]
+fn pbs_job_that_never_starts_is_cancelled_after_the_queue_timeout() {
+    let pbs = FakePbs::new("held", "pbspro", &["FAKE_HOLD=1"]);
+    let cluster = Cluster::new().unwrap();
+    let manager = PbsManager::new(2).job(pbs.job("pbs-held").layout(Layout::Array).queue_timeout(Duration::from_secs(3)));
+    let err = cluster.add_procs(&manager).unwrap_err().to_string();
+    eprintln!("the error a user sees: {err}");
+    assert!(err.contains("still queued after 3s") && err.contains("pbs job") && err.contains("pending"), "{err}");
+    pbs.assert_job_ended(&format!("{}[].headnode", pbs.jobs()[0]), &["F", "X"], "271"); // qdel'ed
+    assert!(cluster.workers().is_empty());
+}
