@@ -18,6 +18,7 @@ else
 fi
 
 step "build without MPI";        cargo build --no-default-features --lib
+                                 cargo clippy --no-default-features --lib -- -D warnings
 step "clippy";                   cargo clippy --all-targets -- -D warnings
 step "tests (Open MPI)";         cargo test --all-targets 2>&1 | tee -a "$log"
 step "doc tests";                cargo test --doc 2>&1 | tee -a "$log"

@@ -153,6 +153,7 @@ pub(crate) fn exit_worker(outcome: Result<()>) -> ! {
 static EXIT_HOOKS: std::sync::Mutex<Vec<Box<dyn FnOnce() + Send>>> = std::sync::Mutex::new(Vec::new());
 
 /// Registers `hook` to run when this worker exits (e.g. `MPI_Finalize`).
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 pub(crate) fn at_worker_exit(hook: impl FnOnce() + Send + 'static) {
     EXIT_HOOKS.lock().expect("exit hooks lock").insert(0, Box::new(hook));
 }
@@ -265,6 +266,7 @@ pub(crate) enum Inbox {
     /// Read straight from the master's socket.
     Tcp(BufReader<TcpStream>),
     /// Handed over by the MPI progress thread (`Err`: the transport failed).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     Channel(std::sync::mpsc::Receiver<Result<Frame>>),
 }
 

@@ -62,6 +62,7 @@ impl RankMap {
     }
 
     /// `(rank, pid)` pairs in rank order, with the cluster.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     pub(crate) fn entries(&self) -> Option<(Cluster, Vec<(i32, Pid)>)> {
         let r = self.lock();
         Some((r.cluster.as_ref()?.clone_handle(), r.rank_to_pid.iter().map(|(r, p)| (*r, *p)).collect()))
@@ -86,6 +87,7 @@ impl RankMap {
     }
 
     /// Sets the whole map at once and keeps `cluster` (the all-rank modes own theirs here).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     pub(crate) fn set(&self, cluster: Cluster, ranks: impl IntoIterator<Item = (i32, Pid)>) {
         let mut r = self.lock();
         for (rank, pid) in ranks {
@@ -96,6 +98,7 @@ impl RankMap {
     }
 
     /// Forgets the cluster (dropping it shuts it down if this map owned it).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     pub(crate) fn take_cluster(&self) -> Option<Cluster> {
         self.lock().cluster.take()
     }

@@ -10,7 +10,9 @@ mod frame;
 mod handshake;
 
 pub use frame::{Frame, FrameBuf, Header, Kind, LEN_PREFIX, read_frame};
-pub use handshake::{Fingerprint, Hello, MAX_HANDSHAKE, PROTOCOL_VERSION, Refusal, Secret, Welcome, check_hello};
+pub use handshake::{Fingerprint, Hello, MAX_HANDSHAKE, Refusal, Secret, Welcome, check_hello};
+#[cfg(feature = "mpi")]
+pub use handshake::PROTOCOL_VERSION;
 
 /// Default largest frame a peer may send (1 GiB); raise it with
 /// [`ClusterBuilder::max_frame`](crate::ClusterBuilder::max_frame) for bigger single values.

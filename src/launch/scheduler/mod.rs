@@ -30,6 +30,7 @@ pub use batch::BatchManager;
 use guard::CancelGuard;
 pub use options::{JobOptions, Layout};
 pub use htcondor::{HtCondor, HtCondorManager};
+pub use kubernetes::KubernetesManager;
 pub use lsf::{Lsf, LsfManager};
 pub use pbs::{Pbs, PbsDialect, PbsManager};
 pub use qrsh::QrshManager;
