@@ -27,8 +27,10 @@ impl<S: Scheduler + Clone + 'static> BatchManager<S> {
     }
 
     /// Sets the common job options (name, walltime, queue, account, memory, timeouts...).
+    /// What they leave unset keeps the manager's default (an HTCondor job array, LSF's
+    /// submission retries).
     pub fn job(mut self, options: JobOptions) -> Self {
-        self.job = options;
+        self.job = options.with_defaults(&self.job);
         self
     }
 
@@ -50,13 +52,13 @@ impl<S: Scheduler + Clone + 'static> BatchManager<S> {
 
 /// What a job script exports, with stand-ins for the values only a launch knows.
 fn placeholder_exports(job: &JobOptions) -> Vec<(String, String)> {
-    let index = if job.layout == Layout::Mpi { "rank" } else { "task" };
+    let index = if job.layout_or_default() == Layout::Mpi { "rank" } else { "task" };
     let mut env = vec![
         (ENV_MASTER.to_string(), "<master-address>".to_string()),
         (ENV_SECRET.to_string(), "<secret>".to_string()),
         (ENV_LAUNCH.to_string(), format!("<launch>:{index}")),
     ];
-    if job.layout == Layout::Mpi {
+    if job.layout_or_default() == Layout::Mpi {
         env.push((ENV_MPI.to_string(), "serialized".to_string()));
     }
     env.extend(job.env.iter().cloned());
@@ -67,7 +69,7 @@ fn placeholder_exports(job: &JobOptions) -> Vec<(String, String)> {
 /// finds its index (its MPI rank, or its array task), then the user's variables.
 fn exports(ctx: &LaunchContext, job: &JobOptions) -> Vec<(String, String)> {
     let master = ctx.master_address();
-    let mut env = match job.layout {
+    let mut env = match job.layout_or_default() {
         Layout::Mpi => {
             let mut e = ctx.env_by_rank(&master);
             e.push((ENV_MPI.to_string(), "serialized".to_string()));
@@ -121,7 +123,7 @@ impl<S: Scheduler + Clone + 'static> ClusterManager for BatchManager<S> {
     }
 
     fn added(&self, cluster: &Cluster, workers: &[WorkerInfo]) -> Result<()> {
-        match self.job.layout {
+        match self.job.layout_or_default() {
             Layout::Mpi => self.ranks.record(cluster, workers, self.np),
             Layout::Array => Ok(()),
         }

@@ -69,9 +69,9 @@ impl Scheduler for HtCondor {
 
     fn job(&self, spec: &JobSpec<'_>) -> Result<Job> {
         let o = spec.options;
-        if o.layout == Layout::Mpi {
+        if o.layout_or_default() == Layout::Mpi {
             return Err(Error::Launch(
-                "HTCondor's vanilla universe starts no MPI world: use JobOptions::new().layout(Layout::Array) (each queued proc is one worker; HtCondorManager::new sets it, JobOptions of your own must too)".into(),
+                "HTCondor's vanilla universe starts no MPI world: use JobOptions::new().layout(Layout::Array) (each queued proc is one worker; HtCondorManager::new sets it)".into(),
             ));
         }
         if let Some(queue) = &o.queue {

@@ -130,7 +130,7 @@ impl KubernetesManager {
 
     /// The common options (see the type's documentation for the ones that apply).
     pub fn job(mut self, options: JobOptions) -> Self {
-        self.job = options;
+        self.job = options.with_defaults(&self.job);
         self
     }
 
@@ -520,7 +520,7 @@ impl ClusterManager for KubernetesManager {
         let secret = ctx.secret().to_hex();
         let program = self.program.clone().unwrap_or_else(|| ctx.program().display().to_string());
         let mut plan = Plan { tag: String::new(), env, secret, program, image, service_account, owner };
-        let mut delays = self.job.submit_retry_delays.iter();
+        let mut delays = self.job.retry_delays().iter();
         let mut attempt = 0;
         loop {
             // a retry gets fresh names: the pods of a refused attempt may still be terminating

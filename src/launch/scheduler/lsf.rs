@@ -95,13 +95,13 @@ impl Scheduler for Lsf {
         super::options::refuse_owned("bsub", &self.flags, OWNED)?;
         let o = spec.options;
         let wd = o.workdir_or_current();
-        let mut d = match o.layout {
+        let mut d = match o.layout_or_default() {
             Layout::Mpi => vec![format!("-J {}", o.name), format!("-o {wd}/{}.%J.out", o.name)],
             // quoted as in LSF's manual: the brackets are part of the name
             Layout::Array => vec![format!("-J \"{}[1-{}]\"", o.name, spec.workers), format!("-o {wd}/{}.%J.%I.out", o.name)],
         };
         d.push(format!("-cwd {wd}"));
-        if o.layout == Layout::Mpi {
+        if o.layout_or_default() == Layout::Mpi {
             d.push(format!("-n {}", spec.workers));
         }
         d.extend(o.cpus_per_worker.map(|c| format!("-R \"affinity[core({c})]\"")));
@@ -119,7 +119,7 @@ impl Scheduler for Lsf {
             script.push_str(&format!("#BSUB {directive}\n"));
         }
         let program = shell_quote(&spec.program);
-        let launch = match o.layout {
+        let launch = match o.layout_or_default() {
             Layout::Mpi => format!("exec {} -np {} {program}", o.launcher.as_deref().unwrap_or("mpirun"), spec.workers),
             Layout::Array => format!("exec {program}"),
         };
@@ -244,10 +244,10 @@ exec /opt/app/bin/sim
 
     #[test]
     fn default_retries_back_off_exponentially() {
-        let delays = LsfManager::new(1).job.submit_retry_delays;
+        let delays = LsfManager::new(1).job.retry_delays().to_vec();
         assert_eq!(delays.len(), 10);
         assert_eq!((delays[0], delays[1], delays[9]), (Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(512)));
-        assert!(LsfManager::new(1).retry_delays([]).job.submit_retry_delays.is_empty());
+        assert!(LsfManager::new(1).retry_delays([]).job.retry_delays().is_empty());
     }
 
     #[test]

@@ -179,7 +179,7 @@ pub(crate) fn run(options: &JobOptions, argv: &[String], stdin: Option<&str>) ->
 /// Submits `job` (a transient failure is retried after `options.submit_retry_delays`),
 /// returns the running launch with its cancel guard.
 pub(crate) fn submit(scheduler: Box<dyn Scheduler>, options: &JobOptions, job: &Job) -> Result<Box<dyn Launch>> {
-    let mut delays = options.submit_retry_delays.iter();
+    let mut delays = options.retry_delays().iter();
     let out = loop {
         let out = run(options, &job.submit, Some(&job.script))?;
         if out.status.success() {

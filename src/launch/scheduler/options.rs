@@ -33,11 +33,12 @@ pub struct JobOptions {
     pub(crate) prologue: Vec<String>,
     pub(crate) command_prefix: Vec<String>,
     pub(crate) launcher: Option<String>,
-    pub(crate) layout: Layout,
+    /// `None` until set: the manager's default applies (see [`JobOptions::with_defaults`]).
+    layout: Option<Layout>,
     pub(crate) launch_timeout: Duration,
     pub(crate) queue_timeout: Option<Duration>,
     pub(crate) min_workers: Option<usize>,
-    pub(crate) submit_retry_delays: Vec<Duration>,
+    submit_retry_delays: Option<Vec<Duration>>,
     pub(crate) throttle: Option<Arc<Throttle>>,
 }
 
@@ -87,11 +88,11 @@ impl Default for JobOptions {
             prologue: Vec::new(),
             command_prefix: Vec::new(),
             launcher: None,
-            layout: Layout::Mpi,
+            layout: None,
             launch_timeout: Duration::from_secs(60),
             queue_timeout: None,
             min_workers: None,
-            submit_retry_delays: Vec::new(),
+            submit_retry_delays: None,
             throttle: None,
         }
     }
@@ -172,7 +173,7 @@ impl JobOptions {
     }
     /// One MPI world (default) or an array of independent workers.
     pub fn layout(mut self, layout: Layout) -> Self {
-        self.layout = layout;
+        self.layout = Some(layout);
         self
     }
     /// How long the workers may take to connect once the job runs (default 60 s).
@@ -196,12 +197,31 @@ impl JobOptions {
     /// If submitting fails, try again after each of these delays in turn (for schedulers
     /// whose daemons are sometimes briefly unavailable); the last failure is reported.
     pub fn submit_retry_delays(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
-        self.submit_retry_delays = delays.into_iter().collect();
+        self.submit_retry_delays = Some(delays.into_iter().collect());
         self
     }
     /// At most `n` scheduler commands of this manager run at once (submit, state, cancel).
     pub fn throttle(mut self, n: usize) -> Self {
         self.throttle = Some(Arc::new(Throttle { max: n.max(1), running: Mutex::new(0), freed: Condvar::new() }));
+        self
+    }
+
+    /// The layout (default: one MPI world).
+    pub(crate) fn layout_or_default(&self) -> Layout {
+        self.layout.unwrap_or_default()
+    }
+
+    /// The delays between submission attempts (default: none).
+    pub(crate) fn retry_delays(&self) -> &[Duration] {
+        self.submit_retry_delays.as_deref().unwrap_or_default()
+    }
+
+    /// These options, with what they leave unset (layout, retry delays, throttle) taken
+    /// from `defaults`: a manager's own defaults survive `manager.job(JobOptions::new()...)`.
+    pub(crate) fn with_defaults(mut self, defaults: &JobOptions) -> JobOptions {
+        self.layout = self.layout.or(defaults.layout);
+        self.submit_retry_delays = self.submit_retry_delays.or_else(|| defaults.submit_retry_delays.clone());
+        self.throttle = self.throttle.or_else(|| defaults.throttle.clone());
         self
     }
 
@@ -290,6 +310,16 @@ mod tests {
     fn skipped_directives_go_and_extra_ones_come_last() {
         let o = JobOptions::new().skip_directive("--mem").extra_directive("--gres=gpu:1");
         assert_eq!(o.directives(vec!["--mem=4G".into(), "--time=1".into()]), ["--time=1", "--gres=gpu:1"]);
+    }
+
+    #[test]
+    fn options_left_unset_keep_the_managers_defaults() {
+        let defaults = JobOptions::new().layout(Layout::Array).submit_retry_delays([Duration::from_secs(1)]);
+        let merged = JobOptions::new().name("x").with_defaults(&defaults);
+        assert_eq!((merged.layout_or_default(), merged.retry_delays()), (Layout::Array, &[Duration::from_secs(1)][..]));
+        let chosen = JobOptions::new().layout(Layout::Mpi).submit_retry_delays([]).with_defaults(&defaults);
+        assert_eq!((chosen.layout_or_default(), chosen.retry_delays()), (Layout::Mpi, &[][..]));
+        assert!(crate::launch::scheduler::HtCondorManager::new(2).job(JobOptions::new().name("x")).job_script().is_ok(), "still an array, which HTCondor needs");
     }
 
     #[test]

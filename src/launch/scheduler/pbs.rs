@@ -132,7 +132,7 @@ impl Scheduler for Pbs {
         let mut d = vec![format!("-N {}", o.name), "-j oe".into(), format!("-o {wd}/")];
         let cpus = o.cpus_per_worker.unwrap_or(1);
         let mem = o.memory.as_deref();
-        match (dialect, o.layout) {
+        match (dialect, o.layout_or_default()) {
             (PbsDialect::Torque, Layout::Mpi) => {
                 d.push(format!("-l nodes={}:ppn={cpus}", spec.workers));
                 d.extend(mem.map(|m| format!("-l pmem={m}"))); // per process, i.e. per worker
@@ -163,7 +163,7 @@ impl Scheduler for Pbs {
         }
         script.push_str(&format!("cd {} || exit 1\n", shell_quote(&wd)));
         let program = shell_quote(&spec.program);
-        let launch = match o.layout {
+        let launch = match o.layout_or_default() {
             Layout::Mpi => format!("exec {} -np {} {program}", o.launcher.as_deref().unwrap_or("mpirun"), spec.workers),
             Layout::Array => format!("exec {program}"),
         };

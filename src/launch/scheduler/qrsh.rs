@@ -43,7 +43,7 @@ impl QrshManager {
 
     /// Job name, working directory and launch timeout (other options do not apply to qrsh).
     pub fn job(mut self, options: JobOptions) -> Self {
-        self.job = options;
+        self.job = options.with_defaults(&self.job);
         self
     }
 

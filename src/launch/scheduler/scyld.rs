@@ -50,7 +50,7 @@ impl ScyldManager {
     /// Working directory, environment, launch timeout and command prefix (other options do
     /// not apply to bpsh).
     pub fn job(mut self, options: JobOptions) -> Self {
-        self.job = options;
+        self.job = options.with_defaults(&self.job);
         self
     }
 

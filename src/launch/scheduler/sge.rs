@@ -65,7 +65,7 @@ impl Scheduler for Sge {
         let o = spec.options;
         let wd = o.workdir_or_current();
         let mut d = vec![format!("-N {}", o.name), "-S /bin/bash".into(), format!("-wd {wd}"), "-j y".into()];
-        match o.layout {
+        match o.layout_or_default() {
             Layout::Mpi => {
                 d.push(format!("-o {wd}/{}.o$JOB_ID", o.name));
                 d.push(format!("-pe {} {}", self.pe, spec.workers));
@@ -84,7 +84,7 @@ impl Scheduler for Sge {
             script.push_str(&format!("#$ {directive}\n"));
         }
         let program = shell_quote(&spec.program);
-        let launch = match o.layout {
+        let launch = match o.layout_or_default() {
             Layout::Mpi => format!("exec {} -np $NSLOTS {program}", o.launcher.as_deref().unwrap_or("mpirun")),
             Layout::Array => format!("exec {program}"),
         };

@@ -88,7 +88,7 @@ impl Scheduler for Slurm {
         let o = spec.options;
         let wd = o.workdir_or_current();
         let mut d = vec![format!("--job-name={}", o.name)];
-        match o.layout {
+        match o.layout_or_default() {
             Layout::Mpi => {
                 d.push(format!("--output={wd}/{}-%j.out", o.name));
                 d.push(format!("--ntasks={}", spec.workers));
@@ -111,7 +111,7 @@ impl Scheduler for Slurm {
             script.push_str(&format!("#SBATCH {directive}\n"));
         }
         let program = shell_quote(&spec.program);
-        let launch = match o.layout {
+        let launch = match o.layout_or_default() {
             Layout::Mpi => format!("exec {} {program}", o.launcher.as_deref().unwrap_or("srun")),
             Layout::Array => format!("exec {program}"),
         };
@@ -120,7 +120,7 @@ impl Scheduler for Slurm {
     }
 
     fn step(&self, spec: &JobSpec<'_>) -> Result<Option<Vec<String>>> {
-        if self.submit_always || spec.options.layout != Layout::Mpi || allocation_tasks().is_none() {
+        if self.submit_always || spec.options.layout_or_default() != Layout::Mpi || allocation_tasks().is_none() {
             return Ok(None);
         }
         check_owned(&self.options, OWNED)?;
