@@ -51,15 +51,7 @@ impl FakePbs {
 
     /// Job options for a test: a unique name, a scratch working directory, this fake.
     fn job(&self, tag: &str) -> JobOptions {
-        JobOptions::new()
-            .name(format!("cman-{tag}-{}", std::process::id()))
-            .workdir(common::temp_dir(tag))
-            .command_prefix(self.prefix.clone())
-            .launch_timeout(Duration::from_secs(60))
-            // Open MPI refuses root unless told; CI runs as root
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-            .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        common::test_job(tag).command_prefix(self.prefix.clone())
     }
 
     /// The sequence numbers of the jobs submitted to this fake.

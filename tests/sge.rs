@@ -36,9 +36,9 @@ fn name(tag: &str) -> String {
     format!("cman-{tag}-{}", std::process::id())
 }
 
+/// Test job options named exactly `name` (the tests find their jobs by it).
 fn job(name: &str) -> JobOptions {
-    JobOptions::new().name(name).workdir(common::temp_dir(name)).launch_timeout(Duration::from_secs(60))
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+    common::test_job(name).name(name)
 }
 
 /// Lines of `qstat` for jobs named `name` (qstat truncates names to 10 characters, so match

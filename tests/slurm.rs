@@ -35,10 +35,7 @@ fn slurm_up() -> bool {
 
 /// Job options for a test: a unique name (to find our jobs) and a scratch working directory.
 fn job(tag: &str) -> JobOptions {
-    let name = format!("cman-{tag}-{}", std::process::id());
-    JobOptions::new().name(name).workdir(common::temp_dir(tag)).launch_timeout(Duration::from_secs(60))
-        // Open MPI refuses root unless told; CI runs as root
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+    common::test_job(tag)
 }
 
 fn our_jobs(name: &str) -> String {

@@ -118,3 +118,15 @@ pub fn fixtures_prefix(dir: &str) -> Vec<String> {
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(dir);
     vec!["env".into(), format!("PATH={}:{}", fixtures.display(), std::env::var("PATH").unwrap_or_default())]
 }
+
+/// Job options for a scheduler test: a unique name, a scratch working directory, a 60 s
+/// launch timeout, and the variables Open MPI needs to run as root (CI runs as root).
+pub fn test_job(tag: &str) -> clusterman::launch::scheduler::JobOptions {
+    clusterman::launch::scheduler::JobOptions::new()
+        .name(format!("cman-{tag}-{}", std::process::id()))
+        .workdir(temp_dir(tag))
+        .launch_timeout(Duration::from_secs(60))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+}

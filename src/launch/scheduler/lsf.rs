@@ -153,13 +153,7 @@ impl Scheduler for Lsf {
             };
         }
         let states: Vec<JobState> = r.stdout.split_whitespace().map(|s| element_state(id, s)).collect();
-        if states.contains(&JobState::Running) {
-            return JobState::Running;
-        }
-        if let Some(waiting) = states.iter().find(|s| matches!(s, JobState::Pending(_) | JobState::Unknown(_))) {
-            return waiting.clone();
-        }
-        states.into_iter().next().unwrap_or_else(|| JobState::Finished("no longer in the queue".into()))
+        JobState::of_tasks(states)
     }
 
     fn cancel_command(&self, id: &str) -> Vec<String> {

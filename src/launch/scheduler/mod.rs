@@ -132,6 +132,21 @@ pub enum JobState {
     Unknown(String),
 }
 
+impl JobState {
+    /// The state of a job from the states of its tasks (an array, or one job's lines): running
+    /// if any task runs, else pending (or unknown) if any may still start, else the first
+    /// task's end; no tasks at all means the job has left the queue.
+    pub fn of_tasks(tasks: Vec<JobState>) -> JobState {
+        if tasks.contains(&JobState::Running) {
+            return JobState::Running;
+        }
+        if let Some(waiting) = tasks.iter().find(|s| matches!(s, JobState::Pending(_) | JobState::Unknown(_))) {
+            return waiting.clone();
+        }
+        tasks.into_iter().next().unwrap_or_else(|| JobState::Finished("no longer in the queue".into()))
+    }
+}
+
 /// The environment lines every job script starts with (values shell-quoted).
 pub(crate) fn export_lines(exports: &[(String, String)]) -> String {
     exports.iter().map(|(k, v)| format!("export {k}={}\n", shell_quote(v))).collect()

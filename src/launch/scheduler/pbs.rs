@@ -202,13 +202,7 @@ impl Scheduler for Pbs {
             };
         }
         let states: Vec<JobState> = r.stdout.lines().filter_map(|l| l.trim().strip_prefix("job_state = ")).map(task_state).collect();
-        if states.contains(&JobState::Running) {
-            return JobState::Running;
-        }
-        if let Some(pending) = states.iter().find(|s| matches!(s, JobState::Pending(_))) {
-            return pending.clone();
-        }
-        states.into_iter().next().unwrap_or_else(|| JobState::Finished("no longer in the queue".into()))
+        JobState::of_tasks(states)
     }
 
     fn cancel_command(&self, id: &str) -> Vec<String> {

@@ -153,13 +153,7 @@ impl Scheduler for Slurm {
             };
         }
         let states: Vec<JobState> = r.stdout.lines().filter(|l| !l.trim().is_empty()).map(task_state).collect();
-        if states.contains(&JobState::Running) {
-            return JobState::Running;
-        }
-        if let Some(pending) = states.iter().find(|s| matches!(s, JobState::Pending(_))) {
-            return pending.clone();
-        }
-        states.into_iter().next().unwrap_or_else(|| JobState::Finished("no longer in the queue".into()))
+        JobState::of_tasks(states)
     }
 
     fn cancel_command(&self, id: &str) -> Vec<String> {
