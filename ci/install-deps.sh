@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what clusterman needs to build and test with MPI (Debian/Ubuntu packages), if missing.
 # As root it installs them; otherwise it prints the exact command to run and exits 1.
-# Usage: install-deps.sh [extra packages...]   (the tests add MPICH: mpich libmpich-dev)
+# Usage: install-deps.sh [extra packages...]   (the tests add MPICH, iproute2 for network
+# namespaces, python3 for the fake scheduler CLIs)
 set -euo pipefail
 packages=(libclang-dev pkg-config openmpi-bin libopenmpi-dev "$@")
 missing=()

@@ -3,7 +3,7 @@
 # MPICH), real Slurm and Grid Engine daemons (started here when run as root), the build
 # without MPI, and clippy with warnings denied.
 set -euo pipefail
-CMAN_EXTRA_PACKAGES="mpich libmpich-dev" source "$(dirname "$0")/env.sh"
+CMAN_EXTRA_PACKAGES="mpich libmpich-dev iproute2 python3" source "$(dirname "$0")/env.sh"
 step() { echo; echo "=== $* ==="; }
 log=target/test-output.txt
 mkdir -p target && : > "$log"
