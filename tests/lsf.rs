@@ -69,21 +69,10 @@ impl FakeLsf {
         assert_eq!(jobs.len(), 1, "one job: {jobs:?}");
         let ended = || self.stats(&jobs[0]).iter().all(|s| s == stat);
         assert!(common::wait_until(Duration::from_secs(15), ended), "job {} should be {stat}: {:?}", jobs[0], self.stats(&jobs[0]));
-        let groups: Vec<u32> = std::fs::read_dir(self.state.join(&jobs[0])).unwrap().filter_map(|e| {
-            let path = e.ok()?.path();
-            (path.extension()? == "pgid").then(|| std::fs::read_to_string(&path).ok()?.parse().ok()).flatten()
-        }).collect();
-        assert!(common::wait_until(Duration::from_secs(10), || groups.iter().all(|p| !common::process_alive(*p))), "job processes left: {groups:?}");
+        common::assert_gone(&common::fake_job_groups(&self.state.join(&jobs[0])));
     }
 }
 
-fn worker_os_pids(cluster: &Cluster, pids: &[Pid]) -> Vec<u32> {
-    pids.iter().map(|p| cluster.worker_info(*p).unwrap().os_pid).collect()
-}
-
-fn assert_gone(os_pids: &[u32]) {
-    assert!(common::wait_until(Duration::from_secs(10), || os_pids.iter().all(|p| !common::process_alive(*p))), "workers still alive: {os_pids:?}");
-}
 
 #[test]
 fn lsf_array_job_of_independent_workers() {
@@ -98,10 +87,10 @@ fn lsf_array_job_of_independent_workers() {
     assert_eq!(indices.into_iter().collect::<Vec<_>>(), ["1", "2", "3"]);
     assert!(ids.iter().all(|(j, _)| *j == Some(lsf.jobs()[0].clone())), "one job: {ids:?}");
     assert_eq!(cluster.pmap(square, (0..20u64).map(|x| (x,))).unwrap(), (0..20u64).map(|x| x * x).collect::<Vec<_>>());
-    let os_pids = worker_os_pids(&cluster, &pids);
+    let os_pids = common::worker_os_pids(&cluster, &pids);
     cluster.shutdown().unwrap();
     lsf.assert_job_ended("DONE");
-    assert_gone(&os_pids);
+    common::assert_gone(&os_pids);
     for index in 1..=3 {
         let log = wd.join(format!("cman-lsf-array-{}.{}.{index}.out", std::process::id(), lsf.jobs()[0]));
         assert!(log.exists(), "the element's log {} is in the working directory", log.display());
@@ -123,10 +112,10 @@ fn lsf_mpi_job_runs_mpirun_and_mpido() {
     .unwrap();
     assert_eq!(world, vec![(0, 2), (1, 2)]);
     assert_eq!(cluster.pmap(square, (0..10u64).map(|x| (x,))).unwrap()[9], 81);
-    let os_pids = worker_os_pids(&cluster, &pids);
+    let os_pids = common::worker_os_pids(&cluster, &pids);
     cluster.shutdown().unwrap();
     lsf.assert_job_ended("DONE");
-    assert_gone(&os_pids);
+    common::assert_gone(&os_pids);
 }
 
 #[test]

@@ -78,21 +78,10 @@ impl FakePbs {
         };
         assert!(common::wait_until(Duration::from_secs(15), ended), "job {id} should be {states:?} with exit status {exit}:\n{}", self.qstat(id));
         let seq = id.split(['[', '.']).next().unwrap();
-        let groups: Vec<u32> = std::fs::read_dir(self.state.join(seq)).unwrap().filter_map(|e| {
-            let path = e.ok()?.path();
-            (path.extension()? == "pgid").then(|| std::fs::read_to_string(&path).ok()?.parse().ok()).flatten()
-        }).collect();
-        assert!(common::wait_until(Duration::from_secs(10), || groups.iter().all(|p| !common::process_alive(*p))), "job processes left: {groups:?}");
+        common::assert_gone(&common::fake_job_groups(&self.state.join(seq)));
     }
 }
 
-fn worker_os_pids(cluster: &Cluster, pids: &[Pid]) -> Vec<u32> {
-    pids.iter().map(|p| cluster.worker_info(*p).unwrap().os_pid).collect()
-}
-
-fn assert_gone(os_pids: &[u32]) {
-    assert!(common::wait_until(Duration::from_secs(10), || os_pids.iter().all(|p| !common::process_alive(*p))), "workers still alive: {os_pids:?}");
-}
 
 /// An array of 3 through a fake of `dialect`, which the manager detects from `qstat --version`;
 /// the job runs in the directory given by `wd`, where PBS also writes its logs.
@@ -113,11 +102,11 @@ fn array_job(dialect: &str, log_names: [&str; 3]) {
         assert_eq!(dir, &wd, "the job changed to its working directory");
     }
     assert_eq!(cluster.pmap(square, (0..20u64).map(|x| (x,))).unwrap(), (0..20u64).map(|x| x * x).collect::<Vec<_>>());
-    let os_pids = worker_os_pids(&cluster, &pids);
+    let os_pids = common::worker_os_pids(&cluster, &pids);
     cluster.shutdown().unwrap();
     let finished: &[&str] = if dialect == "torque" { &["C"] } else { &["F", "X"] };
     pbs.assert_job_ended(&format!("{seq}[].headnode"), finished, "0");
-    assert_gone(&os_pids);
+    common::assert_gone(&os_pids);
     for log in log_names {
         let log = wd.join(log.replace("<name>", &name).replace("<seq>", seq));
         assert!(log.exists(), "PBS's log {} is in the working directory", log.display());
@@ -149,10 +138,10 @@ fn mpi_job(dialect: PbsDialect, fake: &str, resources: &str, finished: &str) {
     .unwrap();
     assert_eq!(world, vec![(0, 2), (1, 2)]);
     assert_eq!(cluster.pmap(square, (0..10u64).map(|x| (x,))).unwrap()[9], 81);
-    let os_pids = worker_os_pids(&cluster, &pids);
+    let os_pids = common::worker_os_pids(&cluster, &pids);
     drop(cluster); // drop shuts down too
     pbs.assert_job_ended(&format!("{}.headnode", pbs.jobs()[0]), &[finished], "0");
-    assert_gone(&os_pids);
+    common::assert_gone(&os_pids);
 }
 
 #[test]

@@ -130,3 +130,24 @@ pub fn test_job(tag: &str) -> clusterman::launch::scheduler::JobOptions {
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
 }
+
+/// The OS pids of these workers.
+pub fn worker_os_pids(cluster: &clusterman::Cluster, pids: &[clusterman::Pid]) -> Vec<u32> {
+    pids.iter().map(|p| cluster.worker_info(*p).unwrap().os_pid).collect()
+}
+
+/// Waits (up to 10 s) until none of these processes is alive.
+pub fn assert_gone(os_pids: &[u32]) {
+    assert!(wait_until(Duration::from_secs(10), || os_pids.iter().all(|p| !process_alive(*p))), "still alive: {os_pids:?}");
+}
+
+/// The process groups a fake scheduler started for one job (`<dir>/*.pgid`).
+pub fn fake_job_groups(dir: &std::path::Path) -> Vec<u32> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            (path.extension()? == "pgid").then(|| std::fs::read_to_string(&path).ok()?.parse().ok()).flatten()
+        })
+        .collect()
+}
