@@ -18,17 +18,9 @@ use super::failure::Failure;
 
 /// Where a reply lands: one per outstanding call. The waiting thread parks; the thread that
 /// reads the reply fills the slot and unparks it (or wakes the async task).
+#[derive(Default)]
 pub(crate) struct Slot {
     state: Mutex<SlotState>,
-    /// The reply comes on the connection a worker's serving thread reads: that thread
-    /// keeps reading while it waits (it is the only reader; parking would deadlock).
-    pumps: bool,
-}
-
-impl Default for Slot {
-    fn default() -> Self {
-        Slot::new(true)
-    }
 }
 
 #[derive(Default)]
@@ -39,10 +31,6 @@ struct SlotState {
 }
 
 impl Slot {
-    pub(crate) fn new(pumps: bool) -> Slot {
-        Slot { state: Mutex::default(), pumps }
-    }
-
     pub(crate) fn fill(&self, result: Result<Frame>) {
         let (thread, waker) = {
             let mut s = self.state.lock().expect("slot lock");
@@ -64,8 +52,8 @@ impl Slot {
         self.state.lock().expect("slot lock").result.is_some()
     }
 
-    /// Blocks until filled. A worker's serving thread keeps reading its connection while it
-    /// waits (it is the only reader, so parking would deadlock a nested call).
+    /// Blocks until filled. A worker's serving thread keeps serving while it waits (it may be
+    /// the only reader of the reply's connection; with direct links, their readers wake it).
     pub(crate) fn wait(&self) -> Result<Frame> {
         loop {
             {
@@ -73,7 +61,7 @@ impl Slot {
                 if let Some(r) = s.result.take() {
                     return r;
                 }
-                if self.pumps && super::worker::serves_on_this_thread() {
+                if super::worker::serves_on_this_thread() {
                     drop(s);
                     super::worker::pump_once()?;
                     continue;

@@ -32,6 +32,8 @@ impl Waiter {
                 let _ = tx.send((tag, result)); // a scheduler that gave up is not an error
             }
         }
+        // the worker's serving thread may be the one waiting, on its channel, not parked
+        super::worker::wake_serving();
     }
 }
 

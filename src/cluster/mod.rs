@@ -371,15 +371,12 @@ impl Cluster {
         }
     }
 
-    /// The link a frame for `pid` goes on, and whether it is the worker's connection to the
-    /// master (whose serving thread must keep reading it while it waits for a reply).
-    fn link_to(&self, pid: Pid) -> Result<(Arc<Link>, bool)> {
+    /// The link a frame for `pid` goes on: the worker's own, on the master; on a worker, a
+    /// direct link if it has one to `pid`, else its connection to the master.
+    fn link_to(&self, pid: Pid) -> Result<Arc<Link>> {
         match (&self.inner.master, &self.inner.uplink) {
-            (Some(m), _) => m.worker(pid).map(|e| (e.link.clone(), false)).ok_or(Error::NoSuchWorker(pid)),
-            (None, Some(up)) => match self.inner.peers.as_ref().filter(|_| pid != 1).and_then(|p| p.link(self, pid)) {
-                Some(direct) => Ok((direct, false)),
-                None => Ok((up.clone(), true)),
-            },
+            (Some(m), _) => m.worker(pid).map(|e| e.link.clone()).ok_or(Error::NoSuchWorker(pid)),
+            (None, Some(up)) => Ok(self.inner.peers.as_ref().filter(|_| pid != 1).and_then(|p| p.link(self, pid)).unwrap_or_else(|| up.clone())),
             (None, None) => Err(Error::ShutDown),
         }
     }
@@ -387,14 +384,7 @@ impl Cluster {
     /// Sends one call frame to `pid`; the payload is written by `encode`.
     pub(crate) fn send(&self, kind: Kind, pid: Pid, func: u64, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<()> {
         let header = Header { kind, src: self.inner.me, dst: pid, req: 0, func };
-        self.link_to(pid)?.0.call(header, hint, encode, waiter).map(|_| ())
-    }
-
-    /// A slot for a reply from `pid`: the serving thread pumps while it waits only for
-    /// replies that arrive on the connection it serves.
-    fn slot_for(&self, pid: Pid) -> Arc<future::Slot> {
-        let pumps = self.inner.uplink.is_some() && (pid == 1 || self.inner.peers.is_none());
-        Arc::new(future::Slot::new(pumps))
+        self.link_to(pid)?.call(header, hint, encode, waiter).map(|_| ())
     }
 
     /// Frames the master forwarded from one worker to another (with
@@ -412,7 +402,7 @@ impl Cluster {
         if pid == self.inner.me {
             return Ok(RemoteFuture::ready(pid, run_here::<F>(pid, args)));
         }
-        let slot = self.slot_for(pid);
+        let slot = Arc::new(future::Slot::default());
         self.send(Kind::Call, pid, F::ID, 64, |buf| codec::encode_into(&args, buf), Some(Waiter::Slot(slot.clone())))?;
         Ok(RemoteFuture::pending(pid, slot))
     }
@@ -436,7 +426,7 @@ impl Cluster {
 
     /// Calls function `func` on `pid` with an already encoded argument tuple.
     pub(crate) fn call_with_payload<R: serde::de::DeserializeOwned>(&self, pid: Pid, func: u64, payload: &[u8]) -> Result<RemoteFuture<R>> {
-        let slot = self.slot_for(pid);
+        let slot = Arc::new(future::Slot::default());
         let copy = |buf: &mut Vec<u8>| {
             buf.extend_from_slice(payload);
             Ok(())
@@ -569,10 +559,22 @@ fn builtin_register_peer(pid: Pid, address: String) {
     }
 }
 
-/// Runs on the master: where worker `pid` listens for direct links.
+/// Runs on the master: where worker `pid` listens for direct links. A worker that has
+/// connected but not yet registered gets a few seconds to do so.
 #[crate::remote]
 fn builtin_peer_address(pid: Pid) -> Option<String> {
-    Cluster::current()?.inner.master.as_ref()?.peer_addresses.lock().expect("peer addresses lock").get(&pid).cloned()
+    let cluster = Cluster::current()?;
+    let m = cluster.inner.master.as_ref()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(address) = m.peer_addresses.lock().expect("peer addresses lock").get(&pid) {
+            return Some(address.clone());
+        }
+        if m.worker(pid).is_none() || Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Runs on the master for a worker's `Cluster::workers()`.

@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -162,16 +162,20 @@ pub(crate) fn run(config: WorkerConfig) -> Result<()> {
     let (stream, pid, direct_links) = dial(&config)?;
     let out = TcpOut::boxed(stream.try_clone().map_err(|e| Error::io("cloning the master connection", e))?);
     let link = Link::new(1, out);
-    let peers = if direct_links {
-        // listen where this worker reaches the master from: its peers are on that network
-        let ip = stream.local_addr().map_err(|e| Error::io("reading the local address", e))?.ip();
-        let (peers, address) = Peers::start(pid, config.secret, ip)?;
-        Cluster::worker_handle(pid, link.clone(), None).remote_do(1, super::builtin_register_peer, (pid, address.to_string()))?;
-        Some(peers)
-    } else {
-        None
-    };
-    serve(pid, link, Inbox::Tcp(BufReader::with_capacity(64 * 1024, stream)), peers)
+    if !direct_links {
+        return serve(pid, link, Inbox::Tcp(BufReader::with_capacity(64 * 1024, stream)), None);
+    }
+    // Direct links: replies may come on any connection, so every link gets a reader thread
+    // and wakes the serving thread, which then waits on a channel instead of a socket.
+    let (to_serving, inbox) = mpsc::channel();
+    let _ = SERVING_WAKE.set(std::sync::Mutex::new(to_serving.clone()));
+    // listen where this worker reaches the master from: its peers are on that network
+    let ip = stream.local_addr().map_err(|e| Error::io("reading the local address", e))?.ip();
+    read_uplink(stream, link.clone(), to_serving)?;
+    let (peers, address) = Peers::start(pid, config.secret, ip)?;
+    // registered before serving, so no peer can ask for this address too early
+    Cluster::worker_handle(pid, link.clone(), None).remote_call_fetch(1, super::builtin_register_peer, (pid, address.to_string()))?;
+    serve(pid, link, Inbox::Channel(inbox), Some(peers))
 }
 
 /// Serves calls on this thread as worker `pid` until the master says stop (`Ok`) or is
@@ -261,26 +265,73 @@ pub(crate) fn worker_cluster() -> Option<&'static Cluster> {
     WORKER_CLUSTER.get()
 }
 
+/// What a thread that reads for the serving thread hands over: a frame (or the transport's
+/// failure), or `None` — a wake-up after it resolved a reply the serving thread may be
+/// waiting for.
+pub(crate) type Delivery = Option<Result<Frame>>;
+
 /// Where a serving worker's incoming frames come from.
 pub(crate) enum Inbox {
-    /// Read straight from the master's socket.
+    /// Read straight from the master's socket (one connection: no thread switch).
     Tcp(BufReader<TcpStream>),
-    /// Handed over by the MPI progress thread (`Err`: the transport failed).
-    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
-    Channel(std::sync::mpsc::Receiver<Result<Frame>>),
+    /// Handed over by another thread: the MPI progress thread, or the master link's reader
+    /// when the worker also has direct links (replies may then arrive on any link).
+    Channel(mpsc::Receiver<Delivery>),
 }
 
 impl Inbox {
-    fn next(&mut self) -> Result<Frame> {
+    /// The next frame, or `None` after a wake-up.
+    fn next(&mut self) -> Result<Option<Frame>> {
         match self {
             Inbox::Tcp(reader) => match protocol::read_frame(reader, protocol::DEFAULT_MAX_FRAME) {
-                Ok(Some(frame)) => Ok(frame),
+                Ok(Some(frame)) => Ok(Some(frame)),
                 Ok(None) => Err(Error::MasterGone("it closed the connection; exiting".into())),
                 Err(e) => Err(Error::MasterGone(format!("{e}; exiting"))),
             },
-            Inbox::Channel(rx) => rx.recv().unwrap_or_else(|_| Err(Error::MasterGone("the MPI transport stopped; exiting".into()))),
+            Inbox::Channel(rx) => match rx.recv() {
+                Ok(Some(frame)) => frame.map(Some),
+                Ok(None) => Ok(None),
+                Err(_) => Err(Error::MasterGone("the transport stopped; exiting".into())),
+            },
         }
     }
+}
+
+/// Set when the serving thread waits on a channel rather than a socket (direct links): every
+/// completed call sends it a wake-up, because it may be the thread waiting for the result.
+static SERVING_WAKE: std::sync::OnceLock<std::sync::Mutex<mpsc::Sender<Delivery>>> = std::sync::OnceLock::new();
+
+/// Wakes the serving thread if it waits on a channel (nothing to do otherwise).
+pub(crate) fn wake_serving() {
+    if let Some(tx) = SERVING_WAKE.get() {
+        let _ = tx.lock().expect("wake lock").send(None);
+    }
+}
+
+/// Reads the master link on its own thread (all-to-all topology): replies are resolved here,
+/// everything else goes to the serving thread through `to_serving`.
+fn read_uplink(stream: TcpStream, link: Arc<Link>, to_serving: mpsc::Sender<Delivery>) -> Result<()> {
+    let spawned = std::thread::Builder::new().name("cman-uplink".into()).spawn(move || {
+        let mut reader = BufReader::with_capacity(64 * 1024, stream);
+        loop {
+            let failure = match protocol::read_frame(&mut reader, protocol::DEFAULT_MAX_FRAME) {
+                Ok(Some(frame)) if matches!(frame.header.kind, Kind::Reply | Kind::Failure) => {
+                    link.resolve(frame);
+                    continue;
+                }
+                Ok(Some(frame)) => {
+                    let _ = to_serving.send(Some(Ok(frame)));
+                    continue;
+                }
+                Ok(None) => "it closed the connection; exiting".to_string(),
+                Err(e) => format!("{e}; exiting"),
+            };
+            link.fail_all(&failure);
+            let _ = to_serving.send(Some(Err(Error::MasterGone(failure))));
+            return;
+        }
+    });
+    spawned.map(|_| ()).map_err(|e| Error::io("starting the master link's reader", e))
 }
 
 struct Serving {
@@ -306,7 +357,7 @@ pub(crate) fn pump_once() -> Result<()> {
         let s = s.as_mut().expect("pump_once on a thread that does not serve");
         (s.inbox.next(), s.link.clone(), s.me)
     });
-    let frame = frame?;
+    let Some(frame) = frame? else { return Ok(()) }; // a wake-up: the caller looks again
     match frame.header.kind {
         Kind::Call | Kind::Cast | Kind::Batch => {
             if let Some(reply) = exec::execute(me, &frame) {

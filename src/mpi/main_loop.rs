@@ -159,7 +159,7 @@ impl MainLoop {
             comm.process_at_rank(0).send(&codec::encode(&mine)?[..]);
             let (tx, rx) = std::sync::mpsc::channel();
             let transport = MpiTransport::start(SendComm(comm), Box::new(move |_, frame| {
-                let _ = tx.send(frame);
+                let _ = tx.send(Some(frame));
             }))?;
             let verdict = String::from_utf8_lossy(&receive_bytes(&world)).into_owned();
             at_worker_exit(env::finalize);
