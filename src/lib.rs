@@ -34,7 +34,7 @@
 //!
 //! `#[remote]` registers a function in a link-time table under its module path; calls name
 //! it by a hash of that path. Arguments and results are checked at compile time
-//! ([`RemoteFn`]) and travel as bincode in length-prefixed frames whose size is checked
+//! ([`RemoteFn`]) and travel in a compact binary encoding in length-prefixed frames whose size is checked
 //! before anything is allocated.
 //!
 //! Calls run on the worker's main thread, straight from the socket: a no-op round trip costs

@@ -1,0 +1,185 @@
+//! The one place that knows how values are serialized: serde into a compact binary form
+//! (little-endian fixed-width numbers, `u64` lengths before strings, sequences and maps, `u32`
+//! enum variant indices; the layout of bincode 2 with fixed-width integers). Numeric arrays
+//! encode as plain little-endian words. Swapping the codec means changing this module only.
+//!
+//! The decoder is written for input from the network: a length that claims more bytes than
+//! are left is an error before anything is allocated, so a few lying bytes can never make a
+//! process reserve gigabytes; nesting depth and zero-sized elements are bounded too.
+
+mod de;
+mod ser;
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::error::{Error, Result};
+
+/// Why a value could not be encoded or decoded.
+#[derive(Debug)]
+pub(crate) struct CodecError(String);
+
+impl CodecError {
+    fn new(message: impl Into<String>) -> Self {
+        CodecError(message.into())
+    }
+}
+
+impl std::fmt::Display for CodecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CodecError {}
+
+impl serde::ser::Error for CodecError {
+    fn custom<T: std::fmt::Display>(msg: T) -> Self {
+        CodecError(msg.to_string())
+    }
+}
+
+impl serde::de::Error for CodecError {
+    fn custom<T: std::fmt::Display>(msg: T) -> Self {
+        CodecError(msg.to_string())
+    }
+}
+
+/// Appends the encoding of `value` to `out` (no intermediate buffer).
+pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<()> {
+    value.serialize(&mut ser::Encoder { out }).map_err(|e| Error::Codec(e.0))
+}
+
+/// Encodes `value` into a fresh vector.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    encode_into(value, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes a whole `T` from `bytes`; trailing bytes are an error.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    let mut decoder = de::Decoder::new(bytes);
+    let value = T::deserialize(&mut decoder).map_err(|e| Error::Codec(e.0))?;
+    if !decoder.input.is_empty() {
+        return Err(Error::Codec(format!("{} trailing bytes after the value", decoder.input.len())));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum Shape {
+        Point,
+        Circle(f64),
+        Rect { w: u32, h: u32 },
+        Poly(Vec<(i16, i16)>, Option<String>),
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Everything {
+        flag: bool,
+        small: (i8, u8, i16, u16),
+        wide: (i64, u64, i128, u128),
+        floats: (f32, f64),
+        letter: char,
+        text: String,
+        bytes: Vec<u8>,
+        shapes: Vec<Shape>,
+        map: BTreeMap<String, Vec<u64>>,
+        hash: HashMap<u32, Option<bool>>,
+        unit: (),
+        newtype: Wrapper,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Wrapper(u16);
+
+    fn everything() -> Everything {
+        Everything {
+            flag: true,
+            small: (-3, 250, -30_000, 65_000),
+            wide: (i64::MIN, u64::MAX, -1, u128::MAX),
+            floats: (1.5, -2.25e300),
+            letter: 'λ',
+            text: "héllo".into(),
+            bytes: vec![0, 1, 255],
+            shapes: vec![Shape::Point, Shape::Circle(2.0), Shape::Rect { w: 3, h: 4 }, Shape::Poly(vec![(1, -1)], Some("p".into()))],
+            map: [("a".to_string(), vec![1, 2]), ("b".to_string(), vec![])].into(),
+            hash: [(7, Some(false)), (8, None)].into(),
+            unit: (),
+            newtype: Wrapper(9),
+        }
+    }
+
+    #[test]
+    fn every_serde_shape_round_trips() {
+        let v = everything();
+        assert_eq!(decode::<Everything>(&encode(&v).unwrap()).unwrap(), v);
+    }
+
+    #[test]
+    fn numbers_are_little_endian_words_and_lengths_u64() {
+        assert_eq!(encode(&vec![1.0f64, 2.0]).unwrap()[..8], 2u64.to_le_bytes());
+        assert_eq!(encode(&(7u32, "ab")).unwrap(), [7, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, b'a', b'b']);
+    }
+
+    #[test]
+    fn trailing_bytes_are_an_error() {
+        let mut bytes = encode(&(7u64, String::from("x"))).unwrap();
+        bytes.push(0);
+        assert!(decode::<(u64, String)>(&bytes).is_err());
+    }
+
+    #[test]
+    fn truncated_input_is_an_error_not_a_panic() {
+        let bytes = encode(&everything()).unwrap();
+        for cut in 0..bytes.len() {
+            assert!(decode::<Everything>(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_lying_length_is_an_error_before_any_allocation() {
+        // a string claiming 2^40 bytes with 3 present
+        let mut bytes = (1u64 << 40).to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"abc");
+        let err = decode::<String>(&bytes).unwrap_err().to_string();
+        assert!(err.contains("exceeds the 3 bytes left"), "{err}");
+        // a sequence claiming 2^60 elements: the hint is capped by the bytes left
+        let mut bytes = (1u64 << 60).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 16]);
+        assert!(decode::<Vec<u64>>(&bytes).is_err());
+    }
+
+    #[test]
+    fn zero_sized_elements_and_nesting_are_bounded() {
+        let bytes = u64::MAX.to_le_bytes();
+        let err = decode::<Vec<()>>(&bytes).unwrap_err().to_string();
+        assert!(err.contains("zero-sized"), "{err}");
+        assert_eq!(decode::<Vec<()>>(&encode(&vec![(); 1000]).unwrap()).unwrap().len(), 1000);
+
+        #[derive(Debug, Serialize, Deserialize)]
+        struct List(Option<Box<List>>);
+        let deep = vec![1u8; 100_000]; // Some(Some(Some(...
+        let err = decode::<List>(&deep).unwrap_err().to_string();
+        assert!(err.contains("nested deeper"), "{err}");
+    }
+
+    #[test]
+    fn invalid_tags_are_errors() {
+        assert!(decode::<bool>(&[2]).is_err());
+        assert!(decode::<Option<u8>>(&[9, 1]).is_err());
+        assert!(decode::<char>(&0xd800u32.to_le_bytes()).is_err());
+        assert!(decode::<Shape>(&9u32.to_le_bytes()).is_err());
+        let mut bad_utf8 = 2u64.to_le_bytes().to_vec();
+        bad_utf8.extend_from_slice(&[0xff, 0xfe]);
+        assert!(decode::<String>(&bad_utf8).is_err());
+    }
+}
