@@ -83,9 +83,27 @@ pub enum Error {
     /// Encoding or decoding a value failed.
     #[error("serialization failed: {0}")]
     Codec(String),
-    /// The cluster was shut down.
+    /// The cluster was shut down (also the fate of calls still running at `shutdown()`).
     #[error("the cluster is shut down")]
     ShutDown,
+    /// A process cannot take the call now: its connection has a backlog of unread data, or
+    /// (on the master) too many calls wait to run. Nothing was run; try again later.
+    #[error("pid {pid} cannot take the call now: {reason}")]
+    Busy {
+        /// The process that was asked.
+        pid: Pid,
+        /// Why, with the numbers.
+        reason: String,
+    },
+    /// A bounded wait ended before the result arrived ([`RemoteFuture::fetch_timeout`](crate::RemoteFuture::fetch_timeout)).
+    /// The call may still run on the worker; its result will be dropped when it arrives.
+    #[error("no result from pid {pid} within {waited:?}; the call may still be running there, and its result will be dropped")]
+    Timeout {
+        /// The process the call runs on.
+        pid: Pid,
+        /// How long we waited.
+        waited: std::time::Duration,
+    },
     /// This operation is not available here (wrong platform or wrong process).
     #[error("{0}")]
     Unsupported(String),

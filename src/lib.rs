@@ -63,9 +63,12 @@ pub mod mpi;
 mod protocol;
 mod registry;
 mod sys;
+mod transport;
 
 pub use clusterman_macros::remote;
-pub use cluster::worker::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, init, my_id};
+pub use cluster::worker::{init, my_id};
+pub use protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECRET_FILE};
+pub use transport::listener::HandshakeLimits;
 pub use cluster::{Cluster, ClusterBuilder, OutputSink, PmapOptions, RemoteFuture, Topology, WorkerInfo, print_sink};
 pub use cluster::pmap::exponential_backoff;
 pub use error::{Error, RemoteError, Result};

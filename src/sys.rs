@@ -113,6 +113,12 @@ pub(crate) fn apply_child_settings(parent: Option<u32>, cpu: Option<usize>) -> i
 /// signal between fork and exec. Costs one `fork` of the master; workers use
 /// [`prepare_child`] instead.
 pub(crate) fn die_with_master(cmd: &mut Command) {
+    die_with_master_by(cmd, libc::SIGKILL);
+}
+
+/// [`die_with_master`] with `signal` as the death signal: `SIGTERM` for launchers that clean
+/// up after themselves when told to stop (Open MPI's `mpirun` removes its session directory).
+pub(crate) fn die_with_master_by(cmd: &mut Command, signal: libc::c_int) {
     #[cfg(target_os = "linux")]
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
     // syscalls (prctl, getppid, _exit).
@@ -120,7 +126,7 @@ pub(crate) fn die_with_master(cmd: &mut Command) {
         use std::os::unix::process::CommandExt;
         let parent = libc::getpid();
         cmd.pre_exec(move || {
-            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, signal))?;
             if libc::getppid() != parent {
                 libc::_exit(1);
             }
@@ -128,7 +134,7 @@ pub(crate) fn die_with_master(cmd: &mut Command) {
         });
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = cmd;
+    let _ = (cmd, signal);
 }
 
 type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
@@ -198,4 +204,185 @@ pub(crate) fn first_non_loopback_ipv4() -> Option<std::net::Ipv4Addr> {
         libc::freeifaddrs(list);
         found
     }
+}
+
+/// Sends as much of `buf` as the socket takes now, without waiting and without SIGPIPE;
+/// returns how many bytes went (0 when the send buffer is full).
+pub(crate) fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < buf.len() {
+        let rest = &buf[sent..];
+        // SAFETY: send(2) reads at most rest.len() bytes from a valid slice.
+        let n = unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            sent += n as usize;
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => break,
+            _ => return Err(e),
+        }
+    }
+    Ok(sent)
+}
+
+/// Raises this process's soft limit on open files to the hard limit (a master needs about
+/// two descriptors per worker); returns the limit now in force.
+pub(crate) fn raise_open_files_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Open descriptors of this process, and the soft limit.
+pub(crate) fn open_files() -> (usize, u64) {
+    let open = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit with a valid struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    (open, lim.rlim_cur)
+}
+
+/// True for the errors that mean "out of file descriptors".
+pub(crate) fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// What the kernel knows about a TCP connection the application may not be reading.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TcpPulse {
+    /// Time since the last data arrived from the peer (read or not).
+    pub since_data: std::time::Duration,
+    /// Bytes received and not yet read.
+    pub unread: usize,
+    /// The peer closed its side, or the connection failed.
+    pub closed: bool,
+}
+
+/// Reads [`TcpPulse`] of socket `fd` (Linux: `TCP_INFO`, `FIONREAD`, `poll(POLLRDHUP)`).
+pub(crate) fn tcp_pulse(fd: RawFd) -> Option<TcpPulse> {
+    #[cfg(target_os = "linux")]
+    // SAFETY: getsockopt fills at most `len` bytes of a u32 array; ioctl(FIONREAD) writes one
+    // int; poll reads one pollfd. All on a descriptor the caller owns.
+    unsafe {
+        // struct tcp_info: 8 one-byte fields, then u32s; tcpi_last_data_recv is the 14th u32
+        let mut info = [0u32; 26];
+        let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+        if libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len) != 0 || (len as usize) < 14 * 4 {
+            return None;
+        }
+        let last_data_recv_ms = info[13];
+        let mut unread: libc::c_int = 0;
+        libc::ioctl(fd, libc::FIONREAD, &mut unread);
+        let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+        libc::poll(&mut p, 1, 0);
+        let closed = p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
+        Some(TcpPulse { since_data: std::time::Duration::from_millis(last_data_recv_ms.into()), unread: unread.max(0) as usize, closed })
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = fd;
+        None
+    }
+}
+
+/// Milliseconds on a monotonic clock that starts with the process (fits an atomic).
+pub(crate) fn now_ms() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
+
+/// Fields of `/proc/<pid>/stat` after the command name (field 3, the state, is index 0).
+fn stat_fields(pid: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit_once(')')?.1.split_whitespace().map(String::from).collect())
+}
+
+/// Threads of this process (`None` where it cannot be told).
+pub(crate) fn thread_count() -> Option<usize> {
+    stat_fields("self")?.get(17)?.parse().ok()
+}
+
+/// Removes `name` from the environment and overwrites its value in the process's initial
+/// environment block, which is what `/proc/<pid>/environ` shows for the whole life of the
+/// process. Returns false (and changes nothing) unless this is the process's only thread:
+/// changing the environment while another thread may read it is undefined behaviour.
+pub(crate) fn scrub_env(name: &str) -> bool {
+    if thread_count() != Some(1) {
+        return false;
+    }
+    #[cfg(target_os = "linux")]
+    if let Some(fields) = stat_fields("self") {
+        // env_start and env_end are fields 50 and 51
+        let bound = |i: usize| fields.get(i).and_then(|f| f.parse::<usize>().ok());
+        if let (Some(start), Some(end)) = (bound(47), bound(48)) {
+            let key = format!("{name}=");
+            // SAFETY: [start, end) is this process's initial environment block, mapped and
+            // writable for the life of the process (it sits on the initial stack); we are the
+            // only thread, so nobody reads it while it changes.
+            unsafe {
+                let block = std::slice::from_raw_parts_mut(start as *mut u8, end.saturating_sub(start));
+                let mut at = 0;
+                while at < block.len() {
+                    let len = block[at..].iter().position(|&b| b == 0).unwrap_or(block.len() - at);
+                    if block[at..at + len].starts_with(key.as_bytes()) {
+                        block[at + key.len()..at + len].fill(b'0');
+                    }
+                    at += len + 1;
+                }
+            }
+        }
+    }
+    // SAFETY: this is the process's only thread (checked above).
+    unsafe { std::env::remove_var(name) };
+    true
+}
+
+/// Blocks until `fd` is readable or `timeout` passes; true if readable (or closed).
+pub(crate) fn wait_readable_for(fd: RawFd, timeout: std::time::Duration) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: poll on one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+}
+
+/// True if process `pid` descends from process `ancestor` (walks the parent chain).
+pub(crate) fn descends_from(pid: u32, ancestor: u32) -> bool {
+    let mut current = pid;
+    for _ in 0..64 {
+        if current == ancestor {
+            return true;
+        }
+        match stat_fields(&current.to_string()).and_then(|f| f.get(1)?.parse::<u32>().ok()) {
+            Some(parent) if parent > 1 => current = parent,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// This process's real user id.
+pub(crate) fn uid() -> u32 {
+    // SAFETY: getuid cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// Ends the process at once, from any thread, without running exit handlers (which could
+/// wait on locks held by a thread that is stuck in user code).
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit is always safe to call; it does not return.
+    unsafe { libc::_exit(code) }
 }

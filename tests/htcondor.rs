@@ -172,7 +172,9 @@ fn htcondor_killing_the_master_removes_its_job() {
     assert!(all_in(&state, &["2"]), "the job runs: {:?}", procs(&state));
     master.kill().unwrap();
     master.wait().unwrap();
-    assert!(common::wait_until(Duration::from_secs(15), || all_in(&state, &["3"])), "condor_rm removed the job: {:?}", procs(&state));
+    // the guard's condor_rm removes what is left; a worker that saw the master's connection
+    // close may have ended (completed) by itself first
+    assert!(common::wait_until(Duration::from_secs(15), || all_in(&state, &["3", "4"])), "nothing of the job is left: {:?}", procs(&state));
     assert!(common::wait_until(Duration::from_secs(10), || workers.iter().all(|p| !common::process_alive(*p))), "workers still alive");
 }
 

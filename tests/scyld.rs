@@ -72,7 +72,7 @@ fn scyld_workers_that_do_not_stop_are_killed_through_bpsh() {
     cluster.remote_do(busy, sleep_secs, (120,)).unwrap();
     cluster.shutdown().unwrap();
     assert!(common::wait_until(Duration::from_secs(5), || !common::process_alive(os_pid)), "the busy worker is gone");
-    assert!(calls(&log).contains(&format!("0 kill -TERM {os_pid}")), "stopped on its node through bpsh: {:?}", calls(&log));
+    assert!(calls(&log).contains(&format!("0 kill -KILL {os_pid}")), "killed on its node through bpsh: {:?}", calls(&log));
 }
 
 #[test]

@@ -33,7 +33,7 @@ pub(crate) fn execute(me: Pid, frame: &Frame) -> Option<Vec<u8>> {
             Ok(bytes) => return Some(bytes),
             Err(e) => Failure::Remote(RemoteError {
                 pid: me,
-                function: registry::lookup(h.func).map_or("?", |e| e.name).to_string(),
+                function: function_name(h.func),
                 message: e.to_string(),
                 location: None,
             }),
@@ -43,4 +43,9 @@ pub(crate) fn execute(me: Pid, frame: &Frame) -> Option<Vec<u8>> {
     let mut out = FrameBuf::new(Header { kind: Kind::Failure, src: me, dst: h.src, req: h.req, func: 0 });
     codec::encode_into(&failure, out.payload()).expect("failures always encode");
     Some(out.finish().expect("failure frames are small"))
+}
+
+/// The registered name of function `id` (`?` if unknown), for error messages.
+pub(crate) fn function_name(id: u64) -> String {
+    registry::lookup(id).map_or("?", |e| e.name).to_string()
 }

@@ -12,6 +12,7 @@ pub(crate) enum Failure {
     UnknownFunction { pid: Pid, id: u64 },
     NoSuchWorker(Pid),
     WorkerDied { pid: Pid, reason: String },
+    Busy { pid: Pid, reason: String },
 }
 
 impl From<Failure> for Error {
@@ -21,6 +22,7 @@ impl From<Failure> for Error {
             Failure::UnknownFunction { pid, id } => Error::UnknownFunction { pid, name: "?".into(), id },
             Failure::NoSuchWorker(pid) => Error::NoSuchWorker(pid),
             Failure::WorkerDied { pid, reason } => Error::WorkerDied { pid, reason },
+            Failure::Busy { pid, reason } => Error::Busy { pid, reason },
         }
     }
 }

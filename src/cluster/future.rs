@@ -3,9 +3,10 @@
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::thread::Thread;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
@@ -15,9 +16,12 @@ use crate::error::{Error, Result};
 use crate::protocol::{Frame, Kind};
 
 use super::failure::Failure;
+use super::link::Link;
+use super::{pool, worker};
 
-/// Where a reply lands: one per outstanding call. The waiting thread parks; the thread that
-/// reads the reply fills the slot and unparks it (or wakes the async task).
+/// Where a reply lands: one per outstanding call. The thread that reads the reply fills the
+/// slot and wakes the waiter: a parked thread, an async task, or a pool thread that runs
+/// other calls while it waits.
 #[derive(Default)]
 pub(crate) struct Slot {
     state: Mutex<SlotState>,
@@ -26,25 +30,32 @@ pub(crate) struct Slot {
 #[derive(Default)]
 struct SlotState {
     result: Option<Result<Frame>>,
-    thread: Option<Thread>,
-    waker: Option<Waker>,
+    wake: Option<Wake>,
+}
+
+enum Wake {
+    Thread(Thread),
+    Task(Waker),
+    Channel(crossbeam_channel::Sender<()>),
 }
 
 impl Slot {
     pub(crate) fn fill(&self, result: Result<Frame>) {
-        let (thread, waker) = {
+        let wake = {
             let mut s = self.state.lock().expect("slot lock");
             if s.result.is_some() {
                 return; // first answer wins (a reply racing a death notice)
             }
             s.result = Some(result);
-            (s.thread.take(), s.waker.take())
+            s.wake.take()
         };
-        if let Some(t) = thread {
-            t.unpark();
-        }
-        if let Some(w) = waker {
-            w.wake();
+        match wake {
+            Some(Wake::Thread(t)) => t.unpark(),
+            Some(Wake::Task(w)) => w.wake(),
+            Some(Wake::Channel(tx)) => {
+                let _ = tx.send(());
+            }
+            None => {}
         }
     }
 
@@ -52,23 +63,42 @@ impl Slot {
         self.state.lock().expect("slot lock").result.is_some()
     }
 
-    /// Blocks until filled. A worker's serving thread keeps serving while it waits (it may be
-    /// the only reader of the reply's connection; with direct links, their readers wake it).
-    pub(crate) fn wait(&self) -> Result<Frame> {
+    /// Blocks until filled or `deadline` (then `None`). A worker's serving thread keeps
+    /// serving while it waits (it may be the only reader of the reply's connection); a pool
+    /// thread on the master runs queued calls.
+    pub(crate) fn wait(&self, deadline: Option<Instant>) -> Option<Result<Frame>> {
+        let serving = worker::serves_on_this_thread();
+        let helping = pool::helping_queue().map(|queue| (queue, crossbeam_channel::bounded::<()>(1)));
         loop {
-            {
-                let mut s = self.state.lock().expect("slot lock");
-                if let Some(r) = s.result.take() {
-                    return r;
-                }
-                if super::worker::serves_on_this_thread() {
-                    drop(s);
-                    super::worker::pump_once()?;
-                    continue;
-                }
-                s.thread = Some(std::thread::current());
+            let mut s = self.state.lock().expect("slot lock");
+            if let Some(r) = s.result.take() {
+                return Some(r);
             }
-            std::thread::park();
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
+            }
+            if serving {
+                drop(s);
+                if let Err(e) = worker::pump_once(deadline) {
+                    return Some(Err(e));
+                }
+                continue;
+            }
+            match &helping {
+                Some((queue, (tx, rx))) => {
+                    s.wake = Some(Wake::Channel(tx.clone()));
+                    drop(s);
+                    pool::help_once(queue, rx, deadline);
+                }
+                None => {
+                    s.wake = Some(Wake::Thread(std::thread::current()));
+                    drop(s);
+                    match deadline {
+                        Some(d) => std::thread::park_timeout(d.saturating_duration_since(Instant::now())),
+                        None => std::thread::park(),
+                    }
+                }
+            }
         }
     }
 
@@ -77,7 +107,7 @@ impl Slot {
         match s.result.take() {
             Some(r) => Poll::Ready(r),
             None => {
-                s.waker = Some(cx.waker().clone());
+                s.wake = Some(Wake::Task(cx.waker().clone()));
                 Poll::Pending
             }
         }
@@ -96,8 +126,9 @@ pub(crate) fn decode_reply<R: DeserializeOwned>(frame: Result<Frame>) -> Result<
 
 /// The result of a [`Cluster::remote_call`](crate::Cluster::remote_call), arriving later.
 ///
-/// Wait with [`fetch`](RemoteFuture::fetch), or `.await` it (it is a `std::future::Future`
-/// that works on any executor). Dropping it does not cancel the call.
+/// Wait with [`fetch`](RemoteFuture::fetch) or [`fetch_timeout`](RemoteFuture::fetch_timeout),
+/// or `.await` it (it is a `std::future::Future` that works on any executor). Dropping it does
+/// not cancel the call.
 #[must_use = "a remote call's result is lost unless fetched or awaited"]
 pub struct RemoteFuture<R> {
     pid: Pid,
@@ -106,7 +137,8 @@ pub struct RemoteFuture<R> {
 }
 
 enum FutureInner<R> {
-    Pending(Arc<Slot>),
+    /// The slot, and the link and request id to forget if the caller stops waiting.
+    Pending(Arc<Slot>, Weak<Link>, u64),
     Ready(Option<Result<R>>),
 }
 
@@ -128,15 +160,15 @@ impl<R> RemoteFuture<R> {
     /// True once the result (or the failure) has arrived; `fetch` will not block.
     pub fn is_ready(&self) -> bool {
         match &self.inner {
-            FutureInner::Pending(slot) => slot.is_filled(),
+            FutureInner::Pending(slot, ..) => slot.is_filled(),
             FutureInner::Ready(_) => true,
         }
     }
 }
 
 impl<R: DeserializeOwned> RemoteFuture<R> {
-    pub(crate) fn pending(pid: Pid, slot: Arc<Slot>) -> Self {
-        RemoteFuture { pid, inner: FutureInner::Pending(slot), _result: PhantomData }
+    pub(crate) fn pending(pid: Pid, slot: Arc<Slot>, link: &Arc<Link>, req: u64) -> Self {
+        RemoteFuture { pid, inner: FutureInner::Pending(slot, Arc::downgrade(link), req), _result: PhantomData }
     }
 
     pub(crate) fn ready(pid: Pid, result: Result<R>) -> Self {
@@ -144,10 +176,30 @@ impl<R: DeserializeOwned> RemoteFuture<R> {
     }
 
     /// Blocks until the result arrives. Errors: [`Error::Remote`] for a panic or `Err` in the
-    /// function, [`Error::WorkerDied`] if the worker dies first.
+    /// function, [`Error::WorkerDied`] if the worker dies first (a worker that stops
+    /// answering counts as dead after the cluster's heartbeat timeout), [`Error::ShutDown`]
+    /// if the cluster shuts down first.
     pub fn fetch(self) -> Result<R> {
         match self.inner {
-            FutureInner::Pending(slot) => decode_reply(slot.wait()),
+            FutureInner::Pending(slot, ..) => decode_reply(slot.wait(None).expect("waits without a deadline end with a result")),
+            FutureInner::Ready(r) => r.expect("a ready future holds its result until fetched"),
+        }
+    }
+
+    /// Like [`fetch`](RemoteFuture::fetch), but gives up after `timeout` with
+    /// [`Error::Timeout`]. The call is not cancelled: it may still run on the worker, and its
+    /// result is dropped when it arrives.
+    pub fn fetch_timeout(self, timeout: Duration) -> Result<R> {
+        match self.inner {
+            FutureInner::Pending(slot, link, req) => match slot.wait(Some(Instant::now() + timeout)) {
+                Some(frame) => decode_reply(frame),
+                None => {
+                    if let Some(link) = link.upgrade() {
+                        link.forget(req);
+                    }
+                    Err(Error::Timeout { pid: self.pid, waited: timeout })
+                }
+            },
             FutureInner::Ready(r) => r.expect("a ready future holds its result until fetched"),
         }
     }
@@ -159,7 +211,7 @@ impl<R: DeserializeOwned> Future for RemoteFuture<R> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {
         let this = self.get_mut();
         match &mut this.inner {
-            FutureInner::Pending(slot) => match slot.poll(cx) {
+            FutureInner::Pending(slot, ..) => match slot.poll(cx) {
                 Poll::Ready(frame) => {
                     let r = decode_reply(frame);
                     this.inner = FutureInner::Ready(None);

@@ -1,17 +1,18 @@
-//! One connection to a peer: a locked writer, the table of calls waiting for a reply on it,
-//! and (on the master) the calls it routes to this peer for other workers.
+//! One connection to a peer: its sender, the table of calls waiting for a reply on it, when
+//! the peer was last heard from, and (on the master) the calls it routes to this peer for
+//! other workers. Sending never waits on the peer (see [`FrameOut`]).
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
-use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, mpsc};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::Pid;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::protocol::{Frame, FrameBuf, Header, Kind, LEN_PREFIX};
+use crate::sys;
+use crate::transport::FrameOut;
 
 use super::failure::Failure;
 use super::future::Slot;
@@ -21,7 +22,7 @@ pub(crate) enum Waiter {
     /// A single caller (a `RemoteFuture`).
     Slot(Arc<Slot>),
     /// A scheduler waiting on many calls at once (pmap), told the tag of each.
-    Queue { tx: mpsc::Sender<(u64, Result<Frame>)>, tag: u64 },
+    Queue { tx: crossbeam_channel::Sender<(u64, Result<Frame>)>, tag: u64 },
 }
 
 impl Waiter {
@@ -42,32 +43,8 @@ struct Pending {
     calls: HashMap<u64, Waiter>,
     /// Set once the connection is gone; new calls fail at once with this reason.
     dead: Option<String>,
-}
-
-/// Where a link's outgoing frames go: a socket, or the MPI progress thread.
-pub(crate) trait FrameOut: Send + Sync {
-    /// Sends one whole frame (length prefix included; MPI drops it, messages have bounds).
-    fn send(&self, frame: Vec<u8>) -> std::io::Result<()>;
-    /// Stops the connection so that the reading side sees its end.
-    fn close(&self);
-}
-
-/// A TCP connection's writing half.
-pub(crate) struct TcpOut(Mutex<TcpStream>);
-
-impl TcpOut {
-    pub(crate) fn boxed(stream: TcpStream) -> Box<dyn FrameOut> {
-        Box::new(TcpOut(Mutex::new(stream)))
-    }
-}
-
-impl FrameOut for TcpOut {
-    fn send(&self, frame: Vec<u8>) -> std::io::Result<()> {
-        self.0.lock().expect("writer lock").write_all(&frame)
-    }
-    fn close(&self) {
-        let _ = self.0.lock().expect("writer lock").shutdown(Shutdown::Both);
-    }
+    /// Why we gave up on the peer ourselves (no heartbeat), for whoever sees the end.
+    given_up: Option<String>,
 }
 
 /// A connection to one peer.
@@ -79,25 +56,45 @@ pub(crate) struct Link {
     /// Signalled when the link dies.
     died: Condvar,
     next_req: AtomicU64,
+    /// Largest frame the peer accepts.
+    max_frame: usize,
+    /// [`sys::now_ms`] when the last frame from the peer arrived.
+    heard: AtomicU64,
     /// Master only: (caller pid, request id) of calls routed to this peer for other workers.
     routed: Mutex<HashSet<(Pid, u64)>>,
 }
 
 impl Link {
-    pub(crate) fn new(peer: Pid, out: Box<dyn FrameOut>) -> Arc<Link> {
+    pub(crate) fn new(peer: Pid, out: Box<dyn FrameOut>, max_frame: usize) -> Arc<Link> {
         Arc::new(Link {
             peer,
             out,
             pending: Mutex::new(Pending::default()),
             died: Condvar::new(),
             next_req: AtomicU64::new(1),
+            max_frame,
+            heard: AtomicU64::new(sys::now_ms()),
             routed: Mutex::new(HashSet::new()),
         })
     }
 
-    /// Sends one finished frame (prefix included).
+    /// Sends one finished frame (prefix included) without waiting: a peer whose connection
+    /// has too much unread data makes this fail with [`Error::Busy`].
     pub(crate) fn send(&self, frame: Vec<u8>) -> Result<()> {
-        self.out.send(frame).map_err(|e| self.died(&e.to_string()))
+        self.out.send(frame, None).map_err(|e| self.send_error(e))
+    }
+
+    /// Sends one frame, waiting (until `deadline`) for room if the connection is backed up:
+    /// for a worker's replies and output, which must not be dropped.
+    pub(crate) fn send_patiently(&self, frame: Vec<u8>, deadline: Instant) -> Result<()> {
+        self.out.send(frame, Some(deadline)).map_err(|e| self.send_error(e))
+    }
+
+    fn send_error(&self, e: std::io::Error) -> Error {
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock => Error::Busy { pid: self.peer, reason: e.to_string() },
+            _ => self.died(&e.to_string()),
+        }
     }
 
     /// Sends a received frame body on to this peer (routing), prefix added.
@@ -108,8 +105,13 @@ impl Link {
         self.send(frame)
     }
 
+    /// The error for a call that cannot complete because this link is gone.
     fn died(&self, reason: &str) -> Error {
-        Error::WorkerDied { pid: self.peer, reason: reason.to_string() }
+        if self.peer == 1 {
+            Error::MasterGone(reason.to_string()) // only a worker has a link to pid 1
+        } else {
+            Error::WorkerDied { pid: self.peer, reason: reason.to_string() }
+        }
     }
 
     /// Sends a call (`header.req` is filled in here) whose payload `encode` writes,
@@ -119,6 +121,13 @@ impl Link {
         let mut frame = FrameBuf::with_capacity(Header { req, ..header }, payload_hint);
         encode(frame.payload())?;
         let bytes = frame.finish()?;
+        if bytes.len() - LEN_PREFIX > self.max_frame {
+            return Err(Error::Protocol(format!(
+                "a call of {} bytes exceeds the cluster's max_frame of {} bytes; raise ClusterBuilder::max_frame",
+                bytes.len() - LEN_PREFIX,
+                self.max_frame
+            )));
+        }
         if let Some(waiter) = waiter {
             let mut p = self.pending.lock().expect("pending lock");
             if let Some(reason) = &p.dead {
@@ -133,8 +142,13 @@ impl Link {
         Ok(req)
     }
 
+    /// Forgets a call whose caller stopped waiting (its reply, if any, is dropped).
+    pub(crate) fn forget(&self, req: u64) {
+        self.pending.lock().expect("pending lock").calls.remove(&req);
+    }
+
     /// Hands a reply or failure to whoever waits for it (unknown ids are dropped: the caller
-    /// may have been failed already by a death notice).
+    /// may have been failed already by a death notice, or stopped waiting).
     pub(crate) fn resolve(&self, frame: Frame) {
         let waiter = self.pending.lock().expect("pending lock").calls.remove(&frame.header.req);
         if let Some(w) = waiter {
@@ -142,8 +156,14 @@ impl Link {
         }
     }
 
-    /// Marks the link dead and fails every waiting call with `WorkerDied`.
+    /// Marks the link dead and fails every waiting call with `WorkerDied` (`MasterGone` for
+    /// the master's link).
     pub(crate) fn fail_all(&self, reason: &str) {
+        self.fail_all_with(reason, || self.died(reason));
+    }
+
+    /// Marks the link dead and fails every waiting call with `error()`.
+    pub(crate) fn fail_all_with(&self, reason: &str, error: impl Fn() -> Error) {
         let calls = {
             let mut p = self.pending.lock().expect("pending lock");
             p.dead.get_or_insert_with(|| reason.to_string());
@@ -151,7 +171,7 @@ impl Link {
         };
         self.died.notify_all();
         for (_, w) in calls {
-            w.deliver(Err(self.died(reason)));
+            w.deliver(Err(error()));
         }
     }
 
@@ -172,6 +192,40 @@ impl Link {
         self.out.close();
     }
 
+    /// Gives up on the peer (it went silent): closes the connection and remembers why, so
+    /// whoever sees the end reports that instead of "connection closed".
+    pub(crate) fn give_up(&self, reason: String) {
+        self.pending.lock().expect("pending lock").given_up.get_or_insert(reason);
+        self.close();
+    }
+
+    /// Why we gave up on the peer, if we did.
+    pub(crate) fn given_up(&self) -> Option<String> {
+        self.pending.lock().expect("pending lock").given_up.clone()
+    }
+
+    /// Notes that the peer was just heard from.
+    pub(crate) fn heard(&self) {
+        self.heard.store(sys::now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long the peer has been silent. For a connection the application is not reading
+    /// at the moment, the kernel's view counts too: data that arrived unread is a sign of
+    /// life, and so is a receive queue we are too busy to empty.
+    pub(crate) fn silence(&self) -> Duration {
+        let app = Duration::from_millis(sys::now_ms().saturating_sub(self.heard.load(Ordering::Relaxed)));
+        match self.out.pulse() {
+            Some(p) if p.unread >= BACKED_UP => Duration::ZERO,
+            Some(p) => app.min(p.since_data),
+            None => app,
+        }
+    }
+
+    /// True when the kernel saw the peer close the connection (read or not).
+    pub(crate) fn peer_closed(&self) -> bool {
+        self.out.pulse().is_some_and(|p| p.closed)
+    }
+
     pub(crate) fn note_routed(&self, caller: Pid, req: u64) {
         self.routed.lock().expect("routed lock").insert((caller, req));
     }
@@ -184,6 +238,10 @@ impl Link {
         self.routed.lock().expect("routed lock").drain().collect()
     }
 }
+
+/// Unread bytes from which a silent peer is presumed blocked by us, not dead: a peer whose
+/// data we do not read cannot get its heartbeats through either.
+const BACKED_UP: usize = 64 * 1024;
 
 /// Builds a failure frame addressed to `dst` for request `req`.
 pub(crate) fn failure_frame(src: Pid, dst: Pid, req: u64, failure: &Failure) -> Result<Vec<u8>> {

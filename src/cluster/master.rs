@@ -1,24 +1,28 @@
-//! The master's state: the process table, the launches waiting for their workers, and the
-//! reader thread of each worker connection, which resolves replies, routes worker-to-worker
-//! frames and prints worker output.
+//! The master's state: the process table, the launches waiting for their workers, the reader
+//! thread of each worker connection (which resolves replies, routes worker-to-worker frames
+//! and prints worker output), and the heartbeat that declares silent workers dead.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::Pid;
-use crate::error::Result;
-use crate::launch::listener::{Admit, Listener};
+use crate::error::Error;
 use crate::launch::Launch;
-use crate::protocol::{self, Frame, Hello, Kind, Refusal, Secret, Welcome};
+use crate::protocol::{self, Frame, Hello, Kind, Liveness, Refusal, Secret, Terms, Welcome, bare};
+use crate::sys;
+use crate::transport::listener::{Admit, HandshakeLimits, Listener};
+use crate::transport::tcp::TcpOut;
 
 use super::exec;
 use super::failure::Failure;
-use super::link::{Link, TcpOut, failure_frame};
+use super::link::{Link, failure_frame};
 use super::output::OutputSink;
+use super::pool::{Job, Pool};
+use super::refusals::RefusalLog;
 use super::{Cluster, Inner};
 
 /// What the master knows about a worker.
@@ -91,13 +95,15 @@ pub(crate) struct Master {
     pub waiting: Mutex<HashMap<u64, Arc<LaunchWait>>>,
     pub launches: Mutex<Vec<(u64, Box<dyn Launch>)>>,
     pub output: OutputSink,
-    pub refusals: Mutex<Vec<String>>,
+    pub refusals: Mutex<RefusalLog>,
     /// Workers that are gone, with the reason (newest last).
     pub terminated: Mutex<Vec<(Pid, String)>>,
     /// Told about every worker that is gone (elastic managers keep their lists with it).
     pub departures: Mutex<Vec<DepartureHook>>,
     pub shut: AtomicBool,
     pub max_frame: usize,
+    pub liveness: Liveness,
+    pub handshakes: HandshakeLimits,
     /// A listener that failed to start, reported by `ClusterBuilder::build`.
     pub start_error: Mutex<Option<crate::Error>>,
     /// All-to-all topology: workers connect to each other directly.
@@ -106,6 +112,8 @@ pub(crate) struct Master {
     pub peer_addresses: Mutex<HashMap<Pid, String>>,
     /// Frames forwarded from one worker to another.
     pub routed: std::sync::atomic::AtomicU64,
+    /// Runs calls addressed to pid 1.
+    pub pool: Pool,
 }
 
 impl Master {
@@ -124,6 +132,31 @@ impl Master {
     pub(crate) fn worker(&self, pid: Pid) -> Option<Arc<WorkerEntry>> {
         self.workers.read().expect("workers lock").get(&pid).cloned()
     }
+
+    /// The terms every worker of this master is admitted on.
+    pub(crate) fn terms(&self, pid: Pid) -> Terms {
+        Terms { pid, direct_links: self.direct_links, max_frame: self.max_frame, liveness: self.liveness }
+    }
+
+    /// Records a refused connection (bounded) and, when it names a waiting launch, fails
+    /// that launch at once with the reason.
+    pub(crate) fn refused(&self, what: &str, peer: SocketAddr, refusal: &Refusal) {
+        self.refusals.lock().expect("refusals lock").record(what, peer, &refusal.reason);
+        if let Some(wait) = refusal.launch.and_then(|id| self.waiting.lock().expect("waiting lock").get(&id).cloned()) {
+            wait.state.lock().expect("launch lock").failure.get_or_insert_with(|| refusal.reason.clone());
+            wait.cv.notify_all();
+        }
+    }
+
+    /// Ends the process of a worker that does not answer, where this master started it.
+    fn kill(&self, info: &WorkerInfo) {
+        for (_, launch) in self.launches.lock().expect("launches lock").iter_mut() {
+            if launch.kill_worker(info) {
+                tracing::info!("killed worker {} (os pid {} on {})", info.pid, info.os_pid, info.host);
+                return;
+            }
+        }
+    }
 }
 
 /// The listener's view of the master. Weak, so a forgotten cluster can still be dropped.
@@ -136,6 +169,9 @@ impl Admit for Admission {
         let m = inner.master();
         if m.shut.load(Ordering::Relaxed) {
             return Err(refuse("the master is shutting down".into()));
+        }
+        if let Some(problem) = &hello.problem {
+            return Err(refuse(format!("worker on {} (os pid {}): {problem}", hello.host, hello.os_pid)));
         }
         if hello.peer.is_some() {
             return Err(refuse("a worker-to-worker hello sent to the master's listener".into()));
@@ -164,7 +200,7 @@ impl Admit for Admission {
         .map_err(refuse)
         .map(|pid| {
             tracing::debug!(pid, host = %hello.host, os_pid = hello.os_pid, "worker admitted");
-            Welcome::Accepted { pid, direct_links: m.direct_links }
+            Welcome::Accepted(m.terms(pid))
         })
     }
 
@@ -181,14 +217,8 @@ impl Admit for Admission {
     }
 
     fn refused(&self, peer: SocketAddr, refusal: &Refusal) {
-        tracing::warn!("refused a connection from {peer}: {}", refusal.reason);
-        let Some(inner) = self.0.upgrade() else { return };
-        let m = inner.master();
-        m.refusals.lock().expect("refusals lock").push(format!("{peer}: {}", refusal.reason));
-        // A worker of a waiting launch was refused: that launch cannot complete, say why now.
-        if let Some(wait) = refusal.launch.and_then(|id| m.waiting.lock().expect("waiting lock").get(&id).cloned()) {
-            wait.state.lock().expect("launch lock").failure.get_or_insert_with(|| refusal.reason.clone());
-            wait.cv.notify_all();
+        if let Some(inner) = self.0.upgrade() {
+            inner.master().refused("the master", peer, refusal);
         }
     }
 }
@@ -196,15 +226,24 @@ impl Admit for Admission {
 /// Puts a worker that passed the handshake on `stream` into the process table and starts
 /// reading its connection.
 pub(crate) fn serve_connection(inner: &Arc<Inner>, pid: Pid, hello: Hello, stream: TcpStream) -> Option<Arc<WorkerEntry>> {
-    let reader = stream.try_clone().ok()?;
+    let reader = match stream.try_clone() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot take worker {pid}: {e}{}", if sys::out_of_descriptors(&e) { "; raise `ulimit -n`" } else { "" });
+            return None;
+        }
+    };
     let info = WorkerInfo { pid, host: hello.host, os_pid: hello.os_pid, mpi: hello.mpi };
-    let entry = add_worker(inner, info, Link::new(pid, TcpOut::boxed(stream)));
+    let entry = add_worker(inner, info, Link::new(pid, TcpOut::boxed(stream), inner.master().max_frame));
     let spawned = std::thread::Builder::new().name(format!("cman-worker-{pid}")).spawn({
         let (inner, entry) = (inner.clone(), entry.clone());
         move || read_worker(inner, entry, reader)
     });
-    if spawned.is_err() {
-        tracing::error!("cannot start a reader thread for worker {pid}");
+    if let Err(e) = spawned {
+        tracing::error!("cannot start a reader thread for worker {pid}: {e}");
+        entry.link.close();
+        worker_gone(inner, &entry, &format!("no thread could be started to read its connection: {e}"));
+        return None;
     }
     Some(entry)
 }
@@ -231,6 +270,7 @@ fn read_worker(inner: Arc<Inner>, entry: Arc<WorkerEntry>, stream: TcpStream) {
         }
     };
     entry.link.close();
+    let reason = entry.link.given_up().unwrap_or(reason);
     worker_gone(&inner, &entry, &reason);
 }
 
@@ -245,36 +285,33 @@ pub(crate) fn dispatch(inner: &Arc<Inner>, entry: &WorkerEntry, frame: Frame) ->
     if h.src != from {
         return Err(format!("protocol error: worker {from} sent a frame claiming to be from pid {}", h.src));
     }
+    entry.link.heard();
+    let m = inner.master();
     match h.kind {
+        Kind::Heartbeat => {}
         Kind::Reply | Kind::Failure if h.dst == 1 => entry.link.resolve(frame),
         Kind::Reply | Kind::Failure => {
             entry.link.routed_done(h.dst, h.req);
-            if let Some(target) = inner.master().worker(h.dst) {
+            if let Some(target) = m.worker(h.dst) {
                 let _ = target.link.forward(&frame.body);
             }
         }
-        Kind::Call | Kind::Cast | Kind::Batch if h.dst == 1 => {
-            // Run on a fresh thread: the reader must keep reading, or a call that waits for
-            // this same worker would deadlock.
-            let cluster = Cluster::handle(inner.clone());
-            let link = entry.link.clone();
-            let _ = std::thread::Builder::new().name("cman-exec".into()).spawn(move || {
-                let reply = super::with_current(&cluster, || exec::execute(1, &frame));
-                if let Some(reply) = reply {
-                    let _ = link.send(reply);
-                }
-            });
-        }
-        Kind::Call | Kind::Cast | Kind::Batch => match inner.master().worker(h.dst) {
+        Kind::Call | Kind::Cast | Kind::Batch if h.dst == 1 => run_here(inner, entry.link.clone(), frame),
+        Kind::Call | Kind::Cast | Kind::Batch => match m.worker(h.dst) {
             Some(target) => {
-                inner.master().routed.fetch_add(1, Ordering::Relaxed);
+                m.routed.fetch_add(1, Ordering::Relaxed);
                 if h.kind != Kind::Cast {
                     target.link.note_routed(from, h.req);
                 }
-                if target.link.forward(&frame.body).is_err() && h.kind != Kind::Cast {
-                    target.link.routed_done(from, h.req);
-                    let reason = "its connection failed".to_string();
-                    send_failure(entry, h.dst, h.req, &Failure::WorkerDied { pid: h.dst, reason });
+                if let Err(e) = target.link.forward(&frame.body) {
+                    if h.kind != Kind::Cast {
+                        target.link.routed_done(from, h.req);
+                        let failure = match e {
+                            Error::Busy { pid, reason } => Failure::Busy { pid, reason },
+                            e => Failure::WorkerDied { pid: h.dst, reason: e.to_string() },
+                        };
+                        send_failure(entry, h.dst, h.req, &failure);
+                    }
                 }
             }
             None if h.kind != Kind::Cast => send_failure(entry, h.dst, h.req, &Failure::NoSuchWorker(h.dst)),
@@ -283,12 +320,36 @@ pub(crate) fn dispatch(inner: &Arc<Inner>, entry: &WorkerEntry, frame: Frame) ->
         Kind::Output => {
             let text = String::from_utf8_lossy(frame.payload());
             for line in text.lines() {
-                (inner.master().output)(from, line);
+                (m.output)(from, line);
             }
         }
         Kind::Shutdown => return Err(STOPPED.into()),
     }
     Ok(())
+}
+
+/// Runs a call addressed to the master on the pool (the reader must keep reading, or a call
+/// that waits for this same worker would deadlock); a call the pool cannot take fails now.
+fn run_here(inner: &Arc<Inner>, reply_to: Arc<Link>, frame: Frame) {
+    let cluster = Cluster::handle(inner.clone());
+    let h = frame.header;
+    let patience = inner.master().liveness.timeout;
+    let refused_to = reply_to.clone();
+    inner.master().pool.submit(Job {
+        run: Box::new(move || {
+            if let Some(reply) = super::with_current(&cluster, || exec::execute(1, &frame)) {
+                let _ = reply_to.send_patiently(reply, Instant::now() + patience);
+            }
+        }),
+        refuse: Box::new(move |reason| {
+            tracing::warn!("a call from worker {} to the master was refused: {reason}", h.src);
+            if h.kind != Kind::Cast {
+                if let Ok(bytes) = failure_frame(1, h.src, h.req, &Failure::Busy { pid: 1, reason }) {
+                    let _ = refused_to.send(bytes);
+                }
+            }
+        }),
+    });
 }
 
 fn send_failure(to: &WorkerEntry, from: Pid, req: u64, failure: &Failure) {
@@ -298,19 +359,27 @@ fn send_failure(to: &WorkerEntry, from: Pid, req: u64, failure: &Failure) {
 }
 
 /// A worker's connection is gone: fail what waits on it, tell callers routed through it.
+/// Runs once per worker (later calls find it gone and do nothing).
 pub(crate) fn worker_gone(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, reason: &str) {
     let pid = entry.info.pid;
     let m = inner.master();
-    if m.shut.load(Ordering::Relaxed) || reason == STOPPED {
+    // Out of the table first: whoever waits for the link to die then sees the worker gone.
+    if m.workers.write().expect("workers lock").remove(&pid).is_none() {
+        return;
+    }
+    let shutting_down = m.shut.load(Ordering::Relaxed);
+    if shutting_down || reason == STOPPED {
         tracing::debug!("worker {pid} stopped: {reason}");
     } else {
         tracing::warn!("worker {pid} (os pid {} on {}) terminated: {reason}", entry.info.os_pid, entry.info.host);
     }
-    // Out of the table first: whoever waits for the link to die then sees the worker gone.
-    m.workers.write().expect("workers lock").remove(&pid);
     m.peer_addresses.lock().expect("peer addresses lock").remove(&pid);
     m.terminated.lock().expect("terminated lock").push((pid, reason.to_string()));
-    entry.link.fail_all(reason);
+    if shutting_down {
+        entry.link.fail_all_with(reason, || Error::ShutDown);
+    } else {
+        entry.link.fail_all(reason);
+    }
     for hook in m.departures.lock().expect("departures lock").iter() {
         hook(pid, reason);
     }
@@ -321,19 +390,59 @@ pub(crate) fn worker_gone(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, reason: 
     }
 }
 
-/// Asks workers to stop and waits (up to `grace`) until their connections are gone.
-pub(crate) fn stop_workers(m: &Master, pids: &[Pid], grace: Duration) -> Result<()> {
+/// Gives up on a worker that does not answer: closes its connection, fails what waits on
+/// it, and ends its process where this master started it.
+fn give_up(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, reason: String) {
+    entry.link.give_up(reason.clone());
+    worker_gone(inner, entry, &reason);
+    inner.master().kill(&entry.info);
+}
+
+/// Asks workers to stop and waits (up to `grace`) until their connections are gone; those
+/// still there are cut off and, where this master started them, killed.
+pub(crate) fn stop_workers(inner: &Arc<Inner>, pids: &[Pid], grace: Duration) {
+    let m = inner.master();
     let entries: Vec<_> = pids.iter().filter_map(|p| m.worker(*p)).collect();
     for e in &entries {
-        let frame = crate::protocol::FrameBuf::new(crate::protocol::Header { kind: Kind::Shutdown, src: 1, dst: e.info.pid, req: 0, func: 0 });
-        let _ = e.link.send(frame.finish()?);
+        let _ = e.link.send(bare(Kind::Shutdown, 1, e.info.pid));
     }
-    let deadline = std::time::Instant::now() + grace;
+    let deadline = Instant::now() + grace;
     for e in &entries {
-        if !e.link.wait_dead(deadline.saturating_duration_since(std::time::Instant::now())) {
-            tracing::warn!("worker {} did not stop within {grace:?}; closing its connection", e.info.pid);
-            e.link.close();
+        if !e.link.wait_dead(deadline.saturating_duration_since(Instant::now())) {
+            tracing::warn!("worker {} did not stop within {grace:?}; cutting it off", e.info.pid);
+            give_up(inner, e, format!("did not stop within {} s of being asked", grace.as_secs()));
         }
     }
-    Ok(())
+}
+
+/// Starts the master's heartbeat on the I/O thread: every interval it sends each worker a
+/// heartbeat and gives up on workers silent for the timeout. Ends with the cluster.
+pub(crate) fn watch_workers(inner: Weak<Inner>, liveness: Liveness) {
+    crate::transport::io::spawn(async move {
+        let mut tick = tokio::time::interval(liveness.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(inner) = inner.upgrade() else { return };
+            let m = inner.master();
+            if m.shut.load(Ordering::Relaxed) {
+                return;
+            }
+            let entries: Vec<Arc<WorkerEntry>> = m.workers.read().expect("workers lock").values().cloned().collect();
+            for entry in entries.into_iter().filter(|e| e.link.given_up().is_none()) {
+                let _ = entry.link.send(bare(Kind::Heartbeat, 1, entry.info.pid));
+                let silence = entry.link.silence();
+                if silence >= liveness.timeout {
+                    let reason = format!("no heartbeat for {} s (stopped, hung, or its node or network is gone)", silence.as_secs());
+                    // user callbacks run on worker death: not on the I/O thread
+                    let inner = inner.clone();
+                    entry.link.give_up(reason.clone());
+                    let spawned = std::thread::Builder::new().name("cman-give-up".into()).spawn(move || give_up(&inner, &entry, reason));
+                    if let Err(e) = spawned {
+                        tracing::error!("cannot start a thread to clean up after a dead worker: {e}");
+                    }
+                }
+            }
+        }
+    });
 }

@@ -9,6 +9,8 @@ pub(crate) mod master;
 pub(crate) mod output;
 mod peers;
 pub(crate) mod pmap;
+mod pool;
+mod refusals;
 pub(crate) mod worker;
 
 use std::cell::RefCell;
@@ -21,10 +23,10 @@ use std::time::{Duration, Instant};
 use crate::Pid;
 use crate::codec;
 use crate::error::{Error, RemoteError, Result};
-use crate::launch::listener::Listener;
 use crate::launch::{ClusterManager, Launch, LaunchContext, LaunchStatus};
-use crate::protocol::{DEFAULT_MAX_FRAME, Header, Kind, Secret};
+use crate::protocol::{DEFAULT_MAX_FRAME, Header, Kind, Liveness, Secret};
 use crate::registry::{self, RemoteFn};
+use crate::transport::listener::{HandshakeLimits, Listener};
 
 pub use future::RemoteFuture;
 pub(crate) use peers::Peers;
@@ -94,17 +96,34 @@ pub struct ClusterBuilder {
     output: Option<OutputSink>,
     max_frame: usize,
     topology: Topology,
+    liveness: Liveness,
+    handshakes: HandshakeLimits,
 }
 
 impl std::fmt::Debug for ClusterBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterBuilder").field("bind", &self.bind).field("advertise", &self.advertise).field("max_frame", &self.max_frame).finish()
+        f.debug_struct("ClusterBuilder")
+            .field("bind", &self.bind)
+            .field("advertise", &self.advertise)
+            .field("max_frame", &self.max_frame)
+            .field("topology", &self.topology)
+            .field("liveness", &self.liveness)
+            .field("handshakes", &self.handshakes)
+            .finish()
     }
 }
 
 impl Default for ClusterBuilder {
     fn default() -> Self {
-        ClusterBuilder { bind: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), advertise: None, output: None, max_frame: DEFAULT_MAX_FRAME, topology: Topology::MasterWorker }
+        ClusterBuilder {
+            bind: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            advertise: None,
+            output: None,
+            max_frame: DEFAULT_MAX_FRAME,
+            topology: Topology::MasterWorker,
+            liveness: Liveness::default(),
+            handshakes: HandshakeLimits::default(),
+        }
     }
 }
 
@@ -131,10 +150,28 @@ impl ClusterBuilder {
         self
     }
 
-    /// Largest frame accepted from a worker (default 1 GiB). Larger frames close that
-    /// worker's connection with an error.
+    /// Largest frame (one call's arguments or one result) accepted in either direction
+    /// (default 1 GiB). Workers are told this limit: a larger result fails its call with an
+    /// error that says so, and a peer that sends a larger frame is cut off.
     pub fn max_frame(mut self, bytes: usize) -> Self {
         self.max_frame = bytes;
+        self
+    }
+
+    /// Heartbeats (default: every 5 s, a peer silent for 60 s is dead). Master and workers
+    /// both send them; a worker silent for `timeout` (stopped, hung, its node or network
+    /// gone) is declared dead, its calls fail and `pmap` moves its work; a worker that hears
+    /// nothing from the master for `timeout` exits, and its job with it.
+    pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.liveness = Liveness { interval: interval.max(Duration::from_millis(10)), timeout: timeout.max(interval) };
+        self
+    }
+
+    /// Connections that may be in their handshake at once (default 256; past it the oldest
+    /// is dropped), and the time each has for its whole hello (default 10 s). Only
+    /// connections that have not proved the secret count.
+    pub fn handshakes(mut self, max_pending: usize, deadline: Duration) -> Self {
+        self.handshakes = HandshakeLimits { max_pending: max_pending.max(1), deadline };
         self
     }
 
@@ -145,10 +182,16 @@ impl ClusterBuilder {
     }
 
     /// Starts listening and returns the cluster (with no workers yet).
+    ///
+    /// In a process that was started as a worker but whose program never called
+    /// [`init`](crate::init), this reports the mistake to the master and exits: such a
+    /// process would otherwise run the master's code again and start workers of its own.
     pub fn build(self) -> Result<Cluster> {
+        worker::refuse_to_run_without_init();
+        crate::sys::raise_open_files_limit();
         let secret = Secret::random();
         let inner = Arc::new_cyclic(|weak| {
-            let listener = Listener::start(self.bind, secret, Arc::new(Admission(weak.clone())));
+            let listener = Listener::start(self.bind, secret, Arc::new(Admission(weak.clone())), self.handshakes);
             let (listener, addr, error) = match listener {
                 Ok(l) => {
                     let a = l.addr();
@@ -166,21 +209,25 @@ impl ClusterBuilder {
                 waiting: Mutex::new(HashMap::new()),
                 launches: Mutex::new(Vec::new()),
                 output: self.output.unwrap_or_else(print_sink),
-                refusals: Mutex::new(Vec::new()),
+                refusals: Mutex::default(),
                 terminated: Mutex::new(Vec::new()),
                 departures: Mutex::new(Vec::new()),
                 shut: AtomicBool::new(error.is_some()),
                 max_frame: self.max_frame,
+                liveness: self.liveness,
+                handshakes: self.handshakes,
                 start_error: Mutex::new(error),
                 direct_links: self.topology == Topology::AllToAll,
                 peer_addresses: Mutex::new(HashMap::new()),
                 routed: std::sync::atomic::AtomicU64::new(0),
+                pool: pool::Pool::new(),
             };
             Inner { me: 1, uplink: None, peers: None, master: Some(master) }
         });
         if let Some(e) = inner.master().start_error.lock().expect("start lock").take() {
             return Err(e);
         }
+        master::watch_workers(Arc::downgrade(&inner), self.liveness);
         Ok(Cluster { inner, owner: true })
     }
 }
@@ -275,9 +322,15 @@ impl Cluster {
         self.inner.master.as_ref()?.worker(pid).map(|e| e.info.clone())
     }
 
-    /// Refused connection attempts so far (wrong secret, other binary, garbage), newest last.
+    /// The newest refused connection attempts (wrong secret, other binary, garbage, too
+    /// slow), newest last: the last 100, each cut to 512 bytes.
     pub fn refusals(&self) -> Vec<String> {
-        self.inner.master.as_ref().map(|m| m.refusals.lock().expect("refusals lock").clone()).unwrap_or_default()
+        self.inner.master.as_ref().map(|m| m.refusals.lock().expect("refusals lock").recent()).unwrap_or_default()
+    }
+
+    /// How many connection attempts were refused in all.
+    pub fn refusal_count(&self) -> u64 {
+        self.inner.master.as_ref().map_or(0, |m| m.refusals.lock().expect("refusals lock").total())
     }
 
     /// Workers that are gone, each with the reason its connection ended (oldest first):
@@ -324,31 +377,33 @@ impl Cluster {
                 Ok(pids)
             }
             Err(e) => {
-                master::stop_workers(m, &pids, Duration::from_secs(2))?;
+                master::stop_workers(&self.inner, &pids, Duration::from_secs(2));
                 launch.stop(Duration::from_secs(2));
                 Err(e)
             }
         }
     }
 
-    /// Stops the given workers (they finish the call they are running, then exit).
+    /// Stops the given workers: they finish the call they are running, then exit. A worker
+    /// still busy after 10 s is cut off (its process killed where this master started it;
+    /// elsewhere it exits when it sees the connection gone).
     pub fn rm_procs(&self, pids: &[Pid]) -> Result<()> {
         let m = self.master()?;
         if let Some(p) = pids.iter().find(|p| m.worker(**p).is_none()) {
             return Err(Error::NoSuchWorker(*p));
         }
-        master::stop_workers(m, pids, Duration::from_secs(10))?;
+        master::stop_workers(&self.inner, pids, Duration::from_secs(10));
         self.reap_launches();
         Ok(())
     }
 
     /// Adds a worker that was identified by another transport (MPI) and talks through `out`.
     #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
-    pub(crate) fn attach_worker(&self, info: WorkerInfo, out: Box<dyn link::FrameOut>) {
+    pub(crate) fn attach_worker(&self, info: WorkerInfo, out: Box<dyn crate::transport::FrameOut>) {
         let Some(m) = &self.inner.master else { return };
         m.next_pid.fetch_max(info.pid + 1, Ordering::Relaxed);
         let pid = info.pid;
-        master::add_worker(&self.inner, info, Link::new(pid, out));
+        master::add_worker(&self.inner, info, Link::new(pid, out, m.max_frame));
     }
 
     /// Handles a frame from worker `pid` that arrived through another transport (MPI).
@@ -381,10 +436,13 @@ impl Cluster {
         }
     }
 
-    /// Sends one call frame to `pid`; the payload is written by `encode`.
-    pub(crate) fn send(&self, kind: Kind, pid: Pid, func: u64, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<()> {
+    /// Sends one call frame to `pid`; the payload is written by `encode`. Returns the link
+    /// it went on and its request id.
+    pub(crate) fn send(&self, kind: Kind, pid: Pid, func: u64, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<(Arc<Link>, u64)> {
         let header = Header { kind, src: self.inner.me, dst: pid, req: 0, func };
-        self.link_to(pid)?.call(header, hint, encode, waiter).map(|_| ())
+        let link = self.link_to(pid)?;
+        let req = link.call(header, hint, encode, waiter)?;
+        Ok((link, req))
     }
 
     /// Frames the master forwarded from one worker to another (with
@@ -403,8 +461,8 @@ impl Cluster {
             return Ok(RemoteFuture::ready(pid, run_here::<F>(pid, args)));
         }
         let slot = Arc::new(future::Slot::default());
-        self.send(Kind::Call, pid, F::ID, 64, |buf| codec::encode_into(&args, buf), Some(Waiter::Slot(slot.clone())))?;
-        Ok(RemoteFuture::pending(pid, slot))
+        let (link, req) = self.send(Kind::Call, pid, F::ID, 64, |buf| codec::encode_into(&args, buf), Some(Waiter::Slot(slot.clone())))?;
+        Ok(RemoteFuture::pending(pid, slot, &link, req))
     }
 
     /// [`remote_call`](Cluster::remote_call) and wait for the result.
@@ -421,7 +479,7 @@ impl Cluster {
             }
             return Ok(());
         }
-        self.send(Kind::Cast, pid, F::ID, 64, |buf| codec::encode_into(&args, buf), None)
+        self.send(Kind::Cast, pid, F::ID, 64, |buf| codec::encode_into(&args, buf), None).map(|_| ())
     }
 
     /// Calls function `func` on `pid` with an already encoded argument tuple.
@@ -431,8 +489,8 @@ impl Cluster {
             buf.extend_from_slice(payload);
             Ok(())
         };
-        self.send(Kind::Call, pid, func, payload.len(), copy, Some(Waiter::Slot(slot.clone())))?;
-        Ok(RemoteFuture::pending(pid, slot))
+        let (link, req) = self.send(Kind::Call, pid, func, payload.len(), copy, Some(Waiter::Slot(slot.clone())))?;
+        Ok(RemoteFuture::pending(pid, slot, &link, req))
     }
 
     /// Runs `f(args)` on every worker at once; results by pid. The first failure (by pid)
@@ -469,21 +527,24 @@ impl Cluster {
     }
 
     /// Stops every worker and everything the launches started (children, jobs). Idempotent;
-    /// also runs on drop. Workers finish the call they are running first (up to 5 s).
+    /// also runs on drop. Workers finish the call they are running first (up to 5 s); then
+    /// those still there are cut off and killed, and jobs are cancelled, so this returns
+    /// within seconds whatever the workers do. Calls still waiting fail with
+    /// [`Error::ShutDown`].
     pub fn shutdown(&self) -> Result<()> {
         let Some(m) = &self.inner.master else { return Ok(()) };
         if m.shut.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
         let pids = self.workers();
-        let result = master::stop_workers(m, &pids, Duration::from_secs(5));
         drop(m.listener.lock().expect("listener lock").take());
+        master::stop_workers(&self.inner, &pids, Duration::from_secs(5));
         let launches = std::mem::take(&mut *m.launches.lock().expect("launches lock"));
         for (_, mut launch) in launches {
             launch.stop(Duration::from_secs(3));
         }
         tracing::debug!("cluster shut down ({} workers stopped)", pids.len());
-        result
+        Ok(())
     }
 }
 

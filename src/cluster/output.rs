@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::Pid;
 use crate::protocol::{FrameBuf, Header, Kind};
@@ -34,26 +34,42 @@ struct Forwarder {
     partial: Vec<u8>,
     link: Arc<Link>,
     me: Pid,
+    /// How long a line may wait for room on a backed-up connection before it is dropped.
+    patience: Duration,
+    /// Reused for every read (the serving thread drains the pipe before every reply: a
+    /// fresh zeroed buffer each time would cost more than a no-op call).
+    chunk: Vec<u8>,
 }
+
+/// A line longer than this is sent in pieces (a program printing without newlines must not
+/// grow the buffer without bound).
+const LONGEST_LINE: usize = 1 << 20;
 
 impl Forwarder {
     /// Reads what is in the pipe now and sends the complete lines. `Ok(false)` at end of file.
     fn drain(&mut self) -> std::io::Result<bool> {
-        let mut buf = [0u8; 64 * 1024];
         let open = loop {
-            match self.pipe.read(&mut buf) {
+            match self.pipe.read(&mut self.chunk) {
                 Ok(0) => break false,
-                Ok(n) => self.partial.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    self.partial.extend_from_slice(&self.chunk[..n]);
+                    if self.partial.len() >= LONGEST_LINE {
+                        break true;
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         };
-        let end = if open { self.partial.iter().rposition(|&b| b == b'\n').map(|i| i + 1) } else { Some(self.partial.len()) };
+        let end = match self.partial.iter().rposition(|&b| b == b'\n') {
+            _ if !open || self.partial.len() >= LONGEST_LINE => Some(self.partial.len()),
+            newline => newline.map(|i| i + 1),
+        };
         if let Some(end) = end.filter(|&e| e > 0) {
             let rest = self.partial.split_off(end);
             let text = std::mem::replace(&mut self.partial, rest);
-            send_lines(&self.link, self.me, text.strip_suffix(b"\n").unwrap_or(&text));
+            send_lines(&self.link, self.me, text.strip_suffix(b"\n").unwrap_or(&text), self.patience);
         }
         Ok(open)
     }
@@ -63,11 +79,11 @@ static FORWARDER: Mutex<Option<Forwarder>> = Mutex::new(None);
 static FORWARDER_DONE: Mutex<Option<mpsc::Receiver<()>>> = Mutex::new(None);
 
 /// Sends this worker's stdout and stderr to the master from now on.
-pub(crate) fn start_forwarding(link: Arc<Link>, me: Pid) -> std::io::Result<()> {
+pub(crate) fn start_forwarding(link: Arc<Link>, me: Pid, patience: Duration) -> std::io::Result<()> {
     let pipe: File = sys::redirect_stdio_to_pipe()?;
     let fd = pipe.as_raw_fd();
     sys::set_nonblocking(fd)?;
-    *FORWARDER.lock().expect("forwarder lock") = Some(Forwarder { pipe, partial: Vec::new(), link, me });
+    *FORWARDER.lock().expect("forwarder lock") = Some(Forwarder { pipe, partial: Vec::new(), link, me, patience, chunk: vec![0; 64 * 1024] });
     let (done_tx, done_rx) = mpsc::channel();
     *FORWARDER_DONE.lock().expect("forwarder lock") = Some(done_rx);
     std::thread::Builder::new().name("cman-output".into()).spawn(move || {
@@ -92,11 +108,11 @@ pub(crate) fn flush() {
     }
 }
 
-fn send_lines(link: &Link, me: Pid, text: &[u8]) {
+fn send_lines(link: &Link, me: Pid, text: &[u8], patience: Duration) {
     let mut frame = FrameBuf::with_capacity(Header { kind: Kind::Output, src: me, dst: 1, req: 0, func: 0 }, text.len());
     frame.payload().extend_from_slice(text);
     if let Ok(bytes) = frame.finish() {
-        let _ = link.send(bytes);
+        let _ = link.send_patiently(bytes, Instant::now() + patience);
     }
 }
 

@@ -4,7 +4,6 @@
 //! its worker is retried whole on the others.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::Pid;
@@ -108,7 +107,7 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
     let mut results: Vec<Option<F::Output>> = (0..n).map(|_| None).collect();
     let mut in_flight: HashMap<u64, (Pid, Job)> = HashMap::new();
     let mut load: HashMap<Pid, usize> = pool.iter().map(|p| (*p, 0)).collect();
-    let (tx, rx) = mpsc::channel::<(u64, Result<Frame>)>();
+    let (tx, rx) = crossbeam_channel::unbounded::<(u64, Result<Frame>)>();
     let mut next_tag = 0u64;
     let mut scratch = Vec::new();
 
@@ -128,11 +127,11 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
             next_tag += 1;
             let waiter = Waiter::Queue { tx: tx.clone(), tag };
             match cluster.send(Kind::Batch, pid, F::ID, 16 * scratch.len(), |buf| codec::encode_into(&scratch, buf), Some(waiter)) {
-                Ok(()) => {
+                Ok(_) => {
                     *load.get_mut(&pid).expect("pid in pool") += 1;
                     in_flight.insert(tag, (pid, job));
                 }
-                Err(Error::WorkerDied { .. } | Error::NoSuchWorker(_)) => {
+                Err(Error::WorkerDied { .. } | Error::NoSuchWorker(_) | Error::Busy { .. }) => {
                     pool.retain(|p| *p != pid);
                     queue.push_front(job);
                     if pool.is_empty() {
@@ -210,7 +209,7 @@ fn failed<R>(mut job: Job, error: Error, options: &PmapOptions<R>, delayed: &mut
 
 /// Waits for the next reply (until `wake_at`, if given). On a worker's serving thread it
 /// keeps serving while it waits, since replies arrive on that same connection.
-fn next_completion(rx: &mpsc::Receiver<(u64, Result<Frame>)>, wake_at: Option<Instant>, expecting: bool) -> Result<Option<(u64, Result<Frame>)>> {
+fn next_completion(rx: &crossbeam_channel::Receiver<(u64, Result<Frame>)>, wake_at: Option<Instant>, expecting: bool) -> Result<Option<(u64, Result<Frame>)>> {
     if worker::serves_on_this_thread() {
         loop {
             if let Ok(c) = rx.try_recv() {
@@ -222,11 +221,14 @@ fn next_completion(rx: &mpsc::Receiver<(u64, Result<Frame>)>, wake_at: Option<In
                 }
                 return Ok(None);
             }
-            worker::pump_once()?;
+            worker::pump_once(wake_at)?;
+            if wake_at.is_some_and(|t| Instant::now() >= t) {
+                return Ok(None);
+            }
         }
     }
     let received = match wake_at {
-        Some(t) => rx.recv_timeout(t.saturating_duration_since(Instant::now())).ok(),
+        Some(t) => rx.recv_deadline(t).ok(),
         None => rx.recv().ok(),
     };
     Ok(received)

@@ -1,40 +1,44 @@
 //! The worker side: started with the master's address and secret in its environment, a
 //! process dials in, proves the secret, and serves calls on its main thread until told to
-//! stop or until the master's connection is gone.
+//! stop, until the master's connection is gone, or until the master stops sending
+//! heartbeats (a vanished host, a hung master).
 
 use std::cell::RefCell;
-use std::io::{BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
-use std::sync::{Arc, mpsc};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::Pid;
 use crate::error::{Error, Result};
 use crate::fingerprint;
-use crate::protocol::{self, Frame, FrameBuf, Header, Hello, Kind, MAX_HANDSHAKE, Secret, Welcome};
+use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECRET_FILE, Index, parse_launch};
+use crate::protocol::{self, Frame, Hello, Kind, Liveness, Secret, Terms, Welcome, bare};
 use crate::sys;
+use crate::transport::{self, tcp::TcpOut};
 
-use super::link::{Link, TcpOut};
+use super::link::{Link, failure_frame};
 use super::{Cluster, Peers, exec, output};
-
-/// Environment variable holding the master's `host:port`.
-pub const ENV_MASTER: &str = "CLUSTERMAN_MASTER";
-/// Environment variable holding the secret (hex); removed as soon as it is read.
-pub const ENV_SECRET: &str = "CLUSTERMAN_SECRET";
-/// Environment variable naming the launch and this worker's index in it (`<id>:<index>`).
-pub const ENV_LAUNCH: &str = "CLUSTERMAN_LAUNCH";
-/// Environment variable telling a worker to initialise MPI first, at this threading level.
-pub const ENV_MPI: &str = "CLUSTERMAN_MPI";
 
 static MY_PID: AtomicU32 = AtomicU32::new(1);
 /// Set when the master asked this worker to stop (possibly while a nested wait was pumping).
 static STOPPING: AtomicBool = AtomicBool::new(false);
+/// Set once `init()` ran: a process started as a worker that builds a cluster without it
+/// would run the master's code again (and start workers of its own).
+static INIT_RAN: AtomicBool = AtomicBool::new(false);
 
 /// This process's pid in the cluster: 1 on the master, the assigned pid on a worker.
 pub fn my_id() -> Pid {
     MY_PID.load(Ordering::Relaxed)
 }
+
+/// How long a worker tries to reach its master (it may still be binding on a slow node, or
+/// busy with a crowd of other handshakes).
+const DIAL_DEADLINE: Duration = Duration::from_secs(60);
 
 /// What a worker needs to dial in.
 pub(crate) struct WorkerConfig {
@@ -45,7 +49,8 @@ pub(crate) struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// Reads (and removes) the worker variables; `None` in a process that is not a worker.
+    /// Reads the worker variables (and removes them, where that is sound); `None` in a
+    /// process that is not a worker.
     fn from_env() -> Option<Result<WorkerConfig>> {
         let master = std::env::var(ENV_MASTER).ok()?;
         let parent = std::env::var(sys::ENV_PARENT).ok().and_then(|p| p.parse().ok());
@@ -53,24 +58,21 @@ impl WorkerConfig {
         if let Err(e) = sys::apply_child_settings(parent, cpu) {
             return Some(Err(Error::io("setting up a local worker", e)));
         }
-        let secret = std::env::var(ENV_SECRET).ok();
+        let secret = read_secret();
         let launch = std::env::var(ENV_LAUNCH).ok();
         let mpi = std::env::var(ENV_MPI).ok();
-        // SAFETY: called at the start of main (see `init`), before the program starts threads;
-        // the variables must not reach processes this worker starts.
-        unsafe {
-            for var in [ENV_MASTER, ENV_SECRET, ENV_LAUNCH, ENV_MPI, sys::ENV_PARENT, sys::ENV_CPU] {
-                std::env::remove_var(var);
+        // The variables must not reach processes this worker starts, and the secret must not
+        // stay in /proc/<pid>/environ. Changing the environment is only sound on the only
+        // thread (init() at the top of main, or init_in_constructor!); elsewhere they stay.
+        for var in [ENV_SECRET, ENV_MASTER, ENV_SECRET_FILE, ENV_LAUNCH, ENV_MPI, sys::ENV_PARENT, sys::ENV_CPU] {
+            if std::env::var_os(var).is_some() && !sys::scrub_env(var) {
+                tracing::debug!("{var} stays in the environment: other threads already run");
             }
         }
-        Some(Self::parse(master, secret, launch, mpi))
+        Some(secret.and_then(|secret| Self::parse(master, secret, launch, mpi)))
     }
 
-    pub(crate) fn parse(master: String, secret: Option<String>, launch: Option<String>, mpi_level: Option<String>) -> Result<WorkerConfig> {
-        let secret = secret
-            .as_deref()
-            .and_then(Secret::from_hex)
-            .ok_or_else(|| Error::Handshake(format!("{ENV_SECRET} is missing or not 32 hex digits; start workers through a ClusterManager or the command an ElasticManager prints")))?;
+    pub(crate) fn parse(master: String, secret: Secret, launch: Option<String>, mpi_level: Option<String>) -> Result<WorkerConfig> {
         let mpi = match mpi_level {
             Some(level) => Some(init_mpi(&level)?),
             None => mpi_identity_from_env(),
@@ -78,18 +80,41 @@ impl WorkerConfig {
         let launch = match launch {
             None => None,
             Some(s) => {
-                let (id, index) = s.split_once(':').ok_or_else(|| Error::Handshake(format!("malformed {ENV_LAUNCH}={s}")))?;
-                let id = id.parse().map_err(|_| Error::Handshake(format!("malformed {ENV_LAUNCH}={s}")))?;
+                let (id, index) = parse_launch(&s).map_err(Error::Handshake)?;
                 let index = match index {
-                    "rank" => mpi.map(|(rank, _)| rank as u32).ok_or_else(|| Error::Handshake("launched as an MPI rank, but no MPI rank is set in the environment (OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK or SLURM_PROCID); is the launcher an MPI launcher?".into()))?,
-                    "task" => array_task_index().ok_or_else(|| Error::Handshake("launched as a job array task, but no task id is set (SLURM_ARRAY_TASK_ID, SGE_TASK_ID, PBS_ARRAYID, PBS_ARRAY_INDEX or LSB_JOBINDEX)".into()))?,
-                    n => n.parse().map_err(|_| Error::Handshake(format!("malformed {ENV_LAUNCH}={s}")))?,
+                    Index::Given(n) => n,
+                    Index::Rank => mpi.map(|(rank, _)| rank as u32).ok_or_else(|| Error::Handshake("launched as an MPI rank, but no MPI rank is set in the environment (OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK or SLURM_PROCID); is the launcher an MPI launcher?".into()))?,
+                    Index::Task => array_task_index().ok_or_else(|| Error::Handshake("launched as a job array task, but no task id is set (SLURM_ARRAY_TASK_ID, SGE_TASK_ID, PBS_ARRAYID, PBS_ARRAY_INDEX or LSB_JOBINDEX)".into()))?,
                 };
                 Some((id, index))
             }
         };
         Ok(WorkerConfig { master, secret, launch, mpi })
     }
+}
+
+/// The secret, from [`ENV_SECRET`] or the file [`ENV_SECRET_FILE`] names.
+fn read_secret() -> Result<Secret> {
+    let missing = || {
+        Error::Handshake(format!(
+            "neither {ENV_SECRET} nor {ENV_SECRET_FILE} holds a secret of 32 hex digits; start workers through a ClusterManager or with the command an ElasticManager prints"
+        ))
+    };
+    if let Ok(hex) = std::env::var(ENV_SECRET) {
+        return Secret::from_hex(&hex).ok_or_else(missing);
+    }
+    let path = std::env::var(ENV_SECRET_FILE).map_err(|_| missing())?;
+    let file = std::fs::File::open(&path).map_err(|e| Error::io(format!("cannot read the secret file {path} ({ENV_SECRET_FILE}); is it on a filesystem this node sees?"), e))?;
+    let meta = file.metadata().map_err(|e| Error::io(format!("reading {path}"), e))?;
+    if meta.is_file() {
+        use std::os::unix::fs::MetadataExt;
+        if meta.mode() & 0o077 != 0 || meta.uid() != sys::uid() {
+            return Err(Error::Handshake(format!("the secret file {path} can be read by other users (mode {:o}, owner {}): refusing to use it", meta.mode() & 0o777, meta.uid())));
+        }
+    }
+    let mut line = String::new();
+    BufReader::new(file.take(256)).read_line(&mut line).map_err(|e| Error::io(format!("reading {path}"), e))?;
+    Secret::from_hex(&line).ok_or_else(missing)
 }
 
 #[cfg(feature = "mpi")]
@@ -123,9 +148,42 @@ fn mpi_identity_from_env() -> Option<(i32, i32)> {
 /// Call first in `main`. In a process started as a worker, it connects to the master and
 /// serves until shut down, then exits the process: it never returns. Elsewhere it returns
 /// at once.
+///
+/// Called first thing, it also removes the worker's variables from the environment (and the
+/// secret from the process's initial environment block); called after other threads have
+/// started (under `#[tokio::main]`, say), it leaves the environment alone, because changing
+/// it then would be unsound.
 pub fn init() {
+    INIT_RAN.store(true, Ordering::SeqCst);
     let Some(config) = WorkerConfig::from_env() else { return };
     exit_worker(config.and_then(run));
+}
+
+/// In a process started as a worker whose program never called [`init`] (it is running the
+/// master's code again): tells the master why, then exits. Never returns in that case.
+pub(crate) fn refuse_to_run_without_init() {
+    if INIT_RAN.load(Ordering::SeqCst) || std::env::var_os(ENV_MASTER).is_none() {
+        return;
+    }
+    let problem = format!(
+        "{} was started as a worker, but it does not call clusterman::init() at the start of main, so it ran the master's code instead of serving; add `clusterman::init();` as the first line of main (or `clusterman::init_in_constructor!();` in a test binary)",
+        std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "this program".into())
+    );
+    sys::write_original_stderr(&format!("clusterman: {problem}"));
+    // tell the master, so the launch fails at once with this text instead of a timeout
+    if let (Ok(master), Ok(secret)) = (std::env::var(ENV_MASTER), read_secret()) {
+        let launch = std::env::var(ENV_LAUNCH).ok().and_then(|s| parse_launch(&s).ok()).map(|(id, index)| (id, if let Index::Given(i) = index { i } else { 0 }));
+        let mut hello = hello(secret, launch, None, None);
+        hello.problem = Some(problem);
+        let _ = transport::tcp::dial(&master, &hello, Instant::now() + Duration::from_secs(10));
+    }
+    std::process::exit(1);
+}
+
+/// This process's hello.
+fn hello(secret: Secret, launch: Option<(u64, u32)>, mpi: Option<(i32, i32)>, peer: Option<Pid>) -> Hello {
+    let (fp, exe) = fingerprint::this_process();
+    Hello { secret, fingerprint: fp.clone(), exe: exe.clone(), launch, host: sys::hostname(), os_pid: std::process::id(), mpi, peer, problem: None }
 }
 
 /// Ends a worker process: status 0 after a requested stop, else 1 with the reason on the
@@ -135,11 +193,7 @@ pub(crate) fn exit_worker(outcome: Result<()>) -> ! {
         Ok(()) => 0,
         Err(e) => {
             output::finish_forwarding();
-            let who = match my_id() {
-                1 => String::from("clusterman worker"),
-                pid => format!("clusterman worker {pid}"),
-            };
-            sys::write_original_stderr(&format!("{who} (os pid {}): {e}", std::process::id()));
+            sys::write_original_stderr(&format!("{} (os pid {}): {e}", who_am_i(), std::process::id()));
             1
         }
     };
@@ -147,6 +201,13 @@ pub(crate) fn exit_worker(outcome: Result<()>) -> ! {
         hook();
     }
     std::process::exit(code);
+}
+
+fn who_am_i() -> String {
+    match my_id() {
+        1 => String::from("clusterman worker"),
+        pid => format!("clusterman worker {pid}"),
+    }
 }
 
 /// Work to do on this (the main) thread just before a worker exits, newest first.
@@ -159,37 +220,40 @@ pub(crate) fn at_worker_exit(hook: impl FnOnce() + Send + 'static) {
 }
 
 pub(crate) fn run(config: WorkerConfig) -> Result<()> {
-    let (stream, pid, direct_links) = dial(&config)?;
+    sys::raise_open_files_limit();
+    let (stream, terms) = dial(&config)?;
     let out = TcpOut::boxed(stream.try_clone().map_err(|e| Error::io("cloning the master connection", e))?);
-    let link = Link::new(1, out);
-    if !direct_links {
-        return serve(pid, link, Inbox::Tcp(BufReader::with_capacity(64 * 1024, stream)), None);
+    let link = Link::new(1, out, terms.max_frame);
+    if !terms.direct_links {
+        return serve(terms, link, Inbox::Tcp(BufReader::with_capacity(64 * 1024, stream)), None);
     }
-    // Direct links: replies may come on any connection, so every link gets a reader thread
-    // and wakes the serving thread, which then waits on a channel instead of a socket.
-    let (to_serving, inbox) = mpsc::channel();
-    let _ = SERVING_WAKE.set(std::sync::Mutex::new(to_serving.clone()));
+    // Direct links: calls and replies may come on any connection, so every link gets a
+    // reader thread that hands the serving thread its calls and wakes it for replies.
+    let (to_serving, inbox) = crossbeam_channel::unbounded();
+    let _ = SERVING_WAKE.set(to_serving.clone());
     // listen where this worker reaches the master from: its peers are on that network
     let ip = stream.local_addr().map_err(|e| Error::io("reading the local address", e))?.ip();
-    read_uplink(stream, link.clone(), to_serving)?;
-    let (peers, address) = Peers::start(pid, config.secret, ip)?;
+    read_uplink(stream, link.clone(), to_serving.clone(), terms.max_frame)?;
+    let (peers, address) = Peers::start(terms, config.secret, ip, to_serving)?;
     // registered before serving, so no peer can ask for this address too early
-    Cluster::worker_handle(pid, link.clone(), None).remote_call_fetch(1, super::builtin_register_peer, (pid, address.to_string()))?;
-    serve(pid, link, Inbox::Channel(inbox), Some(peers))
+    Cluster::worker_handle(terms.pid, link.clone(), None).remote_call_fetch(1, super::builtin_register_peer, (terms.pid, address.to_string()))?;
+    serve(terms, link, Inbox::Channel(inbox), Some(peers))
 }
 
-/// Serves calls on this thread as worker `pid` until the master says stop (`Ok`) or is
+/// Serves calls on this thread as worker `terms.pid` until the master says stop (`Ok`) or is
 /// gone (`Err`). On a stop, the worker's output is flushed and a goodbye frame ends the
 /// conversation, so the master knows nothing more is coming (MPI links have no EOF).
-pub(crate) fn serve(pid: Pid, link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) -> Result<()> {
+pub(crate) fn serve(terms: Terms, link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) -> Result<()> {
+    let pid = terms.pid;
     MY_PID.store(pid, Ordering::Relaxed);
-    if let Err(e) = output::start_forwarding(link.clone(), pid) {
+    if let Err(e) = output::start_forwarding(link.clone(), pid, terms.liveness.timeout) {
         tracing::warn!("worker {pid}: output stays local, forwarding failed: {e}");
     }
+    watch_master(link.clone(), peers.clone(), terms.liveness);
     let _ = WORKER_CLUSTER.set(Cluster::worker_handle(pid, link.clone(), peers));
-    SERVING.with(|s| *s.borrow_mut() = Some(Serving { inbox, link: link.clone(), me: pid }));
+    SERVING.with(|s| *s.borrow_mut() = Some(Serving { inbox, uplink: link.clone(), terms }));
     let outcome = loop {
-        match pump_once() {
+        match pump_once(None) {
             Ok(()) if !STOPPING.load(Ordering::Relaxed) => {}
             Ok(()) | Err(Error::ShutDown) => break Ok(()),
             Err(e) => break Err(e),
@@ -198,62 +262,63 @@ pub(crate) fn serve(pid: Pid, link: Arc<Link>, inbox: Inbox, peers: Option<Arc<P
     SERVING.with(|s| *s.borrow_mut() = None);
     output::finish_forwarding();
     if outcome.is_ok() {
-        let goodbye = FrameBuf::new(Header { kind: Kind::Shutdown, src: pid, dst: 1, req: 0, func: 0 });
-        let _ = link.send(goodbye.finish()?);
+        let _ = link.send_patiently(bare(Kind::Shutdown, pid, 1), Instant::now() + terms.liveness.timeout);
     }
     outcome
 }
 
-/// Connects (retrying briefly: the master may still be binding on a slow node) and shakes
-/// hands. Returns the connection, this worker's pid, and whether to open direct links.
-fn dial(config: &WorkerConfig) -> Result<(TcpStream, Pid, bool)> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut stream = loop {
-        match TcpStream::connect(&config.master) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!("connecting to {}: {e}; retrying", config.master);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(Error::io(format!("cannot reach the master at {} ({ENV_MASTER}); is it running and reachable from {}?", config.master, sys::hostname()), e)),
-        }
-    };
-    stream.set_nodelay(true).map_err(|e| Error::io("setting TCP_NODELAY", e))?;
-    let (fp, exe) = fingerprint::this_process();
-    let hello = Hello {
-        secret: config.secret,
-        fingerprint: fp.clone(),
-        exe: exe.clone(),
-        launch: config.launch,
-        host: sys::hostname(),
-        os_pid: std::process::id(),
-        mpi: config.mpi,
-        peer: None,
-    };
-    stream.write_all(&hello.encode()).map_err(|e| Error::io("sending the hello", e))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| Error::io("setting a timeout", e))?;
-    let body = read_prefixed(&mut stream, MAX_HANDSHAKE).map_err(|e| Error::Handshake(format!("no answer from the master at {}: {e}", config.master)))?;
-    stream.set_read_timeout(None).map_err(|e| Error::io("clearing a timeout", e))?;
-    match Welcome::decode(&body).map_err(Error::Handshake)? {
-        Welcome::Accepted { pid, direct_links } => Ok((stream, pid, direct_links)),
+/// Dials the master and shakes hands. Returns the connection and the terms of admission.
+fn dial(config: &WorkerConfig) -> Result<(TcpStream, Terms)> {
+    let hello = hello(config.secret, config.launch, config.mpi, None);
+    let (stream, welcome) = transport::tcp::dial(&config.master, &hello, Instant::now() + DIAL_DEADLINE).map_err(|e| {
+        let hint = if sys::out_of_descriptors(&e) { "; this process is out of file descriptors: raise `ulimit -n`" } else { "" };
+        Error::io(format!("cannot reach the master at {} ({ENV_MASTER}) from {}{hint}; is it running, and reachable from here?", config.master, sys::hostname()), e)
+    })?;
+    match welcome {
+        Welcome::Accepted(terms) => Ok((stream, terms)),
         Welcome::Refused(reason) => Err(Error::Handshake(format!("the master refused this worker: {reason}"))),
     }
 }
 
-/// Reads one `u32`-length-prefixed message of at most `max` bytes.
-pub(crate) fn read_prefixed(r: &mut impl Read, max: usize) -> std::io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > max {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("message of {len} bytes exceeds {max}")));
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
-    Ok(body)
+/// Watches the master from the I/O thread: sends this worker's heartbeats (also while a
+/// long call runs on the serving thread) and ends the process when the master is gone —
+/// its connection closed, or no heartbeat from it for the timeout (a vanished host, a
+/// partition, a hung master). Direct links to peers are watched the same way.
+fn watch_master(uplink: Arc<Link>, peers: Option<Arc<Peers>>, liveness: Liveness) {
+    let me = my_id();
+    transport::io::spawn(async move {
+        let mut tick = tokio::time::interval(liveness.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if STOPPING.load(Ordering::Relaxed) {
+                return;
+            }
+            let _ = uplink.send(bare(Kind::Heartbeat, me, 1));
+            let silence = uplink.silence();
+            let why = if uplink.peer_closed() {
+                Some("the master closed the connection".to_string())
+            } else if silence >= liveness.timeout {
+                Some(format!("no heartbeat from the master for {} s (its host vanished, the network is cut, or it hangs)", silence.as_secs()))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                if STOPPING.load(Ordering::Relaxed) {
+                    return;
+                }
+                // the serving thread may be deep in user code: end the process from here
+                sys::write_original_stderr(&format!("{} (os pid {}): lost the master: {why}; exiting", who_am_i(), std::process::id()));
+                sys::exit_now(1);
+            }
+            if let Some(peers) = &peers {
+                peers.heartbeat(me, liveness);
+            }
+        }
+    });
 }
 
-static WORKER_CLUSTER: std::sync::OnceLock<Cluster> = std::sync::OnceLock::new();
+static WORKER_CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
 /// Writes raw bytes to the master (tests of the master's protocol checks).
 pub(crate) fn send_raw(bytes: &[u8]) -> bool {
@@ -265,113 +330,140 @@ pub(crate) fn worker_cluster() -> Option<&'static Cluster> {
     WORKER_CLUSTER.get()
 }
 
+/// A frame for the serving thread and the link it came on (replies go back there).
+pub(crate) type Incoming = (Frame, Arc<Link>);
+
 /// What a thread that reads for the serving thread hands over: a frame (or the transport's
 /// failure), or `None` — a wake-up after it resolved a reply the serving thread may be
 /// waiting for.
-pub(crate) type Delivery = Option<Result<Frame>>;
+pub(crate) type Delivery = Option<Result<Incoming>>;
 
 /// Where a serving worker's incoming frames come from.
 pub(crate) enum Inbox {
     /// Read straight from the master's socket (one connection: no thread switch).
     Tcp(BufReader<TcpStream>),
-    /// Handed over by another thread: the MPI progress thread, or the master link's reader
-    /// when the worker also has direct links (replies may then arrive on any link).
-    Channel(mpsc::Receiver<Delivery>),
+    /// Handed over by other threads: the MPI progress thread, or the readers of the master
+    /// link and the direct links when the worker has those.
+    Channel(Receiver<Delivery>),
 }
 
 impl Inbox {
-    /// The next frame, or `None` after a wake-up.
-    fn next(&mut self) -> Result<Option<Frame>> {
+    /// The next frame; `None` after a wake-up or at `deadline`.
+    fn next(&mut self, uplink: &Arc<Link>, max_frame: usize, deadline: Option<Instant>) -> Result<Option<Incoming>> {
         match self {
-            Inbox::Tcp(reader) => match protocol::read_frame(reader, protocol::DEFAULT_MAX_FRAME) {
-                Ok(Some(frame)) => Ok(Some(frame)),
-                Ok(None) => Err(Error::MasterGone("it closed the connection; exiting".into())),
-                Err(e) => Err(Error::MasterGone(format!("{e}; exiting"))),
-            },
-            Inbox::Channel(rx) => match rx.recv() {
-                Ok(Some(frame)) => frame.map(Some),
-                Ok(None) => Ok(None),
-                Err(_) => Err(Error::MasterGone("the transport stopped; exiting".into())),
-            },
+            Inbox::Tcp(reader) => {
+                if let Some(d) = deadline {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if reader.buffer().is_empty() && !sys::wait_readable_for(reader.get_ref().as_raw_fd(), left) {
+                        return Ok(None);
+                    }
+                }
+                match protocol::read_frame(reader, max_frame) {
+                    Ok(Some(frame)) => {
+                        uplink.heard();
+                        Ok(Some((frame, uplink.clone())))
+                    }
+                    Ok(None) => Err(Error::MasterGone("it closed the connection; exiting".into())),
+                    Err(e) => Err(Error::MasterGone(format!("{e}; exiting"))),
+                }
+            }
+            Inbox::Channel(rx) => {
+                let got = match deadline {
+                    Some(d) => match rx.recv_deadline(d) {
+                        Ok(got) => got,
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Ok(None),
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(Error::MasterGone("the transport stopped; exiting".into())),
+                    },
+                    None => rx.recv().map_err(|_| Error::MasterGone("the transport stopped; exiting".into()))?,
+                };
+                got.transpose()
+            }
         }
     }
 }
 
 /// Set when the serving thread waits on a channel rather than a socket (direct links): every
 /// completed call sends it a wake-up, because it may be the thread waiting for the result.
-static SERVING_WAKE: std::sync::OnceLock<std::sync::Mutex<mpsc::Sender<Delivery>>> = std::sync::OnceLock::new();
+static SERVING_WAKE: OnceLock<Sender<Delivery>> = OnceLock::new();
 
 /// Wakes the serving thread if it waits on a channel (nothing to do otherwise).
 pub(crate) fn wake_serving() {
     if let Some(tx) = SERVING_WAKE.get() {
-        let _ = tx.lock().expect("wake lock").send(None);
+        let _ = tx.send(None);
     }
 }
 
 /// Reads the master link on its own thread (all-to-all topology): replies are resolved here,
 /// everything else goes to the serving thread through `to_serving`.
-fn read_uplink(stream: TcpStream, link: Arc<Link>, to_serving: mpsc::Sender<Delivery>) -> Result<()> {
+fn read_uplink(stream: TcpStream, link: Arc<Link>, to_serving: Sender<Delivery>, max_frame: usize) -> Result<()> {
     let spawned = std::thread::Builder::new().name("cman-uplink".into()).spawn(move || {
         let mut reader = BufReader::with_capacity(64 * 1024, stream);
-        loop {
-            let failure = match protocol::read_frame(&mut reader, protocol::DEFAULT_MAX_FRAME) {
-                Ok(Some(frame)) if matches!(frame.header.kind, Kind::Reply | Kind::Failure) => {
-                    link.resolve(frame);
-                    continue;
-                }
+        let failure = loop {
+            match protocol::read_frame(&mut reader, max_frame) {
                 Ok(Some(frame)) => {
-                    let _ = to_serving.send(Some(Ok(frame)));
-                    continue;
+                    link.heard();
+                    match frame.header.kind {
+                        Kind::Reply | Kind::Failure => link.resolve(frame),
+                        Kind::Heartbeat => {}
+                        _ => {
+                            let _ = to_serving.send(Some(Ok((frame, link.clone()))));
+                        }
+                    }
                 }
-                Ok(None) => "it closed the connection; exiting".to_string(),
-                Err(e) => format!("{e}; exiting"),
-            };
-            link.fail_all(&failure);
-            let _ = to_serving.send(Some(Err(Error::MasterGone(failure))));
-            return;
-        }
+                Ok(None) => break "it closed the connection; exiting".to_string(),
+                Err(e) => break format!("{e}; exiting"),
+            }
+        };
+        link.fail_all(&failure);
+        let _ = to_serving.send(Some(Err(Error::MasterGone(failure))));
     });
     spawned.map(|_| ()).map_err(|e| Error::io("starting the master link's reader", e))
 }
 
 struct Serving {
     inbox: Inbox,
-    link: Arc<Link>,
-    me: Pid,
+    uplink: Arc<Link>,
+    terms: Terms,
 }
 
 thread_local! {
     static SERVING: RefCell<Option<Serving>> = const { RefCell::new(None) };
 }
 
-/// True on the thread that reads the worker's connection.
+/// True on the thread that serves the worker's calls.
 pub(crate) fn serves_on_this_thread() -> bool {
     SERVING.with(|s| s.borrow().is_some())
 }
 
-/// Reads and handles one frame on the serving thread. Calls run right here, so a no-op call
-/// costs no thread switch; a call that itself waits for a reply pumps recursively.
-pub(crate) fn pump_once() -> Result<()> {
-    let (frame, link, me) = SERVING.with(|s| {
+/// Reads and handles one frame on the serving thread (or returns at `deadline`). Calls run
+/// right here, so a no-op call costs no thread switch; a call that itself waits for a reply
+/// pumps recursively, so nested calls at any depth cannot deadlock.
+pub(crate) fn pump_once(deadline: Option<Instant>) -> Result<()> {
+    let (incoming, uplink, terms) = SERVING.with(|s| {
         let mut s = s.borrow_mut();
         let s = s.as_mut().expect("pump_once on a thread that does not serve");
-        (s.inbox.next(), s.link.clone(), s.me)
+        (s.inbox.next(&s.uplink, s.terms.max_frame, deadline), s.uplink.clone(), s.terms)
     });
-    let Some(frame) = frame? else { return Ok(()) }; // a wake-up: the caller looks again
+    let Some((frame, from)) = incoming? else { return Ok(()) }; // a wake-up: the caller looks again
     match frame.header.kind {
         Kind::Call | Kind::Cast | Kind::Batch => {
-            if let Some(reply) = exec::execute(me, &frame) {
+            if let Some(mut reply) = exec::execute(terms.pid, &frame) {
+                if reply.len() > terms.max_frame + protocol::LEN_PREFIX {
+                    let why = format!("its result of {} bytes exceeds the cluster's max_frame of {}; raise ClusterBuilder::max_frame", reply.len(), terms.max_frame);
+                    let failure = super::failure::Failure::Remote(crate::error::RemoteError { pid: terms.pid, function: exec::function_name(frame.header.func), message: why, location: None });
+                    reply = failure_frame(terms.pid, frame.header.src, frame.header.req, &failure)?;
+                }
                 output::flush();
-                link.send(reply)?;
+                from.send_patiently(reply, Instant::now() + terms.liveness.timeout)?;
             }
         }
-        Kind::Reply | Kind::Failure => link.resolve(frame),
+        Kind::Reply | Kind::Failure => from.resolve(frame),
         Kind::Shutdown => {
             STOPPING.store(true, Ordering::Relaxed);
-            link.fail_all("the worker is shutting down");
+            uplink.fail_all("the worker is shutting down");
             return Err(Error::ShutDown);
         }
-        Kind::Output => {}
+        Kind::Output | Kind::Heartbeat => {}
     }
     Ok(())
 }
@@ -382,12 +474,10 @@ mod tests {
 
     #[test]
     fn config_parsing_reports_what_is_wrong() {
-        let secret = Secret::random().to_hex();
-        let ok = WorkerConfig::parse("h:1".into(), Some(secret.clone()), Some("5:3".into()), None).unwrap();
+        let secret = Secret::random();
+        let ok = WorkerConfig::parse("h:1".into(), secret, Some("5:3".into()), None).unwrap();
         assert_eq!(ok.launch, Some((5, 3)));
-        let err = WorkerConfig::parse("h:1".into(), None, None, None).err().unwrap().to_string();
-        assert!(err.contains(ENV_SECRET), "{err}");
-        let err = WorkerConfig::parse("h:1".into(), Some(secret), Some("x".into()), None).err().unwrap().to_string();
+        let err = WorkerConfig::parse("h:1".into(), secret, Some("x".into()), None).err().unwrap().to_string();
         assert!(err.contains("malformed"), "{err}");
     }
 }

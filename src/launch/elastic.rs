@@ -2,7 +2,8 @@
 //! prints. It has its own listener (an explicit address, or "auto": a non-loopback address of
 //! this host that other machines can reach); joined workers become ordinary pids of the
 //! cluster. Only the worker dials: no connection back from the master, so it works where a
-//! firewall lets compute nodes reach the master but not the other way.
+//! firewall lets compute nodes reach the master but not the other way. The printed command
+//! names a file that holds the secret (mode 0600 under `~/.clusterman/`), never the secret.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -16,9 +17,10 @@ use crate::cluster::master::serve_connection;
 use crate::cluster::{Cluster, Inner};
 use crate::error::{Error, Result};
 use crate::protocol::{Hello, Refusal, Welcome};
-use crate::{ENV_MASTER, ENV_SECRET, sys};
+use crate::transport::listener::{Admit, Listener};
+use crate::{ENV_MASTER, ENV_SECRET_FILE, sys};
 
-use super::listener::{Admit, Listener};
+use super::SecretFile;
 use super::scheduler::shell_quote;
 
 /// Where an [`ElasticManager`] listens.
@@ -62,7 +64,7 @@ struct Shared {
 pub struct ElasticManager {
     listener: Option<Listener>,
     address: SocketAddr,
-    secret_hex: String,
+    secret: SecretFile,
     program: String,
     shared: Arc<Shared>,
 }
@@ -80,8 +82,10 @@ impl ElasticManager {
         };
         let shared = Arc::new(Shared { members: Mutex::new(Members::default()), changed: Condvar::new() });
         let admit = Arc::new(ElasticAdmission { cluster: Arc::downgrade(&inner), shared: shared.clone() });
-        let listener = Listener::start(SocketAddr::new(ip, port), master.secret, admit)?;
+        let listener = Listener::start(SocketAddr::new(ip, port), master.secret, admit, master.handshakes)?;
         let address = listener.addr();
+        let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
+        let secret = SecretFile::write(&home, &format!("elastic-{}-{}", std::process::id(), address.port()), master.secret)?;
         let departed = Arc::downgrade(&shared);
         master.departures.lock().expect("departures lock").push(Box::new(move |pid, _reason| {
             let Some(shared) = departed.upgrade() else { return };
@@ -94,7 +98,7 @@ impl ElasticManager {
         }));
         let program = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "<program>".into());
         tracing::info!("elastic manager listening on {address}");
-        Ok(ElasticManager { listener: Some(listener), address, secret_hex: master.secret.to_hex(), program, shared })
+        Ok(ElasticManager { listener: Some(listener), address, secret, program, shared })
     }
 
     /// The address workers dial.
@@ -103,9 +107,12 @@ impl ElasticManager {
     }
 
     /// The shell command that starts a worker from another shell or machine: the absolute
-    /// program path, with the address and the secret in its environment (not its arguments).
+    /// program path, with the address and the secret file's name in its environment. The
+    /// file (mode 0600) must be readable there: on a shared home directory it is; elsewhere
+    /// copy it to the same path.
     pub fn connect_command(&self) -> String {
-        format!("{ENV_MASTER}={} {ENV_SECRET}={} {}", self.address, self.secret_hex, shell_quote(&self.program))
+        let file = shell_quote(&self.secret.path().display().to_string());
+        format!("{ENV_MASTER}={} {ENV_SECRET_FILE}={file} {}", self.address, shell_quote(&self.program))
     }
 
     /// Calls `f(pid)` whenever a worker joins.
@@ -185,7 +192,10 @@ impl Admit for ElasticAdmission {
         if hello.peer.is_some() {
             return Err(refuse("a worker-to-worker hello sent to the master's elastic listener"));
         }
-        Ok(Welcome::Accepted { pid: master.next_pid.fetch_add(1, Ordering::Relaxed), direct_links: master.direct_links })
+        if let Some(problem) = &hello.problem {
+            return Err(refuse(problem));
+        }
+        Ok(Welcome::Accepted(master.terms(master.next_pid.fetch_add(1, Ordering::Relaxed))))
     }
 
     fn serve(&self, pid: Pid, hello: Hello, stream: TcpStream) {
@@ -202,11 +212,8 @@ impl Admit for ElasticAdmission {
     }
 
     fn refused(&self, peer: SocketAddr, refusal: &Refusal) {
-        tracing::warn!("elastic manager refused a connection from {peer}: {}", refusal.reason);
-        if let Some(inner) = self.cluster.upgrade() {
-            if let Some(m) = &inner.master {
-                m.refusals.lock().expect("refusals lock").push(format!("{peer}: {}", refusal.reason));
-            }
+        if let Some(m) = self.cluster.upgrade().as_ref().and_then(|inner| inner.master.as_ref()) {
+            m.refused("the elastic manager", peer, refusal);
         }
     }
 }

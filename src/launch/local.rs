@@ -1,5 +1,7 @@
 //! Workers as child processes on this machine.
 
+use std::io::Write;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,7 +14,8 @@ use super::{ClusterManager, Launch, LaunchContext, LaunchStatus};
 ///
 /// Children inherit stdout/stderr until they connect (so a crash at start-up is visible),
 /// die with the master even after `kill -9` (`PR_SET_PDEATHSIG`), and also exit on their own
-/// when the master's connection closes.
+/// when the master's connection closes. The secret reaches them on their standard input,
+/// so it is in no environment and on no command line.
 ///
 /// ```no_run
 /// # use clusterman::prelude::*;
@@ -58,12 +61,12 @@ impl LocalManager {
             .enumerate()
             .map(|(index, cpu)| {
                 let mut cmd = Command::new(ctx.program());
-                cmd.envs(ctx.env(index as u32, &master)).envs(self.env.iter().cloned()).stdin(Stdio::null());
+                cmd.envs(LaunchContext::secret_from(ctx.env(index as u32, &master), Path::new(STDIN))).envs(self.env.iter().cloned());
                 sys::prepare_child(&mut cmd, *cpu);
                 cmd
             })
             .collect();
-        spawn_children(commands, "worker")
+        spawn_children(commands, "worker", Some(ctx))
     }
 }
 
@@ -82,12 +85,24 @@ impl ClusterManager for LocalManager {
     }
 }
 
-/// Starts each command as a child of this process (from the long-lived spawner thread).
-pub(crate) fn spawn_children(commands: Vec<Command>, what: &str) -> Result<Box<dyn Launch>> {
+/// Where a child reads the secret from when it arrives on its standard input.
+pub(crate) const STDIN: &str = "/dev/stdin";
+
+/// Starts each command as a child of this process (from the long-lived spawner thread). With
+/// `secret_for`, each child's standard input carries the secret (one line, then the end).
+pub(crate) fn spawn_children(commands: Vec<Command>, what: &str, secret_for: Option<&LaunchContext>) -> Result<Box<dyn Launch>> {
     let mut launch = LocalLaunch { children: Vec::new() };
-    for (index, cmd) in commands.into_iter().enumerate() {
+    for (index, mut cmd) in commands.into_iter().enumerate() {
         let program = cmd.get_program().to_string_lossy().into_owned();
-        let child = sys::spawn(cmd).map_err(|e| Error::io(format!("cannot start {what} {index} ({program})"), e))?;
+        cmd.stdin(if secret_for.is_some() { Stdio::piped() } else { Stdio::null() });
+        let mut child = sys::spawn(cmd).map_err(|e| {
+            let hint = if sys::out_of_descriptors(&e) { "; this process is out of file descriptors: raise `ulimit -n`" } else { "" };
+            Error::io(format!("cannot start {what} {index} ({program}){hint}"), e)
+        })?;
+        if let (Some(ctx), Some(mut stdin)) = (secret_for, child.stdin.take()) {
+            // 33 bytes: far below a pipe's capacity, so this never waits for the child
+            let _ = writeln!(stdin, "{}", ctx.secret().to_hex());
+        }
         launch.children.push((child, None));
     }
     Ok(Box::new(launch))
@@ -132,5 +147,12 @@ impl Launch for LocalLaunch {
     fn describe(&self) -> String {
         let running = self.children.iter().filter(|(_, s)| s.is_none()).count();
         format!("{running} of {} local worker processes still running", self.children.len())
+    }
+
+    fn kill_worker(&mut self, worker: &crate::WorkerInfo) -> bool {
+        let Some((child, status)) = self.children.iter_mut().find(|(c, s)| c.id() == worker.os_pid && s.is_none()) else { return false };
+        sys::kill(child.id(), libc::SIGKILL);
+        *status = child.wait().ok();
+        true
     }
 }

@@ -5,26 +5,27 @@
 pub(crate) mod affinity;
 mod detect;
 mod elastic;
-pub(crate) mod listener;
 pub(crate) mod local;
 pub(crate) mod process;
 mod ranks;
 pub mod scheduler;
+mod secret;
 pub mod topology;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cluster::worker::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET};
 use crate::error::Result;
 use crate::protocol::Secret;
+use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET, ENV_SECRET_FILE, Index, launch_value};
 
 pub use affinity::LocalAffinityManager;
 pub use detect::{Allocation, detect_allocation, detect_from};
 pub use elastic::{ElasticAddress, ElasticManager};
 pub use local::LocalManager;
 pub use ranks::{MpiRanks, RankMap};
+pub use secret::SecretFile;
 
 /// A way of starting workers: local processes, `mpirun`, a job scheduler...
 ///
@@ -114,6 +115,12 @@ pub trait Launch: Send {
     fn trim(&mut self, missing: &[u32]) {
         let _ = missing;
     }
+    /// Ends the process of a worker that stopped answering, if this launch started it and
+    /// can do that alone (a local child, a rank of a local `mpirun`). Returns whether it did.
+    fn kill_worker(&mut self, worker: &crate::WorkerInfo) -> bool {
+        let _ = worker;
+        false
+    }
 }
 
 /// Everything a manager needs to start workers that will find this master.
@@ -171,28 +178,40 @@ impl LaunchContext {
     }
 
     /// Environment for worker `index` dialling `master` (one of the two addresses above).
-    /// The secret is in it: pass it through the environment, never on a command line.
+    /// The secret is in it: pass it through the environment (which only its owner can read),
+    /// never on a command line; where a scheduler stores job environments or scripts that
+    /// other users may read, put it in a file instead ([`secret_file`](Self::secret_file)).
     pub fn env(&self, index: u32, master: &str) -> Vec<(String, String)> {
-        self.env_with_index(&index.to_string(), master)
+        self.env_with_index(Index::Given(index), master)
     }
 
     /// Environment for a launch whose workers take their index from their MPI rank.
     pub fn env_by_rank(&self, master: &str) -> Vec<(String, String)> {
-        self.env_with_index("rank", master)
+        self.env_with_index(Index::Rank, master)
     }
 
     /// Environment for a job array whose workers take their index from their task id
     /// (`SLURM_ARRAY_TASK_ID`, `SGE_TASK_ID`, `PBS_ARRAYID`, `PBS_ARRAY_INDEX` or
     /// `LSB_JOBINDEX`, counted from 1).
     pub fn env_by_task(&self, master: &str) -> Vec<(String, String)> {
-        self.env_with_index("task", master)
+        self.env_with_index(Index::Task, master)
     }
 
-    fn env_with_index(&self, index: &str, master: &str) -> Vec<(String, String)> {
-        vec![
-            (ENV_MASTER.into(), master.into()),
-            (ENV_SECRET.into(), self.secret.to_hex()),
-            (ENV_LAUNCH.into(), format!("{}:{index}", self.id)),
-        ]
+    fn env_with_index(&self, index: Index, master: &str) -> Vec<(String, String)> {
+        vec![(ENV_MASTER.into(), master.into()), (ENV_SECRET.into(), self.secret.to_hex()), (ENV_LAUNCH.into(), launch_value(self.id, index))]
+    }
+
+    /// Writes the secret into a new file under `dir` (`<dir>/.clusterman/`, mode 0600 in a
+    /// directory of mode 0700) that the workers read; deleted when the returned value drops.
+    pub fn secret_file(&self, dir: &std::path::Path) -> Result<SecretFile> {
+        SecretFile::write(dir, &format!("{:016x}", self.id), self.secret)
+    }
+
+    /// `env` with the secret replaced by the name of a file (or pipe, such as `/dev/stdin`)
+    /// that holds it.
+    pub fn secret_from(env: Vec<(String, String)>, file: &std::path::Path) -> Vec<(String, String)> {
+        env.into_iter()
+            .map(|(k, v)| if k == ENV_SECRET { (ENV_SECRET_FILE.to_string(), file.display().to_string()) } else { (k, v) })
+            .collect()
     }
 }

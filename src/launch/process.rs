@@ -1,5 +1,6 @@
-//! A launcher process (`mpirun`, an `srun` job step): started to die with the master, its
-//! output forwarded as `[name] line`, the tail of its stderr kept for error messages.
+//! A launcher process (`mpirun`, an `srun` job step): started to die with the master (told
+//! with `SIGTERM`, so it can stop its ranks and clean up), its output forwarded as
+//! `[name] line`, the tail of its stderr kept for error messages.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
@@ -27,7 +28,7 @@ impl RunningLauncher {
     /// Starts `cmd` (dies with the master), forwarding its output as `[name] line`.
     pub(crate) fn start(mut cmd: Command, name: &str, status: Arc<Mutex<Option<ExitStatus>>>) -> Result<Self> {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        sys::die_with_master(&mut cmd);
+        sys::die_with_master_by(&mut cmd, libc::SIGTERM);
         let mut child = sys::spawn(cmd).map_err(|e| Error::io(format!("cannot start {name}"), e))?;
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         forward_lines(child.stdout.take().expect("piped"), name, None);
@@ -100,6 +101,15 @@ impl Launch for RunningLauncher {
 
     fn describe(&self) -> String {
         self.stderr_tail()
+    }
+
+    fn kill_worker(&mut self, worker: &crate::WorkerInfo) -> bool {
+        // only a process of ours: one this launcher started on this host
+        if self.reap().is_some() || worker.host != sys::hostname() || !sys::descends_from(worker.os_pid, self.child.id()) {
+            return false;
+        }
+        sys::kill(worker.os_pid, libc::SIGKILL);
+        true
     }
 }
 

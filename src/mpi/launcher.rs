@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::cluster::worker::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET};
+use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET};
 use crate::error::{Error, Result};
 
 use super::ENV_MPI;

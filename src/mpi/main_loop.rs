@@ -3,6 +3,7 @@
 //! finalised, status 0) when the master shuts down.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ::mpi::Threading;
@@ -19,7 +20,7 @@ use crate::codec;
 use crate::error::{Error, Result};
 use crate::fingerprint;
 use crate::launch::{ClusterManager, Launch, LaunchContext, LaunchStatus};
-use crate::protocol::{Fingerprint, PROTOCOL_VERSION, Secret};
+use crate::protocol::{DEFAULT_MAX_FRAME, Fingerprint, Liveness, PROTOCOL_VERSION, Secret, Terms};
 use crate::sys;
 
 use super::env::{self, MpiIdentity};
@@ -157,19 +158,27 @@ impl MainLoop {
         let mine = Identity { version: PROTOCOL_VERSION, fingerprint: fingerprint::this_process().0.clone(), exe: fingerprint::this_process().1.clone(), host: sys::hostname(), os_pid: std::process::id() };
         if me.rank != 0 {
             comm.process_at_rank(0).send(&codec::encode(&mine)?[..]);
-            let (tx, rx) = std::sync::mpsc::channel();
+            let terms = Terms { pid: me.rank as Pid + 1, direct_links: false, max_frame: DEFAULT_MAX_FRAME, liveness: Liveness::default() };
+            let (tx, rx) = crossbeam_channel::unbounded();
+            // the link is made once the transport runs; frames only come after the verdict
+            let uplink: Arc<OnceLock<Arc<Link>>> = Arc::default();
+            let receiving = uplink.clone();
             let transport = MpiTransport::start(SendComm(comm), Box::new(move |_, frame| {
-                let _ = tx.send(Some(frame));
-            }))?;
+                if let Some(link) = receiving.get() {
+                    link.heard();
+                    let _ = tx.send(Some(frame.map(|f| (f, link.clone()))));
+                }
+            }), terms.max_frame)?;
             let verdict = String::from_utf8_lossy(&receive_bytes(&world)).into_owned();
             at_worker_exit(env::finalize);
             if !verdict.is_empty() {
                 transport.stop();
                 exit_worker(Err(Error::Handshake(verdict)));
             }
-            let link = Link::new(1, transport.out(0));
+            let link = Link::new(1, transport.out(0), terms.max_frame);
+            let _ = uplink.set(link.clone());
             at_worker_exit(move || transport.stop());
-            exit_worker(worker::serve(me.rank as Pid + 1, link, Inbox::Channel(rx), None));
+            exit_worker(worker::serve(terms, link, Inbox::Channel(rx), None));
         }
         let mut others = Vec::new();
         let mut problems = Vec::new();
@@ -194,7 +203,7 @@ impl MainLoop {
             }
         };
         let handle = cluster.clone_handle();
-        let transport = MpiTransport::start(SendComm(comm), Box::new(move |rank, frame| handle.receive_from(rank as Pid + 1, frame)))?;
+        let transport = MpiTransport::start(SendComm(comm), Box::new(move |rank, frame| handle.receive_from(rank as Pid + 1, frame)), DEFAULT_MAX_FRAME)?;
         if verdict.is_empty() {
             for (rank, id) in others {
                 let info = WorkerInfo { pid: rank as Pid + 1, host: id.host, os_pid: id.os_pid, mpi: Some((rank, me.size)) };

@@ -33,7 +33,7 @@ pub use ::mpi::Threading;
 pub use ::mpi::collective::SystemOperation;
 pub use ::mpi::traits;
 
-pub(crate) use crate::cluster::worker::ENV_MPI;
+pub(crate) use crate::protocol::env::ENV_MPI;
 
 /// Worker side of mode 1: initialise MPI at `level` before dialling in, finalise at exit.
 pub(crate) fn init_worker(level: &str) -> crate::Result<(i32, i32)> {

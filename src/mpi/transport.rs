@@ -16,11 +16,11 @@ use ::mpi::ffi;
 use ::mpi::point_to_point::MatchedReceiveVec;
 use ::mpi::raw::AsRaw;
 use ::mpi::topology::SimpleCommunicator;
-use ::mpi::traits::{Communicator, Source};
+use ::mpi::traits::{Communicator, Equivalence, Source};
 
-use crate::cluster::link::FrameOut;
 use crate::error::{Error, Result};
 use crate::protocol::{Frame, Header, LEN_PREFIX};
+use crate::transport::FrameOut;
 
 /// Tag of every frame on the transport communicator.
 const TAG: i32 = 7001;
@@ -54,15 +54,16 @@ pub(crate) struct MpiTransport {
 }
 
 impl MpiTransport {
-    /// Starts the progress thread on `comm`, handing every received frame to `deliver`.
-    pub(crate) fn start(comm: SendComm, deliver: Deliver) -> Result<MpiTransport> {
+    /// Starts the progress thread on `comm`, handing every received frame to `deliver`;
+    /// a message larger than `max_frame` is delivered as an error, not received.
+    pub(crate) fn start(comm: SendComm, deliver: Deliver, max_frame: usize) -> Result<MpiTransport> {
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let handle = std::thread::Builder::new()
             .name("cman-mpi".into())
             .spawn({
                 let stop = stop.clone();
-                move || progress(comm, rx, deliver, &stop)
+                move || progress(comm, rx, deliver, &stop, max_frame)
             })
             .map_err(|e| Error::io("starting the MPI progress thread", e))?;
         Ok(MpiTransport { tx, thread: handle.thread().clone(), stop, handle: Some(handle) })
@@ -92,7 +93,7 @@ struct MpiOut {
 }
 
 impl FrameOut for MpiOut {
-    fn send(&self, frame: Vec<u8>) -> std::io::Result<()> {
+    fn send(&self, frame: Vec<u8>, _wait_until: Option<Instant>) -> std::io::Result<()> {
         if self.closed.load(Ordering::Relaxed) {
             return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the MPI link is closed"));
         }
@@ -115,7 +116,7 @@ struct InFlight {
     request: ffi::MPI_Request,
 }
 
-fn progress(comm: SendComm, rx: mpsc::Receiver<Outgoing>, mut deliver: Deliver, stop: &AtomicBool) {
+fn progress(comm: SendComm, rx: mpsc::Receiver<Outgoing>, mut deliver: Deliver, stop: &AtomicBool, max_frame: usize) {
     let comm = comm.0;
     let mut in_flight: Vec<InFlight> = Vec::new();
     let mut idle = 0u32;
@@ -128,10 +129,17 @@ fn progress(comm: SendComm, rx: mpsc::Receiver<Outgoing>, mut deliver: Deliver, 
         }
         in_flight.retain_mut(|s| !send_done(s));
         while let Some((message, status)) = comm.any_process().immediate_matched_probe_with_tag(TAG) {
+            busy = true;
+            let len = status.count(u8::equivalent_datatype()) as usize;
+            if len > max_frame {
+                // not received: that rank's link is cut off, its message stays with MPI
+                std::mem::forget(message);
+                deliver(status.source_rank(), Err(Error::Protocol(format!("frame length {len} exceeds the maximum of {max_frame} bytes"))));
+                continue;
+            }
             let (body, _) = (message, status).matched_receive_vec::<u8>();
             let frame = Header::parse(&body).map(|header| Frame { header, body });
             deliver(status.source_rank(), frame);
-            busy = true;
         }
         if stop.load(Ordering::SeqCst) && in_flight.is_empty() && !busy {
             break;
@@ -155,6 +163,11 @@ fn progress(comm: SendComm, rx: mpsc::Receiver<Outgoing>, mut deliver: Deliver, 
     while !in_flight.is_empty() && Instant::now() < deadline {
         in_flight.retain_mut(|s| !send_done(s));
         std::thread::yield_now();
+    }
+    if !in_flight.is_empty() {
+        // MPI may still read these buffers: they are never freed (the process is ending)
+        tracing::warn!("{} MPI sends did not complete; their buffers are left to MPI", in_flight.len());
+        std::mem::forget(in_flight);
     }
 }
 

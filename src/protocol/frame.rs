@@ -26,8 +26,10 @@ pub enum Kind {
     Failure = 5,
     /// Lines a worker wrote to stdout or stderr (payload: UTF-8 text).
     Output = 6,
-    /// Master to worker: finish and exit.
+    /// Master to worker: finish and exit; worker to master: goodbye, nothing more follows.
     Shutdown = 7,
+    /// "Still here": sent every heartbeat interval in both directions (no payload).
+    Heartbeat = 8,
 }
 
 impl Kind {
@@ -40,6 +42,7 @@ impl Kind {
             5 => Kind::Failure,
             6 => Kind::Output,
             7 => Kind::Shutdown,
+            8 => Kind::Heartbeat,
             _ => return None,
         })
     }
@@ -80,6 +83,11 @@ impl Header {
         let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
         Ok(Header { kind, src: u32_at(1), dst: u32_at(5), req: u64_at(9), func: u64_at(17) })
     }
+}
+
+/// A frame without payload (heartbeats, shutdown), ready to send.
+pub fn bare(kind: Kind, src: Pid, dst: Pid) -> Vec<u8> {
+    FrameBuf::new(Header { kind, src, dst, req: 0, func: 0 }).finish().expect("a bare frame fits")
 }
 
 /// Checks a length prefix against the maximum before any allocation.

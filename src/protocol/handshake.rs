@@ -1,7 +1,11 @@
 //! The dial-in handshake: the worker sends one [`Hello`]; the master answers one [`Welcome`].
 //!
 //! Both start with a magic and the protocol version in fixed positions, so that peers of
-//! different versions still understand each other's refusal.
+//! different versions still understand each other's refusal. The secret follows at a fixed
+//! offset and is compared (in constant time) before any variable-length field is decoded:
+//! nothing an unauthenticated peer sends is parsed beyond 22 fixed bytes.
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -9,11 +13,16 @@ use crate::Pid;
 use crate::codec;
 
 /// Version of this protocol; peers of another version are refused, naming both.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// First bytes of both handshake messages.
 pub const MAGIC: [u8; 4] = *b"CMAN";
 /// Largest handshake message accepted (a hello is a few hundred bytes).
-pub const MAX_HANDSHAKE: usize = 64 * 1024;
+pub const MAX_HANDSHAKE: usize = 16 * 1024;
+/// Magic, version and secret: the part of a hello checked before anything is decoded.
+const HELLO_FIXED: usize = 4 + 2 + 16;
+/// Longest host name and executable path a hello carries (longer ones are cut).
+const MAX_HOST: usize = 255;
+const MAX_EXE: usize = 4096;
 
 /// The cluster secret: 128 random bits.
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,7 +36,7 @@ impl Secret {
         Secret(b)
     }
 
-    /// Hex form, as passed to workers in their environment.
+    /// Hex form, as handed to workers.
     pub fn to_hex(self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -74,7 +83,7 @@ impl std::fmt::Display for Fingerprint {
 }
 
 /// Worker to master: who I am.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     /// The secret the worker was given.
     pub secret: Secret,
@@ -92,7 +101,13 @@ pub struct Hello {
     pub mpi: Option<(i32, i32)>,
     /// Set when a worker dials another worker directly (all-to-all topology): its own pid.
     pub peer: Option<Pid>,
+    /// Set when the process cannot serve and says why (the program never called
+    /// `clusterman::init()`): the master fails the launch at once with this text.
+    pub problem: Option<String>,
 }
+
+/// The part of a hello after the secret, as encoded.
+type HelloRest = (Fingerprint, String, Option<(u64, u32)>, String, u32, Option<(i32, i32)>, Option<Pid>, Option<String>);
 
 impl Hello {
     /// The whole message, length prefix included.
@@ -100,9 +115,22 @@ impl Hello {
         let mut body = Vec::with_capacity(256);
         body.extend_from_slice(&MAGIC);
         body.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-        codec::encode_into(self, &mut body).expect("a Hello always encodes");
+        body.extend_from_slice(&self.secret.0);
+        let problem = self.problem.as_deref().map(|p| cut(p, MAX_EXE));
+        let rest: HelloRest =
+            (self.fingerprint.clone(), cut(&self.exe, MAX_EXE), self.launch, cut(&self.host, MAX_HOST), self.os_pid, self.mpi, self.peer, problem);
+        codec::encode_into(&rest, &mut body).expect("a Hello always encodes");
         prefixed(body)
     }
+}
+
+/// `s`, cut to at most `max` bytes on a character boundary.
+fn cut(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
 
 /// Why the master refused a worker; sent back to the worker and logged by the master.
@@ -116,24 +144,54 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn anonymous(reason: String) -> Refusal {
-        Refusal { reason, launch: None }
+    /// A refusal that names no launch (the peer did not prove the secret).
+    pub fn anonymous(reason: impl Into<String>) -> Refusal {
+        Refusal { reason: reason.into(), launch: None }
     }
 }
 
-/// Master to worker: the pid given, or the reason for refusal.
+/// How often both sides of a connection send heartbeats, and how long a silent peer has
+/// before it counts as dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// Time between heartbeats.
+    pub interval: Duration,
+    /// Silence after which the peer is dead.
+    pub timeout: Duration,
+}
+
+impl Default for Liveness {
+    /// 5 s between heartbeats, dead after 60 s of silence: a GC pause, a swapping node or a
+    /// busy network does not kill a worker; a hung node is noticed within a minute.
+    fn default() -> Self {
+        Liveness { interval: Duration::from_secs(5), timeout: Duration::from_secs(60) }
+    }
+}
+
+/// What an admitted worker is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terms {
+    /// The pid given (or, from a peer, the peer's own pid).
+    pub pid: Pid,
+    /// All-to-all topology: open a peer listener and dial other workers directly.
+    pub direct_links: bool,
+    /// Largest frame the cluster accepts (the worker honours it in both directions).
+    pub max_frame: usize,
+    /// The cluster's heartbeats.
+    pub liveness: Liveness,
+}
+
+/// Master to worker: the terms of admission, or the reason for refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Welcome {
-    /// Accepted as `pid`; `direct_links`: workers may connect to each other directly.
-    Accepted {
-        /// The pid given (or, from a peer, the peer's own pid).
-        pid: Pid,
-        /// All-to-all topology: open a peer listener and dial other workers directly.
-        direct_links: bool,
-    },
+    /// Accepted on these terms.
+    Accepted(Terms),
     /// Refused; the text says why and what to do.
     Refused(String),
 }
+
+/// Bytes of an accepted welcome after the magic and version.
+const ACCEPTED_LEN: usize = 1 + 4 + 1 + 8 + 4 + 4;
 
 impl Welcome {
     /// The whole message, length prefix included.
@@ -142,14 +200,17 @@ impl Welcome {
         body.extend_from_slice(&MAGIC);
         body.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         match self {
-            Welcome::Accepted { pid, direct_links } => {
+            Welcome::Accepted(t) => {
                 body.push(1);
-                body.extend_from_slice(&pid.to_le_bytes());
-                body.push(u8::from(*direct_links));
+                body.extend_from_slice(&t.pid.to_le_bytes());
+                body.push(u8::from(t.direct_links));
+                body.extend_from_slice(&(t.max_frame as u64).to_le_bytes());
+                body.extend_from_slice(&millis(t.liveness.interval).to_le_bytes());
+                body.extend_from_slice(&millis(t.liveness.timeout).to_le_bytes());
             }
             Welcome::Refused(reason) => {
                 body.push(0);
-                body.extend_from_slice(reason.as_bytes());
+                body.extend_from_slice(cut(reason, MAX_HANDSHAKE - 16).as_bytes());
             }
         }
         prefixed(body)
@@ -158,13 +219,26 @@ impl Welcome {
     /// Parses a welcome body (without its length prefix).
     pub fn decode(body: &[u8]) -> Result<Welcome, String> {
         let (version, rest) = split_magic(body)?;
+        let u32_at = |i: usize| u32::from_le_bytes(rest[i..i + 4].try_into().expect("4 bytes"));
         match rest.first() {
-            Some(1) if rest.len() == 6 => Ok(Welcome::Accepted { pid: Pid::from_le_bytes(rest[1..5].try_into().expect("4 bytes")), direct_links: rest[5] == 1 }),
+            Some(1) if rest.len() == ACCEPTED_LEN && version == PROTOCOL_VERSION => {
+                let max_frame = u64::from_le_bytes(rest[6..14].try_into().expect("8 bytes"));
+                Ok(Welcome::Accepted(Terms {
+                    pid: u32_at(1),
+                    direct_links: rest[5] == 1,
+                    max_frame: usize::try_from(max_frame).unwrap_or(usize::MAX),
+                    liveness: Liveness { interval: Duration::from_millis(u32_at(14).into()), timeout: Duration::from_millis(u32_at(18).into()) },
+                }))
+            }
             Some(0) => Ok(Welcome::Refused(String::from_utf8_lossy(&rest[1..]).into_owned())),
             _ if version != PROTOCOL_VERSION => Err(version_mismatch(PROTOCOL_VERSION, version)),
             _ => Err("malformed welcome from the master".into()),
         }
     }
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
 fn prefixed(body: Vec<u8>) -> Vec<u8> {
@@ -186,21 +260,27 @@ fn version_mismatch(mine: u16, theirs: u16) -> String {
 }
 
 /// Master side: checks a hello body (without its length prefix) against our secret and
-/// fingerprint. The order matters: nothing about us is revealed before the secret matched.
+/// fingerprint. The order matters: the secret, at a fixed offset, is compared before any
+/// field of variable length is decoded, and nothing about us is revealed before it matched.
 pub fn check_hello(body: &[u8], secret: &Secret, mine: &Fingerprint, my_exe: &str) -> Result<Hello, Refusal> {
-    let (version, rest) = split_magic(body).map_err(Refusal::anonymous)?;
+    let (version, _) = split_magic(body).map_err(Refusal::anonymous)?;
     if version != PROTOCOL_VERSION {
         return Err(Refusal::anonymous(format!(
             "protocol version mismatch: master speaks {PROTOCOL_VERSION}, worker speaks {version}; build master and workers from the same clusterman version"
         )));
     }
-    let hello: Hello = codec::decode(rest).map_err(|e| Refusal::anonymous(format!("malformed hello: {e}")))?;
-    if !hello.secret.matches(secret) {
-        return Err(Refusal::anonymous(format!(
-            "wrong secret from {} (os pid {}): the worker was not started by this master, or with a stale CLUSTERMAN_SECRET",
-            hello.host, hello.os_pid
-        )));
+    if body.len() < HELLO_FIXED {
+        return Err(Refusal::anonymous(format!("hello of {} bytes is too short to hold a secret", body.len())));
     }
+    let theirs = Secret(body[6..HELLO_FIXED].try_into().expect("16 bytes"));
+    if !theirs.matches(secret) {
+        return Err(Refusal::anonymous(
+            "wrong secret: the worker was not started by this master, or with a stale secret (CLUSTERMAN_SECRET or CLUSTERMAN_SECRET_FILE)",
+        ));
+    }
+    let (fingerprint, exe, launch, host, os_pid, mpi, peer, problem): HelloRest =
+        codec::decode(&body[HELLO_FIXED..]).map_err(|e| Refusal::anonymous(format!("malformed hello: {e}")))?;
+    let hello = Hello { secret: theirs, fingerprint, exe, launch, host, os_pid, mpi, peer, problem };
     if hello.fingerprint != *mine {
         return Err(Refusal {
             reason: format!(
@@ -222,7 +302,7 @@ mod tests {
     }
 
     fn hello(secret: Secret, registry: u64) -> Hello {
-        Hello { secret, fingerprint: fp(registry), exe: "/bin/w".into(), launch: Some((9, 2)), host: "h".into(), os_pid: 77, mpi: Some((2, 4)), peer: None }
+        Hello { secret, fingerprint: fp(registry), exe: "/bin/w".into(), launch: Some((9, 2)), host: "h".into(), os_pid: 77, mpi: Some((2, 4)), peer: None, problem: None }
     }
 
     fn body(msg: &[u8]) -> &[u8] {
@@ -237,24 +317,45 @@ mod tests {
     }
 
     #[test]
-    fn wrong_secret_is_refused_without_revealing_ours() {
+    fn the_secret_sits_at_a_fixed_offset() {
         let s = Secret::random();
-        let other = Secret([0; 16]);
-        let err = check_hello(body(&hello(other, 1).encode()), &s, &fp(1), "/bin/m").unwrap_err().reason;
-        assert!(err.contains("wrong secret"), "{err}");
-        assert!(!err.contains(&s.to_hex()));
-        assert!(!err.contains("registry"), "the fingerprint must not leak before the secret matched: {err}");
-        let refusal = check_hello(body(&hello(other, 1).encode()), &s, &fp(1), "/bin/m").unwrap_err();
-        assert_eq!(refusal.launch, None, "an unproven launch claim is not trusted");
+        let msg = hello(s, 1).encode();
+        assert_eq!(&body(&msg)[6..22], &s.0);
+    }
+
+    #[test]
+    fn wrong_secret_is_refused_before_anything_is_decoded() {
+        let s = Secret::random();
+        let mut msg = hello(Secret([0; 16]), 1).encode();
+        let err = check_hello(body(&msg), &s, &fp(1), "/bin/m").unwrap_err();
+        assert!(err.reason.contains("wrong secret"), "{}", err.reason);
+        assert!(!err.reason.contains(&s.to_hex()) && !err.reason.contains("registry"), "nothing about us leaks: {}", err.reason);
+        assert_eq!(err.launch, None, "an unproven launch claim is not trusted");
+        // a lying length field after a wrong secret is never looked at
+        msg.truncate(4 + 22);
+        msg.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(check_hello(body(&msg), &s, &fp(1), "/bin/m").unwrap_err().reason.contains("wrong secret"));
+    }
+
+    #[test]
+    fn a_lying_length_after_the_right_secret_is_a_refusal_not_an_allocation() {
+        let s = Secret::random();
+        let mut msg = hello(s, 1).encode();
+        msg.truncate(4 + 22);
+        msg.extend_from_slice(&(1u64 << 40).to_le_bytes()); // the fingerprint's build string
+        msg.extend_from_slice(b"xy");
+        let err = check_hello(body(&msg), &s, &fp(1), "/bin/m").unwrap_err().reason;
+        assert!(err.contains("malformed hello"), "{err}");
     }
 
     #[test]
     fn fingerprint_mismatch_names_both() {
         let s = Secret::random();
-        let err = check_hello(body(&hello(s, 0xaa).encode()), &s, &fp(0xbb), "/bin/m").unwrap_err().reason;
+        let refusal = check_hello(body(&hello(s, 0xaa).encode()), &s, &fp(0xbb), "/bin/m").unwrap_err();
+        let err = &refusal.reason;
         assert!(err.contains("00000000000000aa") && err.contains("00000000000000bb"), "{err}");
         assert!(err.contains("/bin/w") && err.contains("/bin/m"), "{err}");
-        assert_eq!(check_hello(body(&hello(s, 0xaa).encode()), &s, &fp(0xbb), "/bin/m").unwrap_err().launch, Some(9));
+        assert_eq!(refusal.launch, Some(9));
     }
 
     #[test]
@@ -267,19 +368,33 @@ mod tests {
     }
 
     #[test]
-    fn garbage_is_refused() {
+    fn garbage_and_short_hellos_are_refused() {
         let s = Secret::random();
         assert!(check_hello(b"GET / HTTP/1.1\r\n", &s, &fp(1), "m").unwrap_err().reason.contains("bad magic"));
-        let mut msg = hello(s, 1).encode();
-        msg.truncate(30);
-        assert!(check_hello(body(&msg), &s, &fp(1), "m").unwrap_err().reason.contains("malformed hello"));
+        let msg = hello(s, 1).encode();
+        assert!(check_hello(&body(&msg)[..12], &s, &fp(1), "m").unwrap_err().reason.contains("too short"));
+        assert!(check_hello(&body(&msg)[..30], &s, &fp(1), "m").unwrap_err().reason.contains("malformed hello"));
+    }
+
+    #[test]
+    fn long_fields_are_cut_to_their_limits() {
+        let s = Secret::random();
+        let mut h = hello(s, 1);
+        h.host = "é".repeat(1000);
+        h.exe = "x".repeat(100_000);
+        let msg = h.encode();
+        assert!(msg.len() < MAX_HANDSHAKE);
+        let back = check_hello(body(&msg), &s, &fp(1), "m").unwrap();
+        assert!(back.host.len() <= MAX_HOST && back.exe.len() == MAX_EXE);
     }
 
     #[test]
     fn welcome_round_trips() {
-        for w in [Welcome::Accepted { pid: 5, direct_links: true }, Welcome::Accepted { pid: 6, direct_links: false }, Welcome::Refused("no".into())] {
+        let terms = Terms { pid: 5, direct_links: true, max_frame: 1 << 30, liveness: Liveness { interval: Duration::from_millis(250), timeout: Duration::from_secs(3) } };
+        for w in [Welcome::Accepted(terms), Welcome::Accepted(Terms { direct_links: false, ..terms }), Welcome::Refused("no".into())] {
             assert_eq!(Welcome::decode(body(&w.encode())).unwrap(), w);
         }
+        assert!(Welcome::decode(&body(&Welcome::Accepted(terms).encode())[..10]).is_err());
     }
 
     #[test]

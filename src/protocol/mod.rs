@@ -6,13 +6,14 @@
 //! against a maximum before anything is allocated, and every parse failure is an error value,
 //! never a panic. The transports (TCP today, MPI later) only move these bytes.
 
+pub(crate) mod env;
 mod frame;
 mod handshake;
 
-pub use frame::{Frame, FrameBuf, Header, Kind, LEN_PREFIX, read_frame};
-pub use handshake::{Fingerprint, Hello, MAX_HANDSHAKE, Refusal, Secret, Welcome, check_hello};
+pub use frame::{Frame, FrameBuf, Header, Kind, LEN_PREFIX, bare, read_frame};
 #[cfg(feature = "mpi")]
 pub use handshake::PROTOCOL_VERSION;
+pub use handshake::{Fingerprint, Hello, Liveness, MAX_HANDSHAKE, Refusal, Secret, Terms, Welcome, check_hello};
 
 /// Default largest frame a peer may send (1 GiB); raise it with
 /// [`ClusterBuilder::max_frame`](crate::ClusterBuilder::max_frame) for bigger single values.

@@ -7,7 +7,7 @@ use crate::cluster::{Cluster, WorkerInfo};
 use crate::error::Result;
 use crate::launch::process::RunningLauncher;
 use crate::launch::{ClusterManager, Launch, LaunchContext, MpiRanks, RankMap};
-use crate::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET};
+use crate::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET_FILE};
 
 use super::{JobOptions, JobSpec, Layout, Scheduler, submit};
 
@@ -34,7 +34,8 @@ impl<S: Scheduler + Clone + 'static> BatchManager<S> {
         self
     }
 
-    /// The job script that would be submitted (dry run); the secret is shown as `<secret>`.
+    /// The job script that would be submitted (dry run). The secret is never in it: the
+    /// workers read it from a file only you can read (`<secret-file>` here).
     pub fn job_script(&self) -> Result<String> {
         Ok(self.scheduler.job(&self.spec(placeholder_exports(&self.job)))?.script)
     }
@@ -55,7 +56,7 @@ fn placeholder_exports(job: &JobOptions) -> Vec<(String, String)> {
     let index = if job.layout_or_default() == Layout::Mpi { "rank" } else { "task" };
     let mut env = vec![
         (ENV_MASTER.to_string(), "<master-address>".to_string()),
-        (ENV_SECRET.to_string(), "<secret>".to_string()),
+        (ENV_SECRET_FILE.to_string(), "<secret-file>".to_string()),
         (ENV_LAUNCH.to_string(), format!("<launch>:{index}")),
     ];
     if job.layout_or_default() == Layout::Mpi {
@@ -66,7 +67,8 @@ fn placeholder_exports(job: &JobOptions) -> Vec<(String, String)> {
 }
 
 /// The real exports of a launch: where to dial, the secret, the launch id and how a worker
-/// finds its index (its MPI rank, or its array task), then the user's variables.
+/// finds its index (its MPI rank, or its array task), then the user's variables. The secret
+/// itself is in them: a submitted job gets the name of a file instead.
 fn exports(ctx: &LaunchContext, job: &JobOptions) -> Vec<(String, String)> {
     let master = ctx.master_address();
     let mut env = match job.layout_or_default() {
@@ -106,8 +108,11 @@ impl<S: Scheduler + Clone + 'static> ClusterManager for BatchManager<S> {
             cmd.args(&step[1..]).envs(env);
             return Ok(Box::new(RunningLauncher::start(cmd, &step[0], Default::default())?));
         }
-        let job = self.scheduler.job(&spec)?;
-        submit(Box::new(self.scheduler.clone()), &self.job, &job)
+        // Schedulers keep job scripts and environments where other users may read them
+        // (Grid Engine's spool, `qstat -j`): the job names a file only its owner can read.
+        let secret = ctx.secret_file(std::path::Path::new(&self.job.workdir_or_current()))?;
+        let job = self.scheduler.job(&self.spec(LaunchContext::secret_from(env, secret.path())))?;
+        submit(Box::new(self.scheduler.clone()), &self.job, &job, secret)
     }
 
     fn launch_timeout(&self) -> Duration {

@@ -1,10 +1,12 @@
 //! The cancel guard: one tiny shell process per submitted job that waits on a pipe from the
 //! master. If the pipe closes without the word `done` — the master exited without cleaning
-//! up, even by `kill -9` — it runs the job's cancel command. It ignores the terminal's
-//! signals and has its own process group, so a Ctrl-C that kills the master does not kill it.
+//! up, even by `kill -9` — it runs the job's cancel command. Either way it removes the job's
+//! secret file. It ignores the terminal's signals and has its own process group, so a Ctrl-C
+//! that kills the master does not kill it.
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,10 +18,11 @@ pub(crate) struct CancelGuard {
 }
 
 impl CancelGuard {
-    /// Starts a guard that runs `cancel` unless dismissed.
-    pub(crate) fn start(cancel: &[String]) -> std::io::Result<CancelGuard> {
+    /// Starts a guard that runs `cancel` unless dismissed, and removes `cleanup` when done.
+    pub(crate) fn start(cancel: &[String], cleanup: Option<&Path>) -> std::io::Result<CancelGuard> {
         let command: Vec<String> = cancel.iter().map(|a| shell_quote(a)).collect();
-        let script = format!("trap '' INT HUP TERM; read line; [ \"$line\" = done ] || exec {} >/dev/null 2>&1", command.join(" "));
+        let cleanup = cleanup.map_or_else(|| "exit 0".to_string(), |p| format!("exec rm -f {}", shell_quote(&p.display().to_string())));
+        let script = format!("trap '' INT HUP TERM; read line; [ \"$line\" = done ] || {} >/dev/null 2>&1; {cleanup}", command.join(" "));
         let mut child = Command::new("/bin/sh")
             .args(["-c", &script])
             .stdin(Stdio::piped())
@@ -68,21 +71,26 @@ mod tests {
     #[test]
     fn cancels_when_told_and_not_when_dismissed() {
         let cancelled = marker("cancel");
-        let guard = CancelGuard::start(&["touch".into(), cancelled.display().to_string()]).unwrap();
+        let secret = marker("secret1");
+        std::fs::write(&secret, "x").unwrap();
+        let guard = CancelGuard::start(&["touch".into(), cancelled.display().to_string()], Some(&secret)).unwrap();
         guard.cancel_now();
         assert!(cancelled.exists());
+        assert!(!secret.exists(), "the secret file goes too");
         std::fs::remove_file(&cancelled).unwrap();
 
         let kept = marker("dismiss");
-        let guard = CancelGuard::start(&["touch".into(), kept.display().to_string()]).unwrap();
+        std::fs::write(&secret, "x").unwrap();
+        let guard = CancelGuard::start(&["touch".into(), kept.display().to_string()], Some(&secret)).unwrap();
         guard.dismiss();
         assert!(!kept.exists());
+        assert!(!secret.exists());
     }
 
     #[test]
     fn cancels_when_the_master_side_of_the_pipe_just_disappears() {
         let cancelled = marker("vanish");
-        let mut guard = CancelGuard::start(&["touch".into(), cancelled.display().to_string()]).unwrap();
+        let mut guard = CancelGuard::start(&["touch".into(), cancelled.display().to_string()], None).unwrap();
         drop(guard.pipe.take()); // what the kernel does when the master dies
         guard.reap();
         assert!(cancelled.exists());

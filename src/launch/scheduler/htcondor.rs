@@ -261,7 +261,7 @@ queue 3
     fn the_manager_defaults_to_an_array_and_shows_no_secret() {
         let m = HtCondorManager::new(2).job(JobOptions::new().layout(Layout::Array).workdir("/w"));
         let script = m.job_script().unwrap();
-        assert!(script.contains("CLUSTERMAN_SECRET=<secret>") && script.contains("CLUSTERMAN_LAUNCH=<launch>:$(Process)") && script.ends_with("queue 2\n"), "{script}");
+        assert!(script.contains("CLUSTERMAN_SECRET_FILE=<secret-file>") && script.contains("CLUSTERMAN_LAUNCH=<launch>:$(Process)") && script.ends_with("queue 2\n"), "{script}");
         assert!(HtCondorManager::new(1).job_script().is_ok(), "new() picks the array layout");
     }
 

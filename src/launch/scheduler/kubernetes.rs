@@ -528,7 +528,7 @@ impl ClusterManager for KubernetesManager {
             attempt += 1;
             let manifest = serde_json::to_string(&self.render(&plan)?).expect("a JSON value always serializes");
             // the guard first: a master killed during the create leaves nothing behind
-            let guard = CancelGuard::start(&kubectl.delete_all_command(&plan.tag)).map_err(|e| Error::io("starting the pods' clean-up guard", e))?;
+            let guard = CancelGuard::start(&kubectl.delete_all_command(&plan.tag), None).map_err(|e| Error::io("starting the pods' clean-up guard", e))?;
             let refused = match kubectl.call(&["create", "-f", "-"], Some(&manifest)) {
                 Ok(r) if r.success => {
                     let prefix = plan.prefix(&self.job.name);

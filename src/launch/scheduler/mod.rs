@@ -4,8 +4,10 @@
 //! prefix such as `ssh login`), showing the job while it is queued, cancelling it on failure,
 //! timeout, shutdown — and, through a small guard process, when the master dies.
 //!
-//! Workers still dial in (the secret travels inside the job script, which goes to the
-//! scheduler on stdin and is readable only by its owner; never on a command line).
+//! Workers still dial in. The secret is never in a job script, a job's environment or on a
+//! command line (schedulers keep those where other users may read them): the script names a
+//! file in the job's working directory that only its owner can read, written at submission
+//! and deleted when the launch ends, or by the guard when the master dies.
 
 mod batch;
 pub(crate) mod guard;
@@ -25,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
-use super::{Launch, LaunchStatus};
+use super::{Launch, LaunchStatus, SecretFile};
 pub use batch::BatchManager;
 use guard::CancelGuard;
 pub use options::{JobOptions, Layout};
@@ -192,8 +194,8 @@ pub(crate) fn run(options: &JobOptions, argv: &[String], stdin: Option<&str>) ->
 }
 
 /// Submits `job` (a transient failure is retried after `options.submit_retry_delays`),
-/// returns the running launch with its cancel guard.
-pub(crate) fn submit(scheduler: Box<dyn Scheduler>, options: &JobOptions, job: &Job) -> Result<Box<dyn Launch>> {
+/// returns the running launch with its cancel guard, which also removes `secret`.
+pub(crate) fn submit(scheduler: Box<dyn Scheduler>, options: &JobOptions, job: &Job, secret: SecretFile) -> Result<Box<dyn Launch>> {
     let mut delays = options.retry_delays().iter();
     let out = loop {
         let out = run(options, &job.submit, Some(&job.script))?;
@@ -216,9 +218,9 @@ pub(crate) fn submit(scheduler: Box<dyn Scheduler>, options: &JobOptions, job: &
     };
     let id = scheduler.parse_job_id(&String::from_utf8_lossy(&out.stdout))?;
     let cancel: Vec<String> = options.command_prefix.iter().cloned().chain(scheduler.cancel_command(&id)).collect();
-    let guard = CancelGuard::start(&cancel).map_err(|e| Error::io("starting the job's cancel guard", e))?;
+    let guard = CancelGuard::start(&cancel, Some(secret.path())).map_err(|e| Error::io("starting the job's cancel guard", e))?;
     tracing::info!("submitted {} job {id}", scheduler.name());
-    Ok(Box::new(BatchJob { scheduler, id, options: options.clone(), guard: Some(guard), last: None, started: false }))
+    Ok(Box::new(BatchJob { scheduler, id, options: options.clone(), guard: Some(guard), last: None, started: false, _secret: secret }))
 }
 
 /// A submitted job.
@@ -229,6 +231,8 @@ struct BatchJob {
     guard: Option<CancelGuard>,
     last: Option<(Instant, LaunchStatus)>,
     started: bool,
+    /// Deleted with the launch.
+    _secret: SecretFile,
 }
 
 impl BatchJob {

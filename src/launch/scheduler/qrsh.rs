@@ -2,11 +2,12 @@
 //! here as a child process. No shared filesystem involved; stopping the launch ends the
 //! `qrsh` clients and with them their jobs.
 
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::launch::local::spawn_children;
+use crate::launch::local::{STDIN, spawn_children};
 use crate::launch::{ClusterManager, Launch, LaunchContext};
 use crate::sys;
 
@@ -75,13 +76,14 @@ impl ClusterManager for QrshManager {
         let commands = (0..self.np)
             .map(|i| {
                 let mut cmd = Command::new(&argv[0]);
-                // -V forwards this environment, secret included, to the job (not its arguments)
-                cmd.args(&argv[1..]).envs(ctx.env(i as u32, &ctx.master_address())).stdin(Stdio::null());
+                // -V forwards this environment to the job, where `qstat -j` shows it to every
+                // user: the secret goes through qrsh's standard input instead
+                cmd.args(&argv[1..]).envs(LaunchContext::secret_from(ctx.env(i as u32, &ctx.master_address()), Path::new(STDIN)));
                 sys::die_with_master(&mut cmd);
                 cmd
             })
             .collect();
-        spawn_children(commands, "qrsh")
+        spawn_children(commands, "qrsh", Some(ctx))
     }
 
     fn launch_timeout(&self) -> Duration {

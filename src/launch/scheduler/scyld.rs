@@ -222,6 +222,13 @@ impl Launch for ScyldLaunch {
         let running: Vec<String> = self.workers.iter().filter(|w| w.status.is_none()).map(|w| w.node.to_string()).collect();
         format!("{} of {} bpsh clients still running (nodes {})", running.len(), self.workers.len(), running.join(", "))
     }
+
+    fn kill_worker(&mut self, worker: &WorkerInfo) -> bool {
+        let os_pids = self.os_pids.lock().expect("os pids lock").clone();
+        let Some(index) = os_pids.iter().position(|p| *p == Some(worker.os_pid)) else { return false };
+        let argv = ["bpsh".to_string(), self.workers[index].node.to_string(), "kill".into(), "-KILL".into(), worker.os_pid.to_string()];
+        run(&self.options, &argv, None).is_ok_and(|out| out.status.success())
+    }
 }
 
 impl Drop for ScyldLaunch {

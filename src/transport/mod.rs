@@ -1,0 +1,24 @@
+//! Moving frames: the process's I/O thread (a tokio runtime that writes what sockets could not
+//! take at once, runs the listener and keeps the timers), TCP connections whose senders never
+//! wait on a peer, and the listener workers dial. The MPI transport implements the same
+//! [`FrameOut`] (see `mpi`). Nothing here knows what a frame means.
+
+pub(crate) mod io;
+pub(crate) mod listener;
+pub(crate) mod tcp;
+
+use std::time::Instant;
+
+/// Where a link's outgoing frames go: a socket, or the MPI progress thread.
+pub(crate) trait FrameOut: Send + Sync {
+    /// Sends one whole frame (length prefix included; MPI drops it, messages have bounds).
+    /// Never blocks on the peer: with `wait_until` it may wait for queue space until then;
+    /// without, a full queue is an error of kind `WouldBlock`.
+    fn send(&self, frame: Vec<u8>, wait_until: Option<Instant>) -> std::io::Result<()>;
+    /// Stops the connection so that the reading side sees its end.
+    fn close(&self);
+    /// What the kernel knows about the connection's liveness (TCP only).
+    fn pulse(&self) -> Option<crate::sys::TcpPulse> {
+        None
+    }
+}

@@ -1,0 +1,306 @@
+//! TCP connections: a sender that never blocks on its peer, and the worker side of the
+//! handshake (dial, hello, welcome) with one deadline for all of it.
+//!
+//! A frame is written straight into the socket when it is free (`MSG_DONTWAIT`, no thread
+//! switch); what the socket cannot take at once waits in a bounded queue that the I/O thread
+//! drains as the peer reads. The descriptor itself stays blocking, for the thread that reads.
+
+use std::collections::VecDeque;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use crate::protocol::{Hello, MAX_HANDSHAKE, Welcome};
+use crate::sys;
+
+use super::{FrameOut, io as runtime};
+
+/// Bytes that may wait for a peer that does not read, beyond the frame being written: past
+/// this, sends fail at once (`WouldBlock`) instead of growing memory without bound.
+pub(crate) const SEND_QUEUE_LIMIT: usize = 64 << 20;
+
+/// The sending half of a TCP connection.
+pub(crate) struct TcpOut(Arc<Outbox>);
+
+struct Outbox {
+    stream: TcpStream,
+    state: Mutex<Queue>,
+    /// Signalled when queued bytes drain (for senders that wait for room).
+    room: Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Vec<u8>>,
+    /// Bytes of the front frame already written.
+    written: usize,
+    /// Bytes waiting, all frames.
+    bytes: usize,
+    /// The I/O thread is draining the queue.
+    draining: bool,
+    /// Why the connection can take no more.
+    failed: Option<(ErrorKind, String)>,
+}
+
+impl Queue {
+    /// Writes queued bytes until done or the socket is full. `Ok(true)`: nothing left.
+    fn write_out(&mut self, fd: i32) -> io::Result<bool> {
+        while let Some(front) = self.frames.front() {
+            let n = sys::send_nonblocking(fd, &front[self.written..])?;
+            self.written += n;
+            self.bytes -= n;
+            if self.written < front.len() {
+                return Ok(false);
+            }
+            self.frames.pop_front();
+            self.written = 0;
+        }
+        Ok(true)
+    }
+}
+
+impl TcpOut {
+    pub(crate) fn boxed(stream: TcpStream) -> Box<dyn FrameOut> {
+        Box::new(TcpOut(Arc::new(Outbox { stream, state: Mutex::default(), room: Condvar::new() })))
+    }
+}
+
+fn closed_error(failed: &(ErrorKind, String)) -> io::Error {
+    io::Error::new(failed.0, failed.1.clone())
+}
+
+impl FrameOut for TcpOut {
+    fn send(&self, frame: Vec<u8>, wait_until: Option<Instant>) -> io::Result<()> {
+        let out = &self.0;
+        let mut q = out.state.lock().expect("send queue lock");
+        loop {
+            if let Some(failed) = &q.failed {
+                return Err(closed_error(failed));
+            }
+            if q.frames.is_empty() || q.bytes + frame.len() <= SEND_QUEUE_LIMIT {
+                break;
+            }
+            let Some(deadline) = wait_until.filter(|d| *d > Instant::now()) else {
+                return Err(io::Error::new(ErrorKind::WouldBlock, format!("{} MiB already wait for a peer that is not reading", q.bytes >> 20)));
+            };
+            q = out.room.wait_timeout(q, deadline - Instant::now()).expect("send queue lock").0;
+        }
+        q.bytes += frame.len();
+        q.frames.push_back(frame);
+        if q.draining {
+            return Ok(()); // the I/O thread sends it in turn
+        }
+        match q.write_out(out.stream.as_raw_fd()) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                q.draining = true;
+                runtime::spawn(drain(self.0.clone()));
+                Ok(())
+            }
+            Err(e) => {
+                fail(out, &mut q, &e);
+                Err(e)
+            }
+        }
+    }
+
+    fn close(&self) {
+        let out = &self.0;
+        let mut q = out.state.lock().expect("send queue lock");
+        q.failed.get_or_insert((ErrorKind::NotConnected, "the connection was closed".into()));
+        q.frames.clear();
+        q.bytes = 0;
+        out.room.notify_all();
+        let _ = out.stream.shutdown(Shutdown::Both);
+    }
+
+    fn pulse(&self) -> Option<sys::TcpPulse> {
+        sys::tcp_pulse(self.0.stream.as_raw_fd())
+    }
+}
+
+/// Marks the connection failed and shuts it down, so its reader sees the end too.
+fn fail(out: &Outbox, q: &mut Queue, e: &io::Error) {
+    q.failed.get_or_insert((e.kind(), e.to_string()));
+    q.frames.clear();
+    q.bytes = 0;
+    out.room.notify_all();
+    let _ = out.stream.shutdown(Shutdown::Both);
+}
+
+/// Runs on the I/O thread: writes the queue out as the socket drains.
+async fn drain(out: Arc<Outbox>) {
+    let fd: OwnedFd = match out.stream.as_fd().try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(e) => return fail(&out, &mut out.state.lock().expect("send queue lock"), &e),
+    };
+    // SAFETY: `fd` is our own duplicate of the socket, owned by the AsyncFd and closed only
+    // when it drops.
+    let ready = match unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) } {
+        Ok(r) => r,
+        Err(e) => return fail(&out, &mut out.state.lock().expect("send queue lock"), &e.into()),
+    };
+    loop {
+        let mut guard = match ready.writable().await {
+            Ok(g) => g,
+            Err(e) => return fail(&out, &mut out.state.lock().expect("send queue lock"), &e),
+        };
+        let mut q = out.state.lock().expect("send queue lock");
+        let before = q.bytes;
+        match q.write_out(out.stream.as_raw_fd()) {
+            Ok(true) => {
+                q.draining = false;
+                out.room.notify_all();
+                return;
+            }
+            Ok(false) => {
+                if q.bytes < before {
+                    out.room.notify_all();
+                }
+                guard.clear_ready();
+            }
+            Err(e) => return fail(&out, &mut q, &e),
+        }
+    }
+}
+
+/// Connects to `address` and shakes hands: sends `hello`, returns the stream and the
+/// welcome. One deadline covers it all; a master that is still starting (connection refused)
+/// or that dropped us while busy with other handshakes (reset, end of stream) is tried again.
+pub(crate) fn dial(address: &str, hello: &Hello, deadline: Instant) -> io::Result<(TcpStream, Welcome)> {
+    let message = hello.encode();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let e = match try_dial(address, &message, deadline) {
+            Ok(done) => return Ok(done),
+            Err(e) => e,
+        };
+        let retry = matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe);
+        if !retry || Instant::now() + pause >= deadline {
+            return Err(e);
+        }
+        tracing::debug!("dialling {address}: {e}; trying again");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+fn try_dial(address: &str, message: &[u8], deadline: Instant) -> io::Result<(TcpStream, Welcome)> {
+    let mut last = io::Error::new(ErrorKind::NotFound, format!("{address} resolves to no address"));
+    for addr in address.to_socket_addrs()? {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let mut stream = match TcpStream::connect_timeout(&addr, left) {
+            Ok(s) => s,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(left))?;
+        stream.write_all(message)?;
+        stream.set_write_timeout(None)?;
+        let body = read_prefixed(&mut stream, MAX_HANDSHAKE, deadline)?;
+        let welcome = Welcome::decode(&body).map_err(|e| io::Error::new(ErrorKind::InvalidData, e))?;
+        return Ok((stream, welcome));
+    }
+    Err(last)
+}
+
+/// Reads one `u32`-length-prefixed message of at most `max` bytes, all of it before
+/// `deadline`. Memory grows only as bytes arrive.
+pub(crate) fn read_prefixed(stream: &mut TcpStream, max: usize, deadline: Instant) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    read_until(stream, &mut len, deadline)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(io::Error::new(ErrorKind::InvalidData, format!("message of {len} bytes exceeds {max}")));
+    }
+    let mut body = Vec::new();
+    while body.len() < len {
+        let mut chunk = [0u8; 4096];
+        let want = (len - body.len()).min(chunk.len());
+        read_until(stream, &mut chunk[..want], deadline)?;
+        body.extend_from_slice(&chunk[..want]);
+    }
+    Ok(body)
+}
+
+fn read_until(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(ErrorKind::TimedOut, "no answer before the deadline"));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf[got..]) {
+            Ok(0) => return Err(io::Error::new(ErrorKind::UnexpectedEof, "the connection closed during the handshake")),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Err(io::Error::new(ErrorKind::TimedOut, "no answer before the deadline")),
+            Err(e) => return Err(e),
+        }
+    }
+    stream.set_read_timeout(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn a_peer_that_does_not_read_never_blocks_the_sender() {
+        let (a, _b) = pair(); // b is never read
+        let out = TcpOut::boxed(a);
+        let started = Instant::now();
+        let mut queued = 0usize;
+        let err = loop {
+            match out.send(vec![7u8; 1 << 20], None) {
+                Ok(()) => queued += 1,
+                Err(e) => break e,
+            }
+            assert!(queued < 1000, "the queue is bounded");
+        };
+        assert_eq!(err.kind(), ErrorKind::WouldBlock, "{err}");
+        assert!(err.to_string().contains("not reading"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(queued >= SEND_QUEUE_LIMIT >> 20, "{queued} MiB queued");
+        let waited = Instant::now();
+        let err = out.send(vec![1; 1 << 20], Some(Instant::now() + Duration::from_millis(200))).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::WouldBlock);
+        assert!(waited.elapsed() >= Duration::from_millis(190), "waits for room until the deadline");
+        out.close();
+        assert!(out.send(vec![1], None).is_err(), "a closed connection takes nothing");
+    }
+
+    #[test]
+    fn queued_frames_arrive_whole_and_in_order() {
+        let (a, mut b) = pair();
+        let out = TcpOut::boxed(a);
+        let frames: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 300_000]).collect();
+        let expected: Vec<u8> = frames.concat();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; expected.len()];
+            b.read_exact(&mut got).unwrap();
+            assert!(got == expected, "bytes arrive in order");
+        });
+        for f in frames {
+            out.send(f, Some(Instant::now() + Duration::from_secs(10))).unwrap();
+        }
+        reader.join().unwrap();
+    }
+}
