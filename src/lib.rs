@@ -97,6 +97,11 @@ pub mod __private {
     pub fn send_raw_to_master(bytes: &[u8]) -> bool {
         crate::cluster::worker::send_raw(bytes)
     }
+
+    /// Test hook: where worker `pid` listens for direct links (all-to-all topology).
+    pub fn peer_listener(cluster: &crate::Cluster, pid: crate::Pid) -> Option<String> {
+        cluster.inner().master.as_ref()?.peer_addresses.lock().expect("peer addresses lock").get(&pid).cloned()
+    }
 }
 
 /// Runs [`init`] before `main`, from the executable's constructor list, for binaries whose

@@ -78,46 +78,9 @@ fn a_wrong_secret_is_refused_and_the_manager_keeps_serving() {
     let _ = good.wait();
 }
 
-/// A network namespace joined to this one by a veth pair with private addresses.
-struct Netns {
-    name: String,
-    host_if: String,
-}
-
-impl Netns {
-    fn create(tag: u32) -> Result<Netns, String> {
-        let name = format!("cmanel{tag}");
-        let host_if = format!("cmh{tag}");
-        let peer_if = format!("cmp{tag}");
-        let net = 200 + (tag % 50);
-        let run = |args: &[&str]| -> Result<(), String> {
-            let s = Command::new("ip").args(args).status().map_err(|e| format!("cannot run ip: {e}"))?;
-            if s.success() { Ok(()) } else { Err(format!("`ip {}` failed (needs root)", args.join(" "))) }
-        };
-        run(&["netns", "add", &name])?;
-        let ns = Netns { name: name.clone(), host_if: host_if.clone() };
-        run(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer_if])?;
-        run(&["link", "set", &peer_if, "netns", &name])?;
-        run(&["addr", "add", &format!("10.{net}.0.1/24"), "dev", &host_if])?;
-        run(&["link", "set", &host_if, "up"])?;
-        run(&["netns", "exec", &name, "ip", "addr", "add", &format!("10.{net}.0.2/24"), "dev", &peer_if])?;
-        run(&["netns", "exec", &name, "ip", "link", "set", &peer_if, "up"])?;
-        run(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"])?;
-        run(&["netns", "exec", &name, "ip", "route", "add", "default", "via", &format!("10.{net}.0.1")])?;
-        Ok(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
 #[test]
 fn a_worker_in_another_network_namespace_joins_through_the_auto_address() {
-    let ns = match Netns::create(std::process::id() % 1000) {
+    let ns = match common::Netns::create(std::process::id() % 1000) {
         Ok(ns) => ns,
         Err(why) => {
             eprintln!("skipped: cannot create a network namespace: {why}");

@@ -152,9 +152,10 @@ async fn handshake(mut stream: tokio::net::TcpStream, peer: SocketAddr, secret: 
             }
         }
         Err(refusal) => {
-            let answer = Welcome::Refused(refusal.reason.clone()).encode();
-            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&answer)).await;
+            // recorded before the answer: whoever sees the refusal finds it listed
             admit.refused(peer, &refusal);
+            let answer = Welcome::Refused(refusal.reason).encode();
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&answer)).await;
         }
     }
 }

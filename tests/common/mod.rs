@@ -151,3 +151,51 @@ pub fn fake_job_groups(dir: &std::path::Path) -> Vec<u32> {
         })
         .collect()
 }
+
+/// A network namespace joined to this one by a veth pair with private addresses.
+pub struct Netns {
+    /// The namespace's name (for `ip netns exec`).
+    pub name: String,
+    /// This side's end of the veth pair.
+    pub host_if: String,
+    /// This side's address on the pair; the namespace has `.2`.
+    pub host_ip: String,
+}
+
+impl Netns {
+    /// Cuts the link: the namespace can no longer reach this side, nor this side it.
+    pub fn cut(&self) {
+        let _ = std::process::Command::new("ip").args(["link", "set", &self.host_if, "down"]).status();
+    }
+
+    /// Creates namespace `cmanel<tag>` and its veth pair (needs root).
+    pub fn create(tag: u32) -> Result<Netns, String> {
+        let name = format!("cmanel{tag}");
+        let host_if = format!("cmh{tag}");
+        let peer_if = format!("cmp{tag}");
+        let net = 200 + (tag % 50);
+        let run = |args: &[&str]| -> Result<(), String> {
+            let s = std::process::Command::new("ip").args(args).status().map_err(|e| format!("cannot run ip: {e}"))?;
+            if s.success() { Ok(()) } else { Err(format!("`ip {}` failed (needs root)", args.join(" "))) }
+        };
+        run(&["netns", "add", &name])?;
+        let ns = Netns { name: name.clone(), host_if: host_if.clone(), host_ip: format!("10.{net}.0.1") };
+        run(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer_if])?;
+        run(&["link", "set", &peer_if, "netns", &name])?;
+        run(&["addr", "add", &format!("10.{net}.0.1/24"), "dev", &host_if])?;
+        run(&["link", "set", &host_if, "up"])?;
+        run(&["netns", "exec", &name, "ip", "addr", "add", &format!("10.{net}.0.2/24"), "dev", &peer_if])?;
+        run(&["netns", "exec", &name, "ip", "link", "set", &peer_if, "up"])?;
+        run(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"])?;
+        run(&["netns", "exec", &name, "ip", "route", "add", "default", "via", &format!("10.{net}.0.1")])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.host_if]).status();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
