@@ -98,6 +98,11 @@ pub mod __private {
         crate::cluster::worker::send_raw(bytes)
     }
 
+    /// Test hook: the cluster secret, for tests that prove nobody else can find it.
+    pub fn secret_hex(cluster: &crate::Cluster) -> Option<String> {
+        Some(cluster.inner().master.as_ref()?.secret.to_hex())
+    }
+
     /// Test hook: where worker `pid` listens for direct links (all-to-all topology).
     pub fn peer_listener(cluster: &crate::Cluster, pid: crate::Pid) -> Option<String> {
         cluster.inner().master.as_ref()?.peer_addresses.lock().expect("peer addresses lock").get(&pid).cloned()

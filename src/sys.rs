@@ -109,16 +109,10 @@ pub(crate) fn apply_child_settings(parent: Option<u32>, cpu: Option<usize>) -> i
     Ok(())
 }
 
-/// For a child that is not our own binary (a launcher such as `mpirun`): set its death
+/// For a child that is not our own binary (a `qrsh` or `bpsh` client): set its death
 /// signal between fork and exec. Costs one `fork` of the master; workers use
 /// [`prepare_child`] instead.
 pub(crate) fn die_with_master(cmd: &mut Command) {
-    die_with_master_by(cmd, libc::SIGKILL);
-}
-
-/// [`die_with_master`] with `signal` as the death signal: `SIGTERM` for launchers that clean
-/// up after themselves when told to stop (Open MPI's `mpirun` removes its session directory).
-pub(crate) fn die_with_master_by(cmd: &mut Command, signal: libc::c_int) {
     #[cfg(target_os = "linux")]
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
     // syscalls (prctl, getppid, _exit).
@@ -126,7 +120,7 @@ pub(crate) fn die_with_master_by(cmd: &mut Command, signal: libc::c_int) {
         use std::os::unix::process::CommandExt;
         let parent = libc::getpid();
         cmd.pre_exec(move || {
-            check(libc::prctl(libc::PR_SET_PDEATHSIG, signal))?;
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
             if libc::getppid() != parent {
                 libc::_exit(1);
             }
@@ -134,7 +128,22 @@ pub(crate) fn die_with_master_by(cmd: &mut Command, signal: libc::c_int) {
         });
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = (cmd, signal);
+    let _ = cmd;
+}
+
+/// For a launcher whose output pipes lead to the master: if the master dies, writing its
+/// output must fail with an error, not kill it (by `SIGPIPE`) before it has stopped its
+/// workers and cleaned up.
+pub(crate) fn survive_broken_pipes(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and only calls signal(2), which is
+    // async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+            Ok(())
+        });
+    }
 }
 
 type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);

@@ -357,3 +357,67 @@ fn ranks_without_tcp_between_them() {
     assert!(rank0.contains("cannot reach rank 0") && rank0.contains("use Transport::Mpi"), "{rank0}");
     assert!(started.elapsed() < Duration::from_secs(30), "rank 0 failed at once, not at its 60 s timeout");
 }
+
+#[test]
+fn no_other_user_finds_the_secret_of_an_mpirun_launch() {
+    let cluster = Cluster::new().unwrap();
+    let mgr = manager(2);
+    let pids = cluster.add_procs(&mgr).unwrap();
+    let secret = clusterman::__private::secret_hex(&cluster).unwrap();
+    let ranks = common::worker_os_pids(&cluster, &pids);
+    assert_eq!(common::secret_in_processes(&secret, &ranks), Vec::<String>::new(), "each rank scrubbed it from its own environment");
+    match common::secret_seen_by_nobody(&secret, &[&std::env::temp_dir()], &[]) {
+        Some(found) => assert!(found.is_empty(), "nobody found the secret: {found:?}"),
+        None if common::schedulers_required() => panic!("cannot run a scan as the user nobody"),
+        None => eprintln!("skipped the scan as nobody: runuser or the user nobody is missing"),
+    }
+    mgr.shutdown().unwrap();
+}
+
+/// The master of the test below; runs only when asked to.
+#[test]
+#[ignore = "run by killing_the_master_stops_mpirun_and_its_ranks_cleanly"]
+fn mpi_master_to_be_killed() {
+    if std::env::var("CMAN_MPI_MASTER").is_err() {
+        return;
+    }
+    let cluster = Cluster::new().unwrap();
+    let mgr = manager(2);
+    let pids = cluster.add_procs(&mgr).unwrap();
+    println!("WORKERS {}", common::worker_os_pids(&cluster, &pids).iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(')').unwrap().1.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn killing_the_master_stops_mpirun_and_its_ranks_cleanly() {
+    let mut master = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "mpi_master_to_be_killed", "--nocapture"])
+        .env("CMAN_MPI_MASTER", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ranks = common::read_workers_line(master.stdout.take().unwrap(), Duration::from_secs(60));
+    let mut launcher_pid = parent_of(ranks[0]);
+    while parent_of(launcher_pid) != master.id() {
+        launcher_pid = parent_of(launcher_pid); // MPICH: hydra's proxy sits between
+        assert!(launcher_pid > 1, "rank {} does not descend from the master", ranks[0]);
+    }
+    // Open MPI keeps a session directory per mpirun; stopped with SIGKILL it stays behind
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    // SAFETY: getuid cannot fail.
+    let session = std::path::PathBuf::from(format!("/tmp/ompi.{host}.{}/pid.{launcher_pid}", unsafe { libc::getuid() }));
+    let open_mpi = session.exists();
+    master.kill().unwrap(); // SIGKILL
+    master.wait().unwrap();
+    let mut all = ranks.clone();
+    all.push(launcher_pid);
+    assert!(common::wait_until(Duration::from_secs(20), || all.iter().all(|p| !common::process_alive(*p))), "left running: {all:?}");
+    if open_mpi {
+        assert!(common::wait_until(Duration::from_secs(5), || !session.exists()), "mpirun left its session directory {}", session.display());
+    }
+}

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use clusterman::launch::{ElasticAddress, ElasticManager};
 use clusterman::prelude::*;
 use clusterman::{Error, Launch, LaunchContext, LaunchStatus};
 
@@ -219,4 +220,59 @@ fn the_secret_is_not_on_any_command_line() {
     let text = String::from_utf8_lossy(&cmdline);
     assert!(!text.contains("CLUSTERMAN") && !text.to_lowercase().contains("secret"), "{text}");
     assert_eq!(text.split('\0').filter(|a| !a.is_empty()).count(), 1, "the worker gets no arguments: {text}");
+}
+
+#[test]
+fn no_other_user_finds_the_secret_of_local_workers() {
+    let cluster = Cluster::new().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
+    let secret = clusterman::__private::secret_hex(&cluster).unwrap();
+    let os = common::worker_os_pids(&cluster, &pids);
+    assert_eq!(common::secret_in_processes(&secret, &os), Vec::<String>::new(), "not even its owner finds it in a worker's environment (it came on stdin)");
+    match common::secret_seen_by_nobody(&secret, &[&std::env::temp_dir()], &[]) {
+        Some(found) => assert!(found.is_empty(), "nobody found the secret: {found:?}"),
+        None if common::schedulers_required() => panic!("cannot run a scan as the user nobody"),
+        None => eprintln!("skipped the scan as nobody: runuser or the user nobody is missing"),
+    }
+    assert_eq!(cluster.remote_call_fetch(pids[0], add, (1, 1)).unwrap(), 2);
+}
+
+#[test]
+fn a_secret_from_the_environment_is_scrubbed_from_the_workers_environ() {
+    // as a launcher that passes the secret in the environment (mpirun, srun) does
+    struct EnvLaunch;
+    impl ClusterManager for EnvLaunch {
+        fn name(&self) -> &str {
+            "env"
+        }
+        fn count(&self) -> usize {
+            1
+        }
+        fn launch(&self, ctx: &LaunchContext) -> clusterman::Result<Box<dyn Launch>> {
+            let child = Command::new(ctx.program()).envs(ctx.env(0, &ctx.local_master_address())).spawn().unwrap();
+            Ok(Box::new(OneChild(child)))
+        }
+    }
+    let cluster = Cluster::new().unwrap();
+    let pids = cluster.add_procs(EnvLaunch).unwrap();
+    let secret = clusterman::__private::secret_hex(&cluster).unwrap();
+    let os = common::worker_os_pids(&cluster, &pids);
+    assert_eq!(common::secret_in_processes(&secret, &os), Vec::<String>::new(), "/proc/<pid>/environ no longer holds it");
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn the_elastic_command_display_and_errors_show_no_secret() {
+    let cluster = Cluster::new().unwrap();
+    let elastic = ElasticManager::start(&cluster, ElasticAddress::Ip("127.0.0.1".parse().unwrap()), 0).unwrap();
+    let secret = clusterman::__private::secret_hex(&cluster).unwrap();
+    let timeout = elastic.wait_for(1, Duration::from_millis(10)).unwrap_err().to_string();
+    for text in [elastic.connect_command(), elastic.to_string(), format!("{elastic:?}"), format!("{cluster:?}"), timeout] {
+        assert!(!text.contains(&secret), "the secret shows in: {text}");
+    }
+    let file = elastic.connect_command().split_whitespace().find_map(|w| w.strip_prefix("CLUSTERMAN_SECRET_FILE=")).unwrap().to_string();
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o600, "only its owner reads {file}");
+    drop(elastic);
+    assert!(!std::path::Path::new(&file).exists(), "removed with the manager");
 }

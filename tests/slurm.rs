@@ -224,3 +224,32 @@ fn options_name(o: &JobOptions) -> String {
     let script = SlurmManager::new(1).job(o.clone()).job_script().unwrap();
     script.lines().find_map(|l| l.strip_prefix("#SBATCH --job-name=")).unwrap().to_string()
 }
+
+/// Files of `.clusterman/` under `dir` (the secret files of launches).
+fn secret_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir.join(".clusterman")).map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default()
+}
+
+#[test]
+fn no_other_user_finds_the_secret_of_a_slurm_job() {
+    if !slurm_up() {
+        return;
+    }
+    let dir = common::temp_dir("slurm-scan");
+    let options = job("scan").workdir(dir.clone());
+    let name = options_name(&options);
+    let cluster = Cluster::new().unwrap();
+    let slurm = SlurmManager::new(2).job(options);
+    let pids = cluster.add_procs(&slurm).unwrap();
+    let secret = clusterman::__private::secret_hex(&cluster).unwrap();
+    let id = cluster.remote_call_fetch(pids[0], job_id_here, ()).unwrap().unwrap();
+    assert_eq!(secret_files(&dir).len(), 1, "the workers read the secret from a file");
+    assert_eq!(common::secret_in_processes(&secret, &common::worker_os_pids(&cluster, &pids)), Vec::<String>::new());
+    let places = [dir.as_path(), std::path::Path::new("/var/spool/slurmd"), std::path::Path::new("/var/spool/slurmctld"), std::path::Path::new("/var/log/slurm"), &std::env::temp_dir()];
+    let commands = [format!("scontrol show job -dd {id}"), format!("scontrol write batch_script {id} -"), "squeue -a -o %all".to_string()];
+    let found = common::secret_seen_by_nobody(&secret, &places, &commands).expect("a scan as the user nobody runs here");
+    assert!(found.is_empty(), "nobody found the secret: {found:?}");
+    cluster.shutdown().unwrap();
+    assert_no_job_left(&name);
+    assert!(secret_files(&dir).is_empty(), "the secret file goes with the launch");
+}

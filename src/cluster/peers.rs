@@ -103,7 +103,7 @@ impl Peers {
                         match frame.header.kind {
                             Kind::Reply | Kind::Failure => reading.resolve(frame),
                             Kind::Call | Kind::Cast | Kind::Batch => {
-                                let _ = to_serving.send(Some(Ok((frame, reading.clone()))));
+                                let _ = to_serving.send(Some(Ok((frame, Some(reading.clone())))));
                             }
                             Kind::Heartbeat => {}
                             other => break format!("unexpected {other:?} frame on a direct link"),

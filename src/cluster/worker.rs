@@ -307,8 +307,12 @@ fn watch_master(uplink: Arc<Link>, peers: Option<Arc<Peers>>, liveness: Liveness
                 if STOPPING.load(Ordering::Relaxed) {
                     return;
                 }
-                // the serving thread may be deep in user code: end the process from here
                 sys::write_original_stderr(&format!("{} (os pid {}): lost the master: {why}; exiting", who_am_i(), std::process::id()));
+                // Closing the connection wakes a serving thread that waits for frames: it exits
+                // the normal way (finalising MPI, so mpirun ends cleanly). One deep in user
+                // code cannot: then the process ends from here.
+                uplink.close();
+                tokio::time::sleep(Duration::from_secs(2)).await;
                 sys::exit_now(1);
             }
             if let Some(peers) = &peers {
@@ -330,8 +334,9 @@ pub(crate) fn worker_cluster() -> Option<&'static Cluster> {
     WORKER_CLUSTER.get()
 }
 
-/// A frame for the serving thread and the link it came on (replies go back there).
-pub(crate) type Incoming = (Frame, Arc<Link>);
+/// A frame for the serving thread and the link it came on, where replies go back (`None`:
+/// the master's link).
+pub(crate) type Incoming = (Frame, Option<Arc<Link>>);
 
 /// What a thread that reads for the serving thread hands over: a frame (or the transport's
 /// failure), or `None` — a wake-up after it resolved a reply the serving thread may be
@@ -349,7 +354,7 @@ pub(crate) enum Inbox {
 
 impl Inbox {
     /// The next frame; `None` after a wake-up or at `deadline`.
-    fn next(&mut self, uplink: &Arc<Link>, max_frame: usize, deadline: Option<Instant>) -> Result<Option<Incoming>> {
+    fn next(&mut self, uplink: &Link, max_frame: usize, deadline: Option<Instant>) -> Result<Option<Incoming>> {
         match self {
             Inbox::Tcp(reader) => {
                 if let Some(d) = deadline {
@@ -361,7 +366,7 @@ impl Inbox {
                 match protocol::read_frame(reader, max_frame) {
                     Ok(Some(frame)) => {
                         uplink.heard();
-                        Ok(Some((frame, uplink.clone())))
+                        Ok(Some((frame, None)))
                     }
                     Ok(None) => Err(Error::MasterGone("it closed the connection; exiting".into())),
                     Err(e) => Err(Error::MasterGone(format!("{e}; exiting"))),
@@ -406,7 +411,7 @@ fn read_uplink(stream: TcpStream, link: Arc<Link>, to_serving: Sender<Delivery>,
                         Kind::Reply | Kind::Failure => link.resolve(frame),
                         Kind::Heartbeat => {}
                         _ => {
-                            let _ = to_serving.send(Some(Ok((frame, link.clone()))));
+                            let _ = to_serving.send(Some(Ok((frame, None))));
                         }
                     }
                 }
@@ -445,6 +450,7 @@ pub(crate) fn pump_once(deadline: Option<Instant>) -> Result<()> {
         (s.inbox.next(&s.uplink, s.terms.max_frame, deadline), s.uplink.clone(), s.terms)
     });
     let Some((frame, from)) = incoming? else { return Ok(()) }; // a wake-up: the caller looks again
+    let from = from.unwrap_or_else(|| uplink.clone());
     match frame.header.kind {
         Kind::Call | Kind::Cast | Kind::Batch => {
             if let Some(mut reply) = exec::execute(terms.pid, &frame) {

@@ -5,6 +5,7 @@
 pub(crate) mod affinity;
 mod detect;
 mod elastic;
+pub(crate) mod guard;
 pub(crate) mod local;
 pub(crate) mod process;
 mod ranks;

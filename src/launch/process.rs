@@ -1,6 +1,8 @@
-//! A launcher process (`mpirun`, an `srun` job step): started to die with the master (told
-//! with `SIGTERM`, so it can stop its ranks and clean up), its output forwarded as
-//! `[name] line`, the tail of its stderr kept for error messages.
+//! A launcher process (`mpirun`, an `srun` job step): its output forwarded as `[name] line`,
+//! the tail of its stderr kept for error messages. If the master dies, its workers notice at
+//! once and exit, and the launcher ends by itself, cleanly; a guard process stops it (`SIGTERM`,
+//! then `SIGKILL`) if it is still there seconds later. (A death signal straight to `mpirun`
+//! races its ranks' exits, and Open MPI then leaves its session directory behind.)
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::sys;
 
+use super::guard::CancelGuard;
 use super::{Launch, LaunchStatus};
 
 /// Lines of launcher output kept for error messages.
@@ -22,18 +25,21 @@ pub(crate) struct RunningLauncher {
     name: String,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     status: Arc<Mutex<Option<ExitStatus>>>,
+    guard: Option<CancelGuard>,
 }
 
 impl RunningLauncher {
-    /// Starts `cmd` (dies with the master), forwarding its output as `[name] line`.
+    /// Starts `cmd` (stopped by a guard if the master dies), forwarding its output as
+    /// `[name] line`.
     pub(crate) fn start(mut cmd: Command, name: &str, status: Arc<Mutex<Option<ExitStatus>>>) -> Result<Self> {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        sys::die_with_master_by(&mut cmd, libc::SIGTERM);
+        sys::survive_broken_pipes(&mut cmd);
         let mut child = sys::spawn(cmd).map_err(|e| Error::io(format!("cannot start {name}"), e))?;
+        let guard = CancelGuard::for_process(child.id()).map_err(|e| tracing::warn!("no guard for {name}: {e}")).ok();
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         forward_lines(child.stdout.take().expect("piped"), name, None);
         forward_lines(child.stderr.take().expect("piped"), name, Some(stderr_tail.clone()));
-        Ok(RunningLauncher { child, name: name.to_string(), stderr_tail, status })
+        Ok(RunningLauncher { child, name: name.to_string(), stderr_tail, status, guard })
     }
 
     /// The last lines the launcher wrote to stderr.
@@ -96,6 +102,9 @@ impl Launch for RunningLauncher {
                 let status = self.child.wait().ok();
                 *self.status.lock().expect("status lock") = status;
             }
+        }
+        if let Some(guard) = self.guard.take() {
+            guard.dismiss();
         }
     }
 

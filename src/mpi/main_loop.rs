@@ -160,14 +160,15 @@ impl MainLoop {
             comm.process_at_rank(0).send(&codec::encode(&mine)?[..]);
             let terms = Terms { pid: me.rank as Pid + 1, direct_links: false, max_frame: DEFAULT_MAX_FRAME, liveness: Liveness::default() };
             let (tx, rx) = crossbeam_channel::unbounded();
-            // the link is made once the transport runs; frames only come after the verdict
+            // the link is made once the transport runs (it sends through it): frames that come
+            // before go to the serving thread all the same, as frames of the master's link
             let uplink: Arc<OnceLock<Arc<Link>>> = Arc::default();
             let receiving = uplink.clone();
             let transport = MpiTransport::start(SendComm(comm), Box::new(move |_, frame| {
                 if let Some(link) = receiving.get() {
                     link.heard();
-                    let _ = tx.send(Some(frame.map(|f| (f, link.clone()))));
                 }
+                let _ = tx.send(Some(frame.map(|f| (f, None))));
             }), terms.max_frame)?;
             let verdict = String::from_utf8_lossy(&receive_bytes(&world)).into_owned();
             at_worker_exit(env::finalize);

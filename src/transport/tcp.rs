@@ -169,18 +169,28 @@ async fn drain(out: Arc<Outbox>) {
     }
 }
 
+/// How long a refused connection is tried again (a master still binding on a slow node);
+/// after that, refused means nobody listens there.
+const REFUSED_FOR: Duration = Duration::from_secs(10);
+
 /// Connects to `address` and shakes hands: sends `hello`, returns the stream and the
-/// welcome. One deadline covers it all; a master that is still starting (connection refused)
-/// or that dropped us while busy with other handshakes (reset, end of stream) is tried again.
+/// welcome. One deadline covers it all; a master that is still starting (connection refused,
+/// for a few seconds) or that dropped us while busy with other handshakes (reset, end of
+/// stream) is tried again.
 pub(crate) fn dial(address: &str, hello: &Hello, deadline: Instant) -> io::Result<(TcpStream, Welcome)> {
     let message = hello.encode();
+    let refused_until = Instant::now() + REFUSED_FOR;
     let mut pause = Duration::from_millis(20);
     loop {
         let e = match try_dial(address, &message, deadline) {
             Ok(done) => return Ok(done),
             Err(e) => e,
         };
-        let retry = matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe);
+        let retry = match e.kind() {
+            ErrorKind::ConnectionRefused => Instant::now() < refused_until,
+            ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe => true,
+            _ => false,
+        };
         if !retry || Instant::now() + pause >= deadline {
             return Err(e);
         }

@@ -199,3 +199,52 @@ impl Drop for Netns {
     }
 }
 
+
+/// Where the user `nobody` finds `secret` (empty: nowhere): every process's command line
+/// and environment, every file it can read under `dirs`, and the output of `commands` run as
+/// nobody (`qstat -j 42`, `scontrol show job 42`), plus `ps auxeww`. `None` where `runuser`
+/// or the user `nobody` is missing (not root).
+pub fn secret_seen_by_nobody(secret: &str, dirs: &[&std::path::Path], commands: &[String]) -> Option<Vec<String>> {
+    const SCAN: &str = r#"
+pattern=$1; shift; dirs=$1; shift
+hit() { grep -qaF -f "$pattern" && echo "FOUND $1"; }
+for p in /proc/[0-9]*; do
+  cat "$p/cmdline" 2>/dev/null | hit "command line of ${p#/proc/}"
+  cat "$p/environ" 2>/dev/null | hit "environment of ${p#/proc/}"
+done
+for d in $dirs; do
+  find "$d" -type f -readable 2>/dev/null | while read -r f; do hit "file $f" < "$f"; done
+done
+for c in "$@"; do sh -c "$c" 2>&1 | hit "output of: $c"; done
+ps auxeww 2>&1 | hit "ps auxeww"
+echo SCANNED
+"#;
+    let dirs = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" ");
+    // the pattern goes in a file (outside every scanned place): on a command line the scan
+    // would find itself
+    let pattern = std::path::PathBuf::from(format!("/dev/shm/cman-pattern-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::write(&pattern, format!("{secret}\n")).ok()?;
+    std::fs::set_permissions(&pattern, std::os::unix::fs::PermissionsExt::from_mode(0o644)).ok()?;
+    let out = std::process::Command::new("runuser").args(["-u", "nobody", "--", "sh", "-c", SCAN, "scan"]).arg(&pattern).arg(&dirs).args(commands).output();
+    let _ = std::fs::remove_file(&pattern);
+    let out = out.ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !text.contains("SCANNED") {
+        return None;
+    }
+    Some(text.lines().filter_map(|l| l.strip_prefix("FOUND ")).map(String::from).collect())
+}
+
+/// Whether the secret appears in any of these processes' environments or command lines, as
+/// this (root) process sees them.
+pub fn secret_in_processes(secret: &str, os_pids: &[u32]) -> Vec<String> {
+    let mut found = Vec::new();
+    for pid in os_pids {
+        for what in ["environ", "cmdline"] {
+            if std::fs::read(format!("/proc/{pid}/{what}")).is_ok_and(|b| b.windows(secret.len()).any(|w| w == secret.as_bytes())) {
+                found.push(format!("{what} of {pid}"));
+            }
+        }
+    }
+    found
+}

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::launch::{ClusterManager, Launch, LaunchContext, LaunchStatus};
 use crate::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET, sys};
 
-use super::guard::CancelGuard;
+use crate::launch::guard::CancelGuard;
 use super::{CommandResult, JobOptions, run};
 
 /// The JSON library of the pod hook ([`KubernetesManager::configure`]), re-exported so a

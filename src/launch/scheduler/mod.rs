@@ -10,7 +10,6 @@
 //! and deleted when the launch ends, or by the guard when the master dies.
 
 mod batch;
-pub(crate) mod guard;
 pub mod htcondor;
 pub mod kubernetes;
 pub mod lsf;
@@ -29,7 +28,7 @@ use crate::error::{Error, Result};
 
 use super::{Launch, LaunchStatus, SecretFile};
 pub use batch::BatchManager;
-use guard::CancelGuard;
+use super::guard::CancelGuard;
 pub use options::{JobOptions, Layout};
 pub use htcondor::{HtCondor, HtCondorManager};
 pub use kubernetes::KubernetesManager;

@@ -1,8 +1,8 @@
-//! The cancel guard: one tiny shell process per submitted job that waits on a pipe from the
-//! master. If the pipe closes without the word `done` — the master exited without cleaning
-//! up, even by `kill -9` — it runs the job's cancel command. Either way it removes the job's
-//! secret file. It ignores the terminal's signals and has its own process group, so a Ctrl-C
-//! that kills the master does not kill it.
+//! The cancel guard: one tiny shell process per submitted job (or launcher process) that
+//! waits on a pipe from the master. If the pipe closes without the word `done` — the master
+//! exited without cleaning up, even by `kill -9` — it runs the cancel command. Either way it
+//! removes the launch's secret file. It ignores the terminal's signals and has its own process
+//! group, so a Ctrl-C that kills the master does not kill it.
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::shell_quote;
+use super::scheduler::shell_quote;
 
 pub(crate) struct CancelGuard {
     child: Child,
@@ -38,6 +38,20 @@ impl CancelGuard {
     pub(crate) fn cancel_now(mut self) {
         drop(self.pipe.take()); // end of file without "done"
         self.reap();
+    }
+
+    /// A guard that stops launcher process `pid` if the master dies: it first gives the
+    /// workers a few seconds to exit by themselves (they notice at once; `mpirun` then ends
+    /// cleanly, session directory included), then sends `SIGTERM`, then `SIGKILL`. It checks
+    /// the process's start time before each signal, so a recycled pid is never hit.
+    pub(crate) fn for_process(pid: u32) -> std::io::Result<CancelGuard> {
+        let started = std::fs::read_to_string(format!("/proc/{pid}/stat"))?
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(19).map(String::from))
+            .ok_or_else(|| std::io::Error::other("cannot read the launcher's start time"))?;
+        let same = format!("[ \"$(cut -d')' -f2- /proc/{pid}/stat 2>/dev/null | cut -d' ' -f21)\" = {started} ]");
+        let script = format!("sleep 5; {same} && kill -TERM {pid}; sleep 5; {same} && kill -KILL {pid}");
+        Self::start(&["sh".into(), "-c".into(), script], None)
     }
 
     /// The job ended by itself: the guard exits without cancelling.
