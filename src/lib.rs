@@ -57,6 +57,8 @@ mod cluster;
 mod codec;
 mod error;
 mod fingerprint;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod launch;
 #[cfg(feature = "mpi")]
 pub mod mpi;

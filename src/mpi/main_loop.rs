@@ -315,3 +315,17 @@ fn receive_bytes(world: &SimpleCommunicator) -> Vec<u8> {
 fn receive_broadcast(world: &SimpleCommunicator) -> Invitation {
     codec::decode(&receive_bytes(world)).unwrap_or_else(|e| exit_worker(Err(Error::Protocol(format!("bad invitation from rank 0: {e}")))))
 }
+
+/// Decodes `bytes` as each message the all-rank modes exchange (for the fuzz harness).
+pub(crate) fn decode_untrusted(bytes: &[u8]) {
+    let _ = codec::decode::<Identity>(bytes);
+    let _ = codec::decode::<Invitation>(bytes);
+}
+
+/// Valid messages of the all-rank modes (seeds for the fuzz harness).
+pub(crate) fn sample_messages() -> Vec<Vec<u8>> {
+    let (fingerprint, exe) = fingerprint::this_process();
+    let identity = Identity { version: PROTOCOL_VERSION, fingerprint: fingerprint.clone(), exe: exe.clone(), host: "node1".into(), os_pid: 4242 };
+    let invitation = Invitation { master: "10.0.0.1:4000".into(), secret: Secret::random(), launch: 7 };
+    vec![codec::encode(&identity).expect("encodes"), codec::encode(&invitation).expect("encodes")]
+}

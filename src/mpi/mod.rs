@@ -21,6 +21,7 @@ mod transport;
 
 pub use launcher::LauncherKind;
 pub use main_loop::{MainLoop, Transport, start_main_loop};
+pub(crate) use main_loop::{decode_untrusted, sample_messages};
 pub use manager::MpiManager;
 #[doc(hidden)]
 pub use manager::{mpido_entry, mpido_run};

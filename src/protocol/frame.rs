@@ -171,7 +171,8 @@ pub fn read_frame(r: &mut impl Read, max: usize) -> Result<Option<Frame>> {
         }
     }
     let len = check_len(prefix, max)?;
-    let mut body = Vec::with_capacity(len.min(8 << 20));
+    // grows as bytes arrive (doubling): a lying length costs at most 1 MiB up front
+    let mut body = Vec::with_capacity(len.min(1 << 20));
     let read = r.take(len as u64).read_to_end(&mut body).map_err(|e| Error::io("reading a frame", e))?;
     if read < len {
         return Err(Error::Protocol(format!("stream ended after {read} of {len} frame bytes")));
@@ -213,7 +214,7 @@ mod tests {
 
     #[test]
     fn lying_length_does_not_allocate_it() {
-        // claims 900 MB, sends 30 bytes: error, and the body vector never grew past 8 MiB
+        // claims 900 MB, sends 30 bytes: an error, and the body vector never grew past 1 MiB
         let mut bytes = (900_000_000u32).to_le_bytes().to_vec();
         bytes.extend_from_slice(&[1u8; 30]);
         let err = read_frame(&mut &bytes[..], 1 << 30).unwrap_err().to_string();

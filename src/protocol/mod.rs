@@ -11,8 +11,7 @@ mod frame;
 mod handshake;
 
 pub use frame::{Frame, FrameBuf, Header, Kind, LEN_PREFIX, bare, read_frame};
-#[cfg(feature = "mpi")]
-pub use handshake::PROTOCOL_VERSION;
+pub use handshake::{MAGIC, PROTOCOL_VERSION};
 pub use handshake::{Fingerprint, Hello, Liveness, MAX_HANDSHAKE, Refusal, Secret, Terms, Welcome, check_hello};
 
 /// Default largest frame a peer may send (1 GiB); raise it with
