@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every test: unit and integration tests with real worker processes, real mpirun (Open MPI and
-# MPICH), real Slurm and Grid Engine daemons (started here when run as root), the build
-# without MPI, and clippy with warnings denied.
+# MPICH), real Slurm and Grid Engine daemons (started here when run as root), 30 s of fuzzing
+# of every decoder of untrusted input, the build without MPI, and clippy with warnings denied.
 set -euo pipefail
 CMAN_EXTRA_PACKAGES="mpich libmpich-dev iproute2 python3" source "$(dirname "$0")/env.sh"
 step() { echo; echo "=== $* ==="; }
@@ -20,7 +20,8 @@ fi
 step "build without MPI";        cargo build --no-default-features --lib
                                  cargo clippy --no-default-features --lib -- -D warnings
 step "clippy";                   cargo clippy --all-targets -- -D warnings
-step "tests (Open MPI)";         cargo test --all-targets 2>&1 | tee -a "$log"
+# (tests/fuzz.rs fuzzes every decoder of untrusted input; 30 s here, see scripts/fuzz.sh)
+step "tests (Open MPI)";         CMAN_FUZZ_SECONDS=30 cargo test --all-targets 2>&1 | tee -a "$log"
 step "doc tests";                cargo test --doc 2>&1 | tee -a "$log"
 # MPICH: its own target dir (mpi-sys does not rebuild when the MPI changes) and its launcher
 step "MPI tests (MPICH)"

@@ -1,8 +1,8 @@
 //! # clusterman
 //!
 //! Turn one Rust program into a cluster program: launch worker processes (locally, pinned
-//! to CPUs, and — in later layers — through `mpirun` and job schedulers), then run typed
-//! functions on them.
+//! to CPUs, through `mpirun` and job schedulers, or let them join by themselves), then run
+//! typed functions on them.
 //!
 //! ```no_run
 //! use clusterman::prelude::*;
@@ -42,6 +42,16 @@
 //! the master (one connection per worker, which also works where workers cannot reach each
 //! other). A worker's stdout and stderr are forwarded line by line (`From worker 3: ...`).
 //!
+//! Nothing trusts the network or the peers: the secret is checked before anything else a
+//! connection sent is decoded, every length is checked against the bytes present, sends never
+//! wait on a peer, and both sides exchange heartbeats, so a worker that stops answering is
+//! declared dead ([`ClusterBuilder::heartbeat`]) and a worker whose master is gone exits.
+//!
+//! The layers, bottom up: `codec` and `protocol` (bytes and messages, no I/O), `transport`
+//! (the I/O thread, TCP senders that never block, the listener), `cluster` (the process
+//! table, calls, futures, `pmap`, the worker's serving loop), [`launch`] (starting workers:
+//! local, schedulers, elastic), [`mpi`] (MPI on top of all of it).
+//!
 //! ## Tests and other programs without your own `main`
 //!
 //! A `cargo test` binary's `main` belongs to the test harness; put
@@ -70,7 +80,6 @@ mod transport;
 pub use clusterman_macros::remote;
 pub use cluster::worker::{init, my_id};
 pub use protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECRET_FILE};
-pub use transport::listener::HandshakeLimits;
 pub use cluster::{Cluster, ClusterBuilder, OutputSink, PmapOptions, RemoteFuture, Topology, WorkerInfo, print_sink};
 pub use cluster::pmap::exponential_backoff;
 pub use error::{Error, RemoteError, Result};

@@ -256,13 +256,12 @@ pub(crate) fn raise_open_files_limit() -> u64 {
     lim.rlim_cur
 }
 
-/// Open descriptors of this process, and the soft limit.
-pub(crate) fn open_files() -> (usize, u64) {
-    let open = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+/// This process's soft limit on open files.
+pub(crate) fn open_files_limit() -> u64 {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit with a valid struct.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    (open, lim.rlim_cur)
+    lim.rlim_cur
 }
 
 /// True for the errors that mean "out of file descriptors".

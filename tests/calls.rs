@@ -295,3 +295,10 @@ fn unsafe_kill(pid: u32) {
     let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn asking_for_zero_workers_is_an_error_that_says_so() {
+    let cluster = Cluster::new().unwrap();
+    let err = cluster.add_procs(LocalManager::new(0)).unwrap_err().to_string();
+    assert!(err.contains("0 workers") && err.contains("at least one"), "{err}");
+}

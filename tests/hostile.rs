@@ -194,3 +194,14 @@ fn a_reply_that_claims_2_to_the_60_bytes_is_an_error_not_an_abort() {
     assert_eq!(cluster.remote_call_fetch(pids[1], add, (1, 1)).unwrap(), 2);
     assert_eq!(cluster.remote_call_fetch(pids[0], add, (1, 1)).unwrap(), 2, "the liar itself serves on");
 }
+
+#[test]
+fn a_burst_of_workers_larger_than_the_handshake_cap_all_get_in() {
+    // 48 workers dial at once into room for 4 handshakes: the oldest are dropped, dial again
+    let cluster = Cluster::builder().handshakes(4, Duration::from_secs(10)).build().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(48)).unwrap();
+    assert_eq!(pids.len(), 48);
+    let sums: Vec<i64> = cluster.pmap(add, (0..96i64).map(|i| (i, 1))).unwrap();
+    assert_eq!(sums, (1..97).collect::<Vec<i64>>());
+    cluster.shutdown().unwrap();
+}

@@ -276,3 +276,34 @@ fn the_elastic_command_display_and_errors_show_no_secret() {
     drop(elastic);
     assert!(!std::path::Path::new(&file).exists(), "removed with the manager");
 }
+
+/// The master of the test below, with room for a handful of open files only.
+#[test]
+#[ignore = "run by running_out_of_file_descriptors_says_to_raise_ulimit"]
+fn master_with_few_descriptors() {
+    if std::env::var("CMAN_FEW_FDS").is_err() {
+        return;
+    }
+    let limit = libc::rlimit { rlim_cur: 40, rlim_max: 40 };
+    // SAFETY: setrlimit with a valid struct (lowering our own limit).
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let cluster = Cluster::new().unwrap();
+    match cluster.add_procs(LocalManager::new(30)) {
+        Ok(pids) => println!("LAUNCHED {}", pids.len()),
+        Err(e) => println!("ERROR {e}"),
+    }
+}
+
+#[test]
+fn running_out_of_file_descriptors_says_to_raise_ulimit() {
+    let started = std::time::Instant::now();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "master_with_few_descriptors", "--nocapture"])
+        .env("CMAN_FEW_FDS", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ERROR") && stdout.contains("ulimit -n"), "the launch fails naming the fix: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!stdout.contains("lost the master"), "{stdout}");
+    assert!(started.elapsed() < Duration::from_secs(30), "at once, not at the launch timeout: {:?}", started.elapsed());
+}

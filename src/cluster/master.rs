@@ -55,13 +55,13 @@ pub(crate) struct LaunchWait {
 struct LaunchState {
     reserved: Vec<bool>,
     connected: Vec<Pid>,
-    /// Why a worker of this launch was refused (the launch cannot complete).
+    /// Why the launch cannot complete (a worker was refused, descriptors ran out).
     failure: Option<String>,
 }
 
 impl LaunchWait {
-    /// Waits up to `timeout` for more workers; returns how many are connected, or why one
-    /// of them was refused.
+    /// Waits up to `timeout` for more workers; returns how many are connected, or why the
+    /// launch cannot complete (a worker was refused, the master ran out of descriptors).
     pub(crate) fn wait(&self, timeout: Duration) -> std::result::Result<usize, String> {
         let s = self.state.lock().expect("launch lock");
         let (s, _) = self.cv.wait_timeout_while(s, timeout, |s| s.connected.len() < self.n && s.failure.is_none()).expect("launch lock");
@@ -143,7 +143,7 @@ impl Master {
     pub(crate) fn refused(&self, what: &str, peer: SocketAddr, refusal: &Refusal) {
         self.refusals.lock().expect("refusals lock").record(what, peer, &refusal.reason);
         if let Some(wait) = refusal.launch.and_then(|id| self.waiting.lock().expect("waiting lock").get(&id).cloned()) {
-            wait.state.lock().expect("launch lock").failure.get_or_insert_with(|| refusal.reason.clone());
+            wait.state.lock().expect("launch lock").failure.get_or_insert_with(|| format!("a worker was refused: {}", refusal.reason));
             wait.cv.notify_all();
         }
     }
@@ -219,6 +219,15 @@ impl Admit for Admission {
     fn refused(&self, peer: SocketAddr, refusal: &Refusal) {
         if let Some(inner) = self.0.upgrade() {
             inner.master().refused("the master", peer, refusal);
+        }
+    }
+
+    fn out_of_descriptors(&self, problem: &str) {
+        // the launches waiting now cannot complete: say why at once, not at their timeout
+        let Some(inner) = self.0.upgrade() else { return };
+        for wait in inner.master().waiting.lock().expect("waiting lock").values() {
+            wait.state.lock().expect("launch lock").failure.get_or_insert_with(|| problem.to_string());
+            wait.cv.notify_all();
         }
     }
 }

@@ -348,6 +348,9 @@ impl Cluster {
             return Err(Error::ShutDown);
         }
         let n = manager.count();
+        if n == 0 {
+            return Err(Error::Launch(format!("the {} manager was asked for 0 workers; ask for at least one", manager.name())));
+        }
         let id = random_u64();
         let wait = m.register_launch(id, n);
         let ctx = LaunchContext::new(id, n, m.addr, m.advertise, m.secret);
@@ -566,7 +569,7 @@ fn wait_for_workers(manager: &impl ClusterManager, wait: &master::LaunchWait, la
     let mut running_since = None;
     let mut shown: Option<(String, Instant)> = None;
     loop {
-        let connected = wait.wait(Duration::from_millis(100)).map_err(|reason| Error::Launch(format!("a worker was refused: {reason}")))?;
+        let connected = wait.wait(Duration::from_millis(100)).map_err(Error::Launch)?;
         if connected == n {
             return Ok(());
         }

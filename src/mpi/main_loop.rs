@@ -145,7 +145,10 @@ impl MainLoop {
             }));
         }
         let cluster = self.cluster()?;
-        let pids = cluster.add_procs(Invite { n: me.size as usize - 1, timeout: self.timeout })?;
+        let pids = match me.size {
+            1 => Vec::new(), // rank 0 alone: nobody to invite
+            size => cluster.add_procs(Invite { n: size as usize - 1, timeout: self.timeout })?,
+        };
         let ranks = std::iter::once((0, 1)).chain(pids.iter().map(|&pid| (pid as i32 - 1, pid)));
         let mgr = MpiManager::for_all_ranks(cluster, ranks);
         mgr.state().on_shutdown.push(Box::new(env::finalize));

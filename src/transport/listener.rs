@@ -31,11 +31,16 @@ pub(crate) trait Admit: Send + Sync + 'static {
     fn serve(&self, pid: Pid, hello: Hello, stream: TcpStream);
     /// Records a refused connection.
     fn refused(&self, peer: SocketAddr, refusal: &Refusal);
+    /// This process ran out of file descriptors: connections wait in the kernel's queue.
+    /// `problem` says so with the numbers and the fix.
+    fn out_of_descriptors(&self, problem: &str) {
+        let _ = problem;
+    }
 }
 
 /// Bounds on connections that have not proved the secret yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HandshakeLimits {
+pub(crate) struct HandshakeLimits {
     /// Connections in their handshake at once; a new one past this drops the oldest.
     pub max_pending: usize,
     /// Time a connection has for its whole hello.
@@ -108,10 +113,12 @@ async fn accept_loop(socket: std::net::TcpListener, secret: Secret, admit: Arc<d
             }
             Err(e) if sys::out_of_descriptors(&e) => {
                 if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                    let (open, limit) = sys::open_files();
-                    tracing::error!(
-                        "too many open files ({open} open, limit {limit}): the master needs about 2 descriptors per worker; raise `ulimit -n` (new connections wait meanwhile)"
+                    let problem = format!(
+                        "too many open files (all {} in use): the master needs about 2 descriptors per worker; raise `ulimit -n`",
+                        sys::open_files_limit()
                     );
+                    tracing::error!("{problem} (new connections wait meanwhile)");
+                    admit.out_of_descriptors(&problem);
                     last_warning = Some(std::time::Instant::now());
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
