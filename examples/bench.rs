@@ -116,8 +116,8 @@ struct Pair {
 
 impl Pair {
     fn start(pins: Option<(usize, usize)>) -> clusterman::Result<Pair> {
-        // Pin before the cluster exists: its listener thread, and through it every connection
-        // reader thread, inherit the main thread's affinity, so the whole master sits on one CPU.
+        // Pin before the cluster exists: every thread of the master, and the connection reader
+        // threads started later, sit on one CPU.
         if let Some((master_cpu, _)) = pins {
             affinity::set(&[master_cpu]);
         }
@@ -457,18 +457,23 @@ mod affinity {
         }
     }
 
-    /// Restricts the calling thread, and the threads it starts from now on, to `cpus`.
+    /// Restricts every thread of this process, and the threads they start from now on, to
+    /// `cpus` (the library's I/O thread, started by an earlier cluster, included).
     #[cfg(target_os = "linux")]
     pub fn set(cpus: &[usize]) {
-        // SAFETY: sched_setaffinity reads a cpu_set_t we built on the stack.
-        let rc = unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            for &c in cpus {
-                libc::CPU_SET(c, &mut set);
-            }
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-        };
-        assert_eq!(rc, 0, "sched_setaffinity({cpus:?}): {}", std::io::Error::last_os_error());
+        let tasks: Vec<libc::pid_t> = std::fs::read_dir("/proc/self/task").unwrap().filter_map(|t| t.ok()?.file_name().to_str()?.parse().ok()).collect();
+        for tid in tasks {
+            // SAFETY: sched_setaffinity reads a cpu_set_t we built on the stack.
+            let rc = unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                for &c in cpus {
+                    libc::CPU_SET(c, &mut set);
+                }
+                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+            };
+            let err = std::io::Error::last_os_error();
+            assert!(rc == 0 || err.raw_os_error() == Some(libc::ESRCH), "sched_setaffinity({cpus:?}): {err}");
+        }
     }
 
     #[cfg(not(target_os = "linux"))]
