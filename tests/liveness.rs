@@ -89,7 +89,8 @@ fn pmap_moves_the_work_of_a_stopped_worker_to_the_others() {
 
 #[test]
 fn remote_call_returns_promptly_when_the_worker_is_stopped() {
-    let cluster = quick_heartbeat();
+    // a long heartbeat timeout: the worker stays "stopped", not dead, for the whole test
+    let cluster = Cluster::builder().heartbeat(Duration::from_millis(100), Duration::from_secs(60)).build().unwrap();
     let pids = cluster.add_procs(LocalManager::new(1)).unwrap();
     let os = cluster.worker_info(pids[0]).unwrap().os_pid;
     signal(os, libc::SIGSTOP);

@@ -151,11 +151,6 @@ fn killing_the_master_cancels_its_job() {
     assert!(common::wait_until(Duration::from_secs(10), || workers.iter().all(|p| !common::process_alive(*p))), "workers still alive");
 }
 
-/// Files of `.clusterman/` under `dir` (the secret files of launches).
-fn secret_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir(dir.join(".clusterman")).map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default()
-}
-
 #[test]
 fn no_other_user_finds_the_secret_of_grid_engine_jobs() {
     if !sge_up() {
@@ -170,14 +165,13 @@ fn no_other_user_finds_the_secret_of_grid_engine_jobs() {
     let secret = clusterman::__private::secret_hex(&cluster).unwrap();
     let (id, _) = cluster.remote_call_fetch(pids[0], sge_job, ()).unwrap();
     let (qrsh_id, _) = cluster.remote_call_fetch(qrsh[0], sge_job, ()).unwrap();
-    assert_eq!(secret_files(&dir).len(), 1, "the PE job's workers read the secret from a file; qrsh's get it on stdin");
+    assert_eq!(common::secret_files(&dir).len(), 1, "the PE job's workers read the secret from a file; qrsh's get it on stdin");
     let all: Vec<Pid> = pids.iter().chain(&qrsh).copied().collect();
     assert_eq!(common::secret_in_processes(&secret, &common::worker_os_pids(&cluster, &all)), Vec::<String>::new());
     let places = [dir.as_path(), std::path::Path::new("/var/spool/gridengine"), &std::env::temp_dir()];
     let commands = [format!("qstat -j {}", id.unwrap()), format!("qstat -j {}", qrsh_id.unwrap()), "qstat -f -u '*'".to_string()];
-    let found = common::secret_seen_by_nobody(&secret, &places, &commands).expect("a scan as the user nobody runs here");
-    assert!(found.is_empty(), "nobody found the secret: {found:?}");
+    common::assert_nobody_finds(&secret, &places, &commands);
     cluster.shutdown().unwrap();
     assert_no_job_left(&n);
-    assert!(secret_files(&dir).is_empty(), "the secret file goes with the launch");
+    assert!(common::secret_files(&dir).is_empty(), "the secret file goes with the launch");
 }

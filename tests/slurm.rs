@@ -127,8 +127,11 @@ fn the_launch_timeout_counts_from_the_job_start_not_from_submission() {
     if !slurm_up() {
         return;
     }
-    // a job holding all 8 CPUs for 6 s keeps ours queued longer than its 3 s launch timeout
-    let blocker = common::output_of(&["sbatch", "--parsable", "-n", "8", "-J", &format!("cman-blocker-{}", std::process::id()), "-o", "/dev/null", "--wrap", "sleep 6"]);
+    // a job holding all 8 CPUs for 10 s keeps ours queued longer than its 3 s launch timeout
+    let blocker = common::output_of(&["sbatch", "--parsable", "-n", "8", "-J", &format!("cman-blocker-{}", std::process::id()), "-o", "/dev/null", "--wrap", "sleep 10"]);
+    // (other tests' jobs may hold CPUs for a moment: ours must queue behind a running blocker)
+    let running = || common::output_of(&["squeue", "-h", "-j", blocker.trim(), "-o", "%T"]).trim() == "RUNNING";
+    assert!(common::wait_until(Duration::from_secs(60), running), "the blocking job never started");
     let options = job("queued").launch_timeout(Duration::from_secs(3));
     let name = options_name(&options);
     let cluster = Cluster::new().unwrap();
@@ -225,11 +228,6 @@ fn options_name(o: &JobOptions) -> String {
     script.lines().find_map(|l| l.strip_prefix("#SBATCH --job-name=")).unwrap().to_string()
 }
 
-/// Files of `.clusterman/` under `dir` (the secret files of launches).
-fn secret_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir(dir.join(".clusterman")).map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default()
-}
-
 #[test]
 fn no_other_user_finds_the_secret_of_a_slurm_job() {
     if !slurm_up() {
@@ -243,13 +241,12 @@ fn no_other_user_finds_the_secret_of_a_slurm_job() {
     let pids = cluster.add_procs(&slurm).unwrap();
     let secret = clusterman::__private::secret_hex(&cluster).unwrap();
     let id = cluster.remote_call_fetch(pids[0], job_id_here, ()).unwrap().unwrap();
-    assert_eq!(secret_files(&dir).len(), 1, "the workers read the secret from a file");
+    assert_eq!(common::secret_files(&dir).len(), 1, "the workers read the secret from a file");
     assert_eq!(common::secret_in_processes(&secret, &common::worker_os_pids(&cluster, &pids)), Vec::<String>::new());
     let places = [dir.as_path(), std::path::Path::new("/var/spool/slurmd"), std::path::Path::new("/var/spool/slurmctld"), std::path::Path::new("/var/log/slurm"), &std::env::temp_dir()];
     let commands = [format!("scontrol show job -dd {id}"), format!("scontrol write batch_script {id} -"), "squeue -a -o %all".to_string()];
-    let found = common::secret_seen_by_nobody(&secret, &places, &commands).expect("a scan as the user nobody runs here");
-    assert!(found.is_empty(), "nobody found the secret: {found:?}");
+    common::assert_nobody_finds(&secret, &places, &commands);
     cluster.shutdown().unwrap();
     assert_no_job_left(&name);
-    assert!(secret_files(&dir).is_empty(), "the secret file goes with the launch");
+    assert!(common::secret_files(&dir).is_empty(), "the secret file goes with the launch");
 }

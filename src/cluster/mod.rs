@@ -623,21 +623,19 @@ fn builtin_register_peer(pid: Pid, address: String) {
     }
 }
 
-/// Runs on the master: where worker `pid` listens for direct links. A worker that has
-/// connected but not yet registered gets a few seconds to do so.
+/// Runs on the master: where worker `pid` listens for direct links — `Ok(None)` while it
+/// has connected but not registered its address yet, `Err(())` if there is no such worker.
+/// It answers at once: a pool thread must never wait on another worker's start-up.
 #[crate::remote]
-fn builtin_peer_address(pid: Pid) -> Option<String> {
-    let cluster = Cluster::current()?;
-    let m = cluster.inner.master.as_ref()?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(address) = m.peer_addresses.lock().expect("peer addresses lock").get(&pid) {
-            return Some(address.clone());
-        }
-        if m.worker(pid).is_none() || Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
+fn builtin_peer_address(pid: Pid) -> std::result::Result<Option<String>, String> {
+    let cluster = Cluster::current().ok_or("no cluster")?;
+    let m = cluster.inner.master.as_ref().ok_or("not the master")?;
+    if let Some(address) = m.peer_addresses.lock().expect("peer addresses lock").get(&pid) {
+        return Ok(Some(address.clone()));
+    }
+    match m.worker(pid) {
+        Some(_) => Ok(None),
+        None => Err(format!("no worker {pid}")),
     }
 }
 

@@ -57,7 +57,8 @@ impl Peers {
             return None;
         }
         match self.dial(cluster, pid) {
-            Ok(link) => Some(self.links.lock().expect("peer links lock").entry(pid).or_insert(link).clone()),
+            Ok(Some(link)) => Some(self.links.lock().expect("peer links lock").entry(pid).or_insert(link).clone()),
+            Ok(None) => None, // it has not said where it listens yet: this call goes through the master
             Err(e) => {
                 tracing::debug!("worker {}: no direct link to worker {pid} ({e}); going through the master", self.terms.pid);
                 self.unreachable.lock().expect("unreachable lock").push(pid);
@@ -66,8 +67,9 @@ impl Peers {
         }
     }
 
-    fn dial(&self, cluster: &Cluster, pid: Pid) -> Result<Arc<Link>> {
-        let address = cluster.remote_call_fetch(1, super::builtin_peer_address, (pid,))?.ok_or(Error::NoSuchWorker(pid))?;
+    /// Dials worker `pid`; `Ok(None)` if it has not registered its address yet.
+    fn dial(&self, cluster: &Cluster, pid: Pid) -> Result<Option<Arc<Link>>> {
+        let Some(address) = cluster.remote_call_fetch(1, super::builtin_peer_address, (pid,))? else { return Ok(None) };
         let (fp, exe) = fingerprint::this_process();
         let hello = Hello {
             secret: self.secret,
@@ -82,7 +84,7 @@ impl Peers {
         };
         let (stream, welcome) = dial(&address, &hello, Instant::now() + Duration::from_secs(5)).map_err(|e| Error::io(format!("dialling worker {pid} at {address}"), e))?;
         match welcome {
-            Welcome::Accepted(theirs) if theirs.pid == pid => self.serve_link(pid, stream),
+            Welcome::Accepted(theirs) if theirs.pid == pid => self.serve_link(pid, stream).map(Some),
             Welcome::Accepted(theirs) => Err(Error::Handshake(format!("dialled worker {pid}, but worker {} answered", theirs.pid))),
             Welcome::Refused(reason) => Err(Error::Handshake(reason)),
         }

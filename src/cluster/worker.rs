@@ -48,10 +48,25 @@ pub(crate) struct WorkerConfig {
     pub mpi: Option<(i32, i32)>,
 }
 
+/// The worker variables as read, before MPI is initialised.
+struct WorkerEnv {
+    master: String,
+    secret: Secret,
+    launch: Option<String>,
+    mpi: Option<String>,
+}
+
+impl WorkerEnv {
+    fn into_config(self) -> Result<WorkerConfig> {
+        WorkerConfig::parse(self.master, self.secret, self.launch, self.mpi)
+    }
+}
+
 impl WorkerConfig {
     /// Reads the worker variables (and removes them, where that is sound); `None` in a
-    /// process that is not a worker.
-    fn from_env() -> Option<Result<WorkerConfig>> {
+    /// process that is not a worker. MPI, if asked for, is initialised by the caller of
+    /// [`WorkerEnv::into_config`].
+    fn from_env() -> Option<Result<WorkerEnv>> {
         let master = std::env::var(ENV_MASTER).ok()?;
         let parent = std::env::var(sys::ENV_PARENT).ok().and_then(|p| p.parse().ok());
         let cpu = std::env::var(sys::ENV_CPU).ok().and_then(|c| c.parse().ok());
@@ -69,7 +84,7 @@ impl WorkerConfig {
                 tracing::debug!("{var} stays in the environment: other threads already run");
             }
         }
-        Some(secret.and_then(|secret| Self::parse(master, secret, launch, mpi)))
+        Some(secret.map(|secret| WorkerEnv { master, secret, launch, mpi }))
     }
 
     pub(crate) fn parse(master: String, secret: Secret, launch: Option<String>, mpi_level: Option<String>) -> Result<WorkerConfig> {
@@ -155,9 +170,25 @@ fn mpi_identity_from_env() -> Option<(i32, i32)> {
 /// it then would be unsound.
 pub fn init() {
     INIT_RAN.store(true, Ordering::SeqCst);
-    let Some(config) = WorkerConfig::from_env() else { return };
-    exit_worker(config.and_then(run));
+    let Some(env) = WorkerConfig::from_env() else { return };
+    // A call that waits for a reply serves other calls meanwhile, so calls nest on the
+    // serving thread's stack: give it room (address space only; pages are used as touched).
+    // MPI is initialised there too, so that thread is MPI's main thread.
+    let env = std::sync::Mutex::new(Some(env));
+    let serve = || exit_worker(env.lock().expect("env lock").take().expect("served once").and_then(WorkerEnv::into_config).and_then(run));
+    let spawned = std::thread::scope(|scope| {
+        std::thread::Builder::new().name("cman-serve".into()).stack_size(SERVING_STACK).spawn_scoped(scope, serve).map(|serving| serving.join())
+    });
+    if let Err(e) = spawned {
+        // a system that accounts for every stack byte up front: serve on this thread
+        tracing::warn!("cannot start a serving thread with a {} MiB stack ({e}); serving on the main thread", SERVING_STACK >> 20);
+        serve();
+    }
+    exit_worker(Err(Error::Unsupported("the serving thread ended without exiting".into())))
 }
+
+/// Stack of a worker's serving thread.
+const SERVING_STACK: usize = 256 << 20;
 
 /// In a process started as a worker whose program never called [`init`] (it is running the
 /// master's code again): tells the master why, then exits. Never returns in that case.

@@ -21,7 +21,7 @@ use crate::transport::listener::{Admit, Listener};
 use crate::{ENV_MASTER, ENV_SECRET_FILE, sys};
 
 use super::SecretFile;
-use super::scheduler::shell_quote;
+use super::shell::shell_quote;
 
 /// Where an [`ElasticManager`] listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

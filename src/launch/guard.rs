@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::scheduler::shell_quote;
+use super::shell::shell_quote;
 
 pub(crate) struct CancelGuard {
     child: Child,

@@ -11,6 +11,7 @@ pub(crate) mod process;
 mod ranks;
 pub mod scheduler;
 mod secret;
+mod shell;
 pub mod topology;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -248,3 +248,18 @@ pub fn secret_in_processes(secret: &str, os_pids: &[u32]) -> Vec<String> {
     }
     found
 }
+
+/// Asserts that the user `nobody` finds `secret` nowhere (see [`secret_seen_by_nobody`]). Where
+/// no scan can run (not root), says so, unless the test run requires the schedulers (CI).
+pub fn assert_nobody_finds(secret: &str, dirs: &[&std::path::Path], commands: &[String]) {
+    match secret_seen_by_nobody(secret, dirs, commands) {
+        Some(found) => assert!(found.is_empty(), "the user nobody found the secret: {found:?}"),
+        None if schedulers_required() => panic!("cannot run a scan as the user nobody"),
+        None => eprintln!("skipped the scan as nobody: runuser or the user nobody is missing"),
+    }
+}
+
+/// Files of `<dir>/.clusterman/` (the secret files of launches).
+pub fn secret_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir.join(".clusterman")).map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default()
+}

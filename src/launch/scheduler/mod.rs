@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
+pub use super::shell::shell_quote;
 use super::{Launch, LaunchStatus, SecretFile};
 pub use batch::BatchManager;
 use super::guard::CancelGuard;
@@ -151,15 +152,6 @@ impl JobState {
 /// The environment lines every job script starts with (values shell-quoted).
 pub(crate) fn export_lines(exports: &[(String, String)]) -> String {
     exports.iter().map(|(k, v)| format!("export {k}={}\n", shell_quote(v))).collect()
-}
-
-/// Quotes `s` for a POSIX shell.
-pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c)) {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
 }
 
 /// Runs a scheduler command (behind the prefix, within the throttle), feeding `stdin`.
@@ -324,14 +316,6 @@ impl Drop for BatchJob {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shell_quoting() {
-        assert_eq!(shell_quote("/usr/bin/prog"), "/usr/bin/prog");
-        assert_eq!(shell_quote("a b"), "'a b'");
-        assert_eq!(shell_quote("it's"), r"'it'\''s'");
-        assert_eq!(shell_quote(""), "''");
-    }
 
     #[test]
     fn a_missing_command_names_itself_and_the_prefix_option() {
