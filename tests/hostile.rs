@@ -141,7 +141,10 @@ fn crafted_hellos_on_the_master_listener_leave_the_master_serving() {
 fn crafted_hellos_on_a_worker_peer_listener_leave_it_serving() {
     let cluster = Cluster::builder().topology(Topology::AllToAll).build().unwrap();
     let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
-    let listener = clusterman::__private::peer_listener(&cluster, pids[0]).expect("worker listens for peers");
+    // workers say where they listen right after they connect
+    let registered = || pids.iter().all(|p| clusterman::__private::peer_listener(&cluster, *p).is_some());
+    assert!(common::wait_until(Duration::from_secs(10), registered), "workers listen for peers");
+    let listener = clusterman::__private::peer_listener(&cluster, pids[0]).unwrap();
     attack(listener.parse().unwrap());
     let before = cluster.routed_frames();
     assert_eq!(cluster.remote_call_fetch(pids[1], add_via, (pids[0], 20, 22)).unwrap(), 42, "worker-to-worker calls still work");
