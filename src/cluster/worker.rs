@@ -179,12 +179,14 @@ pub fn init() {
     let spawned = std::thread::scope(|scope| {
         std::thread::Builder::new().name("cman-serve".into()).stack_size(SERVING_STACK).spawn_scoped(scope, serve).map(|serving| serving.join())
     });
-    if let Err(e) = spawned {
-        // a system that accounts for every stack byte up front: serve on this thread
-        tracing::warn!("cannot start a serving thread with a {} MiB stack ({e}); serving on the main thread", SERVING_STACK >> 20);
-        serve();
+    match spawned {
+        Ok(_) => exit_worker(Err(Error::Unsupported("the worker's serving thread panicked (its message is above)".into()))),
+        Err(e) => {
+            // a system that accounts for every stack byte up front: serve on this thread
+            tracing::warn!("cannot start a serving thread with a {} MiB stack ({e}); serving on the main thread", SERVING_STACK >> 20);
+            serve()
+        }
     }
-    exit_worker(Err(Error::Unsupported("the serving thread ended without exiting".into())))
 }
 
 /// Stack of a worker's serving thread.
@@ -241,7 +243,7 @@ fn who_am_i() -> String {
     }
 }
 
-/// Work to do on this (the main) thread just before a worker exits, newest first.
+/// Work to do on the serving thread (MPI's main thread) just before a worker exits, newest first.
 static EXIT_HOOKS: std::sync::Mutex<Vec<Box<dyn FnOnce() + Send>>> = std::sync::Mutex::new(Vec::new());
 
 /// Registers `hook` to run when this worker exits (e.g. `MPI_Finalize`).
