@@ -1,4 +1,6 @@
-//! Benchmarks: worker start-up, no-op round trip, 64 MiB fetch, pmap throughput.
+//! Benchmarks: worker start-up, no-op round trip, 64 MiB fetch, pmap throughput, and scale
+//! (1024 and 4096 local workers: start-up, one `everywhere` round, the master's threads and
+//! memory).
 //!
 //! Run: `cargo run --release --example bench` (or `scripts/bench.sh`, which also writes
 //! `BENCHMARKS.md`).
@@ -78,6 +80,10 @@ fn main() -> clusterman::Result<()> {
     if args.get(1).map(String::as_str) == Some("--raw-echo") {
         raw_echo_server(&args[2], args.get(3).and_then(|c| c.parse().ok()));
     }
+    if args.get(1).map(String::as_str) == Some("--scale") {
+        let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1024);
+        return scale::run(n, args.get(3).map(String::as_str) != Some("--no-baseline")); // the scale figures alone
+    }
     if args.get(1).map(String::as_str) == Some("--mpi-rtt") {
         return mpi_rtt::run(); // every process is an MPI rank: `mpirun -np 2 bench --mpi-rtt`
     }
@@ -103,7 +109,9 @@ fn main() -> clusterman::Result<()> {
         }
     }
 
-    pmap_throughput()
+    pmap_throughput()?;
+    scale::run(1024, true)?;
+    scale::run(4096, false)
 }
 
 /// Everything the latency and bandwidth figures need: a cluster with one worker and the raw
@@ -416,12 +424,13 @@ fn raw_echo_server(addr: &str, cpu: Option<usize>) -> ! {
     }
     let mut socket = TcpStream::connect(addr).expect("raw echo: connect to the master");
     socket.set_nodelay(true).expect("TCP_NODELAY");
-    let chunk = vec![0x5au8; 1 << 20];
+    let mut chunk = Vec::new(); // made on the first stream request: thousands of these run at once
     let mut msg = [0u8; MSG];
     while socket.read_exact(&mut msg).is_ok() {
         let ok = match msg[0] {
             b'p' => socket.write_all(&msg).is_ok(),
             b's' => {
+                chunk.resize(1 << 20, 0x5a);
                 let mut left = u64::from_le_bytes(msg[1..9].try_into().expect("8 bytes")) as usize;
                 while left > 0 {
                     let n = left.min(chunk.len());
@@ -483,4 +492,103 @@ mod affinity {
 
     #[cfg(not(target_os = "linux"))]
     pub fn set(_cpus: &[usize]) {}
+}
+
+// ---- scale ------------------------------------------------------------------------------
+
+/// Many local workers at once, beside a raw baseline of as many children of this executable
+/// that only dial a plain listener and answer one ping (`--raw-echo`).
+mod scale {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use clusterman::prelude::*;
+
+    use super::{MSG, bench, noop};
+
+    fn status(field: &str) -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    }
+
+    /// Raw: time until `n` children have connected, and the median of 5 rounds of one
+    /// ping to each and every pong back.
+    fn raw(n: usize) -> (Duration, Duration) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address").to_string();
+        let t = Instant::now();
+        let mut children: Vec<Child> = (0..n)
+            .map(|_| {
+                let mut cmd = Command::new(std::env::current_exe().expect("own executable"));
+                cmd.arg("--raw-echo").arg(&addr).stdin(Stdio::null());
+                for var in [clusterman::ENV_MASTER, clusterman::ENV_SECRET, clusterman::ENV_LAUNCH] {
+                    cmd.env_remove(var);
+                }
+                cmd.spawn().expect("start a raw child")
+            })
+            .collect();
+        let mut sockets: Vec<TcpStream> = (0..n).map(|_| listener.accept().expect("accept").0).collect();
+        let ready = t.elapsed();
+        let mut round = || -> Duration {
+            let t = Instant::now();
+            let mut msg = [0u8; MSG];
+            msg[0] = b'p';
+            for s in &mut sockets {
+                s.write_all(&msg).expect("raw ping");
+            }
+            for s in &mut sockets {
+                s.read_exact(&mut msg).expect("raw pong");
+            }
+            t.elapsed()
+        };
+        let mut rounds: Vec<Duration> = (0..6).map(|_| round()).skip(1).collect();
+        rounds.sort();
+        drop(sockets); // the children exit at end of stream
+        for c in &mut children {
+            let _ = c.wait();
+        }
+        (ready, rounds[rounds.len() / 2])
+    }
+
+    pub fn run(n: usize, compare: bool) -> clusterman::Result<()> {
+        let (raw_ready, raw_round) = if compare { raw(n) } else { (Duration::ZERO, Duration::ZERO) };
+        let cluster = Cluster::new()?;
+        let (threads_before, rss_before, fds_before) = (status("Threads:"), status("VmRSS:"), open_fds());
+        let t = Instant::now();
+        let pids = cluster.add_procs(LocalManager::new(n).launch_timeout(Duration::from_secs(300)))?;
+        let ready = t.elapsed();
+        assert_eq!(pids.len(), n);
+        let mut rounds = Vec::new();
+        for _ in 0..6 {
+            let t = Instant::now();
+            let all = cluster.everywhere(noop, ())?;
+            rounds.push(t.elapsed());
+            assert_eq!(all.len(), n);
+        }
+        rounds.remove(0);
+        rounds.sort();
+        let round = rounds[rounds.len() / 2];
+        let (threads, rss, fds) = (status("Threads:"), status("VmRSS:"), open_fds());
+        let kib_per_worker = rss.saturating_sub(rss_before) as f64 / n as f64;
+        println!(
+            "# scale {n}: master threads {threads_before} -> {threads}, descriptors {fds_before} -> {fds}, RSS {rss_before} -> {rss} KiB; everywhere: median of 5 rounds after one"
+        );
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let base = |d: Duration| compare.then(|| ms(d));
+        bench(&format!("scale_ready_{n}"), ms(ready), "ms", base(raw_ready));
+        if compare {
+            bench(&format!("scale_everywhere_{n}"), ms(round), "ms", base(raw_round));
+            bench(&format!("scale_master_threads_{n}"), threads as f64, "threads", None);
+            bench(&format!("scale_master_kib_per_worker_{n}"), kib_per_worker, "KiB", None);
+        } else {
+            println!("# scale {n}: everywhere round {:.1} ms, {kib_per_worker:.1} KiB of master memory per worker", ms(round));
+        }
+        cluster.shutdown()
+    }
 }

@@ -37,8 +37,9 @@
 //! ([`RemoteFn`]) and travel in a compact binary encoding in length-prefixed frames whose size is checked
 //! before anything is allocated.
 //!
-//! Calls run on the worker's main thread, straight from the socket: a no-op round trip costs
-//! two socket writes and one thread wake-up on the master. Worker-to-worker calls go through
+//! Calls run on the worker's serving thread, straight from the socket; on the master, one
+//! I/O thread reads every worker connection, so a no-op round trip costs two socket writes
+//! and one thread wake-up there, and the master's threads do not grow with its workers. Worker-to-worker calls go through
 //! the master (one connection per worker, which also works where workers cannot reach each
 //! other). A worker's stdout and stderr are forwarded line by line (`From worker 3: ...`).
 //!

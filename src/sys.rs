@@ -394,3 +394,9 @@ pub(crate) fn exit_now(code: i32) -> ! {
     // SAFETY: _exit is always safe to call; it does not return.
     unsafe { libc::_exit(code) }
 }
+
+/// Shuts a socket down both ways: its peer sees the end, a thread reading it wakes up.
+pub(crate) fn shutdown(fd: RawFd) {
+    // SAFETY: shutdown(2) on a socket descriptor the caller owns; errors are ignored.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}

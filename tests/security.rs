@@ -280,7 +280,7 @@ fn master_with_few_descriptors() {
     if std::env::var("CMAN_FEW_FDS").is_err() {
         return;
     }
-    let limit = libc::rlimit { rlim_cur: 40, rlim_max: 40 };
+    let limit = libc::rlimit { rlim_cur: 24, rlim_max: 24 };
     // SAFETY: setrlimit with a valid struct (lowering our own limit).
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
     let cluster = Cluster::new().unwrap();

@@ -97,12 +97,9 @@ impl Link {
         }
     }
 
-    /// Sends a received frame body on to this peer (routing), prefix added.
-    pub(crate) fn forward(&self, body: &[u8]) -> Result<()> {
-        let mut frame = Vec::with_capacity(LEN_PREFIX + body.len());
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(body);
-        self.send(frame)
+    /// Sends a received frame on to this peer (routing), as it came.
+    pub(crate) fn forward(&self, frame: Frame) -> Result<()> {
+        self.send(frame.into_wire())
     }
 
     /// The error for a call that cannot complete because this link is gone.

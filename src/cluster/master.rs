@@ -1,21 +1,21 @@
-//! The master's state: the process table, the launches waiting for their workers, the reader
-//! thread of each worker connection (which resolves replies, routes worker-to-worker frames
-//! and prints worker output), and the heartbeat that declares silent workers dead.
+//! The master's state: the process table, the launches waiting for their workers, the
+//! handling of every frame from a worker (on the I/O thread, which reads all connections:
+//! it resolves replies, routes worker-to-worker frames and hands output on), the events
+//! thread (which calls the user's output sink and departure hooks, off the I/O thread), and
+//! the heartbeat that declares silent workers dead.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::BufReader;
-use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::Pid;
 use crate::error::Error;
 use crate::launch::Launch;
-use crate::protocol::{self, Frame, Hello, Kind, Liveness, Refusal, Secret, Terms, Welcome, bare};
-use crate::sys;
+use crate::protocol::{Frame, Hello, Kind, Liveness, Refusal, Secret, Terms, Welcome, bare};
 use crate::transport::listener::{Admit, HandshakeLimits, Listener};
-use crate::transport::tcp::TcpOut;
+use crate::transport::tcp::{TcpOut, read_frames};
 
 use super::exec;
 use super::failure::Failure;
@@ -41,7 +41,23 @@ pub struct WorkerInfo {
 pub(crate) struct WorkerEntry {
     pub info: WorkerInfo,
     pub link: Arc<Link>,
+    /// Output frames handed to the events thread and not printed yet: a reply that comes
+    /// after them goes the same way, so a call's output is out before its result.
+    output_pending: AtomicUsize,
 }
+
+/// What the events thread does, in order.
+pub(crate) enum Event {
+    /// Lines a worker printed: to the output sink.
+    Output(Arc<WorkerEntry>, Frame),
+    /// A reply that must not overtake output still queued.
+    Resolve(Arc<WorkerEntry>, Frame),
+    /// A worker is gone: fail its calls, run the departure hooks.
+    Gone(Arc<WorkerEntry>, String),
+}
+
+/// Bytes of worker output that may wait for the sink; past it, lines are dropped (counted).
+const OUTPUT_QUEUE_LIMIT: usize = 64 << 20;
 
 /// One `add_procs` waiting for its workers.
 pub(crate) struct LaunchWait {
@@ -114,6 +130,11 @@ pub(crate) struct Master {
     pub routed: std::sync::atomic::AtomicU64,
     /// Runs calls addressed to pid 1.
     pub pool: Pool,
+    /// To the events thread.
+    pub events: crossbeam_channel::Sender<Event>,
+    /// Worker output bytes waiting for the sink, and lines dropped for want of room.
+    pub output_queued: AtomicUsize,
+    pub output_dropped: std::sync::atomic::AtomicU64,
 }
 
 impl Master {
@@ -204,12 +225,10 @@ impl Admit for Admission {
         })
     }
 
-    fn serve(&self, pid: Pid, hello: Hello, stream: TcpStream) {
+    fn serve(&self, pid: Pid, hello: Hello, stream: tokio::net::TcpStream) {
         let Some(inner) = self.0.upgrade() else { return };
         let Some((launch, _)) = hello.launch else { return };
-        if serve_connection(&inner, pid, hello, stream).is_none() {
-            return;
-        }
+        serve_connection(&inner, pid, hello, stream);
         if let Some(wait) = inner.master().waiting.lock().expect("waiting lock").get(&launch) {
             wait.state.lock().expect("launch lock").connected.push(pid);
             wait.cv.notify_all();
@@ -232,55 +251,56 @@ impl Admit for Admission {
     }
 }
 
-/// Puts a worker that passed the handshake on `stream` into the process table and starts
-/// reading its connection.
-pub(crate) fn serve_connection(inner: &Arc<Inner>, pid: Pid, hello: Hello, stream: TcpStream) -> Option<Arc<WorkerEntry>> {
-    let reader = match stream.try_clone() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("cannot take worker {pid}: {e}{}", if sys::out_of_descriptors(&e) { "; raise `ulimit -n`" } else { "" });
-            return None;
-        }
-    };
+/// Puts a worker that passed the handshake on `stream` into the process table; the I/O
+/// thread reads its connection from now on. Runs on the I/O thread.
+pub(crate) fn serve_connection(inner: &Arc<Inner>, pid: Pid, hello: Hello, stream: tokio::net::TcpStream) -> Arc<WorkerEntry> {
+    let stream = Arc::new(stream);
     let info = WorkerInfo { pid, host: hello.host, os_pid: hello.os_pid, mpi: hello.mpi };
-    let entry = add_worker(inner, info, Link::new(pid, TcpOut::boxed(stream), inner.master().max_frame));
-    let spawned = std::thread::Builder::new().name(format!("cman-worker-{pid}")).spawn({
-        let (inner, entry) = (inner.clone(), entry.clone());
-        move || read_worker(inner, entry, reader)
+    let max_frame = inner.master().max_frame;
+    let entry = add_worker(inner, info, Link::new(pid, TcpOut::evented(stream.clone()), max_frame));
+    let (weak, reading) = (Arc::downgrade(inner), entry.clone());
+    let on_frame = move |frame| match weak.upgrade() {
+        Some(inner) => dispatch(&inner, &reading, frame),
+        None => Err("the master is gone".to_string()),
+    };
+    let (events, ended) = (inner.master().events.clone(), entry.clone());
+    read_frames(stream, max_frame, on_frame, move |reason| {
+        ended.link.close();
+        let reason = ended.link.given_up().unwrap_or(reason);
+        let _ = events.send(Event::Gone(ended, reason));
     });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start a reader thread for worker {pid}: {e}");
-        entry.link.close();
-        worker_gone(inner, &entry, &format!("no thread could be started to read its connection: {e}"));
-        return None;
-    }
-    Some(entry)
+    entry
 }
 
 /// Puts a worker into the process table.
 pub(crate) fn add_worker(inner: &Arc<Inner>, info: WorkerInfo, link: Arc<Link>) -> Arc<WorkerEntry> {
-    let entry = Arc::new(WorkerEntry { info, link });
+    let entry = Arc::new(WorkerEntry { info, link, output_pending: AtomicUsize::new(0) });
     inner.master().workers.write().expect("workers lock").insert(entry.info.pid, entry.clone());
     entry
 }
 
-/// The reader thread of one worker connection.
-fn read_worker(inner: Arc<Inner>, entry: Arc<WorkerEntry>, stream: TcpStream) {
-    let max = inner.master().max_frame;
-    let mut reader = BufReader::with_capacity(64 * 1024, stream);
-    let reason = loop {
-        let frame = match protocol::read_frame(&mut reader, max) {
-            Ok(Some(frame)) => frame,
-            Ok(None) => break "its connection closed".to_string(),
-            Err(e) => break e.to_string(),
-        };
-        if let Err(reason) = dispatch(&inner, &entry, frame) {
-            break reason;
+/// Starts the events thread: the user's output sink and departure hooks run there, in the
+/// order things happened, and never on the I/O thread. Ends with the cluster.
+pub(crate) fn start_events(inner: Weak<Inner>, events: crossbeam_channel::Receiver<Event>) -> std::io::Result<()> {
+    std::thread::Builder::new().name("cman-events".into()).spawn(move || {
+        for event in events {
+            let Some(inner) = inner.upgrade() else { return };
+            let m = inner.master();
+            match event {
+                Event::Output(entry, frame) => {
+                    m.output_queued.fetch_sub(frame.payload().len(), Ordering::Relaxed);
+                    let text = String::from_utf8_lossy(frame.payload());
+                    for line in text.lines() {
+                        (m.output)(entry.info.pid, line);
+                    }
+                    entry.output_pending.fetch_sub(1, Ordering::Release);
+                }
+                Event::Resolve(entry, frame) => entry.link.resolve(frame),
+                Event::Gone(entry, reason) => worker_gone(&inner, &entry, &reason),
+            }
         }
-    };
-    entry.link.close();
-    let reason = entry.link.given_up().unwrap_or(reason);
-    worker_gone(&inner, &entry, &reason);
+    })?;
+    Ok(())
 }
 
 /// What stopped a worker's conversation after a goodbye.
@@ -288,7 +308,7 @@ pub(crate) const STOPPED: &str = "stopped";
 
 /// Handles one frame from worker `entry`. `Err` ends the conversation with that worker:
 /// its goodbye ([`STOPPED`]), or a broken protocol.
-pub(crate) fn dispatch(inner: &Arc<Inner>, entry: &WorkerEntry, frame: Frame) -> std::result::Result<(), String> {
+pub(crate) fn dispatch(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, frame: Frame) -> std::result::Result<(), String> {
     let h = frame.header;
     let from = entry.info.pid;
     if h.src != from {
@@ -298,11 +318,17 @@ pub(crate) fn dispatch(inner: &Arc<Inner>, entry: &WorkerEntry, frame: Frame) ->
     let m = inner.master();
     match h.kind {
         Kind::Heartbeat => {}
-        Kind::Reply | Kind::Failure if h.dst == 1 => entry.link.resolve(frame),
+        Kind::Reply | Kind::Failure if h.dst == 1 => {
+            if entry.output_pending.load(Ordering::Acquire) > 0 {
+                let _ = m.events.send(Event::Resolve(entry.clone(), frame));
+            } else {
+                entry.link.resolve(frame);
+            }
+        }
         Kind::Reply | Kind::Failure => {
             entry.link.routed_done(h.dst, h.req);
             if let Some(target) = m.worker(h.dst) {
-                let _ = target.link.forward(&frame.body);
+                let _ = target.link.forward(frame);
             }
         }
         Kind::Call | Kind::Cast | Kind::Batch if h.dst == 1 => run_here(inner, entry.link.clone(), frame),
@@ -312,7 +338,7 @@ pub(crate) fn dispatch(inner: &Arc<Inner>, entry: &WorkerEntry, frame: Frame) ->
                 if h.kind != Kind::Cast {
                     target.link.note_routed(from, h.req);
                 }
-                if let Err(e) = target.link.forward(&frame.body) {
+                if let Err(e) = target.link.forward(frame) {
                     if h.kind != Kind::Cast {
                         target.link.routed_done(from, h.req);
                         let failure = match e {
@@ -327,9 +353,15 @@ pub(crate) fn dispatch(inner: &Arc<Inner>, entry: &WorkerEntry, frame: Frame) ->
             None => {}
         },
         Kind::Output => {
-            let text = String::from_utf8_lossy(frame.payload());
-            for line in text.lines() {
-                (m.output)(from, line);
+            let bytes = frame.payload().len();
+            if m.output_queued.fetch_add(bytes, Ordering::Relaxed) + bytes > OUTPUT_QUEUE_LIMIT {
+                m.output_queued.fetch_sub(bytes, Ordering::Relaxed);
+                if m.output_dropped.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                    tracing::warn!("the output sink does not keep up: worker output is being dropped");
+                }
+            } else {
+                entry.output_pending.fetch_add(1, Ordering::Release);
+                let _ = m.events.send(Event::Output(entry.clone(), frame));
             }
         }
         Kind::Shutdown => return Err(STOPPED.into()),

@@ -16,7 +16,7 @@ pub(crate) mod worker;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -190,6 +190,7 @@ impl ClusterBuilder {
         worker::refuse_to_run_without_init();
         crate::sys::raise_open_files_limit();
         let secret = Secret::random();
+        let (events, to_events) = crossbeam_channel::unbounded();
         let inner = Arc::new_cyclic(|weak| {
             let listener = Listener::start(self.bind, secret, Arc::new(Admission(weak.clone())), self.handshakes);
             let (listener, addr, error) = match listener {
@@ -221,12 +222,16 @@ impl ClusterBuilder {
                 peer_addresses: Mutex::new(HashMap::new()),
                 routed: std::sync::atomic::AtomicU64::new(0),
                 pool: pool::Pool::new(),
+                events,
+                output_queued: AtomicUsize::new(0),
+                output_dropped: std::sync::atomic::AtomicU64::new(0),
             };
             Inner { me: 1, uplink: None, peers: None, master: Some(master) }
         });
         if let Some(e) = inner.master().start_error.lock().expect("start lock").take() {
             return Err(e);
         }
+        master::start_events(Arc::downgrade(&inner), to_events).map_err(|e| Error::io("starting the events thread", e))?;
         master::watch_workers(Arc::downgrade(&inner), self.liveness);
         Ok(Cluster { inner, owner: true })
     }

@@ -148,8 +148,10 @@ impl Admit for PeerAdmission {
         }
     }
 
-    fn serve(&self, _me: Pid, hello: Hello, stream: TcpStream) {
+    fn serve(&self, _me: Pid, hello: Hello, stream: tokio::net::TcpStream) {
         let (Some(peers), Some(from)) = (self.0.upgrade(), hello.peer) else { return };
+        // a direct link has a reader thread of its own (it blocks)
+        let Ok(stream) = stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) else { return };
         if let Ok(link) = peers.serve_link(from, stream) {
             peers.links.lock().expect("peer links lock").entry(from).or_insert(link);
         }

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -198,12 +198,10 @@ impl Admit for ElasticAdmission {
         Ok(Welcome::Accepted(master.terms(master.next_pid.fetch_add(1, Ordering::Relaxed))))
     }
 
-    fn serve(&self, pid: Pid, hello: Hello, stream: TcpStream) {
+    fn serve(&self, pid: Pid, hello: Hello, stream: tokio::net::TcpStream) {
         let Some(inner) = self.cluster.upgrade() else { return };
         let (host, os_pid) = (hello.host.clone(), hello.os_pid);
-        if serve_connection(&inner, pid, hello, stream).is_none() {
-            return;
-        }
+        serve_connection(&inner, pid, hello, stream);
         tracing::info!("worker {pid} joined from {host} (os pid {os_pid})");
         let mut m = self.shared.members.lock().expect("members lock");
         m.active.insert(pid);

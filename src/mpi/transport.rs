@@ -19,7 +19,7 @@ use ::mpi::topology::SimpleCommunicator;
 use ::mpi::traits::{Communicator, Equivalence, Source};
 
 use crate::error::{Error, Result};
-use crate::protocol::{Frame, Header, LEN_PREFIX};
+use crate::protocol::{Frame, LEN_PREFIX};
 use crate::transport::FrameOut;
 
 /// Tag of every frame on the transport communicator.
@@ -138,7 +138,7 @@ fn progress(comm: SendComm, rx: mpsc::Receiver<Outgoing>, mut deliver: Deliver, 
                 continue;
             }
             let (body, _) = (message, status).matched_receive_vec::<u8>();
-            let frame = Header::parse(&body).map(|header| Frame { header, body });
+            let frame = Frame::from_body(body);
             deliver(status.source_rank(), frame);
         }
         if stop.load(Ordering::SeqCst) && in_flight.is_empty() && !busy {

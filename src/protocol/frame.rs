@@ -139,19 +139,42 @@ impl FrameBuf {
     }
 }
 
-/// A received frame: the body bytes with the parsed header; the payload is `body[HEADER_LEN..]`.
+/// A received frame: its bytes (as they came: with the length prefix from a stream, without
+/// it from MPI) and the parsed header.
 #[derive(Debug)]
 pub struct Frame {
     /// Parsed header.
     pub header: Header,
-    /// The whole body (header included, so no copy is needed to split it).
-    pub body: Vec<u8>,
+    bytes: Vec<u8>,
+    /// Where the body starts in `bytes` (after the prefix, if there is one).
+    body_at: usize,
 }
 
 impl Frame {
+    /// A frame from its body (a message that has its own bounds, such as an MPI message).
+    pub fn from_body(body: Vec<u8>) -> Result<Frame> {
+        Ok(Frame { header: Header::parse(&body)?, bytes: body, body_at: 0 })
+    }
+
+    /// A frame from its bytes on a stream: length prefix, then body.
+    fn from_wire(wire: Vec<u8>) -> Result<Frame> {
+        Ok(Frame { header: Header::parse(&wire[LEN_PREFIX..])?, bytes: wire, body_at: LEN_PREFIX })
+    }
+
     /// The payload bytes.
     pub fn payload(&self) -> &[u8] {
-        &self.body[HEADER_LEN..]
+        &self.bytes[self.body_at + HEADER_LEN..]
+    }
+
+    /// The frame as a stream carries it, prefix included (no copy when it came that way).
+    pub fn into_wire(self) -> Vec<u8> {
+        if self.body_at == LEN_PREFIX {
+            return self.bytes;
+        }
+        let mut wire = Vec::with_capacity(LEN_PREFIX + self.bytes.len());
+        wire.extend_from_slice(&(self.bytes.len() as u32).to_le_bytes());
+        wire.extend_from_slice(&self.bytes);
+        wire
     }
 }
 
@@ -172,13 +195,83 @@ pub fn read_frame(r: &mut impl Read, max: usize) -> Result<Option<Frame>> {
     }
     let len = check_len(prefix, max)?;
     // grows as bytes arrive (doubling): a lying length costs at most 1 MiB up front
-    let mut body = Vec::with_capacity(len.min(1 << 20));
-    let read = r.take(len as u64).read_to_end(&mut body).map_err(|e| Error::io("reading a frame", e))?;
+    let mut wire = Vec::with_capacity(LEN_PREFIX + len.min(1 << 20));
+    wire.extend_from_slice(&prefix);
+    let read = r.take(len as u64).read_to_end(&mut wire).map_err(|e| Error::io("reading a frame", e))?;
     if read < len {
         return Err(Error::Protocol(format!("stream ended after {read} of {len} frame bytes")));
     }
-    let header = Header::parse(&body)?;
-    Ok(Some(Frame { header, body }))
+    Frame::from_wire(wire).map(Some)
+}
+
+/// Cuts a byte stream into frames without doing I/O: the caller appends what it read to
+/// [`buffer`](FrameReader::buffer) and takes the complete frames from
+/// [`next_frame`](FrameReader::next_frame). The buffer grows only as bytes arrive (at most
+/// doubling what is there), so a lying length prefix costs nothing; an idle connection holds
+/// at most a few KiB.
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+/// What a read straight into the buffer has room for at least.
+const READ_ROOM: usize = 64 * 1024;
+
+impl FrameReader {
+    /// A reader that refuses frames longer than `max`.
+    pub fn new(max: usize) -> FrameReader {
+        FrameReader { buf: Vec::new(), max }
+    }
+
+    /// Bytes the frame under way still needs; 0 while its length is not known yet.
+    pub fn missing(&self) -> usize {
+        match self.buf.get(..LEN_PREFIX) {
+            Some(prefix) => {
+                let len = u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize;
+                (LEN_PREFIX + len.min(self.max)).saturating_sub(self.buf.len())
+            }
+            None => 0,
+        }
+    }
+
+    /// The buffer to read the rest of a big frame straight into, with room reserved: what it
+    /// still needs, but at most as much again as is already there (so memory follows the
+    /// bytes that really arrive), and at least a few KiB.
+    pub fn buffer(&mut self) -> &mut Vec<u8> {
+        let room = self.missing().min(self.buf.len().max(READ_ROOM)).max(READ_ROOM);
+        self.buf.reserve(room);
+        &mut self.buf
+    }
+
+    /// Appends bytes read elsewhere (small reads go through a shared scratch buffer, so an
+    /// idle connection holds no buffer of its own).
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed. An oversized length or
+    /// a bad header is an error (the stream cannot be trusted after it).
+    pub fn next_frame(&mut self) -> Result<Option<Frame>> {
+        let Some(prefix) = self.buf.get(..LEN_PREFIX) else { return Ok(None) };
+        let len = check_len(prefix.try_into().expect("4 bytes"), self.max)?;
+        let end = LEN_PREFIX + len;
+        if self.buf.len() < end {
+            return Ok(None);
+        }
+        let wire = if self.buf.len() == end {
+            std::mem::take(&mut self.buf) // the common case, and the only one for big frames
+        } else {
+            let rest = self.buf.split_off(end);
+            std::mem::replace(&mut self.buf, rest)
+        };
+        Frame::from_wire(wire).map(Some)
+    }
+
+    /// Bytes received that are not part of a complete frame yet.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +322,48 @@ mod tests {
         for cut in 1..bytes.len() {
             assert!(read_frame(&mut &bytes[..cut], 1024).is_err(), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn the_reader_cuts_any_split_of_a_stream_into_the_same_frames() {
+        let frames: Vec<Vec<u8>> = (0..5u8)
+            .map(|i| {
+                let mut f = FrameBuf::new(Header { req: i as u64, ..header() });
+                f.payload().extend(std::iter::repeat_n(i, 1000 * i as usize));
+                f.finish().unwrap()
+            })
+            .collect();
+        let stream = frames.concat();
+        for chunk in [1, 3, 7, 64, 1000, stream.len()] {
+            let mut reader = FrameReader::new(1 << 20);
+            let mut got = Vec::new();
+            for piece in stream.chunks(chunk) {
+                reader.extend(piece);
+                while let Some(frame) = reader.next_frame().unwrap() {
+                    got.push(frame);
+                }
+            }
+            assert_eq!(reader.pending(), 0);
+            assert_eq!(got.len(), 5, "chunks of {chunk}");
+            for (i, frame) in got.into_iter().enumerate() {
+                assert_eq!(frame.header.req, i as u64);
+                assert_eq!(frame.payload().len(), 1000 * i);
+                assert_eq!(frame.into_wire(), frames[i], "forwarded as received");
+            }
+        }
+    }
+
+    #[test]
+    fn the_reader_refuses_a_lying_length_without_reserving_it() {
+        let mut reader = FrameReader::new(1 << 30);
+        reader.extend(&(900_000_000u32).to_le_bytes());
+        reader.extend(&[1u8; 30]);
+        assert!(reader.next_frame().unwrap().is_none(), "waits for the rest");
+        assert_eq!(reader.missing(), 900_000_000 - 30);
+        assert!(reader.buffer().capacity() <= 1 << 17, "reserved {} bytes for 34 present", reader.buffer().capacity());
+        let mut reader = FrameReader::new(1024);
+        reader.extend(&(2000u32).to_le_bytes());
+        assert!(reader.next_frame().unwrap_err().to_string().contains("exceeds the maximum of 1024"));
     }
 
     #[test]

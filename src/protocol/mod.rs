@@ -10,7 +10,7 @@ pub(crate) mod env;
 mod frame;
 mod handshake;
 
-pub use frame::{Frame, FrameBuf, Header, Kind, LEN_PREFIX, bare, read_frame};
+pub use frame::{Frame, FrameBuf, FrameReader, Header, Kind, LEN_PREFIX, bare, read_frame};
 pub use handshake::{MAGIC, PROTOCOL_VERSION};
 pub use handshake::{Fingerprint, Hello, Liveness, MAX_HANDSHAKE, Refusal, Secret, Terms, Welcome, check_hello};
 

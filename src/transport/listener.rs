@@ -3,10 +3,9 @@
 //! at most [`HandshakeLimits::max_pending`] of them (a new one past the cap drops the oldest,
 //! so a crowd of silent or trickling clients cannot keep real workers out), and each has one
 //! deadline for its whole hello. The secret is checked before anything else is decoded.
-//! Admitted connections are handed over as ordinary blocking streams.
 
 use std::collections::VecDeque;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,8 +26,8 @@ pub(crate) trait Admit: Send + Sync + 'static {
     /// Reserves the worker's pid, or refuses it. Returns the welcome to send. Runs on the
     /// I/O thread: it must not wait for anything.
     fn admit(&self, hello: &Hello) -> std::result::Result<Welcome, Refusal>;
-    /// Starts serving an admitted worker (after it was told its pid).
-    fn serve(&self, pid: Pid, hello: Hello, stream: TcpStream);
+    /// Starts serving an admitted worker (after it was told its pid). Runs on the I/O thread.
+    fn serve(&self, pid: Pid, hello: Hello, stream: tokio::net::TcpStream);
     /// Records a refused connection.
     fn refused(&self, peer: SocketAddr, refusal: &Refusal);
     /// This process ran out of file descriptors: connections wait in the kernel's queue.
@@ -146,7 +145,7 @@ async fn handshake(mut stream: tokio::net::TcpStream, peer: SocketAddr, secret: 
             let Welcome::Accepted(terms) = welcome else { return };
             let sent = tokio::time::timeout(deadline, stream.write_all(&welcome.encode())).await;
             let handed = match sent {
-                Ok(Ok(())) => stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)),
+                Ok(Ok(())) => Ok(stream),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the welcome was not taken")),
             };

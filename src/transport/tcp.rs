@@ -1,13 +1,17 @@
-//! TCP connections: a sender that never blocks on its peer, and the worker side of the
-//! handshake (dial, hello, welcome) with one deadline for all of it.
+//! TCP connections: a sender that never blocks on its peer, a reader that runs on the I/O
+//! thread, and the worker side of the handshake (dial, hello, welcome) with one deadline for
+//! all of it.
 //!
 //! A frame is written straight into the socket when it is free (`MSG_DONTWAIT`, no thread
 //! switch); what the socket cannot take at once waits in a bounded queue that the I/O thread
-//! drains as the peer reads. The descriptor itself stays blocking, for the thread that reads.
+//! drains as the peer reads. A connection is either *evented* — registered with the I/O
+//! thread, which also reads it (the master's connections: no thread per worker) — or
+//! *blocking*, read by a thread of its own (a worker's, whose serving thread reads its
+//! master's socket directly, which makes a call cheapest).
 
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -15,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::protocol::{Hello, MAX_HANDSHAKE, Welcome};
+use crate::protocol::{Frame, FrameReader, Hello, MAX_HANDSHAKE, Welcome};
 use crate::sys;
 
 use super::{FrameOut, io as runtime};
@@ -28,10 +32,27 @@ pub(crate) const SEND_QUEUE_LIMIT: usize = 64 << 20;
 pub(crate) struct TcpOut(Arc<Outbox>);
 
 struct Outbox {
-    stream: TcpStream,
+    socket: Socket,
     state: Mutex<Queue>,
     /// Signalled when queued bytes drain (for senders that wait for room).
     room: Condvar,
+}
+
+/// How a connection is read.
+enum Socket {
+    /// By a thread of its own, blocking (the descriptor stays blocking; sends do not wait).
+    Blocking(TcpStream),
+    /// By the I/O thread, which has it registered.
+    Evented(Arc<tokio::net::TcpStream>),
+}
+
+impl Socket {
+    fn fd(&self) -> i32 {
+        match self {
+            Socket::Blocking(s) => s.as_raw_fd(),
+            Socket::Evented(s) => s.as_raw_fd(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -65,8 +86,18 @@ impl Queue {
 }
 
 impl TcpOut {
+    /// The sender of a connection some thread reads with blocking reads.
     pub(crate) fn boxed(stream: TcpStream) -> Box<dyn FrameOut> {
-        Box::new(TcpOut(Arc::new(Outbox { stream, state: Mutex::default(), room: Condvar::new() })))
+        Self::over(Socket::Blocking(stream))
+    }
+
+    /// The sender of a connection the I/O thread reads ([`read_frames`]).
+    pub(crate) fn evented(stream: Arc<tokio::net::TcpStream>) -> Box<dyn FrameOut> {
+        Self::over(Socket::Evented(stream))
+    }
+
+    fn over(socket: Socket) -> Box<dyn FrameOut> {
+        Box::new(TcpOut(Arc::new(Outbox { socket, state: Mutex::default(), room: Condvar::new() })))
     }
 }
 
@@ -95,7 +126,7 @@ impl FrameOut for TcpOut {
         if q.draining {
             return Ok(()); // the I/O thread sends it in turn
         }
-        match q.write_out(out.stream.as_raw_fd()) {
+        match q.write_out(out.socket.fd()) {
             Ok(true) => Ok(()),
             Ok(false) => {
                 q.draining = true;
@@ -116,11 +147,11 @@ impl FrameOut for TcpOut {
         q.frames.clear();
         q.bytes = 0;
         out.room.notify_all();
-        let _ = out.stream.shutdown(Shutdown::Both);
+        sys::shutdown(out.socket.fd());
     }
 
     fn pulse(&self) -> Option<sys::TcpPulse> {
-        sys::tcp_pulse(self.0.stream.as_raw_fd())
+        sys::tcp_pulse(self.0.socket.fd())
     }
 }
 
@@ -130,29 +161,71 @@ fn fail(out: &Outbox, q: &mut Queue, e: &io::Error) {
     q.frames.clear();
     q.bytes = 0;
     out.room.notify_all();
-    let _ = out.stream.shutdown(Shutdown::Both);
+    sys::shutdown(out.socket.fd());
 }
 
 /// Runs on the I/O thread: writes the queue out as the socket drains.
 async fn drain(out: Arc<Outbox>) {
-    let fd: OwnedFd = match out.stream.as_fd().try_clone_to_owned() {
-        Ok(fd) => fd,
-        Err(e) => return fail(&out, &mut out.state.lock().expect("send queue lock"), &e),
+    let fd: OwnedFd = match &out.socket {
+        Socket::Evented(stream) => return drain_evented(&out, stream).await,
+        Socket::Blocking(stream) => match stream.as_fd().try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => return fail(&out, &mut out.state.lock().expect("send queue lock"), &e),
+        },
     };
+    drain_blocking(&out, fd).await
+}
+
+/// Drains an evented connection: the I/O thread already watches it.
+async fn drain_evented(out: &Outbox, stream: &tokio::net::TcpStream) {
+    loop {
+        if let Err(e) = stream.writable().await {
+            return fail(out, &mut out.state.lock().expect("send queue lock"), &e);
+        }
+        let wrote = stream.try_io(Interest::WRITABLE, || {
+            let mut q = out.state.lock().expect("send queue lock");
+            let before = q.bytes;
+            let done = q.write_out(out.socket.fd());
+            if q.bytes < before {
+                out.room.notify_all();
+            }
+            match done {
+                Ok(true) => {
+                    q.draining = false;
+                    Ok(())
+                }
+                Ok(false) => Err(io::Error::from(ErrorKind::WouldBlock)), // wait for room again
+                Err(e) => {
+                    fail(out, &mut q, &e);
+                    Err(io::Error::new(ErrorKind::BrokenPipe, e))
+                }
+            }
+        });
+        match wrote {
+            Ok(()) => return,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(_) => return, // failed above
+        }
+    }
+}
+
+/// Drains a blocking connection through a duplicate of its descriptor, registered while the
+/// queue drains.
+async fn drain_blocking(out: &Outbox, fd: OwnedFd) {
     // SAFETY: `fd` is our own duplicate of the socket, owned by the AsyncFd and closed only
     // when it drops.
     let ready = match unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) } {
         Ok(r) => r,
-        Err(e) => return fail(&out, &mut out.state.lock().expect("send queue lock"), &e.into()),
+        Err(e) => return fail(out, &mut out.state.lock().expect("send queue lock"), &e.into()),
     };
     loop {
         let mut guard = match ready.writable().await {
             Ok(g) => g,
-            Err(e) => return fail(&out, &mut out.state.lock().expect("send queue lock"), &e),
+            Err(e) => return fail(out, &mut out.state.lock().expect("send queue lock"), &e),
         };
         let mut q = out.state.lock().expect("send queue lock");
         let before = q.bytes;
-        match q.write_out(out.stream.as_raw_fd()) {
+        match q.write_out(out.socket.fd()) {
             Ok(true) => {
                 q.draining = false;
                 out.room.notify_all();
@@ -164,9 +237,78 @@ async fn drain(out: Arc<Outbox>) {
                 }
                 guard.clear_ready();
             }
-            Err(e) => return fail(&out, &mut q, &e),
+            Err(e) => return fail(out, &mut q, &e),
         }
     }
+}
+
+/// Reads frames from an evented connection on the I/O thread until it ends: `on_frame`
+/// handles each (an `Err` ends the connection with that reason), then `on_end` gets the
+/// reason. `on_frame` runs on the I/O thread: it must not wait for anything.
+pub(crate) fn read_frames(
+    stream: Arc<tokio::net::TcpStream>,
+    max_frame: usize,
+    mut on_frame: impl FnMut(Frame) -> Result<(), String> + Send + 'static,
+    on_end: impl FnOnce(String) + Send + 'static,
+) {
+    runtime::spawn(async move {
+        let mut reader = FrameReader::new(max_frame);
+        let reason = 'reading: loop {
+            if let Err(e) = stream.readable().await {
+                break e.to_string();
+            }
+            match read_some(&stream, &mut reader) {
+                Ok(0) if reader.pending() == 0 => break "its connection closed".to_string(),
+                Ok(0) => break format!("its connection closed inside a frame ({} bytes of it had come)", reader.pending()),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+                Err(e) => break e.to_string(),
+            }
+            loop {
+                match reader.next_frame() {
+                    Ok(Some(frame)) => {
+                        if let Err(reason) = on_frame(frame) {
+                            break 'reading reason;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => break 'reading e.to_string(),
+                }
+            }
+        };
+        on_end(reason);
+    });
+}
+
+/// Bytes read at once into the I/O thread's scratch buffer.
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    /// One scratch buffer for all connections of the I/O thread: an idle connection holds
+    /// no buffer of its own.
+    static SCRATCH_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SCRATCH]);
+}
+
+/// One read: the rest of a big frame straight into its buffer, anything else through the
+/// scratch buffer. A read that did not fill its room emptied the socket: the readiness is
+/// cleared then, sparing the read that would only say "would block".
+fn read_some(stream: &tokio::net::TcpStream, reader: &mut FrameReader) -> io::Result<usize> {
+    let (n, room) = if reader.missing() > SCRATCH {
+        let buf = reader.buffer();
+        let room = buf.capacity() - buf.len();
+        (stream.try_read_buf(buf)?, room)
+    } else {
+        SCRATCH_BUF.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let n = stream.try_read(&mut scratch)?;
+            reader.extend(&scratch[..n]);
+            Ok::<_, io::Error>((n, scratch.len()))
+        })?
+    };
+    if n > 0 && n < room {
+        let _ = stream.try_io(Interest::READABLE, || Err::<(), _>(io::Error::from(ErrorKind::WouldBlock)));
+    }
+    Ok(n)
 }
 
 /// How long a refused connection is tried again (a master still binding on a slow node);
