@@ -1,6 +1,6 @@
 //! Errors. Every message says what happened and, where there is one, what to do about it.
 
-use crate::Pid;
+use crate::ids::Pid;
 
 /// A failure inside a remote function: a panic or an `Err` it returned.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -48,10 +48,17 @@
 //! wait on a peer, and both sides exchange heartbeats, so a worker that stops answering is
 //! declared dead ([`ClusterBuilder::heartbeat`]) and a worker whose master is gone exits.
 //!
-//! The layers, bottom up: `codec` and `protocol` (bytes and messages, no I/O), `transport`
-//! (the I/O thread, TCP senders that never block, the listener), `cluster` (the process
-//! table, calls, futures, `pmap`, the worker's serving loop), [`launch`] (starting workers:
-//! local, schedulers, elastic), [`mpi`] (MPI on top of all of it).
+//! The layers, bottom up; each imports only from those below it:
+//! - `ids`, `sys`, `error`: the pid type, the OS calls, the errors;
+//! - `codec`, `protocol`, `registry`: bytes, frames, the handshake, the environment a worker
+//!   is started with, the remote-function table (no I/O);
+//! - `transport`: the I/O thread, TCP connections whose senders never wait, the frame
+//!   reader, the listener;
+//! - `cluster`: the process table, calls and futures, `pmap`, heartbeats, the worker's
+//!   serving loop, and the traits a launcher implements ([`ClusterManager`], [`Launch`]);
+//! - [`launch`]: the launchers (local, pinned, elastic, every scheduler);
+//! - [`mpi`]: MPI ranks as workers, `mpido!`, the all-rank modes;
+//! - this file: the public face, and [`init`], which wires MPI into the worker start.
 //!
 //! ## Tests and other programs without your own `main`
 //!
@@ -70,6 +77,7 @@ mod error;
 mod fingerprint;
 #[doc(hidden)]
 pub mod fuzzing;
+mod ids;
 pub mod launch;
 #[cfg(feature = "mpi")]
 pub mod mpi;
@@ -79,7 +87,7 @@ mod sys;
 mod transport;
 
 pub use clusterman_macros::remote;
-pub use cluster::worker::{init, my_id};
+pub use cluster::worker::my_id;
 pub use protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECRET_FILE};
 pub use cluster::{Cluster, ClusterBuilder, OutputSink, PmapOptions, RemoteFuture, Topology, WorkerInfo, print_sink};
 pub use cluster::pmap::exponential_backoff;
@@ -88,8 +96,7 @@ pub use launch::topology::{AffinityMode, CpuTopology};
 pub use launch::{ClusterManager, Launch, LaunchContext, LaunchStatus, LocalAffinityManager, LocalManager, MpiRanks, RankMap};
 pub use registry::RemoteFn;
 
-/// A process in the cluster: 1 is the master, workers are 2, 3, ...
-pub type Pid = u32;
+pub use ids::Pid;
 
 /// The names most programs need: `use clusterman::prelude::*;`.
 pub mod prelude {
@@ -119,6 +126,22 @@ pub mod __private {
     pub fn peer_listener(cluster: &crate::Cluster, pid: crate::Pid) -> Option<String> {
         cluster.inner().master.as_ref()?.peer_addresses.lock().expect("peer addresses lock").get(&pid).cloned()
     }
+}
+
+/// Call first in `main`. In a process started as a worker, it connects to the master and
+/// serves until shut down, then exits the process: it never returns. Elsewhere it returns
+/// at once.
+///
+/// Called first thing, it also removes the worker's variables from the environment (and the
+/// secret from the process's initial environment block); called after other threads have
+/// started (under `#[tokio::main]`, say), it leaves the environment alone, because changing
+/// it then would be unsound.
+pub fn init() {
+    #[cfg(feature = "mpi")]
+    let mpi: Option<cluster::worker::MpiInit> = Some(mpi::init_worker);
+    #[cfg(not(feature = "mpi"))]
+    let mpi = None;
+    cluster::worker::init_with(mpi);
 }
 
 /// Runs [`init`] before `main`, from the executable's constructor list, for binaries whose

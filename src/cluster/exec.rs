@@ -1,6 +1,6 @@
 //! Running an incoming call: the same on master and workers.
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::codec;
 use crate::error::RemoteError;
 use crate::protocol::{Frame, FrameBuf, Header, Kind};
@@ -24,7 +24,7 @@ pub(crate) fn execute(me: Pid, frame: &Frame) -> Option<Vec<u8>> {
     };
     if h.kind == Kind::Cast {
         if let Err(f) = result {
-            tracing::warn!(pid = me, "remote_do from pid {} failed: {}", h.src, crate::Error::from(f));
+            tracing::warn!(pid = me, "remote_do from pid {} failed: {}", h.src, crate::error::Error::from(f));
         }
         return None;
     }

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::error::{Error, RemoteError};
 
 /// The payload of a `Failure` frame.

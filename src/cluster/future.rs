@@ -1,118 +1,22 @@
-//! Reply slots and [`RemoteFuture`].
+//! [`RemoteFuture`]: a call's result, arriving later.
 
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Waker};
-use std::thread::Thread;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::protocol::{Frame, Kind};
 
 use super::failure::Failure;
 use super::link::Link;
-use super::{pool, worker};
-
-/// Where a reply lands: one per outstanding call. The thread that reads the reply fills the
-/// slot and wakes the waiter: a parked thread, an async task, or a pool thread that runs
-/// other calls while it waits.
-#[derive(Default)]
-pub(crate) struct Slot {
-    state: Mutex<SlotState>,
-}
-
-#[derive(Default)]
-struct SlotState {
-    result: Option<Result<Frame>>,
-    wake: Option<Wake>,
-}
-
-enum Wake {
-    Thread(Thread),
-    Task(Waker),
-    Channel(crossbeam_channel::Sender<()>),
-}
-
-impl Slot {
-    pub(crate) fn fill(&self, result: Result<Frame>) {
-        let wake = {
-            let mut s = self.state.lock().expect("slot lock");
-            if s.result.is_some() {
-                return; // first answer wins (a reply racing a death notice)
-            }
-            s.result = Some(result);
-            s.wake.take()
-        };
-        match wake {
-            Some(Wake::Thread(t)) => t.unpark(),
-            Some(Wake::Task(w)) => w.wake(),
-            Some(Wake::Channel(tx)) => {
-                let _ = tx.send(());
-            }
-            None => {}
-        }
-    }
-
-    pub(crate) fn is_filled(&self) -> bool {
-        self.state.lock().expect("slot lock").result.is_some()
-    }
-
-    /// Blocks until filled or `deadline` (then `None`). A worker's serving thread keeps
-    /// serving while it waits (it may be the only reader of the reply's connection); a pool
-    /// thread on the master runs queued calls.
-    pub(crate) fn wait(&self, deadline: Option<Instant>) -> Option<Result<Frame>> {
-        let serving = worker::serves_on_this_thread();
-        let helping = pool::helping_queue().map(|queue| (queue, crossbeam_channel::bounded::<()>(1)));
-        loop {
-            let mut s = self.state.lock().expect("slot lock");
-            if let Some(r) = s.result.take() {
-                return Some(r);
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return None;
-            }
-            if serving {
-                drop(s);
-                if let Err(e) = worker::pump_once(deadline) {
-                    return Some(Err(e));
-                }
-                continue;
-            }
-            match &helping {
-                Some((queue, (tx, rx))) => {
-                    s.wake = Some(Wake::Channel(tx.clone()));
-                    drop(s);
-                    pool::help_once(queue, rx, deadline);
-                }
-                None => {
-                    s.wake = Some(Wake::Thread(std::thread::current()));
-                    drop(s);
-                    match deadline {
-                        Some(d) => std::thread::park_timeout(d.saturating_duration_since(Instant::now())),
-                        None => std::thread::park(),
-                    }
-                }
-            }
-        }
-    }
-
-    fn poll(&self, cx: &mut Context<'_>) -> Poll<Result<Frame>> {
-        let mut s = self.state.lock().expect("slot lock");
-        match s.result.take() {
-            Some(r) => Poll::Ready(r),
-            None => {
-                s.wake = Some(Wake::Task(cx.waker().clone()));
-                Poll::Pending
-            }
-        }
-    }
-}
+use super::slot::Slot;
 
 /// Decodes a reply frame into the caller's type.
 pub(crate) fn decode_reply<R: DeserializeOwned>(frame: Result<Frame>) -> Result<R> {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::protocol::{Frame, FrameBuf, Header, Kind, LEN_PREFIX};
@@ -15,28 +15,7 @@ use crate::sys;
 use crate::transport::FrameOut;
 
 use super::failure::Failure;
-use super::future::Slot;
-
-/// Who is told when a reply arrives.
-pub(crate) enum Waiter {
-    /// A single caller (a `RemoteFuture`).
-    Slot(Arc<Slot>),
-    /// A scheduler waiting on many calls at once (pmap), told the tag of each.
-    Queue { tx: crossbeam_channel::Sender<(u64, Result<Frame>)>, tag: u64 },
-}
-
-impl Waiter {
-    fn deliver(self, result: Result<Frame>) {
-        match self {
-            Waiter::Slot(slot) => slot.fill(result),
-            Waiter::Queue { tx, tag } => {
-                let _ = tx.send((tag, result)); // a scheduler that gave up is not an error
-            }
-        }
-        // the worker's serving thread may be the one waiting, on its channel, not parked
-        super::worker::wake_serving();
-    }
-}
+use super::slot::Waiter;
 
 #[derive(Default)]
 struct Pending {

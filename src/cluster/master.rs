@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::error::Error;
-use crate::launch::Launch;
+use super::launcher::Launch;
 use crate::protocol::{Frame, Hello, Kind, Liveness, Refusal, Secret, Terms, Welcome, bare};
 use crate::transport::listener::{Admit, HandshakeLimits, Listener};
 use crate::transport::tcp::{TcpOut, read_frames};
@@ -121,7 +121,7 @@ pub(crate) struct Master {
     pub liveness: Liveness,
     pub handshakes: HandshakeLimits,
     /// A listener that failed to start, reported by `ClusterBuilder::build`.
-    pub start_error: Mutex<Option<crate::Error>>,
+    pub start_error: Mutex<Option<crate::error::Error>>,
     /// All-to-all topology: workers connect to each other directly.
     pub direct_links: bool,
     /// Where each worker listens for direct links from its peers.

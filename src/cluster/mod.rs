@@ -4,6 +4,7 @@
 pub(crate) mod exec;
 pub(crate) mod failure;
 pub(crate) mod future;
+pub(crate) mod launcher;
 pub(crate) mod link;
 pub(crate) mod master;
 pub(crate) mod output;
@@ -11,6 +12,7 @@ mod peers;
 pub(crate) mod pmap;
 mod pool;
 mod refusals;
+mod slot;
 pub(crate) mod worker;
 
 use std::cell::RefCell;
@@ -20,10 +22,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::codec;
 use crate::error::{Error, RemoteError, Result};
-use crate::launch::{ClusterManager, Launch, LaunchContext, LaunchStatus};
+use launcher::{ClusterManager, Launch, LaunchContext, LaunchStatus};
 use crate::protocol::{DEFAULT_MAX_FRAME, Header, Kind, Liveness, Secret};
 use crate::registry::{self, RemoteFn};
 use crate::transport::listener::{HandshakeLimits, Listener};
@@ -34,7 +36,8 @@ pub use master::WorkerInfo;
 pub use output::{OutputSink, print_sink};
 pub use pmap::PmapOptions;
 
-use link::{Link, Waiter};
+use link::Link;
+use slot::Waiter;
 use master::{Admission, Master};
 
 pub(crate) struct Inner {
@@ -468,7 +471,7 @@ impl Cluster {
         if pid == self.inner.me {
             return Ok(RemoteFuture::ready(pid, run_here::<F>(pid, args)));
         }
-        let slot = Arc::new(future::Slot::default());
+        let slot = Arc::new(slot::Slot::default());
         let (link, req) = self.send(Kind::Call, pid, F::ID, 64, |buf| codec::encode_into(&args, buf), Some(Waiter::Slot(slot.clone())))?;
         Ok(RemoteFuture::pending(pid, slot, &link, req))
     }
@@ -492,7 +495,7 @@ impl Cluster {
 
     /// Calls function `func` on `pid` with an already encoded argument tuple.
     pub(crate) fn call_with_payload<R: serde::de::DeserializeOwned>(&self, pid: Pid, func: u64, payload: &[u8]) -> Result<RemoteFuture<R>> {
-        let slot = Arc::new(future::Slot::default());
+        let slot = Arc::new(slot::Slot::default());
         let copy = |buf: &mut Vec<u8>| {
             buf.extend_from_slice(payload);
             Ok(())
@@ -619,7 +622,7 @@ fn random_u64() -> u64 {
 }
 
 /// Runs on the master: a worker says where it listens for direct links.
-#[crate::remote]
+#[clusterman_macros::remote]
 fn builtin_register_peer(pid: Pid, address: String) {
     if let Some(c) = Cluster::current() {
         if let Some(m) = &c.inner.master {
@@ -631,7 +634,7 @@ fn builtin_register_peer(pid: Pid, address: String) {
 /// Runs on the master: where worker `pid` listens for direct links — `Ok(None)` while it
 /// has connected but not registered its address yet, `Err(())` if there is no such worker.
 /// It answers at once: a pool thread must never wait on another worker's start-up.
-#[crate::remote]
+#[clusterman_macros::remote]
 fn builtin_peer_address(pid: Pid) -> std::result::Result<Option<String>, String> {
     let cluster = Cluster::current().ok_or("no cluster")?;
     let m = cluster.inner.master.as_ref().ok_or("not the master")?;
@@ -645,7 +648,7 @@ fn builtin_peer_address(pid: Pid) -> std::result::Result<Option<String>, String>
 }
 
 /// Runs on the master for a worker's `Cluster::workers()`.
-#[crate::remote]
+#[clusterman_macros::remote]
 fn builtin_workers() -> Vec<Pid> {
     Cluster::current().map(|c| c.workers()).unwrap_or_default()
 }

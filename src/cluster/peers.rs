@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::error::{Error, Result};
 use crate::fingerprint;
 use crate::protocol::{self, Hello, Kind, Liveness, Refusal, Secret, Terms, Welcome, bare};

@@ -6,15 +6,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::codec;
 use crate::error::{Error, RemoteError, Result};
 use crate::protocol::{Frame, Kind};
 use crate::registry::{CallError, RemoteFn};
 
 use super::failure::Failure;
-use super::link::Waiter;
-use super::{Cluster, run_here, worker};
+use super::slot::{self, Waiter};
+use super::{Cluster, run_here};
 
 /// Batches in flight per worker: one running, one queued behind it.
 const IN_FLIGHT: usize = 2;
@@ -210,7 +210,7 @@ fn failed<R>(mut job: Job, error: Error, options: &PmapOptions<R>, delayed: &mut
 /// Waits for the next reply (until `wake_at`, if given). On a worker's serving thread it
 /// keeps serving while it waits, since replies arrive on that same connection.
 fn next_completion(rx: &crossbeam_channel::Receiver<(u64, Result<Frame>)>, wake_at: Option<Instant>, expecting: bool) -> Result<Option<(u64, Result<Frame>)>> {
-    if worker::serves_on_this_thread() {
+    if let Some(pump) = slot::pumping() {
         loop {
             if let Ok(c) = rx.try_recv() {
                 return Ok(Some(c));
@@ -221,7 +221,7 @@ fn next_completion(rx: &crossbeam_channel::Receiver<(u64, Result<Frame>)>, wake_
                 }
                 return Ok(None);
             }
-            worker::pump_once(wake_at)?;
+            pump(wake_at)?;
             if wake_at.is_some_and(|t| Instant::now() >= t) {
                 return Ok(None);
             }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::error::{Error, Result};
 use crate::fingerprint;
 use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECRET_FILE, Index, parse_launch};
@@ -22,7 +22,7 @@ use crate::sys;
 use crate::transport::{self, tcp::TcpOut};
 
 use super::link::{Link, failure_frame};
-use super::{Cluster, Peers, exec, output};
+use super::{Cluster, Peers, exec, output, slot};
 
 static MY_PID: AtomicU32 = AtomicU32::new(1);
 /// Set when the master asked this worker to stop (possibly while a nested wait was pumping).
@@ -57,8 +57,8 @@ struct WorkerEnv {
 }
 
 impl WorkerEnv {
-    fn into_config(self) -> Result<WorkerConfig> {
-        WorkerConfig::parse(self.master, self.secret, self.launch, self.mpi)
+    fn into_config(self, mpi: Option<MpiInit>) -> Result<WorkerConfig> {
+        WorkerConfig::parse(self.master, self.secret, self.launch, self.mpi, mpi)
     }
 }
 
@@ -87,10 +87,13 @@ impl WorkerConfig {
         Some(secret.map(|secret| WorkerEnv { master, secret, launch, mpi }))
     }
 
-    pub(crate) fn parse(master: String, secret: Secret, launch: Option<String>, mpi_level: Option<String>) -> Result<WorkerConfig> {
-        let mpi = match mpi_level {
-            Some(level) => Some(init_mpi(&level)?),
-            None => mpi_identity_from_env(),
+    pub(crate) fn parse(master: String, secret: Secret, launch: Option<String>, mpi_level: Option<String>, mpi_init: Option<MpiInit>) -> Result<WorkerConfig> {
+        let mpi = match (mpi_level, mpi_init) {
+            (Some(level), Some(init)) => Some(init(&level)?),
+            (Some(_), None) => {
+                return Err(Error::Unsupported("started by an MpiManager, but this program was built without clusterman's `mpi` feature".into()));
+            }
+            (None, _) => mpi_identity_from_env(),
         };
         let launch = match launch {
             None => None,
@@ -132,15 +135,9 @@ fn read_secret() -> Result<Secret> {
     Secret::from_hex(&line).ok_or_else(missing)
 }
 
-#[cfg(feature = "mpi")]
-fn init_mpi(level: &str) -> Result<(i32, i32)> {
-    crate::mpi::init_worker(level)
-}
-
-#[cfg(not(feature = "mpi"))]
-fn init_mpi(_level: &str) -> Result<(i32, i32)> {
-    Err(Error::Unsupported("started by an MpiManager, but this program was built without clusterman's `mpi` feature".into()))
-}
+/// Initialises MPI at a threading level (`serialized`, ...) and returns this process's
+/// rank and world size. Given by the crate root, which knows whether MPI is built in.
+pub(crate) type MpiInit = fn(&str) -> Result<(i32, i32)>;
 
 /// This job-array task's index, from 0 (schedulers count tasks from 1).
 fn array_task_index() -> Option<u32> {
@@ -160,22 +157,16 @@ fn mpi_identity_from_env() -> Option<(i32, i32)> {
     })
 }
 
-/// Call first in `main`. In a process started as a worker, it connects to the master and
-/// serves until shut down, then exits the process: it never returns. Elsewhere it returns
-/// at once.
-///
-/// Called first thing, it also removes the worker's variables from the environment (and the
-/// secret from the process's initial environment block); called after other threads have
-/// started (under `#[tokio::main]`, say), it leaves the environment alone, because changing
-/// it then would be unsound.
-pub fn init() {
+/// [`init`](crate::init): in a process started as a worker, serves until shut down and exits;
+/// elsewhere returns at once. `mpi` initialises MPI when the launch asks for it.
+pub(crate) fn init_with(mpi: Option<MpiInit>) {
     INIT_RAN.store(true, Ordering::SeqCst);
     let Some(env) = WorkerConfig::from_env() else { return };
     // A call that waits for a reply serves other calls meanwhile, so calls nest on the
     // serving thread's stack: give it room (address space only; pages are used as touched).
     // MPI is initialised there too, so that thread is MPI's main thread.
     let env = std::sync::Mutex::new(Some(env));
-    let serve = || exit_worker(env.lock().expect("env lock").take().expect("served once").and_then(WorkerEnv::into_config).and_then(run));
+    let serve = || exit_worker(env.lock().expect("env lock").take().expect("served once").and_then(|e| e.into_config(mpi)).and_then(run));
     let spawned = std::thread::scope(|scope| {
         std::thread::Builder::new().name("cman-serve".into()).stack_size(SERVING_STACK).spawn_scoped(scope, serve).map(|serving| serving.join())
     });
@@ -263,7 +254,11 @@ pub(crate) fn run(config: WorkerConfig) -> Result<()> {
     // Direct links: calls and replies may come on any connection, so every link gets a
     // reader thread that hands the serving thread its calls and wakes it for replies.
     let (to_serving, inbox) = crossbeam_channel::unbounded();
-    let _ = SERVING_WAKE.set(to_serving.clone());
+    // the serving thread waits on this channel, not on a slot: every delivery wakes it
+    let waking = to_serving.clone();
+    slot::on_delivery(move || {
+        let _ = waking.send(None);
+    });
     // listen where this worker reaches the master from: its peers are on that network
     let ip = stream.local_addr().map_err(|e| Error::io("reading the local address", e))?.ip();
     read_uplink(stream, link.clone(), to_serving.clone(), terms.max_frame)?;
@@ -285,6 +280,7 @@ pub(crate) fn serve(terms: Terms, link: Arc<Link>, inbox: Inbox, peers: Option<A
     watch_master(link.clone(), peers.clone(), terms.liveness);
     let _ = WORKER_CLUSTER.set(Cluster::worker_handle(pid, link.clone(), peers));
     SERVING.with(|s| *s.borrow_mut() = Some(Serving { inbox, uplink: link.clone(), terms }));
+    slot::serve_while_waiting(Some(pump_once));
     let outcome = loop {
         match pump_once(None) {
             Ok(()) if !STOPPING.load(Ordering::Relaxed) => {}
@@ -292,6 +288,7 @@ pub(crate) fn serve(terms: Terms, link: Arc<Link>, inbox: Inbox, peers: Option<A
             Err(e) => break Err(e),
         }
     };
+    slot::serve_while_waiting(None);
     SERVING.with(|s| *s.borrow_mut() = None);
     output::finish_forwarding();
     if outcome.is_ok() {
@@ -420,17 +417,6 @@ impl Inbox {
     }
 }
 
-/// Set when the serving thread waits on a channel rather than a socket (direct links): every
-/// completed call sends it a wake-up, because it may be the thread waiting for the result.
-static SERVING_WAKE: OnceLock<Sender<Delivery>> = OnceLock::new();
-
-/// Wakes the serving thread if it waits on a channel (nothing to do otherwise).
-pub(crate) fn wake_serving() {
-    if let Some(tx) = SERVING_WAKE.get() {
-        let _ = tx.send(None);
-    }
-}
-
 /// Reads the master link on its own thread (all-to-all topology): replies are resolved here,
 /// everything else goes to the serving thread through `to_serving`.
 fn read_uplink(stream: TcpStream, link: Arc<Link>, to_serving: Sender<Delivery>, max_frame: usize) -> Result<()> {
@@ -468,15 +454,10 @@ thread_local! {
     static SERVING: RefCell<Option<Serving>> = const { RefCell::new(None) };
 }
 
-/// True on the thread that serves the worker's calls.
-pub(crate) fn serves_on_this_thread() -> bool {
-    SERVING.with(|s| s.borrow().is_some())
-}
-
 /// Reads and handles one frame on the serving thread (or returns at `deadline`). Calls run
 /// right here, so a no-op call costs no thread switch; a call that itself waits for a reply
 /// pumps recursively, so nested calls at any depth cannot deadlock.
-pub(crate) fn pump_once(deadline: Option<Instant>) -> Result<()> {
+fn pump_once(deadline: Option<Instant>) -> Result<()> {
     let (incoming, uplink, terms) = SERVING.with(|s| {
         let mut s = s.borrow_mut();
         let s = s.as_mut().expect("pump_once on a thread that does not serve");
@@ -514,9 +495,9 @@ mod tests {
     #[test]
     fn config_parsing_reports_what_is_wrong() {
         let secret = Secret::random();
-        let ok = WorkerConfig::parse("h:1".into(), secret, Some("5:3".into()), None).unwrap();
+        let ok = WorkerConfig::parse("h:1".into(), secret, Some("5:3".into()), None, None).unwrap();
         assert_eq!(ok.launch, Some((5, 3)));
-        let err = WorkerConfig::parse("h:1".into(), secret, Some("x".into()), None).err().unwrap().to_string();
+        let err = WorkerConfig::parse("h:1".into(), secret, Some("x".into()), None, None).err().unwrap().to_string();
         assert!(err.contains("malformed"), "{err}");
     }
 }

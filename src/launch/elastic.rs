@@ -12,13 +12,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::cluster::master::serve_connection;
 use crate::cluster::{Cluster, Inner};
 use crate::error::{Error, Result};
 use crate::protocol::{Hello, Refusal, Welcome};
 use crate::transport::listener::{Admit, Listener};
-use crate::{ENV_MASTER, ENV_SECRET_FILE, sys};
+use crate::protocol::env::{ENV_MASTER, ENV_SECRET_FILE};
+use crate::sys;
 
 use super::SecretFile;
 use super::shell::shell_quote;

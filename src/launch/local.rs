@@ -149,7 +149,7 @@ impl Launch for LocalLaunch {
         format!("{running} of {} local worker processes still running", self.children.len())
     }
 
-    fn kill_worker(&mut self, worker: &crate::WorkerInfo) -> bool {
+    fn kill_worker(&mut self, worker: &crate::cluster::WorkerInfo) -> bool {
         let Some((child, status)) = self.children.iter_mut().find(|(c, s)| c.id() == worker.os_pid && s.is_none()) else { return false };
         sys::kill(child.id(), libc::SIGKILL);
         *status = child.wait().ok();

@@ -112,7 +112,7 @@ impl Launch for RunningLauncher {
         self.stderr_tail()
     }
 
-    fn kill_worker(&mut self, worker: &crate::WorkerInfo) -> bool {
+    fn kill_worker(&mut self, worker: &crate::cluster::WorkerInfo) -> bool {
         // only a process of ours: one this launcher started on this host
         if self.reap().is_some() || worker.host != sys::hostname() || !sys::descends_from(worker.os_pid, self.child.id()) {
             return false;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::cluster::{Cluster, WorkerInfo};
 use crate::error::{Error, Result};
 

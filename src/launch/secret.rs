@@ -18,6 +18,12 @@ pub struct SecretFile {
 }
 
 impl SecretFile {
+    /// Writes the secret of the launch `ctx` describes into a new file under `dir`
+    /// (`<dir>/.clusterman/`, mode 0600 in a directory of mode 0700) that its workers read.
+    pub fn for_launch(ctx: &crate::cluster::launcher::LaunchContext, dir: &Path) -> Result<SecretFile> {
+        SecretFile::write(dir, &format!("{:016x}", ctx.id()), ctx.secret())
+    }
+
     /// Writes `secret` into a new file `<dir>/.clusterman/secret-<tag>`.
     pub(crate) fn write(dir: &Path, tag: &str, secret: Secret) -> Result<SecretFile> {
         // absolute: the job reads it from its own working directory

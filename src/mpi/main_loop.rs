@@ -12,7 +12,7 @@ use ::mpi::point_to_point::MatchedReceiveVec;
 use ::mpi::traits::{Communicator, Destination, Root, Source};
 use serde::{Deserialize, Serialize};
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::cluster::link::Link;
 use crate::cluster::worker::{self, Inbox, WorkerConfig, at_worker_exit, exit_worker};
 use crate::cluster::{Cluster, WorkerInfo};

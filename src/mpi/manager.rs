@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ::mpi::Threading;
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::cluster::{Cluster, WorkerInfo};
 use crate::codec;
 use crate::error::{Error, RemoteError, Result};

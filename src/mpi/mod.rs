@@ -37,8 +37,8 @@ pub use ::mpi::traits;
 pub(crate) use crate::protocol::env::ENV_MPI;
 
 /// Worker side of mode 1: initialise MPI at `level` before dialling in, finalise at exit.
-pub(crate) fn init_worker(level: &str) -> crate::Result<(i32, i32)> {
-    let level = env::parse_threading(level).ok_or_else(|| crate::Error::Handshake(format!("unknown MPI threading level {level:?} in {ENV_MPI}")))?;
+pub(crate) fn init_worker(level: &str) -> crate::error::Result<(i32, i32)> {
+    let level = env::parse_threading(level).ok_or_else(|| crate::error::Error::Handshake(format!("unknown MPI threading level {level:?} in {ENV_MPI}")))?;
     let me = env::initialize(level)?;
     crate::cluster::worker::at_worker_exit(env::finalize);
     Ok((me.rank, me.size))

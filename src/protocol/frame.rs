@@ -2,7 +2,7 @@
 
 use std::io::Read;
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::error::{Error, Result};
 
 /// Bytes of the length prefix.
@@ -152,6 +152,7 @@ pub struct Frame {
 
 impl Frame {
     /// A frame from its body (a message that has its own bounds, such as an MPI message).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     pub fn from_body(body: Vec<u8>) -> Result<Frame> {
         Ok(Frame { header: Header::parse(&body)?, bytes: body, body_at: 0 })
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::codec;
 
 /// Version of this protocol; peers of another version are refused, naming both.

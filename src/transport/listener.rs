@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
-use crate::Pid;
+use crate::ids::Pid;
 use crate::error::{Error, Result};
 use crate::fingerprint;
 use crate::protocol::{Hello, MAX_HANDSHAKE, Refusal, Secret, Welcome, check_hello};

@@ -6,8 +6,8 @@ use std::time::Duration;
 use crate::cluster::{Cluster, WorkerInfo};
 use crate::error::Result;
 use crate::launch::process::RunningLauncher;
-use crate::launch::{ClusterManager, Launch, LaunchContext, MpiRanks, RankMap};
-use crate::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET_FILE};
+use crate::launch::{ClusterManager, Launch, LaunchContext, MpiRanks, RankMap, SecretFile};
+use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET_FILE};
 
 use super::{JobOptions, JobSpec, Layout, Scheduler, submit};
 
@@ -110,7 +110,7 @@ impl<S: Scheduler + Clone + 'static> ClusterManager for BatchManager<S> {
         }
         // Schedulers keep job scripts and environments where other users may read them
         // (Grid Engine's spool, `qstat -j`): the job names a file only its owner can read.
-        let secret = ctx.secret_file(std::path::Path::new(&self.job.workdir_or_current()))?;
+        let secret = SecretFile::for_launch(ctx, std::path::Path::new(&self.job.workdir_or_current()))?;
         let job = self.scheduler.job(&self.spec(LaunchContext::secret_from(env, secret.path())))?;
         submit(Box::new(self.scheduler.clone()), &self.job, &job, secret)
     }

@@ -7,7 +7,7 @@
 //! `environment` line (HTCondor sets no task-id variable of its own), so the worker needs no
 //! HTCondor-specific code and the index is the proc id that `condor_q` and `condor_rm` use.
 
-use crate::ENV_LAUNCH;
+use crate::protocol::env::ENV_LAUNCH;
 use crate::error::{Error, Result};
 
 use super::{BatchManager, CommandResult, Job, JobOptions, JobSpec, JobState, Layout, Scheduler, shell_quote};

@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 use crate::launch::{ClusterManager, Launch, LaunchContext, LaunchStatus};
-use crate::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET, sys};
+use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET};
+use crate::sys;
 
 use crate::launch::guard::CancelGuard;
 use super::{CommandResult, JobOptions, run};

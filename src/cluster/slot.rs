@@ -1,0 +1,160 @@
+//! Where replies land and how a thread waits for one: parked, as an async task, as a pool
+//! thread that runs queued calls meanwhile, or as a worker's serving thread that serves
+//! calls meanwhile (the serving loop registers itself here, so nested calls cannot deadlock).
+
+use std::cell::Cell;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::thread::Thread;
+use std::time::Instant;
+
+use crate::error::Result;
+use crate::protocol::Frame;
+
+use super::pool;
+
+/// Handles one incoming frame on a serving thread, or returns at the deadline.
+pub(crate) type Pump = fn(Option<Instant>) -> Result<()>;
+
+thread_local! {
+    /// Set on a worker's serving thread: what to do while waiting instead of parking.
+    static PUMP: Cell<Option<Pump>> = const { Cell::new(None) };
+}
+
+/// Makes this thread serve with `pump` while it waits for replies (`None`: stop).
+pub(crate) fn serve_while_waiting(pump: Option<Pump>) {
+    PUMP.with(|p| p.set(pump));
+}
+
+/// The pump of this thread, if it serves while it waits.
+pub(crate) fn pumping() -> Option<Pump> {
+    PUMP.with(Cell::get)
+}
+
+/// Called after every delivery: a serving thread that waits on a channel (not parked on a
+/// slot) is woken to look again.
+static ON_DELIVERY: OnceLock<Box<dyn Fn() + Send + Sync>> = OnceLock::new();
+
+/// Sets what every delivery wakes (once per process).
+pub(crate) fn on_delivery(wake: impl Fn() + Send + Sync + 'static) {
+    let _ = ON_DELIVERY.set(Box::new(wake));
+}
+
+/// Who is told when a reply arrives.
+pub(crate) enum Waiter {
+    /// A single caller (a `RemoteFuture`).
+    Slot(Arc<Slot>),
+    /// A scheduler waiting on many calls at once (pmap), told the tag of each.
+    Queue { tx: crossbeam_channel::Sender<(u64, Result<Frame>)>, tag: u64 },
+}
+
+impl Waiter {
+    pub(crate) fn deliver(self, result: Result<Frame>) {
+        match self {
+            Waiter::Slot(slot) => slot.fill(result),
+            Waiter::Queue { tx, tag } => {
+                let _ = tx.send((tag, result)); // a scheduler that gave up is not an error
+            }
+        }
+        // the worker's serving thread may be the one waiting, on its channel, not parked
+        if let Some(wake) = ON_DELIVERY.get() {
+            wake();
+        }
+    }
+}
+
+/// Where a reply lands: one per outstanding call. The thread that reads the reply fills the
+/// slot and wakes the waiter: a parked thread, an async task, or a pool thread that runs
+/// other calls while it waits.
+#[derive(Default)]
+pub(crate) struct Slot {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    result: Option<Result<Frame>>,
+    wake: Option<Wake>,
+}
+
+enum Wake {
+    Thread(Thread),
+    Task(Waker),
+    Channel(crossbeam_channel::Sender<()>),
+}
+
+impl Slot {
+    pub(crate) fn fill(&self, result: Result<Frame>) {
+        let wake = {
+            let mut s = self.state.lock().expect("slot lock");
+            if s.result.is_some() {
+                return; // first answer wins (a reply racing a death notice)
+            }
+            s.result = Some(result);
+            s.wake.take()
+        };
+        match wake {
+            Some(Wake::Thread(t)) => t.unpark(),
+            Some(Wake::Task(w)) => w.wake(),
+            Some(Wake::Channel(tx)) => {
+                let _ = tx.send(());
+            }
+            None => {}
+        }
+    }
+
+    pub(crate) fn is_filled(&self) -> bool {
+        self.state.lock().expect("slot lock").result.is_some()
+    }
+
+    /// Blocks until filled or `deadline` (then `None`). A worker's serving thread keeps
+    /// serving while it waits (it may be the only reader of the reply's connection); a pool
+    /// thread on the master runs queued calls.
+    pub(crate) fn wait(&self, deadline: Option<Instant>) -> Option<Result<Frame>> {
+        let pump = pumping();
+        let helping = pool::helping_queue().map(|queue| (queue, crossbeam_channel::bounded::<()>(1)));
+        loop {
+            let mut s = self.state.lock().expect("slot lock");
+            if let Some(r) = s.result.take() {
+                return Some(r);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
+            }
+            if let Some(pump) = pump {
+                drop(s);
+                if let Err(e) = pump(deadline) {
+                    return Some(Err(e));
+                }
+                continue;
+            }
+            match &helping {
+                Some((queue, (tx, rx))) => {
+                    s.wake = Some(Wake::Channel(tx.clone()));
+                    drop(s);
+                    pool::help_once(queue, rx, deadline);
+                }
+                None => {
+                    s.wake = Some(Wake::Thread(std::thread::current()));
+                    drop(s);
+                    match deadline {
+                        Some(d) => std::thread::park_timeout(d.saturating_duration_since(Instant::now())),
+                        None => std::thread::park(),
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn poll(&self, cx: &mut Context<'_>) -> Poll<Result<Frame>> {
+        let mut s = self.state.lock().expect("slot lock");
+        match s.result.take() {
+            Some(r) => Poll::Ready(r),
+            None => {
+                s.wake = Some(Wake::Task(cx.waker().clone()));
+                Poll::Pending
+            }
+        }
+    }
+}
+
