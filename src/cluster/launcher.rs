@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::error::Result;
 use crate::protocol::Secret;
+pub use crate::protocol::watch::LaunchStatus;
 use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET, ENV_SECRET_FILE, Index, launch_value};
 
 /// A way of starting workers: local processes, `mpirun`, a job scheduler...
@@ -68,17 +69,6 @@ impl<M: ClusterManager + ?Sized> ClusterManager for &M {
     fn added(&self, cluster: &super::Cluster, workers: &[super::WorkerInfo]) -> Result<()> {
         (**self).added(cluster, workers)
     }
-}
-
-/// What a launch is doing, as far as its manager can tell.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LaunchStatus {
-    /// Waiting in a scheduler's queue; the text says which job and why (`job 961 pending (Resources)`).
-    Queued(String),
-    /// Started: the workers are starting or running.
-    Running,
-    /// Failed for good (a process exited before connecting, the job was cancelled).
-    Failed(String),
 }
 
 /// What a manager started: watched while workers connect, stopped at shutdown.

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use crate::ids::Pid;
 use crate::codec;
 use crate::error::{Error, RemoteError, Result};
-use launcher::{ClusterManager, Launch, LaunchContext, LaunchStatus};
+use launcher::{ClusterManager, Launch, LaunchContext};
+use crate::protocol::watch::{LaunchWatch, Verdict};
 use crate::protocol::{DEFAULT_MAX_FRAME, Header, Kind, Liveness, Secret};
 use crate::registry::{self, RemoteFn};
 use crate::transport::listener::{HandshakeLimits, Listener};
@@ -569,43 +570,24 @@ impl Drop for Cluster {
     }
 }
 
-/// Waits until every worker of a launch has connected. The launch timeout counts from when
-/// the launch is running (a queued job shows its id and state instead, and has its own
-/// optional limit); when it ends, `min_workers` decides between going on and failing.
+/// Waits until every worker of a launch has connected, as the [`LaunchWatch`] rules.
 fn wait_for_workers(manager: &impl ClusterManager, wait: &master::LaunchWait, launch: &mut dyn Launch, submitted: Instant) -> Result<()> {
-    let n = manager.count();
-    let mut running_since = None;
-    let mut shown: Option<(String, Instant)> = None;
+    let mut watch = LaunchWatch::new(manager.count(), manager.min_workers(), manager.launch_timeout(), manager.queue_timeout(), submitted);
     loop {
         let connected = wait.wait(Duration::from_millis(100)).map_err(Error::Launch)?;
-        if connected == n {
-            return Ok(());
-        }
-        match launch.status() {
-            LaunchStatus::Failed(problem) => return Err(Error::Launch(format!("{problem} ({connected} of {n} workers had connected)"))),
-            LaunchStatus::Queued(state) => {
-                let waited = submitted.elapsed();
-                if shown.as_ref().is_none_or(|(s, at)| *s != state || at.elapsed() >= Duration::from_secs(10)) {
-                    tracing::info!("{state} ({} s)", waited.as_secs());
-                    eprintln!("clusterman: {state} ({} s)", waited.as_secs());
-                    shown = Some((state.clone(), Instant::now()));
-                }
-                if let Some(limit) = manager.queue_timeout().filter(|limit| waited >= *limit) {
-                    return Err(Error::Launch(format!(
-                        "still queued after {limit:?}: {state}; the job was cancelled (ask for fewer resources, or raise JobOptions::queue_timeout)"
-                    )));
-                }
+        match watch.observe(Instant::now(), &launch.status(), connected) {
+            Verdict::Wait(None) => {}
+            Verdict::Wait(Some(line)) => {
+                tracing::info!("{line}");
+                eprintln!("clusterman: {line}");
             }
-            LaunchStatus::Running => {
-                let since = *running_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= manager.launch_timeout() {
-                    if connected > 0 && connected >= manager.min_workers() {
-                        tracing::warn!("going on with {connected} of {n} workers after {:?} (min_workers {})", manager.launch_timeout(), manager.min_workers());
-                        return Ok(());
-                    }
-                    return Err(Error::LaunchTimeout { waited: since.elapsed(), connected, expected: n, detail: launch.describe() });
-                }
+            Verdict::Ready => return Ok(()),
+            Verdict::Enough(n) => {
+                tracing::warn!("going on with {n} of {} workers after {:?} (min_workers {})", manager.count(), manager.launch_timeout(), manager.min_workers());
+                return Ok(());
             }
+            Verdict::Failed(why) => return Err(Error::Launch(why)),
+            Verdict::TimedOut { ran, connected } => return Err(Error::LaunchTimeout { waited: ran, connected, expected: manager.count(), detail: launch.describe() }),
         }
     }
 }

@@ -9,6 +9,7 @@
 pub(crate) mod env;
 mod frame;
 mod handshake;
+pub(crate) mod watch;
 
 pub use frame::{Frame, FrameBuf, FrameReader, Header, Kind, LEN_PREFIX, bare, read_frame};
 pub use handshake::{MAGIC, PROTOCOL_VERSION};
