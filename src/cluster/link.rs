@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::ids::Pid;
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::protocol::{Frame, FrameBuf, Header, Kind, LEN_PREFIX};
+use crate::protocol::{Frame, FrameBuf, Header, Health, Kind, Liveness, LEN_PREFIX};
 use crate::sys;
 use crate::transport::FrameOut;
 
@@ -185,21 +185,10 @@ impl Link {
         self.heard.store(sys::now_ms(), Ordering::Relaxed);
     }
 
-    /// How long the peer has been silent. For a connection the application is not reading
-    /// at the moment, the kernel's view counts too: data that arrived unread is a sign of
-    /// life, and so is a receive queue we are too busy to empty.
-    pub(crate) fn silence(&self) -> Duration {
-        let app = Duration::from_millis(sys::now_ms().saturating_sub(self.heard.load(Ordering::Relaxed)));
-        match self.out.pulse() {
-            Some(p) if p.unread >= BACKED_UP => Duration::ZERO,
-            Some(p) => app.min(p.since_data),
-            None => app,
-        }
-    }
-
-    /// True when the kernel saw the peer close the connection (read or not).
-    pub(crate) fn peer_closed(&self) -> bool {
-        self.out.pulse().is_some_and(|p| p.closed)
+    /// How the peer is doing, by `liveness`: what we heard from it, and what the kernel knows.
+    pub(crate) fn health(&self, liveness: &Liveness) -> Health {
+        let heard = Duration::from_millis(sys::now_ms().saturating_sub(self.heard.load(Ordering::Relaxed)));
+        liveness.judge(heard, self.out.pulse())
     }
 
     pub(crate) fn note_routed(&self, caller: Pid, req: u64) {
@@ -214,10 +203,6 @@ impl Link {
         self.routed.lock().expect("routed lock").drain().collect()
     }
 }
-
-/// Unread bytes from which a silent peer is presumed blocked by us, not dead: a peer whose
-/// data we do not read cannot get its heartbeats through either.
-const BACKED_UP: usize = 64 * 1024;
 
 /// Builds a failure frame addressed to `dst` for request `req`.
 pub(crate) fn failure_frame(src: Pid, dst: Pid, req: u64, failure: &Failure) -> Result<Vec<u8>> {

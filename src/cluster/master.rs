@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::ids::Pid;
 use crate::error::Error;
 use super::launcher::Launch;
-use crate::protocol::{Frame, Hello, Kind, Liveness, Refusal, Secret, Terms, Welcome, bare};
+use crate::protocol::{Frame, Health, Hello, Kind, Liveness, Refusal, Secret, Terms, Welcome, bare};
 use crate::transport::listener::{Admit, HandshakeLimits, Listener};
 use crate::transport::tcp::{TcpOut, read_frames};
 
@@ -472,8 +472,7 @@ pub(crate) fn watch_workers(inner: Weak<Inner>, liveness: Liveness) {
             let entries: Vec<Arc<WorkerEntry>> = m.workers.read().expect("workers lock").values().cloned().collect();
             for entry in entries.into_iter().filter(|e| e.link.given_up().is_none()) {
                 let _ = entry.link.send(bare(Kind::Heartbeat, 1, entry.info.pid));
-                let silence = entry.link.silence();
-                if silence >= liveness.timeout {
+                if let Health::Silent(silence) = entry.link.health(&liveness) {
                     let reason = format!("no heartbeat for {} s (stopped, hung, or its node or network is gone)", silence.as_secs());
                     // user callbacks run on worker death: not on the I/O thread
                     let inner = inner.clone();

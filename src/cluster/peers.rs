@@ -17,7 +17,7 @@ use crossbeam_channel::Sender;
 use crate::ids::Pid;
 use crate::error::{Error, Result};
 use crate::fingerprint;
-use crate::protocol::{self, Hello, Kind, Liveness, Refusal, Secret, Terms, Welcome, bare};
+use crate::protocol::{self, Health, Hello, Kind, Liveness, Refusal, Secret, Terms, Welcome, bare};
 use crate::sys;
 use crate::transport::listener::{Admit, HandshakeLimits, Listener};
 use crate::transport::tcp::{TcpOut, dial};
@@ -128,9 +128,10 @@ impl Peers {
         let links: Vec<Arc<Link>> = self.links.lock().expect("peer links lock").values().filter(|l| !l.is_dead()).cloned().collect();
         for link in links {
             let _ = link.send(bare(Kind::Heartbeat, me, link.peer));
-            let silence = link.silence();
-            if silence >= liveness.timeout {
-                link.give_up(format!("no heartbeat from worker {} for {} s", link.peer, silence.as_secs()));
+            match link.health(&liveness) {
+                Health::Alive => {}
+                Health::Silent(silence) => link.give_up(format!("no heartbeat from worker {} for {} s", link.peer, silence.as_secs())),
+                Health::Closed => link.give_up(format!("worker {} closed the direct link", link.peer)),
             }
         }
     }

@@ -1,23 +1,19 @@
-//! `pmap`: a dynamically balanced parallel map. Items travel in batches; each worker has up
-//! to two batches in flight so it never waits for the next one; results are placed by index.
-//! A failed item is retried alone after the next delay of `retry_delays`; a batch lost with
-//! its worker is retried whole on the others.
+//! `pmap`: a dynamically balanced parallel map. The plan (which items go where, retries,
+//! when it is done) is [`PmapPlan`]'s; this drives it: sends its batches, places the results
+//! by index, and applies `on_error` to items that failed for good.
 
-use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::ids::Pid;
 use crate::codec;
 use crate::error::{Error, RemoteError, Result};
+use crate::protocol::plan::{PmapPlan, Returned};
 use crate::protocol::{Frame, Kind};
 use crate::registry::{CallError, RemoteFn};
 
 use super::failure::Failure;
 use super::slot::{self, Waiter};
 use super::{Cluster, run_here};
-
-/// Batches in flight per worker: one running, one queued behind it.
-const IN_FLIGHT: usize = 2;
 
 /// Supplies a result for an item that failed for good.
 type ErrorHandler<R> = Box<dyn Fn(&Error) -> R + Send + Sync>;
@@ -87,101 +83,68 @@ pub fn exponential_backoff(n: usize, first: Duration, factor: f64, max: Duration
     std::iter::successors(Some(first), |d| Some(d.mul_f64(factor).min(max))).take(n).collect()
 }
 
-struct Job {
-    items: Vec<usize>,
-    attempts: usize,
-    not_before: Instant,
-}
-
 pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, options: PmapOptions<F::Output>) -> Result<Vec<F::Output>> {
     let n = items.len();
-    let mut pool = options.workers.clone().unwrap_or_else(|| cluster.workers());
+    let pool = options.workers.clone().unwrap_or_else(|| cluster.workers());
     if pool.is_empty() {
         // No workers: run here, like Julia's pmap on a lone master.
         return items.into_iter().map(|a| run_here::<F>(cluster.my_id(), a)).collect();
     }
-    let batch = options.batch_size.unwrap_or_else(|| n.div_ceil(pool.len() * 8).clamp(1, 1024));
-    let now = Instant::now();
-    let mut queue: VecDeque<Job> = (0..n).step_by(batch).map(|s| Job { items: (s..(s + batch).min(n)).collect(), attempts: 0, not_before: now }).collect();
-    let mut delayed: Vec<Job> = Vec::new();
+    let mut plan = PmapPlan::new(n, pool, options.batch_size.unwrap_or(0), options.retry_delays.clone(), Instant::now());
     let mut results: Vec<Option<F::Output>> = (0..n).map(|_| None).collect();
-    let mut in_flight: HashMap<u64, (Pid, Job)> = HashMap::new();
-    let mut load: HashMap<Pid, usize> = pool.iter().map(|p| (*p, 0)).collect();
     let (tx, rx) = crossbeam_channel::unbounded::<(u64, Result<Frame>)>();
-    let mut next_tag = 0u64;
     let mut scratch = Vec::new();
 
     loop {
-        let now = Instant::now();
-        let (ready, later): (Vec<Job>, Vec<Job>) = std::mem::take(&mut delayed).into_iter().partition(|j| j.not_before <= now);
-        queue.extend(ready);
-        delayed = later;
-
-        // Fill every live worker up to IN_FLIGHT batches.
-        'fill: while !queue.is_empty() {
-            let Some(&pid) = pool.iter().filter(|p| load[p] < IN_FLIGHT).min_by_key(|p| load[p]) else { break };
-            let job = queue.pop_front().expect("queue is not empty");
+        while let Some(batch) = plan.next_batch(Instant::now()) {
             scratch.clear();
-            scratch.extend(job.items.iter().map(|&i| &items[i]));
-            let tag = next_tag;
-            next_tag += 1;
-            let waiter = Waiter::Queue { tx: tx.clone(), tag };
-            match cluster.send(Kind::Batch, pid, F::ID, 16 * scratch.len(), |buf| codec::encode_into(&scratch, buf), Some(waiter)) {
-                Ok(_) => {
-                    *load.get_mut(&pid).expect("pid in pool") += 1;
-                    in_flight.insert(tag, (pid, job));
-                }
+            scratch.extend(batch.items.iter().map(|&i| &items[i]));
+            let waiter = Waiter::Queue { tx: tx.clone(), tag: batch.tag };
+            match cluster.send(Kind::Batch, batch.pid, F::ID, 16 * scratch.len(), |buf| codec::encode_into(&scratch, buf), Some(waiter)) {
+                Ok(_) => {}
                 Err(Error::WorkerDied { .. } | Error::NoSuchWorker(_) | Error::Busy { .. }) => {
-                    pool.retain(|p| *p != pid);
-                    queue.push_front(job);
-                    if pool.is_empty() {
-                        break 'fill;
-                    }
+                    plan.drop_worker(batch.pid);
+                    let unsent = plan.take(batch.tag).expect("just planned");
+                    plan.unsent(unsent, Instant::now());
                 }
                 Err(e) => return Err(e),
             }
         }
-
-        if in_flight.is_empty() {
-            if queue.is_empty() && delayed.is_empty() {
-                break;
-            }
-            if pool.is_empty() {
-                return Err(Error::Launch(format!("pmap: every worker died with {} items unfinished; add workers and run it again", results.iter().filter(|r| r.is_none()).count())));
-            }
+        if plan.finished() {
+            break;
+        }
+        if plan.stranded() {
+            return Err(Error::Launch(format!("pmap: every worker died with {} items unfinished; add workers and run it again", results.iter().filter(|r| r.is_none()).count())));
         }
 
-        let wake_at = delayed.iter().map(|j| j.not_before).min();
-        let Some((tag, reply)) = next_completion(&rx, wake_at, !in_flight.is_empty())? else { continue };
-        let Some((pid, job)) = in_flight.remove(&tag) else { continue };
-        *load.get_mut(&pid).expect("pid in pool") -= 1;
-
+        let Some((tag, reply)) = next_completion(&rx, plan.wake_at(), plan.outstanding() > 0)? else { continue };
+        let Some(batch) = plan.take(tag) else { continue };
         let outcome: Result<Vec<Result<F::Output, CallError>>> = reply.and_then(|frame| match frame.header.kind {
             Kind::Reply => codec::decode(frame.payload()),
             _ => Err(codec::decode::<Failure>(frame.payload())?.into()),
         });
         match outcome {
             Ok(values) => {
-                if values.len() != job.items.len() {
-                    return Err(Error::Protocol(format!("worker {pid} returned {} results for a batch of {}", values.len(), job.items.len())));
+                if values.len() != batch.items.len() {
+                    return Err(Error::Protocol(format!("worker {} returned {} results for a batch of {}", batch.pid, values.len(), batch.items.len())));
                 }
-                for (index, value) in job.items.iter().copied().zip(values) {
+                for (index, value) in batch.items.iter().copied().zip(values) {
                     match value {
                         Ok(v) => results[index] = Some(v),
                         Err(e) => {
-                            let error = Error::Remote(RemoteError { pid, function: F::NAME.into(), message: e.message, location: e.location });
-                            let retry = Job { items: vec![index], attempts: job.attempts, not_before: now };
-                            failed(retry, error, &options, &mut delayed, &mut results)?;
+                            let error = Error::Remote(RemoteError { pid: batch.pid, function: F::NAME.into(), message: e.message, location: e.location });
+                            let alone = Returned { items: vec![index], ..batch.clone() };
+                            failed(&mut plan, alone, error, &options, &mut results)?;
                         }
                     }
                 }
             }
             Err(error) => {
                 if matches!(error, Error::WorkerDied { .. }) {
-                    tracing::warn!("pmap: worker {pid} died with a batch of {} items: {error}", job.items.len());
-                    pool.retain(|p| *p != pid);
+                    tracing::warn!("pmap: worker {} died with a batch of {} items: {error}", batch.pid, batch.items.len());
+                    plan.drop_worker(batch.pid);
                 }
-                failed(job, error, &options, &mut delayed, &mut results)?;
+                failed(&mut plan, batch, error, &options, &mut results)?;
             }
         }
     }
@@ -189,16 +152,13 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
 }
 
 /// Schedules a retry, or applies `on_error`, or fails the map.
-fn failed<R>(mut job: Job, error: Error, options: &PmapOptions<R>, delayed: &mut Vec<Job>, results: &mut [Option<R>]) -> Result<()> {
-    if let Some(delay) = options.retry_delays.get(job.attempts) {
-        job.attempts += 1;
-        job.not_before = Instant::now() + *delay;
-        delayed.push(job);
+fn failed<R>(plan: &mut PmapPlan, batch: Returned, error: Error, options: &PmapOptions<R>, results: &mut [Option<R>]) -> Result<()> {
+    if plan.retry(batch.items.clone(), batch.attempts, Instant::now()) {
         return Ok(());
     }
     match &options.on_error {
         Some(handler) => {
-            for i in job.items {
+            for i in batch.items {
                 results[i] = Some(handler(&error));
             }
             Ok(())

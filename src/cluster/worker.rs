@@ -17,7 +17,7 @@ use crate::ids::Pid;
 use crate::error::{Error, Result};
 use crate::fingerprint;
 use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECRET_FILE, Index, parse_launch};
-use crate::protocol::{self, Frame, Hello, Kind, Liveness, Secret, Terms, Welcome, bare};
+use crate::protocol::{self, Frame, Health, Hello, Kind, Liveness, Secret, Terms, Welcome, bare};
 use crate::sys;
 use crate::transport::{self, tcp::TcpOut};
 
@@ -325,13 +325,10 @@ fn watch_master(uplink: Arc<Link>, peers: Option<Arc<Peers>>, liveness: Liveness
                 return;
             }
             let _ = uplink.send(bare(Kind::Heartbeat, me, 1));
-            let silence = uplink.silence();
-            let why = if uplink.peer_closed() {
-                Some("the master closed the connection".to_string())
-            } else if silence >= liveness.timeout {
-                Some(format!("no heartbeat from the master for {} s (its host vanished, the network is cut, or it hangs)", silence.as_secs()))
-            } else {
-                None
+            let why = match uplink.health(&liveness) {
+                Health::Alive => None,
+                Health::Closed => Some("the master closed the connection".to_string()),
+                Health::Silent(silence) => Some(format!("no heartbeat from the master for {} s (its host vanished, the network is cut, or it hangs)", silence.as_secs())),
             };
             if let Some(why) = why {
                 if STOPPING.load(Ordering::Relaxed) {

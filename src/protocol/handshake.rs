@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use super::liveness::Liveness;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ids::Pid;
@@ -147,24 +149,6 @@ impl Refusal {
     /// A refusal that names no launch (the peer did not prove the secret).
     pub fn anonymous(reason: impl Into<String>) -> Refusal {
         Refusal { reason: reason.into(), launch: None }
-    }
-}
-
-/// How often both sides of a connection send heartbeats, and how long a silent peer has
-/// before it counts as dead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Liveness {
-    /// Time between heartbeats.
-    pub interval: Duration,
-    /// Silence after which the peer is dead.
-    pub timeout: Duration,
-}
-
-impl Default for Liveness {
-    /// 5 s between heartbeats, dead after 60 s of silence: a GC pause, a swapping node or a
-    /// busy network does not kill a worker; a hung node is noticed within a minute.
-    fn default() -> Self {
-        Liveness { interval: Duration::from_secs(5), timeout: Duration::from_secs(60) }
     }
 }
 

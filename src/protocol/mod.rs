@@ -9,11 +9,14 @@
 pub(crate) mod env;
 mod frame;
 mod handshake;
+pub(crate) mod liveness;
+pub(crate) mod plan;
 pub(crate) mod watch;
 
 pub use frame::{Frame, FrameBuf, FrameReader, Header, Kind, LEN_PREFIX, bare, read_frame};
 pub use handshake::{MAGIC, PROTOCOL_VERSION};
-pub use handshake::{Fingerprint, Hello, Liveness, MAX_HANDSHAKE, Refusal, Secret, Terms, Welcome, check_hello};
+pub use handshake::{Fingerprint, Hello, MAX_HANDSHAKE, Refusal, Secret, Terms, Welcome, check_hello};
+pub use liveness::{Health, Liveness};
 
 /// Default largest frame a peer may send (1 GiB); raise it with
 /// [`ClusterBuilder::max_frame`](crate::ClusterBuilder::max_frame) for bigger single values.
