@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::cluster::failure::Failure;
+use crate::protocol::failure::Failure;
 use crate::codec;
 use crate::error::RemoteError;
 use crate::protocol::{self, Fingerprint, FrameBuf, Header, Hello, Kind, Liveness, Secret, Terms, Welcome, check_hello};

@@ -6,7 +6,7 @@ use crate::error::RemoteError;
 use crate::protocol::{Frame, FrameBuf, Header, Kind};
 use crate::registry;
 
-use super::failure::Failure;
+use crate::protocol::failure::Failure;
 
 /// Runs a `Call`, `Cast` or `Batch` frame addressed to `me`. Returns the reply frame to send
 /// back, or `None` for a `Cast` (whose failure is logged here, as nobody waits for it).

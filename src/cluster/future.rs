@@ -14,7 +14,7 @@ use crate::codec;
 use crate::error::{Error, Result};
 use crate::protocol::{Frame, Kind};
 
-use super::failure::Failure;
+use crate::protocol::failure::Failure;
 use super::link::Link;
 use super::slot::Slot;
 

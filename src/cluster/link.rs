@@ -8,13 +8,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::ids::Pid;
-use crate::codec;
 use crate::error::{Error, Result};
-use crate::protocol::{Frame, FrameBuf, Header, Health, Kind, Liveness, LEN_PREFIX};
+use crate::protocol::{Frame, FrameBuf, Header, Health, LEN_PREFIX, Liveness};
 use crate::sys;
 use crate::transport::FrameOut;
 
-use super::failure::Failure;
 use super::slot::Waiter;
 
 #[derive(Default)]
@@ -202,11 +200,4 @@ impl Link {
     pub(crate) fn take_routed(&self) -> Vec<(Pid, u64)> {
         self.routed.lock().expect("routed lock").drain().collect()
     }
-}
-
-/// Builds a failure frame addressed to `dst` for request `req`.
-pub(crate) fn failure_frame(src: Pid, dst: Pid, req: u64, failure: &Failure) -> Result<Vec<u8>> {
-    let mut frame = FrameBuf::new(Header { kind: Kind::Failure, src, dst, req, func: 0 });
-    codec::encode_into(failure, frame.payload())?;
-    frame.finish()
 }

@@ -18,8 +18,9 @@ use crate::transport::listener::{Admit, HandshakeLimits, Listener};
 use crate::transport::tcp::{TcpOut, read_frames};
 
 use super::exec;
-use super::failure::Failure;
-use super::link::{Link, failure_frame};
+use crate::protocol::failure::Failure;
+use super::link::Link;
+use crate::protocol::failure::failure_frame;
 use super::output::OutputSink;
 use super::pool::{Job, Pool};
 use super::refusals::RefusalLog;

@@ -2,7 +2,6 @@
 //! worker's serving loop.
 
 pub(crate) mod exec;
-pub(crate) mod failure;
 pub(crate) mod future;
 pub(crate) mod launcher;
 pub(crate) mod link;

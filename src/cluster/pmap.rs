@@ -11,7 +11,7 @@ use crate::protocol::plan::{PmapPlan, Returned};
 use crate::protocol::{Frame, Kind};
 use crate::registry::{CallError, RemoteFn};
 
-use super::failure::Failure;
+use crate::protocol::failure::Failure;
 use super::slot::{self, Waiter};
 use super::{Cluster, run_here};
 

@@ -21,7 +21,8 @@ use crate::protocol::{self, Frame, Health, Hello, Kind, Liveness, Secret, Terms,
 use crate::sys;
 use crate::transport::{self, tcp::TcpOut};
 
-use super::link::{Link, failure_frame};
+use super::link::Link;
+use crate::protocol::failure::failure_frame;
 use super::{Cluster, Peers, exec, output, slot};
 
 static MY_PID: AtomicU32 = AtomicU32::new(1);
@@ -467,7 +468,7 @@ fn pump_once(deadline: Option<Instant>) -> Result<()> {
             if let Some(mut reply) = exec::execute(terms.pid, &frame) {
                 if reply.len() > terms.max_frame + protocol::LEN_PREFIX {
                     let why = format!("its result of {} bytes exceeds the cluster's max_frame of {}; raise ClusterBuilder::max_frame", reply.len(), terms.max_frame);
-                    let failure = super::failure::Failure::Remote(crate::error::RemoteError { pid: terms.pid, function: exec::function_name(frame.header.func), message: why, location: None });
+                    let failure = crate::protocol::failure::Failure::Remote(crate::error::RemoteError { pid: terms.pid, function: exec::function_name(frame.header.func), message: why, location: None });
                     reply = failure_frame(terms.pid, frame.header.src, frame.header.req, &failure)?;
                 }
                 output::flush();

@@ -7,6 +7,7 @@
 //! never a panic. The transports (TCP today, MPI later) only move these bytes.
 
 pub(crate) mod env;
+pub(crate) mod failure;
 mod frame;
 mod handshake;
 pub(crate) mod liveness;

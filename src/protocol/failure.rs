@@ -2,8 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec;
+use crate::error::{Error, RemoteError, Result};
 use crate::ids::Pid;
-use crate::error::{Error, RemoteError};
+
+use super::frame::{FrameBuf, Header, Kind};
 
 /// The payload of a `Failure` frame.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -25,4 +28,11 @@ impl From<Failure> for Error {
             Failure::Busy { pid, reason } => Error::Busy { pid, reason },
         }
     }
+}
+
+/// A failure frame from `src` to `dst` for request `req`.
+pub(crate) fn failure_frame(src: Pid, dst: Pid, req: u64, failure: &Failure) -> Result<Vec<u8>> {
+    let mut frame = FrameBuf::new(Header { kind: Kind::Failure, src, dst, req, func: 0 });
+    codec::encode_into(failure, frame.payload())?;
+    frame.finish()
 }
