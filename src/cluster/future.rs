@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,6 @@ use crate::error::{Error, Result};
 use crate::protocol::{Frame, Kind};
 
 use crate::protocol::failure::Failure;
-use super::link::Link;
 use super::slot::Slot;
 
 /// Decodes a reply frame into the caller's type.
@@ -40,9 +39,12 @@ pub struct RemoteFuture<R> {
     _result: PhantomData<fn() -> R>,
 }
 
+/// Forgets a call whose caller stopped waiting (its reply, if any, is then dropped).
+pub(crate) type Forget = Box<dyn FnOnce() + Send + Sync>;
+
 enum FutureInner<R> {
-    /// The slot, and the link and request id to forget if the caller stops waiting.
-    Pending(Arc<Slot>, Weak<Link>, u64),
+    /// The slot, and how to forget the call if the caller stops waiting.
+    Pending(Arc<Slot>, Forget),
     Ready(Option<Result<R>>),
 }
 
@@ -71,8 +73,8 @@ impl<R> RemoteFuture<R> {
 }
 
 impl<R: DeserializeOwned> RemoteFuture<R> {
-    pub(crate) fn pending(pid: Pid, slot: Arc<Slot>, link: &Arc<Link>, req: u64) -> Self {
-        RemoteFuture { pid, inner: FutureInner::Pending(slot, Arc::downgrade(link), req), _result: PhantomData }
+    pub(crate) fn pending(pid: Pid, slot: Arc<Slot>, forget: Forget) -> Self {
+        RemoteFuture { pid, inner: FutureInner::Pending(slot, forget), _result: PhantomData }
     }
 
     pub(crate) fn ready(pid: Pid, result: Result<R>) -> Self {
@@ -95,12 +97,10 @@ impl<R: DeserializeOwned> RemoteFuture<R> {
     /// result is dropped when it arrives.
     pub fn fetch_timeout(self, timeout: Duration) -> Result<R> {
         match self.inner {
-            FutureInner::Pending(slot, link, req) => match slot.wait(Some(Instant::now() + timeout)) {
+            FutureInner::Pending(slot, forget) => match slot.wait(Some(Instant::now() + timeout)) {
                 Some(frame) => decode_reply(frame),
                 None => {
-                    if let Some(link) = link.upgrade() {
-                        link.forget(req);
-                    }
+                    forget();
                     Err(Error::Timeout { pid: self.pid, waited: timeout })
                 }
             },

@@ -1,8 +1,8 @@
-//! One connection to a peer: its sender, the table of calls waiting for a reply on it, when
-//! the peer was last heard from, and (on the master) the calls it routes to this peer for
-//! other workers. Sending never waits on the peer (see [`FrameOut`]).
+//! A worker's connection to a peer (its master, or another worker): its sender, the table of
+//! calls waiting for a reply on it, and when the peer was last heard from. Sending never
+//! waits on the peer (see [`FrameOut`]). (The master keeps its calls in its protocol core.)
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -37,8 +37,6 @@ pub(crate) struct Link {
     max_frame: usize,
     /// [`sys::now_ms`] when the last frame from the peer arrived.
     heard: AtomicU64,
-    /// Master only: (caller pid, request id) of calls routed to this peer for other workers.
-    routed: Mutex<HashSet<(Pid, u64)>>,
 }
 
 impl Link {
@@ -51,7 +49,6 @@ impl Link {
             next_req: AtomicU64::new(1),
             max_frame,
             heard: AtomicU64::new(sys::now_ms()),
-            routed: Mutex::new(HashSet::new()),
         })
     }
 
@@ -72,11 +69,6 @@ impl Link {
             std::io::ErrorKind::WouldBlock => Error::Busy { pid: self.peer, reason: e.to_string() },
             _ => self.died(&e.to_string()),
         }
-    }
-
-    /// Sends a received frame on to this peer (routing), as it came.
-    pub(crate) fn forward(&self, frame: Frame) -> Result<()> {
-        self.send(frame.into_wire())
     }
 
     /// The error for a call that cannot complete because this link is gone.
@@ -154,13 +146,6 @@ impl Link {
         self.pending.lock().expect("pending lock").dead.is_some()
     }
 
-    /// Waits up to `timeout` for the link to die; true if it did.
-    pub(crate) fn wait_dead(&self, timeout: Duration) -> bool {
-        let p = self.pending.lock().expect("pending lock");
-        let (p, _) = self.died.wait_timeout_while(p, timeout, |p| p.dead.is_none()).expect("pending lock");
-        p.dead.is_some()
-    }
-
     /// Closes the connection; the peer sees its end, our reader wakes up.
     pub(crate) fn close(&self) {
         self.out.close();
@@ -187,17 +172,5 @@ impl Link {
     pub(crate) fn health(&self, liveness: &Liveness) -> Health {
         let heard = Duration::from_millis(sys::now_ms().saturating_sub(self.heard.load(Ordering::Relaxed)));
         liveness.judge(heard, self.out.pulse())
-    }
-
-    pub(crate) fn note_routed(&self, caller: Pid, req: u64) {
-        self.routed.lock().expect("routed lock").insert((caller, req));
-    }
-
-    pub(crate) fn routed_done(&self, caller: Pid, req: u64) {
-        self.routed.lock().expect("routed lock").remove(&(caller, req));
-    }
-
-    pub(crate) fn take_routed(&self) -> Vec<(Pid, u64)> {
-        self.routed.lock().expect("routed lock").drain().collect()
     }
 }

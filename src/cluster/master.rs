@@ -1,8 +1,9 @@
-//! The master's state: the process table, the launches waiting for their workers, the
-//! handling of every frame from a worker (on the I/O thread, which reads all connections:
-//! it resolves replies, routes worker-to-worker frames and hands output on), the events
-//! thread (which calls the user's output sink and departure hooks, off the I/O thread), and
-//! the heartbeat that declares silent workers dead.
+//! The master's driver: the connections to its workers and the launches waiting for them,
+//! around the protocol core ([`MasterCore`]: calls, routing, heartbeats), which it feeds
+//! every frame (on the I/O thread, which reads all connections), every connection end and
+//! the time, and whose output it carries out: sending, running calls addressed to the
+//! master, resolving callers. The user's output sink and departure hooks run on an events
+//! thread, never on the I/O thread.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -10,20 +11,21 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use crate::error::{Error, Result};
 use crate::ids::Pid;
-use crate::error::Error;
-use super::launcher::Launch;
-use crate::protocol::{Frame, Health, Hello, Kind, Liveness, Refusal, Secret, Terms, Welcome, bare};
+use crate::protocol::failure::{Failure, failure_frame};
+use crate::protocol::master::{Event as CoreEvent, MasterCore, STOPPED, Transmit};
+use crate::protocol::{Frame, FrameBuf, Header, Hello, Kind, LEN_PREFIX, Liveness, Refusal, Secret, Terms, Welcome};
+use crate::transport::FrameOut;
 use crate::transport::listener::{Admit, HandshakeLimits, Listener};
 use crate::transport::tcp::{TcpOut, read_frames};
 
 use super::exec;
-use crate::protocol::failure::Failure;
-use super::link::Link;
-use crate::protocol::failure::failure_frame;
+use super::launcher::Launch;
 use super::output::OutputSink;
 use super::pool::{Job, Pool};
 use super::refusals::RefusalLog;
+use super::slot::Waiter;
 use super::{Cluster, Inner};
 
 /// What the master knows about a worker.
@@ -39,9 +41,12 @@ pub struct WorkerInfo {
     pub mpi: Option<(i32, i32)>,
 }
 
+/// A connection to a worker.
 pub(crate) struct WorkerEntry {
     pub info: WorkerInfo,
-    pub link: Arc<Link>,
+    out: Box<dyn FrameOut>,
+    /// Read by the I/O thread, which reports its end; an MPI link has no end of its own.
+    evented: bool,
     /// Output frames handed to the events thread and not printed yet: a reply that comes
     /// after them goes the same way, so a call's output is out before its result.
     output_pending: AtomicUsize,
@@ -52,9 +57,11 @@ pub(crate) enum Event {
     /// Lines a worker printed: to the output sink.
     Output(Arc<WorkerEntry>, Frame),
     /// A reply that must not overtake output still queued.
-    Resolve(Arc<WorkerEntry>, Frame),
-    /// A worker is gone: fail its calls, run the departure hooks.
-    Gone(Arc<WorkerEntry>, String),
+    Resolve(Waiter, Result<Frame>),
+    /// A worker is gone: run the departure hooks.
+    Gone(Pid, String),
+    /// End the process of a worker that stopped answering, where a launch of ours can.
+    Kill(WorkerInfo),
 }
 
 /// Bytes of worker output that may wait for the sink; past it, lines are dropped (counted).
@@ -107,7 +114,12 @@ pub(crate) struct Master {
     pub listener: Mutex<Option<Listener>>,
     pub addr: SocketAddr,
     pub advertise: std::net::IpAddr,
+    /// Calls, routing and heartbeats.
+    pub core: Mutex<MasterCore<Waiter>>,
+    /// The connections, by pid.
     pub workers: RwLock<BTreeMap<Pid, Arc<WorkerEntry>>>,
+    /// Signalled when a worker is gone.
+    pub departed: (Mutex<()>, Condvar),
     pub next_pid: AtomicU32,
     pub waiting: Mutex<HashMap<u64, Arc<LaunchWait>>>,
     pub launches: Mutex<Vec<(u64, Box<dyn Launch>)>>,
@@ -127,8 +139,6 @@ pub(crate) struct Master {
     pub direct_links: bool,
     /// Where each worker listens for direct links from its peers.
     pub peer_addresses: Mutex<HashMap<Pid, String>>,
-    /// Frames forwarded from one worker to another.
-    pub routed: std::sync::atomic::AtomicU64,
     /// Runs calls addressed to pid 1.
     pub pool: Pool,
     /// To the events thread.
@@ -254,30 +264,142 @@ impl Admit for Admission {
 
 /// Puts a worker that passed the handshake on `stream` into the process table; the I/O
 /// thread reads its connection from now on. Runs on the I/O thread.
-pub(crate) fn serve_connection(inner: &Arc<Inner>, pid: Pid, hello: Hello, stream: tokio::net::TcpStream) -> Arc<WorkerEntry> {
+pub(crate) fn serve_connection(inner: &Arc<Inner>, pid: Pid, hello: Hello, stream: tokio::net::TcpStream) {
     let stream = Arc::new(stream);
     let info = WorkerInfo { pid, host: hello.host, os_pid: hello.os_pid, mpi: hello.mpi };
-    let max_frame = inner.master().max_frame;
-    let entry = add_worker(inner, info, Link::new(pid, TcpOut::evented(stream.clone()), max_frame));
+    let entry = add_worker(inner, info, TcpOut::evented(stream.clone()), true);
     let (weak, reading) = (Arc::downgrade(inner), entry.clone());
     let on_frame = move |frame| match weak.upgrade() {
-        Some(inner) => dispatch(&inner, &reading, frame),
+        Some(inner) => handle_frame(&inner, &reading, frame),
         None => Err("the master is gone".to_string()),
     };
-    let (events, ended) = (inner.master().events.clone(), entry.clone());
-    read_frames(stream, max_frame, on_frame, move |reason| {
-        ended.link.close();
-        let reason = ended.link.given_up().unwrap_or(reason);
-        let _ = events.send(Event::Gone(ended, reason));
+    let (weak, ended) = (Arc::downgrade(inner), entry);
+    read_frames(stream, inner.master().max_frame, on_frame, move |reason| {
+        ended.out.close();
+        if let Some(inner) = weak.upgrade() {
+            closed(&inner, ended.info.pid, &reason);
+        }
     });
+}
+
+/// Puts a worker into the process table, talking through `out`.
+pub(crate) fn add_worker(inner: &Arc<Inner>, info: WorkerInfo, out: Box<dyn FrameOut>, evented: bool) -> Arc<WorkerEntry> {
+    let m = inner.master();
+    let pid = info.pid;
+    let entry = Arc::new(WorkerEntry { info, out, evented, output_pending: AtomicUsize::new(0) });
+    m.workers.write().expect("workers lock").insert(pid, entry.clone());
+    m.core.lock().expect("core lock").add_worker(pid, Instant::now());
     entry
 }
 
-/// Puts a worker into the process table.
-pub(crate) fn add_worker(inner: &Arc<Inner>, info: WorkerInfo, link: Arc<Link>) -> Arc<WorkerEntry> {
-    let entry = Arc::new(WorkerEntry { info, link, output_pending: AtomicUsize::new(0) });
-    inner.master().workers.write().expect("workers lock").insert(entry.info.pid, entry.clone());
-    entry
+/// A frame from worker `entry` (on the I/O thread, or the MPI progress thread). `Err` ends
+/// the conversation with that worker: its goodbye ([`STOPPED`]), or a broken protocol.
+pub(crate) fn handle_frame(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, frame: Frame) -> std::result::Result<(), String> {
+    inner.master().core.lock().expect("core lock").handle_frame(Instant::now(), entry.info.pid, frame)?;
+    drive(inner, Some(entry));
+    Ok(())
+}
+
+/// Worker `pid`'s connection ended, for `reason`.
+pub(crate) fn closed(inner: &Arc<Inner>, pid: Pid, reason: &str) {
+    inner.master().core.lock().expect("core lock").handle_closed(pid, reason);
+    drive(inner, None);
+}
+
+/// Carries out what the core asks, until it asks nothing more: sends its transmits, and acts
+/// on its events. `from`: the worker whose frame caused them (its output comes first).
+fn drive(inner: &Arc<Inner>, from: Option<&Arc<WorkerEntry>>) {
+    let m = inner.master();
+    loop {
+        let (transmits, events): (Vec<Transmit>, Vec<CoreEvent<Waiter>>) = {
+            let mut core = m.core.lock().expect("core lock");
+            (std::iter::from_fn(|| core.poll_transmit()).collect(), std::iter::from_fn(|| core.poll_event()).collect())
+        };
+        if transmits.is_empty() && events.is_empty() {
+            return;
+        }
+        for t in transmits {
+            let failed = match m.worker(t.to) {
+                Some(entry) => entry.out.send(t.bytes, None).err().map(|e| send_error(t.to, e)),
+                None => Some(Error::NoSuchWorker(t.to)),
+            };
+            if let Some(error) = failed.filter(|_| t.routed.is_some()) {
+                m.core.lock().expect("core lock").transmit_failed(Transmit { to: t.to, bytes: Vec::new(), routed: t.routed }, &error);
+            }
+        }
+        for event in events {
+            match event {
+                CoreEvent::Resolved(waiter, result) => match from {
+                    // a reply must not overtake output of its worker that is still on its way
+                    Some(entry) if entry.output_pending.load(Ordering::Acquire) > 0 => {
+                        let _ = m.events.send(Event::Resolve(waiter, result));
+                    }
+                    _ => waiter.deliver(result),
+                },
+                CoreEvent::RunHere(pid, frame) => {
+                    if let Some(entry) = m.worker(pid) {
+                        run_here(inner, entry, frame);
+                    }
+                }
+                CoreEvent::Output(pid, frame) => {
+                    if let Some(entry) = m.worker(pid) {
+                        output(m, entry, frame);
+                    }
+                }
+                CoreEvent::Close { pid, kill } => {
+                    let Some(entry) = m.worker(pid) else { continue };
+                    entry.out.close();
+                    if kill {
+                        let _ = m.events.send(Event::Kill(entry.info.clone()));
+                    }
+                    if !entry.evented {
+                        // no reader to see the end: it ends here
+                        m.core.lock().expect("core lock").handle_closed(pid, "its link was closed");
+                    }
+                }
+                CoreEvent::Gone { pid, reason } => gone(m, pid, reason),
+            }
+        }
+    }
+}
+
+fn send_error(pid: Pid, e: std::io::Error) -> Error {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock => Error::Busy { pid, reason: e.to_string() },
+        _ => Error::WorkerDied { pid, reason: e.to_string() },
+    }
+}
+
+/// Hands a worker's output to the events thread, within bounds.
+fn output(m: &Master, entry: Arc<WorkerEntry>, frame: Frame) {
+    let bytes = frame.payload().len();
+    if m.output_queued.fetch_add(bytes, Ordering::Relaxed) + bytes > OUTPUT_QUEUE_LIMIT {
+        m.output_queued.fetch_sub(bytes, Ordering::Relaxed);
+        if m.output_dropped.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+            tracing::warn!("the output sink does not keep up: worker output is being dropped");
+        }
+        return;
+    }
+    entry.output_pending.fetch_add(1, Ordering::Release);
+    let _ = m.events.send(Event::Output(entry, frame));
+}
+
+/// A worker is gone: out of the table (whoever waits for that is told), listed as
+/// terminated; its departure hooks run on the events thread.
+fn gone(m: &Master, pid: Pid, reason: String) {
+    let Some(entry) = m.workers.write().expect("workers lock").remove(&pid) else { return };
+    if m.shut.load(Ordering::Relaxed) || reason == STOPPED {
+        tracing::debug!("worker {pid} stopped: {reason}");
+    } else {
+        tracing::warn!("worker {pid} (os pid {} on {}) terminated: {reason}", entry.info.os_pid, entry.info.host);
+    }
+    m.peer_addresses.lock().expect("peer addresses lock").remove(&pid);
+    m.terminated.lock().expect("terminated lock").push((pid, reason.clone()));
+    {
+        let _guard = m.departed.0.lock().expect("departed lock");
+        m.departed.1.notify_all();
+    }
+    let _ = m.events.send(Event::Gone(pid, reason));
 }
 
 /// Starts the events thread: the user's output sink and departure hooks run there, in the
@@ -296,194 +418,144 @@ pub(crate) fn start_events(inner: Weak<Inner>, events: crossbeam_channel::Receiv
                     }
                     entry.output_pending.fetch_sub(1, Ordering::Release);
                 }
-                Event::Resolve(entry, frame) => entry.link.resolve(frame),
-                Event::Gone(entry, reason) => worker_gone(&inner, &entry, &reason),
+                Event::Resolve(waiter, result) => waiter.deliver(result),
+                Event::Gone(pid, reason) => {
+                    for hook in m.departures.lock().expect("departures lock").iter() {
+                        hook(pid, &reason);
+                    }
+                }
+                Event::Kill(info) => m.kill(&info),
             }
         }
     })?;
     Ok(())
 }
 
-/// What stopped a worker's conversation after a goodbye.
-pub(crate) const STOPPED: &str = "stopped";
-
-/// Handles one frame from worker `entry`. `Err` ends the conversation with that worker:
-/// its goodbye ([`STOPPED`]), or a broken protocol.
-pub(crate) fn dispatch(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, frame: Frame) -> std::result::Result<(), String> {
-    let h = frame.header;
-    let from = entry.info.pid;
-    if h.src != from {
-        return Err(format!("protocol error: worker {from} sent a frame claiming to be from pid {}", h.src));
-    }
-    entry.link.heard();
+/// Sends a call (or a cast, without `waiter`) to worker `dst`; the payload is written by
+/// `encode`. Returns the request id.
+pub(crate) fn call(inner: &Arc<Inner>, header: Header, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<u64> {
     let m = inner.master();
-    match h.kind {
-        Kind::Heartbeat => {}
-        Kind::Reply | Kind::Failure if h.dst == 1 => {
-            if entry.output_pending.load(Ordering::Acquire) > 0 {
-                let _ = m.events.send(Event::Resolve(entry.clone(), frame));
-            } else {
-                entry.link.resolve(frame);
-            }
+    let dst = header.dst;
+    let entry = m.worker(dst).ok_or(Error::NoSuchWorker(dst))?;
+    let req = m.core.lock().expect("core lock").begin_call(dst, waiter)?;
+    let sent = encode_frame(Header { req, ..header }, hint, encode, m.max_frame).and_then(|bytes| entry.out.send(bytes, None).map_err(|e| send_error(dst, e)));
+    if let Err(e) = sent {
+        if m.core.lock().expect("core lock").cancel(dst, req).is_some() {
+            return Err(e);
         }
-        Kind::Reply | Kind::Failure => {
-            entry.link.routed_done(h.dst, h.req);
-            if let Some(target) = m.worker(h.dst) {
-                let _ = target.link.forward(frame);
-            }
-        }
-        Kind::Call | Kind::Cast | Kind::Batch if h.dst == 1 => run_here(inner, entry.link.clone(), frame),
-        Kind::Call | Kind::Cast | Kind::Batch => match m.worker(h.dst) {
-            Some(target) => {
-                m.routed.fetch_add(1, Ordering::Relaxed);
-                if h.kind != Kind::Cast {
-                    target.link.note_routed(from, h.req);
-                }
-                if let Err(e) = target.link.forward(frame) {
-                    if h.kind != Kind::Cast {
-                        target.link.routed_done(from, h.req);
-                        let failure = match e {
-                            Error::Busy { pid, reason } => Failure::Busy { pid, reason },
-                            e => Failure::WorkerDied { pid: h.dst, reason: e.to_string() },
-                        };
-                        send_failure(entry, h.dst, h.req, &failure);
-                    }
-                }
-            }
-            None if h.kind != Kind::Cast => send_failure(entry, h.dst, h.req, &Failure::NoSuchWorker(h.dst)),
-            None => {}
-        },
-        Kind::Output => {
-            let bytes = frame.payload().len();
-            if m.output_queued.fetch_add(bytes, Ordering::Relaxed) + bytes > OUTPUT_QUEUE_LIMIT {
-                m.output_queued.fetch_sub(bytes, Ordering::Relaxed);
-                if m.output_dropped.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
-                    tracing::warn!("the output sink does not keep up: worker output is being dropped");
-                }
-            } else {
-                entry.output_pending.fetch_add(1, Ordering::Release);
-                let _ = m.events.send(Event::Output(entry.clone(), frame));
-            }
-        }
-        Kind::Shutdown => return Err(STOPPED.into()),
+        // it ended already (its worker died meanwhile): the waiter has been told
     }
-    Ok(())
+    Ok(req)
 }
 
-/// Runs a call addressed to the master on the pool (the reader must keep reading, or a call
-/// that waits for this same worker would deadlock); a call the pool cannot take fails now.
-fn run_here(inner: &Arc<Inner>, reply_to: Arc<Link>, frame: Frame) {
+/// Builds a frame of at most `max_frame` bytes.
+pub(crate) fn encode_frame(header: Header, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, max_frame: usize) -> Result<Vec<u8>> {
+    let mut frame = FrameBuf::with_capacity(header, hint);
+    encode(frame.payload())?;
+    let bytes = frame.finish()?;
+    if bytes.len() - LEN_PREFIX > max_frame {
+        return Err(Error::Protocol(format!(
+            "a call of {} bytes exceeds the cluster's max_frame of {max_frame} bytes; raise ClusterBuilder::max_frame",
+            bytes.len() - LEN_PREFIX
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Runs a call addressed to the master on the pool (the I/O thread must keep reading);
+/// a call the pool cannot take fails now.
+fn run_here(inner: &Arc<Inner>, entry: Arc<WorkerEntry>, frame: Frame) {
     let cluster = Cluster::handle(inner.clone());
     let h = frame.header;
     let patience = inner.master().liveness.timeout;
-    let refused_to = reply_to.clone();
+    let refused_to = entry.clone();
     inner.master().pool.submit(Job {
         run: Box::new(move || {
             if let Some(reply) = super::with_current(&cluster, || exec::execute(1, &frame)) {
-                let _ = reply_to.send_patiently(reply, Instant::now() + patience);
+                let _ = entry.out.send(reply, Some(Instant::now() + patience));
             }
         }),
         refuse: Box::new(move |reason| {
             tracing::warn!("a call from worker {} to the master was refused: {reason}", h.src);
             if h.kind != Kind::Cast {
                 if let Ok(bytes) = failure_frame(1, h.src, h.req, &Failure::Busy { pid: 1, reason }) {
-                    let _ = refused_to.send(bytes);
+                    let _ = refused_to.out.send(bytes, None);
                 }
             }
         }),
     });
 }
 
-fn send_failure(to: &WorkerEntry, from: Pid, req: u64, failure: &Failure) {
-    if let Ok(bytes) = failure_frame(from, to.info.pid, req, failure) {
-        let _ = to.link.send(bytes);
+/// Asks workers to stop and waits (up to `grace`) until they are gone; those still there are
+/// cut off and, where this master started them, killed.
+pub(crate) fn stop_workers(inner: &Arc<Inner>, pids: &[Pid], grace: Duration) {
+    {
+        let mut core = inner.master().core.lock().expect("core lock");
+        pids.iter().for_each(|p| core.stop(*p));
     }
+    finish_stopping(inner, pids, grace);
 }
 
-/// A worker's connection is gone: fail what waits on it, tell callers routed through it.
-/// Runs once per worker (later calls find it gone and do nothing).
-pub(crate) fn worker_gone(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, reason: &str) {
-    let pid = entry.info.pid;
+/// Shuts every worker down as [`stop_workers`] does; calls still waiting fail with
+/// [`Error::ShutDown`].
+pub(crate) fn shut_down(inner: &Arc<Inner>, grace: Duration) {
+    let pids = {
+        let mut core = inner.master().core.lock().expect("core lock");
+        core.shutdown();
+        core.workers()
+    };
+    finish_stopping(inner, &pids, grace);
+}
+
+/// Sends the stop requests, waits up to `grace`, cuts off what is left.
+fn finish_stopping(inner: &Arc<Inner>, pids: &[Pid], grace: Duration) {
     let m = inner.master();
-    // Out of the table first: whoever waits for the link to die then sees the worker gone.
-    if m.workers.write().expect("workers lock").remove(&pid).is_none() {
+    drive(inner, None);
+    if wait_gone(m, pids, Instant::now() + grace) {
         return;
     }
-    let shutting_down = m.shut.load(Ordering::Relaxed);
-    if shutting_down || reason == STOPPED {
-        tracing::debug!("worker {pid} stopped: {reason}");
-    } else {
-        tracing::warn!("worker {pid} (os pid {} on {}) terminated: {reason}", entry.info.os_pid, entry.info.host);
-    }
-    m.peer_addresses.lock().expect("peer addresses lock").remove(&pid);
-    m.terminated.lock().expect("terminated lock").push((pid, reason.to_string()));
-    if shutting_down {
-        entry.link.fail_all_with(reason, || Error::ShutDown);
-    } else {
-        entry.link.fail_all(reason);
-    }
-    for hook in m.departures.lock().expect("departures lock").iter() {
-        hook(pid, reason);
-    }
-    for (caller, req) in entry.link.take_routed() {
-        if let Some(c) = m.worker(caller) {
-            send_failure(&c, pid, req, &Failure::WorkerDied { pid, reason: reason.to_string() });
+    let stuck: Vec<Arc<WorkerEntry>> = pids.iter().filter_map(|p| m.worker(*p)).collect();
+    {
+        let mut core = m.core.lock().expect("core lock");
+        for entry in &stuck {
+            tracing::warn!("worker {} did not stop within {grace:?}; cutting it off", entry.info.pid);
+            core.give_up(entry.info.pid, format!("did not stop within {} s of being asked", grace.as_secs()), false);
         }
     }
+    drive(inner, None);
+    // here, not on the events thread: the launches are still ours to ask
+    stuck.iter().for_each(|entry| m.kill(&entry.info));
+    wait_gone(m, pids, Instant::now() + Duration::from_secs(2));
 }
 
-/// Gives up on a worker that does not answer: closes its connection, fails what waits on
-/// it, and ends its process where this master started it.
-fn give_up(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, reason: String) {
-    entry.link.give_up(reason.clone());
-    worker_gone(inner, entry, &reason);
-    inner.master().kill(&entry.info);
-}
-
-/// Asks workers to stop and waits (up to `grace`) until their connections are gone; those
-/// still there are cut off and, where this master started them, killed.
-pub(crate) fn stop_workers(inner: &Arc<Inner>, pids: &[Pid], grace: Duration) {
-    let m = inner.master();
-    let entries: Vec<_> = pids.iter().filter_map(|p| m.worker(*p)).collect();
-    for e in &entries {
-        let _ = e.link.send(bare(Kind::Shutdown, 1, e.info.pid));
-    }
-    let deadline = Instant::now() + grace;
-    for e in &entries {
-        if !e.link.wait_dead(deadline.saturating_duration_since(Instant::now())) {
-            tracing::warn!("worker {} did not stop within {grace:?}; cutting it off", e.info.pid);
-            give_up(inner, e, format!("did not stop within {} s of being asked", grace.as_secs()));
+/// Waits until none of `pids` is a worker any more, or `deadline`; true if none is.
+fn wait_gone(m: &Master, pids: &[Pid], deadline: Instant) -> bool {
+    let mut guard = m.departed.0.lock().expect("departed lock");
+    loop {
+        if pids.iter().all(|p| m.worker(*p).is_none()) {
+            return true;
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        guard = m.departed.1.wait_timeout(guard, left).expect("departed lock").0;
     }
 }
 
-/// Starts the master's heartbeat on the I/O thread: every interval it sends each worker a
-/// heartbeat and gives up on workers silent for the timeout. Ends with the cluster.
-pub(crate) fn watch_workers(inner: Weak<Inner>, liveness: Liveness) {
+/// Starts the master's heartbeat on the I/O thread: the core says when; heartbeats go out
+/// and workers silent for the timeout are given up on. Ends with the cluster.
+pub(crate) fn watch_workers(inner: Weak<Inner>) {
     crate::transport::io::spawn(async move {
-        let mut tick = tokio::time::interval(liveness.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            let Some(due) = inner.upgrade().map(|i| i.master().core.lock().expect("core lock").poll_timeout()) else { return };
+            tokio::time::sleep_until(due.into()).await;
             let Some(inner) = inner.upgrade() else { return };
-            let m = inner.master();
-            if m.shut.load(Ordering::Relaxed) {
+            if inner.master().shut.load(Ordering::Relaxed) {
                 return;
             }
-            let entries: Vec<Arc<WorkerEntry>> = m.workers.read().expect("workers lock").values().cloned().collect();
-            for entry in entries.into_iter().filter(|e| e.link.given_up().is_none()) {
-                let _ = entry.link.send(bare(Kind::Heartbeat, 1, entry.info.pid));
-                if let Health::Silent(silence) = entry.link.health(&liveness) {
-                    let reason = format!("no heartbeat for {} s (stopped, hung, or its node or network is gone)", silence.as_secs());
-                    // user callbacks run on worker death: not on the I/O thread
-                    let inner = inner.clone();
-                    entry.link.give_up(reason.clone());
-                    let spawned = std::thread::Builder::new().name("cman-give-up".into()).spawn(move || give_up(&inner, &entry, reason));
-                    if let Err(e) = spawned {
-                        tracing::error!("cannot start a thread to clean up after a dead worker: {e}");
-                    }
-                }
-            }
+            inner.master().core.lock().expect("core lock").handle_timeout(Instant::now());
+            drive(&inner, None);
         }
     });
 }

@@ -26,11 +26,13 @@ use crate::codec;
 use crate::error::{Error, RemoteError, Result};
 use launcher::{ClusterManager, Launch, LaunchContext};
 use crate::protocol::watch::{LaunchWatch, Verdict};
+use crate::protocol::master::MasterCore;
 use crate::protocol::{DEFAULT_MAX_FRAME, Header, Kind, Liveness, Secret};
 use crate::registry::{self, RemoteFn};
 use crate::transport::listener::{HandshakeLimits, Listener};
 
 pub use future::RemoteFuture;
+pub(crate) use future::Forget;
 pub(crate) use peers::Peers;
 pub use master::WorkerInfo;
 pub use output::{OutputSink, print_sink};
@@ -208,7 +210,9 @@ impl ClusterBuilder {
                 listener: Mutex::new(listener),
                 addr,
                 advertise: self.advertise.unwrap_or_else(|| advertised_ip(self.bind.ip())),
+                core: Mutex::new(MasterCore::new(self.liveness, Instant::now())),
                 workers: RwLock::new(BTreeMap::new()),
+                departed: Default::default(),
                 next_pid: AtomicU32::new(2),
                 waiting: Mutex::new(HashMap::new()),
                 launches: Mutex::new(Vec::new()),
@@ -223,7 +227,6 @@ impl ClusterBuilder {
                 start_error: Mutex::new(error),
                 direct_links: self.topology == Topology::AllToAll,
                 peer_addresses: Mutex::new(HashMap::new()),
-                routed: std::sync::atomic::AtomicU64::new(0),
                 pool: pool::Pool::new(),
                 events,
                 output_queued: AtomicUsize::new(0),
@@ -235,7 +238,7 @@ impl ClusterBuilder {
             return Err(e);
         }
         master::start_events(Arc::downgrade(&inner), to_events).map_err(|e| Error::io("starting the events thread", e))?;
-        master::watch_workers(Arc::downgrade(&inner), self.liveness);
+        master::watch_workers(Arc::downgrade(&inner));
         Ok(Cluster { inner, owner: true })
     }
 }
@@ -315,7 +318,7 @@ impl Cluster {
     /// Pids of the connected workers, ascending. On a worker this asks the master.
     pub fn workers(&self) -> Vec<Pid> {
         match &self.inner.master {
-            Some(m) => m.workers.read().expect("workers lock").keys().copied().collect(),
+            Some(m) => m.core.lock().expect("core lock").workers(),
             None => self.remote_call_fetch(1, builtin_workers, ()).unwrap_or_default(),
         }
     }
@@ -413,18 +416,16 @@ impl Cluster {
     pub(crate) fn attach_worker(&self, info: WorkerInfo, out: Box<dyn crate::transport::FrameOut>) {
         let Some(m) = &self.inner.master else { return };
         m.next_pid.fetch_max(info.pid + 1, Ordering::Relaxed);
-        let pid = info.pid;
-        master::add_worker(&self.inner, info, Link::new(pid, out, m.max_frame));
+        master::add_worker(&self.inner, info, out, false);
     }
 
     /// Handles a frame from worker `pid` that arrived through another transport (MPI).
     #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     pub(crate) fn receive_from(&self, pid: Pid, frame: Result<crate::protocol::Frame>) {
         let Some(entry) = self.inner.master.as_ref().and_then(|m| m.worker(pid)) else { return };
-        let outcome = frame.map_err(|e| e.to_string()).and_then(|f| master::dispatch(&self.inner, &entry, f));
+        let outcome = frame.map_err(|e| e.to_string()).and_then(|f| master::handle_frame(&self.inner, &entry, f));
         if let Err(reason) = outcome {
-            entry.link.close();
-            master::worker_gone(&self.inner, &entry, &reason);
+            master::closed(&self.inner, pid, &reason);
         }
     }
 
@@ -437,29 +438,40 @@ impl Cluster {
         }
     }
 
-    /// The link a frame for `pid` goes on: the worker's own, on the master; on a worker, a
-    /// direct link if it has one to `pid`, else its connection to the master.
+    /// The link a worker's frame for `pid` goes on: a direct link if it has one to `pid`,
+    /// else its connection to the master.
     fn link_to(&self, pid: Pid) -> Result<Arc<Link>> {
-        match (&self.inner.master, &self.inner.uplink) {
-            (Some(m), _) => m.worker(pid).map(|e| e.link.clone()).ok_or(Error::NoSuchWorker(pid)),
-            (None, Some(up)) => Ok(self.inner.peers.as_ref().filter(|_| pid != 1).and_then(|p| p.link(self, pid)).unwrap_or_else(|| up.clone())),
-            (None, None) => Err(Error::ShutDown),
-        }
+        let up = self.inner.uplink.as_ref().ok_or(Error::ShutDown)?;
+        Ok(self.inner.peers.as_ref().filter(|_| pid != 1).and_then(|p| p.link(self, pid)).unwrap_or_else(|| up.clone()))
     }
 
-    /// Sends one call frame to `pid`; the payload is written by `encode`. Returns the link
-    /// it went on and its request id.
-    pub(crate) fn send(&self, kind: Kind, pid: Pid, func: u64, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<(Arc<Link>, u64)> {
+    /// Sends one call frame to `pid`; the payload is written by `encode`. Returns what to do
+    /// if the caller stops waiting (forget the call, so its reply is dropped).
+    pub(crate) fn send(&self, kind: Kind, pid: Pid, func: u64, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<Forget> {
         let header = Header { kind, src: self.inner.me, dst: pid, req: 0, func };
+        if self.inner.master.is_some() {
+            let req = master::call(&self.inner, header, hint, encode, waiter)?;
+            let inner = Arc::downgrade(&self.inner);
+            return Ok(Box::new(move || {
+                if let Some(inner) = inner.upgrade() {
+                    inner.master().core.lock().expect("core lock").cancel(pid, req);
+                }
+            }));
+        }
         let link = self.link_to(pid)?;
         let req = link.call(header, hint, encode, waiter)?;
-        Ok((link, req))
+        let link = Arc::downgrade(&link);
+        Ok(Box::new(move || {
+            if let Some(link) = link.upgrade() {
+                link.forget(req);
+            }
+        }))
     }
 
     /// Frames the master forwarded from one worker to another (with
     /// [`Topology::AllToAll`], only calls to workers that could not be dialled directly).
     pub fn routed_frames(&self) -> u64 {
-        self.inner.master.as_ref().map_or(0, |m| m.routed.load(Ordering::Relaxed))
+        self.inner.master.as_ref().map_or(0, |m| m.core.lock().expect("core lock").routed_frames())
     }
 
     /// Runs `f(args)` on process `pid` and returns at once with a future of the result.
@@ -472,8 +484,8 @@ impl Cluster {
             return Ok(RemoteFuture::ready(pid, run_here::<F>(pid, args)));
         }
         let slot = Arc::new(slot::Slot::default());
-        let (link, req) = self.send(Kind::Call, pid, F::ID, 64, |buf| codec::encode_into(&args, buf), Some(Waiter::Slot(slot.clone())))?;
-        Ok(RemoteFuture::pending(pid, slot, &link, req))
+        let forget = self.send(Kind::Call, pid, F::ID, 64, |buf| codec::encode_into(&args, buf), Some(Waiter::Slot(slot.clone())))?;
+        Ok(RemoteFuture::pending(pid, slot, forget))
     }
 
     /// [`remote_call`](Cluster::remote_call) and wait for the result.
@@ -500,8 +512,8 @@ impl Cluster {
             buf.extend_from_slice(payload);
             Ok(())
         };
-        let (link, req) = self.send(Kind::Call, pid, func, payload.len(), copy, Some(Waiter::Slot(slot.clone())))?;
-        Ok(RemoteFuture::pending(pid, slot, &link, req))
+        let forget = self.send(Kind::Call, pid, func, payload.len(), copy, Some(Waiter::Slot(slot.clone())))?;
+        Ok(RemoteFuture::pending(pid, slot, forget))
     }
 
     /// Runs `f(args)` on every worker at once; results by pid. The first failure (by pid)
@@ -549,7 +561,7 @@ impl Cluster {
         }
         let pids = self.workers();
         drop(m.listener.lock().expect("listener lock").take());
-        master::stop_workers(&self.inner, &pids, Duration::from_secs(5));
+        master::shut_down(&self.inner, Duration::from_secs(5));
         let launches = std::mem::take(&mut *m.launches.lock().expect("launches lock"));
         for (_, mut launch) in launches {
             launch.stop(Duration::from_secs(3));

@@ -11,6 +11,7 @@ pub(crate) mod failure;
 mod frame;
 mod handshake;
 pub(crate) mod liveness;
+pub(crate) mod master;
 pub(crate) mod plan;
 pub(crate) mod watch;
 
