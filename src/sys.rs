@@ -159,7 +159,7 @@ pub(crate) fn spawn(cmd: Command) -> io::Result<Child> {
             .name("cman-spawner".into())
             .spawn(move || {
                 for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
+                    let _ = reply.send(retry_busy(|| cmd.spawn()));
                 }
             })
             .expect("cannot start the spawner thread");
@@ -168,6 +168,22 @@ pub(crate) fn spawn(cmd: Command) -> io::Result<Child> {
     let (reply_tx, reply_rx) = mpsc::channel();
     tx.lock().expect("spawner lock").send((cmd, reply_tx)).map_err(|_| io::Error::other("spawner thread is gone"))?;
     reply_rx.recv().map_err(|_| io::Error::other("spawner thread is gone"))?
+}
+
+/// Runs `start` (a spawn) again while its program is "text file busy": a script written
+/// just before may still be open for writing in a child another thread forked, until that
+/// child execs. Gives up after about half a second.
+pub(crate) fn retry_busy<T>(mut start: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        match start() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && pause < std::time::Duration::from_millis(300) => {
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Sends `signal` to process `pid` (ignores a process that is already gone).
@@ -305,12 +321,6 @@ pub(crate) fn tcp_pulse(fd: RawFd) -> Option<TcpPulse> {
         let _ = fd;
         None
     }
-}
-
-/// Milliseconds on a monotonic clock that starts with the process (fits an atomic).
-pub(crate) fn now_ms() -> u64 {
-    static START: OnceLock<std::time::Instant> = OnceLock::new();
-    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
 }
 
 /// Fields of `/proc/<pid>/stat` after the command name (field 3, the state, is index 0).

@@ -98,3 +98,38 @@ fn a_worker_in_another_network_namespace_joins_through_the_auto_address() {
     cluster.shutdown().unwrap();
     let _ = worker.wait();
 }
+
+#[test]
+fn workers_join_only_while_a_manager_is_open_and_through_the_one_listener() {
+    let cluster = Cluster::new().unwrap();
+    let mut elastic = ElasticManager::start(&cluster, ElasticAddress::Ip("127.0.0.1".parse().unwrap()), 0).unwrap();
+    assert_eq!(elastic.address().port(), cluster.listen_addr().unwrap().port(), "the master has one listener");
+    let command = elastic.connect_command();
+    let mut first = start_worker(&command);
+    let pids = elastic.wait_for(1, Duration::from_secs(30)).unwrap();
+    elastic.stop();
+    let late = Command::new("bash").args(["-c", &command]).output().unwrap();
+    assert!(!late.status.success(), "a worker that dials after stop() is turned away");
+    let told = String::from_utf8_lossy(&late.stderr);
+    assert!(told.contains("start an ElasticManager"), "the refusal names the fix: {told}");
+    assert_eq!(cluster.workers(), pids, "the worker that joined stays");
+    assert_eq!(cluster.remote_call_fetch(pids[0], host_and_pid, ()).unwrap().1, first.id());
+    cluster.shutdown().unwrap();
+    let _ = first.wait();
+}
+
+#[test]
+fn an_address_or_port_the_master_does_not_listen_on_is_an_error_that_names_the_fix() {
+    let loopback = Cluster::builder().bind("127.0.0.1:0".parse().unwrap()).build().unwrap();
+    let other_port = loopback.listen_addr().unwrap().port().wrapping_add(1).max(1);
+    let err = ElasticManager::start(&loopback, ElasticAddress::Ip("127.0.0.1".parse().unwrap()), other_port).unwrap_err().to_string();
+    assert!(err.contains("pass port 0") && err.contains("ClusterBuilder::bind"), "{err}");
+    if let Ok(elsewhere) = ElasticManager::start(&loopback, ElasticAddress::Auto, 0) {
+        panic!("a master bound to loopback cannot be joined from {}", elsewhere.address());
+    }
+    let err = ElasticManager::start(&loopback, ElasticAddress::Ip("192.0.2.1".parse().unwrap()), 0).unwrap_err().to_string();
+    assert!(err.contains("listens on 127.0.0.1") && err.contains("ClusterBuilder::bind"), "{err}");
+    let everywhere = Cluster::new().unwrap();
+    let err = ElasticManager::start(&everywhere, ElasticAddress::Ip("192.0.2.1".parse().unwrap()), 0).unwrap_err().to_string();
+    assert!(err.contains("192.0.2.1 is not an address of this host"), "{err}");
+}

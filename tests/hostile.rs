@@ -1,6 +1,6 @@
 //! A hostile network: crafted hellos (wrong secret, lengths of 2^40 and more, random
-//! mutations, an old protocol) on every listener — the master's, a worker's peer listener and
-//! the elastic listener — leave everything serving; a hello sent a byte at a time is cut at
+//! mutations, an old protocol) on every listener — the master's (also while an elastic manager
+//! lets workers join) and a worker's peer listener — leave everything serving; a hello sent a byte at a time is cut at
 //! the handshake deadline; a reply that lies about its lengths is an error, not an abort;
 //! refusals are kept in bounded memory.
 
@@ -154,7 +154,7 @@ fn crafted_hellos_on_a_worker_peer_listener_leave_it_serving() {
 }
 
 #[test]
-fn crafted_hellos_on_the_elastic_listener_leave_the_master_serving() {
+fn crafted_hellos_while_workers_may_join_leave_the_master_serving() {
     let cluster = Cluster::new().unwrap();
     let elastic = ElasticManager::start(&cluster, ElasticAddress::Ip("127.0.0.1".parse().unwrap()), 0).unwrap();
     attack(elastic.address());

@@ -1,55 +1,52 @@
-//! A worker's connection to a peer (its master, or another worker): its sender, the table of
-//! calls waiting for a reply on it, and when the peer was last heard from. Sending never
-//! waits on the peer (see [`FrameOut`]). (The master keeps its calls in its protocol core.)
+//! A worker's connection to a peer (its master, or another worker): its sender, and its
+//! share of the worker's protocol core ([`WorkerCore`]: the calls waiting for a reply on
+//! it, when the peer was last heard from). Sending never waits on the peer (see
+//! [`FrameOut`]). (The master keeps its calls in its own core.)
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use crate::ids::Pid;
 use crate::error::{Error, Result};
-use crate::protocol::{Frame, FrameBuf, Header, Health, LEN_PREFIX, Liveness};
-use crate::sys;
+use crate::ids::Pid;
+use crate::protocol::worker::{Incoming, LinkId, WorkerCore, link_error};
+use crate::protocol::{Frame, FrameBuf, Header, Health, LEN_PREFIX};
 use crate::transport::FrameOut;
 
 use super::slot::Waiter;
 
-#[derive(Default)]
-struct Pending {
-    calls: HashMap<u64, Waiter>,
-    /// Set once the connection is gone; new calls fail at once with this reason.
-    dead: Option<String>,
-    /// Why we gave up on the peer ourselves (no heartbeat), for whoever sees the end.
-    given_up: Option<String>,
+/// The protocol core of this worker, shared by its links.
+pub(crate) type SharedCore = Arc<Mutex<WorkerCore<Waiter>>>;
+
+/// What is left for the serving thread once a frame's replies are delivered.
+pub(crate) enum Received {
+    /// Run this call; answer on the link it came on.
+    Run(Frame),
+    /// The master said stop.
+    Stop,
+    /// Nothing.
+    Nothing,
 }
 
 /// A connection to one peer.
 pub(crate) struct Link {
     /// The pid on the other end.
     pub peer: Pid,
+    /// Its id in the worker's core.
+    id: LinkId,
     out: Box<dyn FrameOut>,
-    pending: Mutex<Pending>,
-    /// Signalled when the link dies.
-    died: Condvar,
-    next_req: AtomicU64,
-    /// Largest frame the peer accepts.
-    max_frame: usize,
-    /// [`sys::now_ms`] when the last frame from the peer arrived.
-    heard: AtomicU64,
+    core: SharedCore,
 }
 
 impl Link {
-    pub(crate) fn new(peer: Pid, out: Box<dyn FrameOut>, max_frame: usize) -> Arc<Link> {
-        Arc::new(Link {
-            peer,
-            out,
-            pending: Mutex::new(Pending::default()),
-            died: Condvar::new(),
-            next_req: AtomicU64::new(1),
-            max_frame,
-            heard: AtomicU64::new(sys::now_ms()),
-        })
+    /// A link to `peer`, sending through `out`, registered with the worker's `core`.
+    pub(crate) fn new(core: &SharedCore, peer: Pid, out: Box<dyn FrameOut>) -> Arc<Link> {
+        let id = core.lock().expect("core lock").add_link(peer, Instant::now());
+        Arc::new(Link { peer, id, out, core: core.clone() })
+    }
+
+    /// The worker's protocol core.
+    pub(crate) fn core(&self) -> std::sync::MutexGuard<'_, WorkerCore<Waiter>> {
+        self.core.lock().expect("core lock")
     }
 
     /// Sends one finished frame (prefix included) without waiting: a peer whose connection
@@ -67,83 +64,75 @@ impl Link {
     fn send_error(&self, e: std::io::Error) -> Error {
         match e.kind() {
             std::io::ErrorKind::WouldBlock => Error::Busy { pid: self.peer, reason: e.to_string() },
-            _ => self.died(&e.to_string()),
-        }
-    }
-
-    /// The error for a call that cannot complete because this link is gone.
-    fn died(&self, reason: &str) -> Error {
-        if self.peer == 1 {
-            Error::MasterGone(reason.to_string()) // only a worker has a link to pid 1
-        } else {
-            Error::WorkerDied { pid: self.peer, reason: reason.to_string() }
+            _ => link_error(self.peer, &e.to_string()),
         }
     }
 
     /// Sends a call (`header.req` is filled in here) whose payload `encode` writes,
     /// registering `waiter` first so a fast reply cannot overtake it. Returns the request id.
     pub(crate) fn call(&self, header: Header, payload_hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<u64> {
-        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-        let mut frame = FrameBuf::with_capacity(Header { req, ..header }, payload_hint);
-        encode(frame.payload())?;
-        let bytes = frame.finish()?;
-        if bytes.len() - LEN_PREFIX > self.max_frame {
-            return Err(Error::Protocol(format!(
-                "a call of {} bytes exceeds the cluster's max_frame of {} bytes; raise ClusterBuilder::max_frame",
-                bytes.len() - LEN_PREFIX,
-                self.max_frame
-            )));
-        }
-        if let Some(waiter) = waiter {
-            let mut p = self.pending.lock().expect("pending lock");
-            if let Some(reason) = &p.dead {
-                return Err(self.died(reason));
-            }
-            p.calls.insert(req, waiter);
-        }
-        if let Err(e) = self.send(bytes) {
-            self.pending.lock().expect("pending lock").calls.remove(&req);
+        let (req, max_frame) = {
+            let mut core = self.core();
+            (core.begin_call(self.id, waiter)?, core.terms().max_frame)
+        };
+        let sent = self.frame(Header { req, ..header }, payload_hint, encode, max_frame).and_then(|bytes| self.send(bytes));
+        if let Err(e) = sent {
+            self.forget(req);
             return Err(e);
         }
         Ok(req)
     }
 
+    fn frame(&self, header: Header, payload_hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, max_frame: usize) -> Result<Vec<u8>> {
+        let mut frame = FrameBuf::with_capacity(header, payload_hint);
+        encode(frame.payload())?;
+        let bytes = frame.finish()?;
+        if bytes.len() - LEN_PREFIX > max_frame {
+            return Err(Error::Protocol(format!(
+                "a call of {} bytes exceeds the cluster's max_frame of {max_frame} bytes; raise ClusterBuilder::max_frame",
+                bytes.len() - LEN_PREFIX,
+            )));
+        }
+        Ok(bytes)
+    }
+
     /// Forgets a call whose caller stopped waiting (its reply, if any, is dropped).
     pub(crate) fn forget(&self, req: u64) {
-        self.pending.lock().expect("pending lock").calls.remove(&req);
+        let waiter = self.core().cancel(self.id, req);
+        drop(waiter); // outside the lock
     }
 
-    /// Hands a reply or failure to whoever waits for it (unknown ids are dropped: the caller
-    /// may have been failed already by a death notice, or stopped waiting).
-    pub(crate) fn resolve(&self, frame: Frame) {
-        let waiter = self.pending.lock().expect("pending lock").calls.remove(&frame.header.req);
-        if let Some(w) = waiter {
-            w.deliver(Ok(frame));
-        }
+    /// A frame from the peer: replies go to whoever waits for them; what is left for the
+    /// serving thread is returned. `Err` breaks the link.
+    pub(crate) fn receive(&self, frame: Frame) -> std::result::Result<Received, String> {
+        let incoming = self.core().handle_frame(Instant::now(), self.id, frame)?;
+        Ok(match incoming {
+            Incoming::Run(frame) => Received::Run(frame),
+            Incoming::Resolved(w, frame) => {
+                w.deliver(Ok(frame));
+                Received::Nothing
+            }
+            Incoming::Stop(waiters) => {
+                for w in waiters {
+                    w.deliver(Err(link_error(self.peer, "the worker is shutting down")));
+                }
+                Received::Stop
+            }
+            Incoming::Nothing => Received::Nothing,
+        })
     }
 
-    /// Marks the link dead and fails every waiting call with `WorkerDied` (`MasterGone` for
-    /// the master's link).
-    pub(crate) fn fail_all(&self, reason: &str) {
-        self.fail_all_with(reason, || self.died(reason));
-    }
-
-    /// Marks the link dead and fails every waiting call with `error()`.
-    pub(crate) fn fail_all_with(&self, reason: &str, error: impl Fn() -> Error) {
-        let calls = {
-            let mut p = self.pending.lock().expect("pending lock");
-            p.dead.get_or_insert_with(|| reason.to_string());
-            std::mem::take(&mut p.calls)
-        };
-        self.died.notify_all();
-        for (_, w) in calls {
-            w.deliver(Err(error()));
+    /// The link ended (`reason`: what its reader saw): every call waiting on it fails.
+    pub(crate) fn closed(&self, reason: &str) {
+        let (reason, waiters) = self.core().handle_closed(self.id, reason);
+        for w in waiters {
+            w.deliver(Err(link_error(self.peer, &reason)));
         }
     }
 
     /// True once the connection is gone.
     pub(crate) fn is_dead(&self) -> bool {
-        self.pending.lock().expect("pending lock").dead.is_some()
+        self.core().is_dead(self.id)
     }
 
     /// Closes the connection; the peer sees its end, our reader wakes up.
@@ -152,25 +141,14 @@ impl Link {
     }
 
     /// Gives up on the peer (it went silent): closes the connection and remembers why, so
-    /// whoever sees the end reports that instead of "connection closed".
+    /// its end is reported with that instead of "connection closed".
     pub(crate) fn give_up(&self, reason: String) {
-        self.pending.lock().expect("pending lock").given_up.get_or_insert(reason);
+        self.core().give_up(self.id, reason);
         self.close();
     }
 
-    /// Why we gave up on the peer, if we did.
-    pub(crate) fn given_up(&self) -> Option<String> {
-        self.pending.lock().expect("pending lock").given_up.clone()
-    }
-
-    /// Notes that the peer was just heard from.
-    pub(crate) fn heard(&self) {
-        self.heard.store(sys::now_ms(), Ordering::Relaxed);
-    }
-
-    /// How the peer is doing, by `liveness`: what we heard from it, and what the kernel knows.
-    pub(crate) fn health(&self, liveness: &Liveness) -> Health {
-        let heard = Duration::from_millis(sys::now_ms().saturating_sub(self.heard.load(Ordering::Relaxed)));
-        liveness.judge(heard, self.out.pulse())
+    /// How the peer is doing: what we heard from it, and what the kernel knows.
+    pub(crate) fn health(&self) -> Health {
+        self.core().health(self.id, Instant::now(), self.out.pulse())
     }
 }

@@ -1,23 +1,25 @@
 //! The master's driver: the connections to its workers and the launches waiting for them,
-//! around the protocol core ([`MasterCore`]: calls, routing, heartbeats), which it feeds
+//! around the protocol core ([`MasterCore`]: calls, routing, heartbeats; [`Admission`]: who
+//! may join as which pid), which it feeds
 //! every frame (on the I/O thread, which reads all connections), every connection end and
 //! the time, and whose output it carries out: sending, running calls addressed to the
-//! master, resolving callers. The user's output sink and departure hooks run on an events
+//! master, resolving callers. The user's output sink and membership hooks run on an events
 //! thread, never on the I/O thread.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::ids::Pid;
+use crate::protocol::admission::{Admission, Seat};
 use crate::protocol::failure::{Failure, failure_frame};
 use crate::protocol::master::{Event as CoreEvent, MasterCore, STOPPED, Transmit};
 use crate::protocol::{Frame, FrameBuf, Header, Hello, Kind, LEN_PREFIX, Liveness, Refusal, Secret, Terms, Welcome};
 use crate::transport::FrameOut;
-use crate::transport::listener::{Admit, HandshakeLimits, Listener};
+use crate::transport::listener::{Admit, Listener};
 use crate::transport::tcp::{TcpOut, read_frames};
 
 use super::exec;
@@ -58,8 +60,10 @@ pub(crate) enum Event {
     Output(Arc<WorkerEntry>, Frame),
     /// A reply that must not overtake output still queued.
     Resolve(Waiter, Result<Frame>),
-    /// A worker is gone: run the departure hooks.
-    Gone(Pid, String),
+    /// A worker joined by itself: run the membership hooks.
+    Joined(Pid),
+    /// A worker is gone: run the membership hooks.
+    Gone(Pid),
     /// End the process of a worker that stopped answering, where a launch of ours can.
     Kill(WorkerInfo),
 }
@@ -67,9 +71,8 @@ pub(crate) enum Event {
 /// Bytes of worker output that may wait for the sink; past it, lines are dropped (counted).
 const OUTPUT_QUEUE_LIMIT: usize = 64 << 20;
 
-/// One `add_procs` waiting for its workers.
+/// One `add_procs` waiting for its workers (their seats are in [`Admission`]).
 pub(crate) struct LaunchWait {
-    pub base: Pid,
     pub n: usize,
     state: Mutex<LaunchState>,
     cv: Condvar,
@@ -77,7 +80,6 @@ pub(crate) struct LaunchWait {
 
 #[derive(Default)]
 struct LaunchState {
-    reserved: Vec<bool>,
     connected: Vec<Pid>,
     /// Why the launch cannot complete (a worker was refused, descriptors ran out).
     failure: Option<String>,
@@ -98,16 +100,19 @@ impl LaunchWait {
     pub(crate) fn connected(&self) -> Vec<Pid> {
         self.state.lock().expect("launch lock").connected.clone()
     }
-
-    /// Indices of the workers that never connected.
-    pub(crate) fn missing(&self) -> Vec<u32> {
-        let s = self.state.lock().expect("launch lock");
-        s.reserved.iter().enumerate().filter(|(_, r)| !**r).map(|(i, _)| i as u32).collect()
-    }
 }
 
-/// Called with the pid and the reason when a worker's connection ends.
-pub(crate) type DepartureHook = Box<dyn Fn(Pid, &str) + Send + Sync>;
+/// A change in who is in the cluster, as membership hooks are told it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Membership {
+    /// A worker joined by itself (through an open join rule).
+    Joined(Pid),
+    /// A worker is gone (why is in the cluster's terminated list).
+    Left(Pid),
+}
+
+/// Told every [`Membership`] change, on the events thread.
+pub(crate) type MembershipHook = Box<dyn Fn(Membership) + Send + Sync>;
 
 pub(crate) struct Master {
     pub secret: Secret,
@@ -120,25 +125,28 @@ pub(crate) struct Master {
     pub workers: RwLock<BTreeMap<Pid, Arc<WorkerEntry>>>,
     /// Signalled when a worker is gone.
     pub departed: (Mutex<()>, Condvar),
-    pub next_pid: AtomicU32,
+    /// Who may join, as which pid.
+    pub admission: Mutex<Admission>,
     pub waiting: Mutex<HashMap<u64, Arc<LaunchWait>>>,
     pub launches: Mutex<Vec<(u64, Box<dyn Launch>)>>,
     pub output: OutputSink,
     pub refusals: Mutex<RefusalLog>,
     /// Workers that are gone, with the reason (newest last).
     pub terminated: Mutex<Vec<(Pid, String)>>,
-    /// Told about every worker that is gone (elastic managers keep their lists with it).
-    pub departures: Mutex<Vec<DepartureHook>>,
+    /// Told who joins by themselves and who is gone (elastic managers keep their lists so).
+    pub membership: Mutex<Vec<MembershipHook>>,
     pub shut: AtomicBool,
     pub max_frame: usize,
     pub liveness: Liveness,
-    pub handshakes: HandshakeLimits,
     /// A listener that failed to start, reported by `ClusterBuilder::build`.
     pub start_error: Mutex<Option<crate::error::Error>>,
     /// All-to-all topology: workers connect to each other directly.
     pub direct_links: bool,
     /// Where each worker listens for direct links from its peers.
     pub peer_addresses: Mutex<HashMap<Pid, String>>,
+    /// All-to-all workers that are connected but not yet listening for their peers: they
+    /// count as started once they are, so no first call between them goes the long way.
+    pub not_listening: Mutex<HashMap<Pid, Seat>>,
     /// Runs calls addressed to pid 1.
     pub pool: Pool,
     /// To the events thread.
@@ -150,15 +158,16 @@ pub(crate) struct Master {
 
 impl Master {
     pub(crate) fn register_launch(&self, id: u64, n: usize) -> Arc<LaunchWait> {
-        let base = self.next_pid.fetch_add(n as u32, Ordering::Relaxed);
-        let state = LaunchState { reserved: vec![false; n], ..LaunchState::default() };
-        let wait = Arc::new(LaunchWait { base, n, state: Mutex::new(state), cv: Condvar::new() });
+        self.admission.lock().expect("admission lock").open_launch(id, n);
+        let wait = Arc::new(LaunchWait { n, state: Mutex::default(), cv: Condvar::new() });
         self.waiting.lock().expect("waiting lock").insert(id, wait.clone());
         wait
     }
 
-    pub(crate) fn unregister_launch(&self, id: u64) {
+    /// Stops waiting for the workers of launch `id`; returns the indices that never came.
+    pub(crate) fn unregister_launch(&self, id: u64) -> Vec<u32> {
         self.waiting.lock().expect("waiting lock").remove(&id);
+        self.admission.lock().expect("admission lock").close_launch(id)
     }
 
     pub(crate) fn worker(&self, pid: Pid) -> Option<Arc<WorkerEntry>> {
@@ -180,6 +189,30 @@ impl Master {
         }
     }
 
+    /// Worker `pid` listens for its peers at `address` (all-to-all topology): it has started.
+    pub(crate) fn listens(&self, pid: Pid, address: String) {
+        self.peer_addresses.lock().expect("peer addresses lock").insert(pid, address);
+        if let Some(seat) = self.not_listening.lock().expect("not listening lock").remove(&pid) {
+            self.started(seat);
+        }
+    }
+
+    /// A worker is ready for calls: its launch counts it, or its joining is told.
+    fn started(&self, seat: Seat) {
+        match seat {
+            Seat::Launched { launch, pid } => {
+                if let Some(wait) = self.waiting.lock().expect("waiting lock").get(&launch) {
+                    wait.state.lock().expect("launch lock").connected.push(pid);
+                    wait.cv.notify_all();
+                }
+            }
+            Seat::Joined(pid) => {
+                tracing::info!("worker {pid} joined");
+                let _ = self.events.send(Event::Joined(pid));
+            }
+        }
+    }
+
     /// Ends the process of a worker that does not answer, where this master started it.
     fn kill(&self, info: &WorkerInfo) {
         for (_, launch) in self.launches.lock().expect("launches lock").iter_mut() {
@@ -192,57 +225,33 @@ impl Master {
 }
 
 /// The listener's view of the master. Weak, so a forgotten cluster can still be dropped.
-pub(crate) struct Admission(pub Weak<Inner>);
+pub(crate) struct Door(pub Weak<Inner>);
 
-impl Admit for Admission {
-    fn admit(&self, hello: &Hello) -> std::result::Result<Welcome, Refusal> {
+impl Admit for Door {
+    type Seat = Seat;
+
+    fn admit(&self, hello: &Hello) -> std::result::Result<(Welcome, Seat), Refusal> {
         let refuse = |reason: String| Refusal { reason, launch: hello.launch.map(|(id, _)| id) };
         let inner = self.0.upgrade().ok_or_else(|| refuse("the master is shutting down".into()))?;
         let m = inner.master();
         if m.shut.load(Ordering::Relaxed) {
             return Err(refuse("the master is shutting down".into()));
         }
-        if let Some(problem) = &hello.problem {
-            return Err(refuse(format!("worker on {} (os pid {}): {problem}", hello.host, hello.os_pid)));
-        }
-        if hello.peer.is_some() {
-            return Err(refuse("a worker-to-worker hello sent to the master's listener".into()));
-        }
-        let Some((launch, index)) = hello.launch else {
-            return Err(refuse("this master accepts only workers it launched (no CLUSTERMAN_LAUNCH); use an ElasticManager for workers that join by themselves".into()));
-        };
-        let wait = m.waiting.lock().expect("waiting lock").get(&launch).cloned().ok_or_else(|| {
-            refuse(format!("no launch {launch} is waiting for workers (it timed out, or this worker belongs to another master)"))
-        })?;
-        let index = index as usize;
-        let mut s = wait.state.lock().expect("launch lock");
-        match s.reserved.get_mut(index) {
-            None => Err(format!("worker index {index} is outside launch {launch} of {} workers", wait.n)),
-            Some(true) => Err(match hello.mpi {
-                Some((rank, 1)) => format!(
-                    "MPI rank {rank} reports a world of 1 process, and its index was taken: the launcher does not match the MPI this program was built with (it started single-rank copies); use the matching mpirun/mpiexec"
-                ),
-                _ => format!("worker index {index} of launch {launch} has already connected"),
-            }),
-            Some(r) => {
-                *r = true;
-                Ok(wait.base + index as Pid)
-            }
-        }
-        .map_err(refuse)
-        .map(|pid| {
-            tracing::debug!(pid, host = %hello.host, os_pid = hello.os_pid, "worker admitted");
-            Welcome::Accepted(m.terms(pid))
-        })
+        let seat = m.admission.lock().expect("admission lock").admit(hello).map_err(refuse)?;
+        tracing::debug!(pid = seat.pid(), host = %hello.host, os_pid = hello.os_pid, "worker admitted");
+        Ok((Welcome::Accepted(m.terms(seat.pid())), seat))
     }
 
-    fn serve(&self, pid: Pid, hello: Hello, stream: tokio::net::TcpStream) {
+    fn serve(&self, seat: Seat, hello: Hello, stream: tokio::net::TcpStream) {
         let Some(inner) = self.0.upgrade() else { return };
-        let Some((launch, _)) = hello.launch else { return };
-        serve_connection(&inner, pid, hello, stream);
-        if let Some(wait) = inner.master().waiting.lock().expect("waiting lock").get(&launch) {
-            wait.state.lock().expect("launch lock").connected.push(pid);
-            wait.cv.notify_all();
+        let (host, os_pid) = (hello.host.clone(), hello.os_pid);
+        serve_connection(&inner, seat.pid(), hello, stream);
+        tracing::debug!("worker {} connected from {host} (os pid {os_pid})", seat.pid());
+        let m = inner.master();
+        if m.direct_links {
+            m.not_listening.lock().expect("not listening lock").insert(seat.pid(), seat);
+        } else {
+            m.started(seat);
         }
     }
 
@@ -385,24 +394,30 @@ fn output(m: &Master, entry: Arc<WorkerEntry>, frame: Frame) {
 }
 
 /// A worker is gone: out of the table (whoever waits for that is told), listed as
-/// terminated; its departure hooks run on the events thread.
+/// terminated; the membership hooks hear of it on the events thread.
 fn gone(m: &Master, pid: Pid, reason: String) {
-    let Some(entry) = m.workers.write().expect("workers lock").remove(&pid) else { return };
+    let entry = {
+        // listed as terminated before anyone can see it missing from the table
+        let mut workers = m.workers.write().expect("workers lock");
+        let Some(entry) = workers.remove(&pid) else { return };
+        m.terminated.lock().expect("terminated lock").push((pid, reason.clone()));
+        entry
+    };
     if m.shut.load(Ordering::Relaxed) || reason == STOPPED {
         tracing::debug!("worker {pid} stopped: {reason}");
     } else {
         tracing::warn!("worker {pid} (os pid {} on {}) terminated: {reason}", entry.info.os_pid, entry.info.host);
     }
     m.peer_addresses.lock().expect("peer addresses lock").remove(&pid);
-    m.terminated.lock().expect("terminated lock").push((pid, reason.clone()));
+    m.not_listening.lock().expect("not listening lock").remove(&pid);
     {
         let _guard = m.departed.0.lock().expect("departed lock");
         m.departed.1.notify_all();
     }
-    let _ = m.events.send(Event::Gone(pid, reason));
+    let _ = m.events.send(Event::Gone(pid));
 }
 
-/// Starts the events thread: the user's output sink and departure hooks run there, in the
+/// Starts the events thread: the user's output sink and membership hooks run there, in the
 /// order things happened, and never on the I/O thread. Ends with the cluster.
 pub(crate) fn start_events(inner: Weak<Inner>, events: crossbeam_channel::Receiver<Event>) -> std::io::Result<()> {
     std::thread::Builder::new().name("cman-events".into()).spawn(move || {
@@ -419,11 +434,8 @@ pub(crate) fn start_events(inner: Weak<Inner>, events: crossbeam_channel::Receiv
                     entry.output_pending.fetch_sub(1, Ordering::Release);
                 }
                 Event::Resolve(waiter, result) => waiter.deliver(result),
-                Event::Gone(pid, reason) => {
-                    for hook in m.departures.lock().expect("departures lock").iter() {
-                        hook(pid, &reason);
-                    }
-                }
+                Event::Joined(pid) => m.membership.lock().expect("membership lock").iter().for_each(|hook| hook(Membership::Joined(pid))),
+                Event::Gone(pid) => m.membership.lock().expect("membership lock").iter().for_each(|hook| hook(Membership::Left(pid))),
                 Event::Kill(info) => m.kill(&info),
             }
         }

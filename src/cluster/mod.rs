@@ -17,7 +17,7 @@ pub(crate) mod worker;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,7 @@ pub use pmap::PmapOptions;
 
 use link::Link;
 use slot::Waiter;
-use master::{Admission, Master};
+use master::{Door, Master};
 
 pub(crate) struct Inner {
     me: Pid,
@@ -197,7 +197,7 @@ impl ClusterBuilder {
         let secret = Secret::random();
         let (events, to_events) = crossbeam_channel::unbounded();
         let inner = Arc::new_cyclic(|weak| {
-            let listener = Listener::start(self.bind, secret, Arc::new(Admission(weak.clone())), self.handshakes);
+            let listener = Listener::start(self.bind, secret, Arc::new(Door(weak.clone())), self.handshakes);
             let (listener, addr, error) = match listener {
                 Ok(l) => {
                     let a = l.addr();
@@ -213,20 +213,20 @@ impl ClusterBuilder {
                 core: Mutex::new(MasterCore::new(self.liveness, Instant::now())),
                 workers: RwLock::new(BTreeMap::new()),
                 departed: Default::default(),
-                next_pid: AtomicU32::new(2),
+                admission: Mutex::default(),
                 waiting: Mutex::new(HashMap::new()),
                 launches: Mutex::new(Vec::new()),
                 output: self.output.unwrap_or_else(print_sink),
                 refusals: Mutex::default(),
                 terminated: Mutex::new(Vec::new()),
-                departures: Mutex::new(Vec::new()),
+                membership: Mutex::new(Vec::new()),
                 shut: AtomicBool::new(error.is_some()),
                 max_frame: self.max_frame,
                 liveness: self.liveness,
-                handshakes: self.handshakes,
                 start_error: Mutex::new(error),
                 direct_links: self.topology == Topology::AllToAll,
                 peer_addresses: Mutex::new(HashMap::new()),
+                not_listening: Mutex::new(HashMap::new()),
                 pool: pool::Pool::new(),
                 events,
                 output_queued: AtomicUsize::new(0),
@@ -318,7 +318,7 @@ impl Cluster {
     /// Pids of the connected workers, ascending. On a worker this asks the master.
     pub fn workers(&self) -> Vec<Pid> {
         match &self.inner.master {
-            Some(m) => m.core.lock().expect("core lock").workers(),
+            Some(m) => m.workers.read().expect("workers lock").keys().copied().collect(),
             None => self.remote_call_fetch(1, builtin_workers, ()).unwrap_or_default(),
         }
     }
@@ -374,7 +374,7 @@ impl Cluster {
             }
         };
         let outcome = wait_for_workers(&manager, &wait, &mut *launch, started);
-        m.unregister_launch(id);
+        let missing = m.unregister_launch(id);
         let mut pids = wait.connected();
         pids.sort_unstable();
         let outcome = outcome.and_then(|()| {
@@ -384,7 +384,7 @@ impl Cluster {
         match outcome {
             Ok(()) => {
                 if pids.len() < n {
-                    launch.trim(&wait.missing());
+                    launch.trim(&missing);
                 }
                 tracing::info!("{} {} workers ready in {:.1} ms: pids {pids:?}", pids.len(), manager.name(), started.elapsed().as_secs_f64() * 1e3);
                 m.launches.lock().expect("launches lock").push((id, launch));
@@ -415,7 +415,7 @@ impl Cluster {
     #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     pub(crate) fn attach_worker(&self, info: WorkerInfo, out: Box<dyn crate::transport::FrameOut>) {
         let Some(m) = &self.inner.master else { return };
-        m.next_pid.fetch_max(info.pid + 1, Ordering::Relaxed);
+        m.admission.lock().expect("admission lock").taken(info.pid);
         master::add_worker(&self.inner, info, out, false);
     }
 
@@ -619,7 +619,7 @@ fn random_u64() -> u64 {
 fn builtin_register_peer(pid: Pid, address: String) {
     if let Some(c) = Cluster::current() {
         if let Some(m) = &c.inner.master {
-            m.peer_addresses.lock().expect("peer addresses lock").insert(pid, address);
+            m.listens(pid, address);
         }
     }
 }

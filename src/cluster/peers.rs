@@ -17,19 +17,20 @@ use crossbeam_channel::Sender;
 use crate::ids::Pid;
 use crate::error::{Error, Result};
 use crate::fingerprint;
-use crate::protocol::{self, Health, Hello, Kind, Liveness, Refusal, Secret, Terms, Welcome, bare};
+use crate::protocol::{self, Health, Hello, Kind, Refusal, Secret, Terms, Welcome, bare};
 use crate::sys;
 use crate::transport::listener::{Admit, HandshakeLimits, Listener};
 use crate::transport::tcp::{TcpOut, dial};
 
 use super::Cluster;
-use super::link::Link;
+use super::link::{Link, Received, SharedCore};
 use super::worker::Delivery;
 
 /// This worker's direct links and the listener its peers dial.
 pub(crate) struct Peers {
     secret: Secret,
     terms: Terms,
+    core: SharedCore,
     links: Mutex<HashMap<Pid, Arc<Link>>>,
     /// Peers that could not be dialled: their calls go through the master.
     unreachable: Mutex<Vec<Pid>>,
@@ -40,8 +41,9 @@ pub(crate) struct Peers {
 
 impl Peers {
     /// Starts listening on `ip` (the address this worker reaches the master from).
-    pub(crate) fn start(terms: Terms, secret: Secret, ip: IpAddr, to_serving: Sender<Delivery>) -> Result<(Arc<Peers>, SocketAddr)> {
-        let peers = Arc::new(Peers { secret, terms, links: Mutex::default(), unreachable: Mutex::default(), listener: Mutex::new(None), to_serving });
+    pub(crate) fn start(core: &SharedCore, secret: Secret, ip: IpAddr, to_serving: Sender<Delivery>) -> Result<(Arc<Peers>, SocketAddr)> {
+        let terms = core.lock().expect("core lock").terms();
+        let peers = Arc::new(Peers { secret, terms, core: core.clone(), links: Mutex::default(), unreachable: Mutex::default(), listener: Mutex::new(None), to_serving });
         let listener = Listener::start(SocketAddr::new(ip, 0), secret, Arc::new(PeerAdmission(Arc::downgrade(&peers))), HandshakeLimits::default())?;
         let addr = listener.addr();
         *peers.listener.lock().expect("peer listener lock") = Some(listener);
@@ -93,42 +95,37 @@ impl Peers {
     /// Starts the reader thread of a direct link to `peer`.
     fn serve_link(&self, peer: Pid, stream: TcpStream) -> Result<Arc<Link>> {
         let reader = stream.try_clone().map_err(|e| Error::io("cloning a peer connection", e))?;
-        let link = Link::new(peer, TcpOut::boxed(stream), self.terms.max_frame);
+        let link = Link::new(&self.core, peer, TcpOut::boxed(stream));
         let (reading, to_serving, max_frame) = (link.clone(), self.to_serving.clone(), self.terms.max_frame);
         let spawned = std::thread::Builder::new().name(format!("cman-peer-{peer}")).spawn(move || {
             let mut reader = BufReader::with_capacity(64 * 1024, reader);
             let reason = loop {
-                match protocol::read_frame(&mut reader, max_frame) {
-                    Ok(Some(frame)) if frame.header.src != peer => break format!("worker {peer} sent a frame claiming to be from pid {}", frame.header.src),
-                    Ok(Some(frame)) => {
-                        reading.heard();
-                        match frame.header.kind {
-                            Kind::Reply | Kind::Failure => reading.resolve(frame),
-                            Kind::Call | Kind::Cast | Kind::Batch => {
-                                let _ = to_serving.send(Some(Ok((frame, Some(reading.clone())))));
-                            }
-                            Kind::Heartbeat => {}
-                            other => break format!("unexpected {other:?} frame on a direct link"),
-                        }
-                    }
+                let received = match protocol::read_frame(&mut reader, max_frame) {
+                    Ok(Some(frame)) => reading.receive(frame),
                     Ok(None) => break "the direct link closed".to_string(),
                     Err(e) => break e.to_string(),
+                };
+                match received {
+                    Ok(Received::Nothing) => {}
+                    Ok(received) => {
+                        let _ = to_serving.send(Delivery::Received(received, reading.clone()));
+                    }
+                    Err(e) => break e,
                 }
             };
-            let reason = reading.given_up().unwrap_or(reason);
             reading.close();
-            reading.fail_all(&reason);
+            reading.closed(&reason);
         });
         spawned.map_err(|e| Error::io("starting a peer thread", e))?;
         Ok(link)
     }
 
     /// Sends a heartbeat on every direct link and gives up on peers silent for too long.
-    pub(crate) fn heartbeat(&self, me: Pid, liveness: Liveness) {
+    pub(crate) fn heartbeat(&self, me: Pid) {
         let links: Vec<Arc<Link>> = self.links.lock().expect("peer links lock").values().filter(|l| !l.is_dead()).cloned().collect();
         for link in links {
             let _ = link.send(bare(Kind::Heartbeat, me, link.peer));
-            match link.health(&liveness) {
+            match link.health() {
                 Health::Alive => {}
                 Health::Silent(silence) => link.give_up(format!("no heartbeat from worker {} for {} s", link.peer, silence.as_secs())),
                 Health::Closed => link.give_up(format!("worker {} closed the direct link", link.peer)),
@@ -141,16 +138,19 @@ impl Peers {
 struct PeerAdmission(std::sync::Weak<Peers>);
 
 impl Admit for PeerAdmission {
-    fn admit(&self, hello: &Hello) -> std::result::Result<Welcome, Refusal> {
+    /// The pid of the worker dialling.
+    type Seat = Pid;
+
+    fn admit(&self, hello: &Hello) -> std::result::Result<(Welcome, Pid), Refusal> {
         let peers = self.0.upgrade().ok_or(Refusal::anonymous("this worker is stopping"))?;
         match hello.peer {
-            Some(_) => Ok(Welcome::Accepted(peers.terms)),
+            Some(from) => Ok((Welcome::Accepted(peers.terms), from)),
             None => Err(Refusal::anonymous("this is a worker's peer listener, not the master")),
         }
     }
 
-    fn serve(&self, _me: Pid, hello: Hello, stream: tokio::net::TcpStream) {
-        let (Some(peers), Some(from)) = (self.0.upgrade(), hello.peer) else { return };
+    fn serve(&self, from: Pid, _hello: Hello, stream: tokio::net::TcpStream) {
+        let Some(peers) = self.0.upgrade() else { return };
         // a direct link has a reader thread of its own (it blocks)
         let Ok(stream) = stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) else { return };
         if let Ok(link) = peers.serve_link(from, stream) {

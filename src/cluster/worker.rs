@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -17,17 +17,15 @@ use crate::ids::Pid;
 use crate::error::{Error, Result};
 use crate::fingerprint;
 use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECRET_FILE, Index, parse_launch};
+use crate::protocol::worker::WorkerCore;
 use crate::protocol::{self, Frame, Health, Hello, Kind, Liveness, Secret, Terms, Welcome, bare};
 use crate::sys;
 use crate::transport::{self, tcp::TcpOut};
 
-use super::link::Link;
-use crate::protocol::failure::failure_frame;
+use super::link::{Link, Received, SharedCore};
 use super::{Cluster, Peers, exec, output, slot};
 
 static MY_PID: AtomicU32 = AtomicU32::new(1);
-/// Set when the master asked this worker to stop (possibly while a nested wait was pumping).
-static STOPPING: AtomicBool = AtomicBool::new(false);
 /// Set once `init()` ran: a process started as a worker that builds a cluster without it
 /// would run the master's code again (and start workers of its own).
 static INIT_RAN: AtomicBool = AtomicBool::new(false);
@@ -248,31 +246,28 @@ pub(crate) fn run(config: WorkerConfig) -> Result<()> {
     sys::raise_open_files_limit();
     let (stream, terms) = dial(&config)?;
     let out = TcpOut::boxed(stream.try_clone().map_err(|e| Error::io("cloning the master connection", e))?);
-    let link = Link::new(1, out, terms.max_frame);
+    let core: SharedCore = Arc::new(Mutex::new(WorkerCore::new(terms)));
+    let link = Link::new(&core, 1, out);
     if !terms.direct_links {
-        return serve(terms, link, Inbox::Tcp(BufReader::with_capacity(64 * 1024, stream)), None);
+        return serve(link, Inbox::Tcp(BufReader::with_capacity(64 * 1024, stream)), None);
     }
     // Direct links: calls and replies may come on any connection, so every link gets a
     // reader thread that hands the serving thread its calls and wakes it for replies.
-    let (to_serving, inbox) = crossbeam_channel::unbounded();
-    // the serving thread waits on this channel, not on a slot: every delivery wakes it
-    let waking = to_serving.clone();
-    slot::on_delivery(move || {
-        let _ = waking.send(None);
-    });
+    let (to_serving, inbox) = Inbox::channel();
     // listen where this worker reaches the master from: its peers are on that network
     let ip = stream.local_addr().map_err(|e| Error::io("reading the local address", e))?.ip();
     read_uplink(stream, link.clone(), to_serving.clone(), terms.max_frame)?;
-    let (peers, address) = Peers::start(terms, config.secret, ip, to_serving)?;
+    let (peers, address) = Peers::start(&core, config.secret, ip, to_serving)?;
     // registered before serving, so no peer can ask for this address too early
     Cluster::worker_handle(terms.pid, link.clone(), None).remote_call_fetch(1, super::builtin_register_peer, (terms.pid, address.to_string()))?;
-    serve(terms, link, Inbox::Channel(inbox), Some(peers))
+    serve(link, inbox, Some(peers))
 }
 
-/// Serves calls on this thread as worker `terms.pid` until the master says stop (`Ok`) or is
-/// gone (`Err`). On a stop, the worker's output is flushed and a goodbye frame ends the
+/// Serves calls on this thread, as the worker `link`'s core was admitted as, until the master
+/// (at the other end of `link`) says stop (`Ok`) or is gone (`Err`). On a stop, the worker's output is flushed and a goodbye frame ends the
 /// conversation, so the master knows nothing more is coming (MPI links have no EOF).
-pub(crate) fn serve(terms: Terms, link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) -> Result<()> {
+pub(crate) fn serve(link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) -> Result<()> {
+    let terms = link.core().terms();
     let pid = terms.pid;
     MY_PID.store(pid, Ordering::Relaxed);
     if let Err(e) = output::start_forwarding(link.clone(), pid, terms.liveness.timeout) {
@@ -280,11 +275,11 @@ pub(crate) fn serve(terms: Terms, link: Arc<Link>, inbox: Inbox, peers: Option<A
     }
     watch_master(link.clone(), peers.clone(), terms.liveness);
     let _ = WORKER_CLUSTER.set(Cluster::worker_handle(pid, link.clone(), peers));
-    SERVING.with(|s| *s.borrow_mut() = Some(Serving { inbox, uplink: link.clone(), terms }));
+    SERVING.with(|s| *s.borrow_mut() = Some(Serving { inbox, uplink: link.clone(), max_frame: terms.max_frame }));
     slot::serve_while_waiting(Some(pump_once));
     let outcome = loop {
         match pump_once(None) {
-            Ok(()) if !STOPPING.load(Ordering::Relaxed) => {}
+            Ok(()) if !link.core().is_stopping() => {}
             Ok(()) | Err(Error::ShutDown) => break Ok(()),
             Err(e) => break Err(e),
         }
@@ -322,17 +317,17 @@ fn watch_master(uplink: Arc<Link>, peers: Option<Arc<Peers>>, liveness: Liveness
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if STOPPING.load(Ordering::Relaxed) {
+            if uplink.core().is_stopping() {
                 return;
             }
             let _ = uplink.send(bare(Kind::Heartbeat, me, 1));
-            let why = match uplink.health(&liveness) {
+            let why = match uplink.health() {
                 Health::Alive => None,
                 Health::Closed => Some("the master closed the connection".to_string()),
                 Health::Silent(silence) => Some(format!("no heartbeat from the master for {} s (its host vanished, the network is cut, or it hangs)", silence.as_secs())),
             };
             if let Some(why) = why {
-                if STOPPING.load(Ordering::Relaxed) {
+                if uplink.core().is_stopping() {
                     return;
                 }
                 sys::write_original_stderr(&format!("{} (os pid {}): lost the master: {why}; exiting", who_am_i(), std::process::id()));
@@ -344,7 +339,7 @@ fn watch_master(uplink: Arc<Link>, peers: Option<Arc<Peers>>, liveness: Liveness
                 sys::exit_now(1);
             }
             if let Some(peers) = &peers {
-                peers.heartbeat(me, liveness);
+                peers.heartbeat(me);
             }
         }
     });
@@ -362,14 +357,19 @@ pub(crate) fn worker_cluster() -> Option<&'static Cluster> {
     WORKER_CLUSTER.get()
 }
 
-/// A frame for the serving thread and the link it came on, where replies go back (`None`:
-/// the master's link).
-pub(crate) type Incoming = (Frame, Option<Arc<Link>>);
-
-/// What a thread that reads for the serving thread hands over: a frame (or the transport's
-/// failure), or `None` — a wake-up after it resolved a reply the serving thread may be
-/// waiting for.
-pub(crate) type Delivery = Option<Result<Incoming>>;
+/// What other threads hand the serving thread.
+pub(crate) enum Delivery {
+    /// A frame from the master that nobody looked at yet (MPI, before its link is up).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    Frame(Frame),
+    /// What a link's reader received for the serving thread (a call, the master's stop),
+    /// and the link it came on.
+    Received(Received, Arc<Link>),
+    /// A reply was delivered elsewhere: the serving thread looks at its wait again.
+    Wake,
+    /// The transport failed.
+    Failed(Error),
+}
 
 /// Where a serving worker's incoming frames come from.
 pub(crate) enum Inbox {
@@ -381,8 +381,21 @@ pub(crate) enum Inbox {
 }
 
 impl Inbox {
-    /// The next frame; `None` after a wake-up or at `deadline`.
-    fn next(&mut self, uplink: &Link, max_frame: usize, deadline: Option<Instant>) -> Result<Option<Incoming>> {
+    /// An inbox that other threads fill through the sender. The serving thread waits on it,
+    /// not on a slot, so every reply delivered elsewhere wakes it too.
+    pub(crate) fn channel() -> (Sender<Delivery>, Inbox) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let waking = tx.clone();
+        slot::on_delivery(move || {
+            let _ = waking.send(Delivery::Wake);
+        });
+        (tx, Inbox::Channel(rx))
+    }
+
+    /// What the next frame leaves for the serving thread, and the link it came on; `None`
+    /// after a wake-up or at `deadline`.
+    fn next(&mut self, uplink: &Arc<Link>, max_frame: usize, deadline: Option<Instant>) -> Result<Option<(Received, Arc<Link>)>> {
+        let from_master = |frame| uplink.receive(frame).map(|r| Some((r, uplink.clone()))).map_err(|e| Error::MasterGone(format!("{e}; exiting")));
         match self {
             Inbox::Tcp(reader) => {
                 if let Some(d) = deadline {
@@ -392,24 +405,27 @@ impl Inbox {
                     }
                 }
                 match protocol::read_frame(reader, max_frame) {
-                    Ok(Some(frame)) => {
-                        uplink.heard();
-                        Ok(Some((frame, None)))
-                    }
+                    Ok(Some(frame)) => from_master(frame),
                     Ok(None) => Err(Error::MasterGone("it closed the connection; exiting".into())),
                     Err(e) => Err(Error::MasterGone(format!("{e}; exiting"))),
                 }
             }
             Inbox::Channel(rx) => {
+                let stopped = || Error::MasterGone("the transport stopped; exiting".into());
                 let got = match deadline {
                     Some(d) => match rx.recv_deadline(d) {
                         Ok(got) => got,
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Ok(None),
-                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(Error::MasterGone("the transport stopped; exiting".into())),
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(stopped()),
                     },
-                    None => rx.recv().map_err(|_| Error::MasterGone("the transport stopped; exiting".into()))?,
+                    None => rx.recv().map_err(|_| stopped())?,
                 };
-                got.transpose()
+                match got {
+                    Delivery::Frame(frame) => from_master(frame),
+                    Delivery::Received(received, link) => Ok(Some((received, link))),
+                    Delivery::Wake => Ok(None),
+                    Delivery::Failed(e) => Err(e),
+                }
             }
         }
     }
@@ -421,23 +437,21 @@ fn read_uplink(stream: TcpStream, link: Arc<Link>, to_serving: Sender<Delivery>,
     let spawned = std::thread::Builder::new().name("cman-uplink".into()).spawn(move || {
         let mut reader = BufReader::with_capacity(64 * 1024, stream);
         let failure = loop {
-            match protocol::read_frame(&mut reader, max_frame) {
-                Ok(Some(frame)) => {
-                    link.heard();
-                    match frame.header.kind {
-                        Kind::Reply | Kind::Failure => link.resolve(frame),
-                        Kind::Heartbeat => {}
-                        _ => {
-                            let _ = to_serving.send(Some(Ok((frame, None))));
-                        }
-                    }
-                }
+            let received = match protocol::read_frame(&mut reader, max_frame) {
+                Ok(Some(frame)) => link.receive(frame),
                 Ok(None) => break "it closed the connection; exiting".to_string(),
+                Err(e) => break format!("{e}; exiting"),
+            };
+            match received {
+                Ok(Received::Nothing) => {}
+                Ok(received) => {
+                    let _ = to_serving.send(Delivery::Received(received, link.clone()));
+                }
                 Err(e) => break format!("{e}; exiting"),
             }
         };
-        link.fail_all(&failure);
-        let _ = to_serving.send(Some(Err(Error::MasterGone(failure))));
+        link.closed(&failure);
+        let _ = to_serving.send(Delivery::Failed(Error::MasterGone(failure)));
     });
     spawned.map(|_| ()).map_err(|e| Error::io("starting the master link's reader", e))
 }
@@ -445,7 +459,7 @@ fn read_uplink(stream: TcpStream, link: Arc<Link>, to_serving: Sender<Delivery>,
 struct Serving {
     inbox: Inbox,
     uplink: Arc<Link>,
-    terms: Terms,
+    max_frame: usize,
 }
 
 thread_local! {
@@ -456,34 +470,28 @@ thread_local! {
 /// right here, so a no-op call costs no thread switch; a call that itself waits for a reply
 /// pumps recursively, so nested calls at any depth cannot deadlock.
 fn pump_once(deadline: Option<Instant>) -> Result<()> {
-    let (incoming, uplink, terms) = SERVING.with(|s| {
+    let next = SERVING.with(|s| {
         let mut s = s.borrow_mut();
         let s = s.as_mut().expect("pump_once on a thread that does not serve");
-        (s.inbox.next(&s.uplink, s.terms.max_frame, deadline), s.uplink.clone(), s.terms)
+        s.inbox.next(&s.uplink, s.max_frame, deadline)
     });
-    let Some((frame, from)) = incoming? else { return Ok(()) }; // a wake-up: the caller looks again
-    let from = from.unwrap_or_else(|| uplink.clone());
-    match frame.header.kind {
-        Kind::Call | Kind::Cast | Kind::Batch => {
-            if let Some(mut reply) = exec::execute(terms.pid, &frame) {
-                if reply.len() > terms.max_frame + protocol::LEN_PREFIX {
-                    let why = format!("its result of {} bytes exceeds the cluster's max_frame of {}; raise ClusterBuilder::max_frame", reply.len(), terms.max_frame);
-                    let failure = crate::protocol::failure::Failure::Remote(crate::error::RemoteError { pid: terms.pid, function: exec::function_name(frame.header.func), message: why, location: None });
-                    reply = failure_frame(terms.pid, frame.header.src, frame.header.req, &failure)?;
-                }
+    let Some((received, from)) = next? else { return Ok(()) }; // a wake-up: the caller looks again
+    match received {
+        Received::Run(frame) => {
+            let me = my_id();
+            if let Some(reply) = exec::execute(me, &frame) {
+                let (reply, patience) = {
+                    let core = from.core();
+                    (core.answer(frame.header, reply, || exec::function_name(frame.header.func))?, core.terms().liveness.timeout)
+                };
                 output::flush();
-                from.send_patiently(reply, Instant::now() + terms.liveness.timeout)?;
+                from.send_patiently(reply, Instant::now() + patience)?;
             }
+            Ok(())
         }
-        Kind::Reply | Kind::Failure => from.resolve(frame),
-        Kind::Shutdown => {
-            STOPPING.store(true, Ordering::Relaxed);
-            uplink.fail_all("the worker is shutting down");
-            return Err(Error::ShutDown);
-        }
-        Kind::Output | Kind::Heartbeat => {}
+        Received::Stop => Err(Error::ShutDown),
+        Received::Nothing => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,30 +1,28 @@
 //! `ElasticManager`: workers that join by themselves, at any time, by running the command it
-//! prints. It has its own listener (an explicit address, or "auto": a non-loopback address of
-//! this host that other machines can reach); joined workers become ordinary pids of the
-//! cluster. Only the worker dials: no connection back from the master, so it works where a
-//! firewall lets compute nodes reach the master but not the other way. The printed command
-//! names a file that holds the secret (mode 0600 under `~/.clusterman/`), never the secret.
+//! prints. It is a join rule on the master's one listener: while it is open, a worker with
+//! the right secret and binary but no launch of its own becomes the next pid of the cluster.
+//! Only the worker dials: no connection back from the master, so it works where a firewall
+//! lets compute nodes reach the master but not the other way. The printed command names a
+//! file that holds the secret (mode 0600 under `~/.clusterman/`), never the secret.
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use crate::ids::Pid;
-use crate::cluster::master::serve_connection;
+use crate::cluster::master::Membership;
 use crate::cluster::{Cluster, Inner};
 use crate::error::{Error, Result};
-use crate::protocol::{Hello, Refusal, Welcome};
-use crate::transport::listener::{Admit, Listener};
+use crate::ids::Pid;
 use crate::protocol::env::{ENV_MASTER, ENV_SECRET_FILE};
 use crate::sys;
 
 use super::SecretFile;
 use super::shell::shell_quote;
 
-/// Where an [`ElasticManager`] listens.
+/// The address an [`ElasticManager`] tells workers to dial (the master's port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ElasticAddress {
     /// This host's first non-loopback IPv4 address.
@@ -63,7 +61,9 @@ struct Shared {
 /// # Ok(()) }
 /// ```
 pub struct ElasticManager {
-    listener: Option<Listener>,
+    cluster: Weak<Inner>,
+    /// Whether the join rule is still open.
+    open: bool,
     address: SocketAddr,
     secret: SecretFile,
     program: String,
@@ -71,35 +71,50 @@ pub struct ElasticManager {
 }
 
 impl ElasticManager {
-    /// Listens on `address` and `port` (0: the OS picks one) for workers of `cluster`.
+    /// Opens `cluster` to workers that join by themselves, dialling `address` at the
+    /// master's port. `port` is 0 or that port: the master has one listener (choose its
+    /// port with [`ClusterBuilder::bind`](crate::ClusterBuilder::bind)).
     pub fn start(cluster: &Cluster, address: ElasticAddress, port: u16) -> Result<ElasticManager> {
         let inner = cluster.inner().clone();
         let master = inner.master.as_ref().ok_or_else(|| Error::Unsupported("only the master (pid 1) can accept workers".into()))?;
+        let listening = master.addr;
+        if port != 0 && port != listening.port() {
+            return Err(Error::Launch(format!(
+                "workers join through the master's listener on port {}, not {port}: pass port 0, or build the cluster with ClusterBuilder::bind(\"0.0.0.0:{port}\".parse()?)",
+                listening.port()
+            )));
+        }
         let ip = match address {
             ElasticAddress::Ip(ip) => ip,
             ElasticAddress::Auto => IpAddr::V4(sys::first_non_loopback_ipv4().ok_or_else(|| {
                 Error::Launch("found no non-loopback IPv4 address on this host; start the ElasticManager with ElasticAddress::Ip(..)".into())
             })?),
         };
-        let shared = Arc::new(Shared { members: Mutex::new(Members::default()), changed: Condvar::new() });
-        let admit = Arc::new(ElasticAdmission { cluster: Arc::downgrade(&inner), shared: shared.clone() });
-        let listener = Listener::start(SocketAddr::new(ip, port), master.secret, admit, master.handshakes)?;
-        let address = listener.addr();
+        if !listening.ip().is_unspecified() && listening.ip() != ip {
+            return Err(Error::Launch(format!(
+                "the master listens on {listening} only, so workers cannot join at {ip}: pass ElasticAddress::Ip({}), or build the cluster with ClusterBuilder::bind(\"0.0.0.0:0\".parse()?)",
+                listening.ip()
+            )));
+        }
+        if std::net::TcpListener::bind((ip, 0)).is_err() {
+            return Err(Error::Launch(format!("{ip} is not an address of this host; pass one of its addresses, or ElasticAddress::Auto")));
+        }
+        let address = SocketAddr::new(ip, listening.port());
+        static SEQUENCE: AtomicU32 = AtomicU32::new(0);
         let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
-        let secret = SecretFile::write(&home, &format!("elastic-{}-{}", std::process::id(), address.port()), master.secret)?;
-        let departed = Arc::downgrade(&shared);
-        master.departures.lock().expect("departures lock").push(Box::new(move |pid, _reason| {
-            let Some(shared) = departed.upgrade() else { return };
-            let mut m = shared.members.lock().expect("members lock");
-            if m.active.remove(&pid) {
-                m.terminated.insert(pid);
-                m.on_leave.iter().for_each(|f| f(pid));
-                shared.changed.notify_all();
+        let name = format!("elastic-{}-{}-{}", std::process::id(), address.port(), SEQUENCE.fetch_add(1, Ordering::Relaxed));
+        let secret = SecretFile::write(&home, &name, master.secret)?;
+        let shared = Arc::new(Shared { members: Mutex::new(Members::default()), changed: Condvar::new() });
+        let told = Arc::downgrade(&shared);
+        master.membership.lock().expect("membership lock").push(Box::new(move |change| {
+            if let Some(shared) = told.upgrade() {
+                shared.record(change);
             }
         }));
+        master.admission.lock().expect("admission lock").open_joining();
         let program = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "<program>".into());
-        tracing::info!("elastic manager listening on {address}");
-        Ok(ElasticManager { listener: Some(listener), address, secret, program, shared })
+        tracing::info!("workers may join at {address}");
+        Ok(ElasticManager { cluster: Arc::downgrade(&inner), open: true, address, secret, program, shared })
     }
 
     /// The address workers dial.
@@ -154,7 +169,39 @@ impl ElasticManager {
 
     /// Stops accepting workers (those that joined stay).
     pub fn stop(&mut self) {
-        self.listener = None;
+        if std::mem::take(&mut self.open)
+            && let Some(inner) = self.cluster.upgrade()
+        {
+            inner.master().admission.lock().expect("admission lock").close_joining();
+        }
+    }
+}
+
+impl Drop for ElasticManager {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Shared {
+    /// Keeps the lists: every worker that joins by itself is this manager's (all the
+    /// elastic managers of a cluster share its listener).
+    fn record(&self, change: Membership) {
+        let mut m = self.members.lock().expect("members lock");
+        match change {
+            Membership::Joined(pid) => {
+                m.active.insert(pid);
+                m.on_join.iter().for_each(|f| f(pid));
+            }
+            Membership::Left(pid) => {
+                if !m.active.remove(&pid) {
+                    return;
+                }
+                m.terminated.insert(pid);
+                m.on_leave.iter().for_each(|f| f(pid));
+            }
+        }
+        self.changed.notify_all();
     }
 }
 
@@ -173,46 +220,5 @@ impl fmt::Display for ElasticManager {
 impl fmt::Debug for ElasticManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ElasticManager").field("address", &self.address).field("active", &self.active()).finish()
-    }
-}
-
-/// Admits any worker with the right secret and binary, as the next free pid.
-struct ElasticAdmission {
-    cluster: Weak<Inner>,
-    shared: Arc<Shared>,
-}
-
-impl Admit for ElasticAdmission {
-    fn admit(&self, hello: &Hello) -> std::result::Result<Welcome, Refusal> {
-        let refuse = |reason: &str| Refusal { reason: reason.into(), launch: None };
-        let inner = self.cluster.upgrade().ok_or_else(|| refuse("the master is shutting down"))?;
-        let master = inner.master.as_ref().ok_or_else(|| refuse("not a master"))?;
-        if master.shut.load(Ordering::Relaxed) {
-            return Err(refuse("the master is shutting down"));
-        }
-        if hello.peer.is_some() {
-            return Err(refuse("a worker-to-worker hello sent to the master's elastic listener"));
-        }
-        if let Some(problem) = &hello.problem {
-            return Err(refuse(problem));
-        }
-        Ok(Welcome::Accepted(master.terms(master.next_pid.fetch_add(1, Ordering::Relaxed))))
-    }
-
-    fn serve(&self, pid: Pid, hello: Hello, stream: tokio::net::TcpStream) {
-        let Some(inner) = self.cluster.upgrade() else { return };
-        let (host, os_pid) = (hello.host.clone(), hello.os_pid);
-        serve_connection(&inner, pid, hello, stream);
-        tracing::info!("worker {pid} joined from {host} (os pid {os_pid})");
-        let mut m = self.shared.members.lock().expect("members lock");
-        m.active.insert(pid);
-        m.on_join.iter().for_each(|f| f(pid));
-        self.shared.changed.notify_all();
-    }
-
-    fn refused(&self, peer: SocketAddr, refusal: &Refusal) {
-        if let Some(m) = self.cluster.upgrade().as_ref().and_then(|inner| inner.master.as_ref()) {
-            m.refused("the elastic manager", peer, refusal);
-        }
     }
 }

@@ -5,6 +5,7 @@ use std::process::{Command, Stdio};
 
 use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET};
 use crate::error::{Error, Result};
+use crate::sys;
 
 use super::ENV_MPI;
 
@@ -28,7 +29,7 @@ pub(crate) fn find_on_path() -> Option<PathBuf> {
 
 /// Asks `launcher --version` which family it is.
 pub(crate) fn detect_kind(launcher: &Path) -> Result<LauncherKind> {
-    let out = Command::new(launcher).arg("--version").stdin(Stdio::null()).output().map_err(|e| {
+    let out = sys::retry_busy(|| Command::new(launcher).arg("--version").stdin(Stdio::null()).output()).map_err(|e| {
         Error::io(format!("cannot run the MPI launcher {}: install Open MPI or MPICH, or set MpiManager::launcher", launcher.display()), e)
     })?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

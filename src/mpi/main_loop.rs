@@ -3,7 +3,7 @@
 //! finalised, status 0) when the master shuts down.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ::mpi::Threading;
@@ -13,13 +13,14 @@ use ::mpi::traits::{Communicator, Destination, Root, Source};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::Pid;
-use crate::cluster::link::Link;
-use crate::cluster::worker::{self, Inbox, WorkerConfig, at_worker_exit, exit_worker};
+use crate::cluster::link::{Link, Received, SharedCore};
+use crate::cluster::worker::{self, Delivery, Inbox, WorkerConfig, at_worker_exit, exit_worker};
 use crate::cluster::{Cluster, WorkerInfo};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::fingerprint;
 use crate::launch::{ClusterManager, Launch, LaunchContext, LaunchStatus};
+use crate::protocol::worker::WorkerCore;
 use crate::protocol::{DEFAULT_MAX_FRAME, Fingerprint, Liveness, PROTOCOL_VERSION, Secret, Terms};
 use crate::sys;
 
@@ -162,16 +163,22 @@ impl MainLoop {
         if me.rank != 0 {
             comm.process_at_rank(0).send(&codec::encode(&mine)?[..]);
             let terms = Terms { pid: me.rank as Pid + 1, direct_links: false, max_frame: DEFAULT_MAX_FRAME, liveness: Liveness::default() };
-            let (tx, rx) = crossbeam_channel::unbounded();
+            let (tx, inbox) = Inbox::channel();
             // the link is made once the transport runs (it sends through it): frames that come
             // before go to the serving thread all the same, as frames of the master's link
             let uplink: Arc<OnceLock<Arc<Link>>> = Arc::default();
             let receiving = uplink.clone();
             let transport = MpiTransport::start(SendComm(comm), Box::new(move |_, frame| {
-                if let Some(link) = receiving.get() {
-                    link.heard();
-                }
-                let _ = tx.send(Some(frame.map(|f| (f, None))));
+                let delivery = match (frame, receiving.get()) {
+                    (Err(e), _) => Delivery::Failed(e),
+                    (Ok(frame), None) => Delivery::Frame(frame),
+                    (Ok(frame), Some(link)) => match link.receive(frame) {
+                        Ok(Received::Nothing) => return,
+                        Ok(received) => Delivery::Received(received, link.clone()),
+                        Err(e) => Delivery::Failed(Error::MasterGone(e)),
+                    },
+                };
+                let _ = tx.send(delivery);
             }), terms.max_frame)?;
             let verdict = String::from_utf8_lossy(&receive_bytes(&world)).into_owned();
             at_worker_exit(env::finalize);
@@ -179,10 +186,11 @@ impl MainLoop {
                 transport.stop();
                 exit_worker(Err(Error::Handshake(verdict)));
             }
-            let link = Link::new(1, transport.out(0), terms.max_frame);
+            let core: SharedCore = Arc::new(Mutex::new(WorkerCore::new(terms)));
+            let link = Link::new(&core, 1, transport.out(0));
             let _ = uplink.set(link.clone());
             at_worker_exit(move || transport.stop());
-            exit_worker(worker::serve(terms, link, Inbox::Channel(rx), None));
+            exit_worker(worker::serve(link, inbox, None));
         }
         let mut others = Vec::new();
         let mut problems = Vec::new();

@@ -6,14 +6,18 @@
 //! against a maximum before anything is allocated, and every parse failure is an error value,
 //! never a panic. The transports (TCP today, MPI later) only move these bytes.
 
+pub(crate) mod admission;
 pub(crate) mod env;
 pub(crate) mod failure;
 mod frame;
 mod handshake;
 pub(crate) mod liveness;
 pub(crate) mod master;
+#[cfg(test)]
+mod pair;
 pub(crate) mod plan;
 pub(crate) mod watch;
+pub(crate) mod worker;
 
 pub use frame::{Frame, FrameBuf, FrameReader, Header, Kind, LEN_PREFIX, bare, read_frame};
 pub use handshake::{MAGIC, PROTOCOL_VERSION};

@@ -13,7 +13,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
-use crate::ids::Pid;
 use crate::error::{Error, Result};
 use crate::fingerprint;
 use crate::protocol::{Hello, MAX_HANDSHAKE, Refusal, Secret, Welcome, check_hello};
@@ -21,13 +20,15 @@ use crate::sys;
 
 use super::io as runtime;
 
-/// Decides what to do with a connection whose hello checked out: its pid, or a refusal.
+/// Decides what to do with a connection whose hello checked out: its seat, or a refusal.
 pub(crate) trait Admit: Send + Sync + 'static {
-    /// Reserves the worker's pid, or refuses it. Returns the welcome to send. Runs on the
+    /// Where an admitted connection goes (the master's seat for a worker, a peer's pid).
+    type Seat: Send;
+    /// Reserves the worker's seat, or refuses it. Returns the welcome to send. Runs on the
     /// I/O thread: it must not wait for anything.
-    fn admit(&self, hello: &Hello) -> std::result::Result<Welcome, Refusal>;
+    fn admit(&self, hello: &Hello) -> std::result::Result<(Welcome, Self::Seat), Refusal>;
     /// Starts serving an admitted worker (after it was told its pid). Runs on the I/O thread.
-    fn serve(&self, pid: Pid, hello: Hello, stream: tokio::net::TcpStream);
+    fn serve(&self, seat: Self::Seat, hello: Hello, stream: tokio::net::TcpStream);
     /// Records a refused connection.
     fn refused(&self, peer: SocketAddr, refusal: &Refusal);
     /// This process ran out of file descriptors: connections wait in the kernel's queue.
@@ -62,7 +63,7 @@ pub(crate) struct Listener {
 
 impl Listener {
     /// Binds `bind` and starts accepting on the I/O thread.
-    pub(crate) fn start(bind: SocketAddr, secret: Secret, admit: Arc<dyn Admit>, limits: HandshakeLimits) -> Result<Listener> {
+    pub(crate) fn start<A: Admit>(bind: SocketAddr, secret: Secret, admit: Arc<A>, limits: HandshakeLimits) -> Result<Listener> {
         let socket = std::net::TcpListener::bind(bind).map_err(|e| Error::io(format!("cannot listen on {bind}"), e))?;
         let addr = socket.local_addr().map_err(|e| Error::io("reading the listen address", e))?;
         socket.set_nonblocking(true).map_err(|e| Error::io("making the listener non-blocking", e))?;
@@ -86,7 +87,7 @@ impl Drop for Listener {
     }
 }
 
-async fn accept_loop(socket: std::net::TcpListener, secret: Secret, admit: Arc<dyn Admit>, limits: HandshakeLimits, mut stopped: oneshot::Receiver<()>) {
+async fn accept_loop<A: Admit>(socket: std::net::TcpListener, secret: Secret, admit: Arc<A>, limits: HandshakeLimits, mut stopped: oneshot::Receiver<()>) {
     let listener = match tokio::net::TcpListener::from_std(socket) {
         Ok(l) => l,
         Err(e) => return tracing::error!("the listener cannot run: {e}"),
@@ -130,7 +131,7 @@ async fn accept_loop(socket: std::net::TcpListener, secret: Secret, admit: Arc<d
     }
 }
 
-async fn handshake(mut stream: tokio::net::TcpStream, peer: SocketAddr, secret: Secret, admit: Arc<dyn Admit>, deadline: Duration) {
+async fn handshake<A: Admit>(mut stream: tokio::net::TcpStream, peer: SocketAddr, secret: Secret, admit: Arc<A>, deadline: Duration) {
     let _ = stream.set_nodelay(true);
     let outcome = match tokio::time::timeout(deadline, read_hello(&mut stream)).await {
         Err(_) => Err(Refusal::anonymous(format!("no complete hello within {deadline:?}"))),
@@ -141,8 +142,7 @@ async fn handshake(mut stream: tokio::net::TcpStream, peer: SocketAddr, secret: 
         }
     };
     match outcome {
-        Ok((welcome, hello)) => {
-            let Welcome::Accepted(terms) = welcome else { return };
+        Ok(((welcome, seat), hello)) => {
             let sent = tokio::time::timeout(deadline, stream.write_all(&welcome.encode())).await;
             let handed = match sent {
                 Ok(Ok(())) => Ok(stream),
@@ -150,7 +150,7 @@ async fn handshake(mut stream: tokio::net::TcpStream, peer: SocketAddr, secret: 
                 Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the welcome was not taken")),
             };
             match handed {
-                Ok(stream) => admit.serve(terms.pid, hello, stream),
+                Ok(stream) => admit.serve(seat, hello, stream),
                 Err(e) => {
                     let reason = format!("worker {} (os pid {}) vanished during the handshake: {e}", hello.host, hello.os_pid);
                     admit.refused(peer, &Refusal { reason, launch: None });

@@ -1,0 +1,222 @@
+//! The worker's side of the protocol, without I/O and without a clock: its links (to the
+//! master, and direct links to other workers; two workers that dial each other at once
+//! have two links, so links have ids of their own), the calls it made on each and still waits
+//! for, when each peer was last heard from, and what an incoming frame asks of it. Fed
+//! frames, link ends and the time; each input returns what to do. The driver (the serving
+//! thread and the links' readers, around one lock) runs calls, sends, and wakes callers.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use crate::error::{Error, RemoteError, Result};
+use crate::ids::Pid;
+use crate::sys::TcpPulse;
+
+use super::failure::{Failure, failure_frame};
+use super::frame::{Frame, Header, Kind, LEN_PREFIX};
+use super::handshake::Terms;
+use super::liveness::Health;
+
+/// What a frame asks of the worker.
+#[derive(Debug)]
+pub(crate) enum Incoming<W> {
+    /// Run this call; its reply goes back on the link it came on.
+    Run(Frame),
+    /// A call of ours ended: wake its waiter with this reply or failure.
+    Resolved(W, Frame),
+    /// The master asked this worker to stop: finish, say goodbye, exit. These calls of ours
+    /// will never end: fail them.
+    Stop(Vec<W>),
+    /// Nothing (a heartbeat; a reply nobody waits for any more).
+    Nothing,
+}
+
+/// One connection of a worker, as its core knows it.
+pub(crate) type LinkId = u64;
+
+struct LinkState<W> {
+    /// The pid on the other end (1: the master).
+    peer: Pid,
+    heard: Instant,
+    next_req: u64,
+    /// Our calls on it, by request id.
+    calls: HashMap<u64, W>,
+    /// Set once it is gone; new calls on it fail at once with this reason.
+    dead: Option<String>,
+    /// Why we gave up on the peer ourselves (no heartbeat), said instead of "closed".
+    given_up: Option<String>,
+}
+
+/// A worker's protocol state.
+pub(crate) struct WorkerCore<W> {
+    terms: Terms,
+    links: HashMap<LinkId, LinkState<W>>,
+    next_link: LinkId,
+    stopping: bool,
+}
+
+impl<W> WorkerCore<W> {
+    /// A worker admitted on `terms`, with no links yet.
+    pub(crate) fn new(terms: Terms) -> Self {
+        WorkerCore { terms, links: HashMap::new(), next_link: 0, stopping: false }
+    }
+
+    /// The terms it was admitted on.
+    pub(crate) fn terms(&self) -> Terms {
+        self.terms
+    }
+
+    /// A link to `peer` (1: the master) is up: its id.
+    pub(crate) fn add_link(&mut self, peer: Pid, now: Instant) -> LinkId {
+        let id = self.next_link;
+        self.next_link += 1;
+        self.links.insert(id, LinkState { peer, heard: now, next_req: 1, calls: HashMap::new(), dead: None, given_up: None });
+        id
+    }
+
+    /// Starts a call on `link`: its request id, with `waiter` told of its end (none for a
+    /// cast). If its frame cannot be sent, [`cancel`](Self::cancel) it.
+    pub(crate) fn begin_call(&mut self, link: LinkId, waiter: Option<W>) -> Result<u64> {
+        let link = self.links.get_mut(&link).ok_or_else(|| Error::Protocol(format!("no link {link}")))?;
+        if let Some(reason) = &link.dead {
+            return Err(link_error(link.peer, reason));
+        }
+        let req = link.next_req;
+        link.next_req += 1;
+        if let Some(w) = waiter {
+            link.calls.insert(req, w);
+        }
+        Ok(req)
+    }
+
+    /// Forgets call `req` on `link`; returns its waiter if it had not ended.
+    pub(crate) fn cancel(&mut self, link: LinkId, req: u64) -> Option<W> {
+        self.links.get_mut(&link)?.calls.remove(&req)
+    }
+
+    /// A frame that arrived on `link`. `Err` breaks the link (a peer that lies about who it
+    /// is, or sends what a link of its kind never carries).
+    pub(crate) fn handle_frame(&mut self, now: Instant, link: LinkId, frame: Frame) -> std::result::Result<Incoming<W>, String> {
+        let h = frame.header;
+        let Some(state) = self.links.get_mut(&link) else { return Ok(Incoming::Nothing) };
+        let direct = state.peer != 1;
+        if direct && h.src != state.peer {
+            return Err(format!("worker {} sent a frame claiming to be from pid {}", state.peer, h.src));
+        }
+        state.heard = now;
+        Ok(match h.kind {
+            Kind::Reply | Kind::Failure => match state.calls.remove(&h.req) {
+                Some(w) => Incoming::Resolved(w, frame),
+                None => Incoming::Nothing,
+            },
+            Kind::Call | Kind::Cast | Kind::Batch => Incoming::Run(frame),
+            Kind::Heartbeat => Incoming::Nothing,
+            Kind::Shutdown if !direct => {
+                self.stopping = true;
+                Incoming::Stop(self.end_all("the worker is shutting down"))
+            }
+            Kind::Output if !direct => Incoming::Nothing,
+            other => return Err(format!("unexpected {other:?} frame on a direct link")),
+        })
+    }
+
+    /// Whether the master asked this worker to stop.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping
+    }
+
+    /// `link` ended (`reason`: what its reader saw). Returns why, as it should be reported,
+    /// and the waiters of its calls, which never end: fail them.
+    pub(crate) fn handle_closed(&mut self, link: LinkId, reason: &str) -> (String, Vec<W>) {
+        let Some(link) = self.links.get_mut(&link) else { return (reason.to_string(), Vec::new()) };
+        let reason = link.dead.clone().or_else(|| link.given_up.clone()).unwrap_or_else(|| reason.to_string());
+        link.dead = Some(reason.clone());
+        (reason, link.calls.drain().map(|(_, w)| w).collect())
+    }
+
+    /// Gives up on the peer of `link` (it fell silent): close the link; its end is reported
+    /// with `reason`.
+    pub(crate) fn give_up(&mut self, link: LinkId, reason: String) {
+        if let Some(link) = self.links.get_mut(&link) {
+            link.given_up.get_or_insert(reason);
+        }
+    }
+
+    /// True once `link` is gone (or never was).
+    pub(crate) fn is_dead(&self, link: LinkId) -> bool {
+        self.links.get(&link).is_none_or(|l| l.dead.is_some())
+    }
+
+    /// How the peer of `link` is doing at `now`, from what we heard of it and, for TCP, what
+    /// the kernel knows.
+    pub(crate) fn health(&self, link: LinkId, now: Instant, kernel: Option<TcpPulse>) -> Health {
+        let heard = self.links.get(&link).map_or(now, |l| l.heard);
+        self.terms.liveness.judge(now.saturating_duration_since(heard), kernel)
+    }
+
+    /// The frame that answers `call`: `reply` as it is, or, when it is larger than the
+    /// cluster accepts, a failure that says so (`function` names the call).
+    pub(crate) fn answer(&self, call: Header, reply: Vec<u8>, function: impl FnOnce() -> String) -> Result<Vec<u8>> {
+        let max = self.terms.max_frame;
+        if reply.len() <= max + LEN_PREFIX {
+            return Ok(reply);
+        }
+        let message = format!("its result of {} bytes exceeds the cluster's max_frame of {max}; raise ClusterBuilder::max_frame", reply.len());
+        let failure = Failure::Remote(RemoteError { pid: self.terms.pid, function: function(), message, location: None });
+        failure_frame(self.terms.pid, call.src, call.req, &failure)
+    }
+
+    /// Marks every link dead with `reason`; returns the waiters of every call.
+    fn end_all(&mut self, reason: &str) -> Vec<W> {
+        let mut waiters = Vec::new();
+        for link in self.links.values_mut() {
+            link.dead.get_or_insert_with(|| reason.to_string());
+            waiters.extend(link.calls.drain().map(|(_, w)| w));
+        }
+        waiters
+    }
+}
+
+/// The error for a call on the link to `peer`, which is gone for `reason`.
+pub(crate) fn link_error(peer: Pid, reason: &str) -> Error {
+    if peer == 1 {
+        Error::MasterGone(reason.to_string())
+    } else {
+        Error::WorkerDied { pid: peer, reason: reason.to_string() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::{FrameBuf, FrameReader};
+    use crate::protocol::liveness::Liveness;
+
+    fn reply(src: Pid, req: u64) -> Frame {
+        let mut reader = FrameReader::new(1 << 10);
+        reader.extend(&FrameBuf::new(Header { kind: Kind::Reply, src, dst: 2, req, func: 0 }).finish().unwrap());
+        reader.next_frame().unwrap().unwrap()
+    }
+
+    #[test]
+    fn two_links_to_one_peer_keep_their_calls_apart() {
+        // workers 2 and 3 dialled each other at once: two links, request ids from 1 on each
+        let now = Instant::now();
+        let mut core = WorkerCore::new(Terms { pid: 2, direct_links: true, max_frame: 1 << 10, liveness: Liveness::default() });
+        let (a, b) = (core.add_link(3, now), core.add_link(3, now));
+        assert_eq!((core.begin_call(a, Some("on a")).unwrap(), core.begin_call(b, Some("on b")).unwrap()), (1, 1));
+        assert!(matches!(core.handle_frame(now, b, reply(3, 1)), Ok(Incoming::Resolved("on b", _))));
+        let (_, failed) = core.handle_closed(a, "closed");
+        assert_eq!(failed, vec!["on a"], "closing one link fails only its calls");
+        assert!(core.is_dead(a) && !core.is_dead(b));
+    }
+
+    #[test]
+    fn a_direct_link_that_lies_about_its_sender_is_broken() {
+        let now = Instant::now();
+        let mut core = WorkerCore::<()>::new(Terms { pid: 2, direct_links: true, max_frame: 1 << 10, liveness: Liveness::default() });
+        let link = core.add_link(3, now);
+        let err = core.handle_frame(now, link, reply(4, 1)).unwrap_err();
+        assert!(err.contains("worker 3 sent a frame claiming to be from pid 4"), "{err}");
+    }
+}
