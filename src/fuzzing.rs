@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::protocol::failure::Failure;
 use crate::codec;
 use crate::error::RemoteError;
-use crate::protocol::{self, Fingerprint, FrameBuf, Header, Hello, Kind, Liveness, Secret, Terms, Welcome, check_hello};
+use crate::protocol::{self, Fingerprint, FrameBuf, FrameReader, Header, Hello, Kind, Liveness, Secret, Terms, Welcome, check_hello};
 use crate::registry::CallError;
 
 /// The secret the samples carry and the checks expect.
@@ -20,10 +20,12 @@ fn fingerprint() -> Fingerprint {
 /// hello (as sent, and with the secret patched in so the fields behind it are decoded too),
 /// the welcome, the failure and batch payloads, and typical payload types.
 pub fn decode_untrusted(bytes: &[u8]) {
-    let mut stream = bytes;
-    while let Ok(Some(frame)) = protocol::read_frame(&mut stream, protocol::DEFAULT_MAX_FRAME) {
+    let mut reader = FrameReader::new(protocol::DEFAULT_MAX_FRAME);
+    reader.extend(bytes);
+    while let Ok(Some(frame)) = reader.next_frame() {
         let _ = frame.payload();
     }
+    let _ = reader.end_of_stream();
     let _ = Header::parse(bytes);
     let _ = check_hello(bytes, &SECRET, &fingerprint(), "/bin/master");
     if bytes.len() >= 22 {

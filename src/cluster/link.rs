@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::ids::Pid;
 use crate::protocol::worker::{Incoming, LinkId, WorkerCore, link_error};
-use crate::protocol::{Frame, FrameBuf, Header, Health, LEN_PREFIX};
+use crate::protocol::{Frame, Header, Health, call_frame};
 use crate::transport::FrameOut;
 
 use super::slot::Waiter;
@@ -75,25 +75,12 @@ impl Link {
             let mut core = self.core();
             (core.begin_call(self.id, waiter)?, core.terms().max_frame)
         };
-        let sent = self.frame(Header { req, ..header }, payload_hint, encode, max_frame).and_then(|bytes| self.send(bytes));
+        let sent = call_frame(Header { req, ..header }, payload_hint, encode, max_frame).and_then(|bytes| self.send(bytes));
         if let Err(e) = sent {
             self.forget(req);
             return Err(e);
         }
         Ok(req)
-    }
-
-    fn frame(&self, header: Header, payload_hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, max_frame: usize) -> Result<Vec<u8>> {
-        let mut frame = FrameBuf::with_capacity(header, payload_hint);
-        encode(frame.payload())?;
-        let bytes = frame.finish()?;
-        if bytes.len() - LEN_PREFIX > max_frame {
-            return Err(Error::Protocol(format!(
-                "a call of {} bytes exceeds the cluster's max_frame of {max_frame} bytes; raise ClusterBuilder::max_frame",
-                bytes.len() - LEN_PREFIX,
-            )));
-        }
-        Ok(bytes)
     }
 
     /// Forgets a call whose caller stopped waiting (its reply, if any, is dropped).

@@ -17,7 +17,7 @@ use crate::ids::Pid;
 use crate::protocol::admission::{Admission, Seat};
 use crate::protocol::failure::{Failure, failure_frame};
 use crate::protocol::master::{Event as CoreEvent, MasterCore, STOPPED, Transmit};
-use crate::protocol::{Frame, FrameBuf, Header, Hello, Kind, LEN_PREFIX, Liveness, Refusal, Secret, Terms, Welcome};
+use crate::protocol::{Frame, Header, Hello, Kind, Liveness, call_frame, Refusal, Secret, Terms, Welcome};
 use crate::transport::FrameOut;
 use crate::transport::listener::{Admit, Listener};
 use crate::transport::tcp::{TcpOut, read_frames};
@@ -450,7 +450,7 @@ pub(crate) fn call(inner: &Arc<Inner>, header: Header, hint: usize, encode: impl
     let dst = header.dst;
     let entry = m.worker(dst).ok_or(Error::NoSuchWorker(dst))?;
     let req = m.core.lock().expect("core lock").begin_call(dst, waiter)?;
-    let sent = encode_frame(Header { req, ..header }, hint, encode, m.max_frame).and_then(|bytes| entry.out.send(bytes, None).map_err(|e| send_error(dst, e)));
+    let sent = call_frame(Header { req, ..header }, hint, encode, m.max_frame).and_then(|bytes| entry.out.send(bytes, None).map_err(|e| send_error(dst, e)));
     if let Err(e) = sent {
         if m.core.lock().expect("core lock").cancel(dst, req).is_some() {
             return Err(e);
@@ -458,20 +458,6 @@ pub(crate) fn call(inner: &Arc<Inner>, header: Header, hint: usize, encode: impl
         // it ended already (its worker died meanwhile): the waiter has been told
     }
     Ok(req)
-}
-
-/// Builds a frame of at most `max_frame` bytes.
-pub(crate) fn encode_frame(header: Header, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, max_frame: usize) -> Result<Vec<u8>> {
-    let mut frame = FrameBuf::with_capacity(header, hint);
-    encode(frame.payload())?;
-    let bytes = frame.finish()?;
-    if bytes.len() - LEN_PREFIX > max_frame {
-        return Err(Error::Protocol(format!(
-            "a call of {} bytes exceeds the cluster's max_frame of {max_frame} bytes; raise ClusterBuilder::max_frame",
-            bytes.len() - LEN_PREFIX
-        )));
-    }
-    Ok(bytes)
 }
 
 /// Runs a call addressed to the master on the pool (the I/O thread must keep reading);

@@ -7,7 +7,6 @@
 //! the master.
 
 use std::collections::HashMap;
-use std::io::BufReader;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,10 +16,10 @@ use crossbeam_channel::Sender;
 use crate::ids::Pid;
 use crate::error::{Error, Result};
 use crate::fingerprint;
-use crate::protocol::{self, Health, Hello, Kind, Refusal, Secret, Terms, Welcome, bare};
+use crate::protocol::{Health, Hello, Kind, Refusal, Secret, Terms, Welcome, bare};
 use crate::sys;
 use crate::transport::listener::{Admit, HandshakeLimits, Listener};
-use crate::transport::tcp::{TcpOut, dial};
+use crate::transport::tcp::{FrameStream, TcpOut, dial};
 
 use super::Cluster;
 use super::link::{Link, Received, SharedCore};
@@ -98,9 +97,9 @@ impl Peers {
         let link = Link::new(&self.core, peer, TcpOut::boxed(stream));
         let (reading, to_serving, max_frame) = (link.clone(), self.to_serving.clone(), self.terms.max_frame);
         let spawned = std::thread::Builder::new().name(format!("cman-peer-{peer}")).spawn(move || {
-            let mut reader = BufReader::with_capacity(64 * 1024, reader);
+            let mut reader = FrameStream::new(reader, max_frame);
             let reason = loop {
-                let received = match protocol::read_frame(&mut reader, max_frame) {
+                let received = match reader.next() {
                     Ok(Some(frame)) => reading.receive(frame),
                     Ok(None) => break "the direct link closed".to_string(),
                     Err(e) => break e.to_string(),

@@ -6,7 +6,6 @@
 use std::cell::RefCell;
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -18,9 +17,9 @@ use crate::error::{Error, Result};
 use crate::fingerprint;
 use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECRET_FILE, Index, parse_launch};
 use crate::protocol::worker::WorkerCore;
-use crate::protocol::{self, Frame, Health, Hello, Kind, Liveness, Secret, Terms, Welcome, bare};
+use crate::protocol::{Frame, Health, Hello, Kind, Liveness, Secret, Terms, Welcome, bare};
 use crate::sys;
-use crate::transport::{self, tcp::TcpOut};
+use crate::transport::{self, tcp::{FrameStream, TcpOut}};
 
 use super::link::{Link, Received, SharedCore};
 use super::{Cluster, Peers, exec, output, slot};
@@ -249,7 +248,7 @@ pub(crate) fn run(config: WorkerConfig) -> Result<()> {
     let core: SharedCore = Arc::new(Mutex::new(WorkerCore::new(terms)));
     let link = Link::new(&core, 1, out);
     if !terms.direct_links {
-        return serve(link, Inbox::Tcp(BufReader::with_capacity(64 * 1024, stream)), None);
+        return serve(link, Inbox::Tcp(FrameStream::new(stream, terms.max_frame)), None);
     }
     // Direct links: calls and replies may come on any connection, so every link gets a
     // reader thread that hands the serving thread its calls and wakes it for replies.
@@ -275,7 +274,7 @@ pub(crate) fn serve(link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) ->
     }
     watch_master(link.clone(), peers.clone(), terms.liveness);
     let _ = WORKER_CLUSTER.set(Cluster::worker_handle(pid, link.clone(), peers));
-    SERVING.with(|s| *s.borrow_mut() = Some(Serving { inbox, uplink: link.clone(), max_frame: terms.max_frame }));
+    SERVING.with(|s| *s.borrow_mut() = Some(Serving { inbox, uplink: link.clone() }));
     slot::serve_while_waiting(Some(pump_once));
     let outcome = loop {
         match pump_once(None) {
@@ -374,7 +373,7 @@ pub(crate) enum Delivery {
 /// Where a serving worker's incoming frames come from.
 pub(crate) enum Inbox {
     /// Read straight from the master's socket (one connection: no thread switch).
-    Tcp(BufReader<TcpStream>),
+    Tcp(FrameStream),
     /// Handed over by other threads: the MPI progress thread, or the readers of the master
     /// link and the direct links when the worker has those.
     Channel(Receiver<Delivery>),
@@ -394,17 +393,17 @@ impl Inbox {
 
     /// What the next frame leaves for the serving thread, and the link it came on; `None`
     /// after a wake-up or at `deadline`.
-    fn next(&mut self, uplink: &Arc<Link>, max_frame: usize, deadline: Option<Instant>) -> Result<Option<(Received, Arc<Link>)>> {
+    fn next(&mut self, uplink: &Arc<Link>, deadline: Option<Instant>) -> Result<Option<(Received, Arc<Link>)>> {
         let from_master = |frame| uplink.receive(frame).map(|r| Some((r, uplink.clone()))).map_err(|e| Error::MasterGone(format!("{e}; exiting")));
         match self {
             Inbox::Tcp(reader) => {
                 if let Some(d) = deadline {
                     let left = d.saturating_duration_since(Instant::now());
-                    if reader.buffer().is_empty() && !sys::wait_readable_for(reader.get_ref().as_raw_fd(), left) {
+                    if !reader.wait_readable_for(left) {
                         return Ok(None);
                     }
                 }
-                match protocol::read_frame(reader, max_frame) {
+                match reader.next() {
                     Ok(Some(frame)) => from_master(frame),
                     Ok(None) => Err(Error::MasterGone("it closed the connection; exiting".into())),
                     Err(e) => Err(Error::MasterGone(format!("{e}; exiting"))),
@@ -435,9 +434,9 @@ impl Inbox {
 /// everything else goes to the serving thread through `to_serving`.
 fn read_uplink(stream: TcpStream, link: Arc<Link>, to_serving: Sender<Delivery>, max_frame: usize) -> Result<()> {
     let spawned = std::thread::Builder::new().name("cman-uplink".into()).spawn(move || {
-        let mut reader = BufReader::with_capacity(64 * 1024, stream);
+        let mut reader = FrameStream::new(stream, max_frame);
         let failure = loop {
-            let received = match protocol::read_frame(&mut reader, max_frame) {
+            let received = match reader.next() {
                 Ok(Some(frame)) => link.receive(frame),
                 Ok(None) => break "it closed the connection; exiting".to_string(),
                 Err(e) => break format!("{e}; exiting"),
@@ -459,7 +458,6 @@ fn read_uplink(stream: TcpStream, link: Arc<Link>, to_serving: Sender<Delivery>,
 struct Serving {
     inbox: Inbox,
     uplink: Arc<Link>,
-    max_frame: usize,
 }
 
 thread_local! {
@@ -473,7 +471,7 @@ fn pump_once(deadline: Option<Instant>) -> Result<()> {
     let next = SERVING.with(|s| {
         let mut s = s.borrow_mut();
         let s = s.as_mut().expect("pump_once on a thread that does not serve");
-        s.inbox.next(&s.uplink, s.max_frame, deadline)
+        s.inbox.next(&s.uplink, deadline)
     });
     let Some((received, from)) = next? else { return Ok(()) }; // a wake-up: the caller looks again
     match received {

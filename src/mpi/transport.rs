@@ -19,7 +19,7 @@ use ::mpi::topology::SimpleCommunicator;
 use ::mpi::traits::{Communicator, Equivalence, Source};
 
 use crate::error::{Error, Result};
-use crate::protocol::{Frame, LEN_PREFIX};
+use crate::protocol::{self, Frame, LEN_PREFIX};
 use crate::transport::FrameOut;
 
 /// Tag of every frame on the transport communicator.
@@ -134,7 +134,7 @@ fn progress(comm: SendComm, rx: mpsc::Receiver<Outgoing>, mut deliver: Deliver, 
             if len > max_frame {
                 // not received: that rank's link is cut off, its message stays with MPI
                 std::mem::forget(message);
-                deliver(status.source_rank(), Err(Error::Protocol(format!("frame length {len} exceeds the maximum of {max_frame} bytes"))));
+                deliver(status.source_rank(), Err(protocol::too_long(len, max_frame)));
                 continue;
             }
             let (body, _) = (message, status).matched_receive_vec::<u8>();

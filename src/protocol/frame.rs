@@ -1,6 +1,5 @@
 //! Frame layout and parsing.
 
-use std::io::Read;
 
 use crate::ids::Pid;
 use crate::error::{Error, Result};
@@ -90,12 +89,38 @@ pub fn bare(kind: Kind, src: Pid, dst: Pid) -> Vec<u8> {
     FrameBuf::new(Header { kind, src, dst, req: 0, func: 0 }).finish().expect("a bare frame fits")
 }
 
-/// Checks a length prefix against the maximum before any allocation.
-pub fn check_len(prefix: [u8; LEN_PREFIX], max: usize) -> Result<usize> {
+/// The length prefix of a message of `len` bytes. Frames, the hello and the welcome are all
+/// prefixed here, and their prefixes read by [`announced_len`].
+pub fn len_prefix(len: usize) -> Result<[u8; LEN_PREFIX]> {
+    u32::try_from(len).map(u32::to_le_bytes).map_err(|_| Error::Protocol(format!("a message of {len} bytes is larger than the 4 GiB frame limit")))
+}
+
+/// `body` with its length prefix in front.
+pub fn prefixed(body: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(LEN_PREFIX + body.len());
+    out.extend_from_slice(&len_prefix(body.len())?);
+    out.extend_from_slice(body);
+    Ok(out)
+}
+
+/// The length a prefix announces, refused when it is above `max`, before anything is
+/// allocated for it.
+pub fn announced_len(prefix: [u8; LEN_PREFIX], max: usize) -> Result<usize> {
     let len = u32::from_le_bytes(prefix) as usize;
     if len > max {
-        return Err(Error::Protocol(format!("frame length {len} exceeds the maximum of {max} bytes")));
+        return Err(too_long(len, max));
     }
+    Ok(len)
+}
+
+/// The error for a frame of `len` bytes where at most `max` are accepted.
+pub fn too_long(len: usize, max: usize) -> Error {
+    Error::Protocol(format!("frame length {len} exceeds the maximum of {max} bytes"))
+}
+
+/// Checks a frame's length prefix: at most `max`, and room for the header.
+pub fn check_len(prefix: [u8; LEN_PREFIX], max: usize) -> Result<usize> {
+    let len = announced_len(prefix, max)?;
     if len < HEADER_LEN {
         return Err(Error::Protocol(format!("frame length {len} is shorter than the {HEADER_LEN}-byte header")));
     }
@@ -131,12 +156,23 @@ impl FrameBuf {
     /// Patches the length prefix and returns the bytes to write. Fails if the body does not
     /// fit the `u32` prefix.
     pub fn finish(mut self) -> Result<Vec<u8>> {
-        let body = self.buf.len() - LEN_PREFIX;
-        let len = u32::try_from(body)
-            .map_err(|_| Error::Protocol(format!("message of {body} bytes is larger than the 4 GiB frame limit")))?;
-        self.buf[..LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
+        let prefix = len_prefix(self.buf.len() - LEN_PREFIX)?;
+        self.buf[..LEN_PREFIX].copy_from_slice(&prefix);
         Ok(self.buf)
     }
+}
+
+/// A call frame with room for `hint` payload bytes, which `encode` writes. The other side
+/// accepts at most `max_frame` bytes: a larger call fails here, saying how to allow it.
+pub fn call_frame(header: Header, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, max_frame: usize) -> Result<Vec<u8>> {
+    let mut frame = FrameBuf::with_capacity(header, hint);
+    encode(frame.payload())?;
+    let bytes = frame.finish()?;
+    let len = bytes.len() - LEN_PREFIX;
+    if len > max_frame {
+        return Err(Error::Protocol(format!("a call of {len} bytes exceeds the cluster's max_frame of {max_frame} bytes; raise ClusterBuilder::max_frame")));
+    }
+    Ok(bytes)
 }
 
 /// A received frame: its bytes (as they came: with the length prefix from a stream, without
@@ -172,37 +208,8 @@ impl Frame {
         if self.body_at == LEN_PREFIX {
             return self.bytes;
         }
-        let mut wire = Vec::with_capacity(LEN_PREFIX + self.bytes.len());
-        wire.extend_from_slice(&(self.bytes.len() as u32).to_le_bytes());
-        wire.extend_from_slice(&self.bytes);
-        wire
+        prefixed(&self.bytes).expect("a received frame's length fits its prefix")
     }
-}
-
-/// Reads one frame. `Ok(None)` is a clean end of stream between frames; a stream that ends
-/// inside a frame, an oversized length or a bad header is an error. Memory grows only as
-/// bytes actually arrive, so a lying length prefix cannot make us allocate it.
-pub fn read_frame(r: &mut impl Read, max: usize) -> Result<Option<Frame>> {
-    let mut prefix = [0u8; LEN_PREFIX];
-    let mut got = 0;
-    while got < LEN_PREFIX {
-        match r.read(&mut prefix[got..]) {
-            Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => return Err(Error::Protocol("stream ended inside a length prefix".into())),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io("reading a frame", e)),
-        }
-    }
-    let len = check_len(prefix, max)?;
-    // grows as bytes arrive (doubling): a lying length costs at most 1 MiB up front
-    let mut wire = Vec::with_capacity(LEN_PREFIX + len.min(1 << 20));
-    wire.extend_from_slice(&prefix);
-    let read = r.take(len as u64).read_to_end(&mut wire).map_err(|e| Error::io("reading a frame", e))?;
-    if read < len {
-        return Err(Error::Protocol(format!("stream ended after {read} of {len} frame bytes")));
-    }
-    Frame::from_wire(wire).map(Some)
 }
 
 /// Cuts a byte stream into frames without doing I/O: the caller appends what it read to
@@ -229,7 +236,7 @@ impl FrameReader {
     pub fn missing(&self) -> usize {
         match self.buf.get(..LEN_PREFIX) {
             Some(prefix) => {
-                let len = u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize;
+                let len = announced_len(prefix.try_into().expect("4 bytes"), usize::MAX).expect("no maximum");
                 (LEN_PREFIX + len.min(self.max)).saturating_sub(self.buf.len())
             }
             None => 0,
@@ -269,9 +276,23 @@ impl FrameReader {
         Frame::from_wire(wire).map(Some)
     }
 
+    /// True when a whole frame (or a length already refused) is buffered: no need to read.
+    pub fn has_frame(&self) -> bool {
+        self.buf.len() >= LEN_PREFIX && self.missing() == 0
+    }
+
     /// Bytes received that are not part of a complete frame yet.
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.buf.len()
+    }
+
+    /// The stream ended: fine between frames, an error inside one.
+    pub fn end_of_stream(&self) -> Result<()> {
+        match self.buf.len() {
+            0 => Ok(()),
+            n => Err(Error::Protocol(format!("the connection closed inside a frame ({n} bytes of it had come)"))),
+        }
     }
 }
 
@@ -283,36 +304,46 @@ mod tests {
         Header { kind: Kind::Call, src: 1, dst: 7, req: 42, func: 0xdead_beef }
     }
 
+    /// The first frame of a whole stream, as a connection's reader would see it.
+    fn read_frame(stream: &[u8], max: usize) -> Result<Option<Frame>> {
+        let mut reader = FrameReader::new(max);
+        reader.extend(stream);
+        match reader.next_frame()? {
+            Some(frame) => Ok(Some(frame)),
+            None => reader.end_of_stream().map(|()| None),
+        }
+    }
+
     #[test]
     fn frame_round_trip() {
         let mut f = FrameBuf::new(header());
         f.payload().extend_from_slice(b"hello");
         let bytes = f.finish().unwrap();
-        let frame = read_frame(&mut &bytes[..], 1024).unwrap().unwrap();
+        let frame = read_frame(&bytes, 1024).unwrap().unwrap();
         assert_eq!(frame.header, header());
         assert_eq!(frame.payload(), b"hello");
     }
 
     #[test]
     fn clean_eof_between_frames_is_none() {
-        assert!(read_frame(&mut &[][..], 1024).unwrap().is_none());
+        assert!(read_frame(&[], 1024).unwrap().is_none());
     }
 
     #[test]
     fn oversized_length_is_refused_before_reading() {
         let mut bytes = (2000u32).to_le_bytes().to_vec();
         bytes.extend_from_slice(&[0u8; 10]);
-        let err = read_frame(&mut &bytes[..], 1024).unwrap_err().to_string();
+        let err = read_frame(&bytes, 1024).unwrap_err().to_string();
         assert!(err.contains("exceeds the maximum of 1024"), "{err}");
     }
 
     #[test]
-    fn lying_length_does_not_allocate_it() {
-        // claims 900 MB, sends 30 bytes: an error, and the body vector never grew past 1 MiB
+    fn a_stream_that_ends_inside_a_lying_length_is_an_error() {
+        // claims 900 MB, sends 30 bytes: an error at the end of the stream
         let mut bytes = (900_000_000u32).to_le_bytes().to_vec();
         bytes.extend_from_slice(&[1u8; 30]);
-        let err = read_frame(&mut &bytes[..], 1 << 30).unwrap_err().to_string();
-        assert!(err.contains("stream ended after 30 of 900000000"), "{err}");
+        let err = read_frame(&bytes, 1 << 30).unwrap_err().to_string();
+        assert!(err.contains("closed inside a frame (34 bytes of it had come)"), "{err}");
     }
 
     #[test]
@@ -321,7 +352,7 @@ mod tests {
         f.payload().extend_from_slice(b"payload");
         let bytes = f.finish().unwrap();
         for cut in 1..bytes.len() {
-            assert!(read_frame(&mut &bytes[..cut], 1024).is_err(), "cut at {cut}");
+            assert!(read_frame(&bytes[..cut], 1024).is_err(), "cut at {cut}");
         }
     }
 
@@ -372,8 +403,8 @@ mod tests {
         let mut body = vec![99u8; HEADER_LEN];
         let mut bytes = (body.len() as u32).to_le_bytes().to_vec();
         bytes.append(&mut body);
-        assert!(read_frame(&mut &bytes[..], 1024).unwrap_err().to_string().contains("unknown frame kind 99"));
+        assert!(read_frame(&bytes, 1024).unwrap_err().to_string().contains("unknown frame kind 99"));
         let short = 3u32.to_le_bytes();
-        assert!(read_frame(&mut &short[..], 1024).is_err());
+        assert!(read_frame(&short, 1024).is_err());
     }
 }

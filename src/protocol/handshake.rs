@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use super::frame;
 use super::liveness::Liveness;
 
 use serde::{Deserialize, Serialize};
@@ -122,7 +123,7 @@ impl Hello {
         let rest: HelloRest =
             (self.fingerprint.clone(), cut(&self.exe, MAX_EXE), self.launch, cut(&self.host, MAX_HOST), self.os_pid, self.mpi, self.peer, problem);
         codec::encode_into(&rest, &mut body).expect("a Hello always encodes");
-        prefixed(body)
+        frame::prefixed(&body).expect("a handshake message is small")
     }
 }
 
@@ -197,7 +198,7 @@ impl Welcome {
                 body.extend_from_slice(cut(reason, MAX_HANDSHAKE - 16).as_bytes());
             }
         }
-        prefixed(body)
+        frame::prefixed(&body).expect("a handshake message is small")
     }
 
     /// Parses a welcome body (without its length prefix).
@@ -223,13 +224,6 @@ impl Welcome {
 
 fn millis(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
-}
-
-fn prefixed(body: Vec<u8>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
-    out
 }
 
 fn split_magic(body: &[u8]) -> Result<(u16, &[u8]), String> {

@@ -15,7 +15,7 @@ use tokio::task::AbortHandle;
 
 use crate::error::{Error, Result};
 use crate::fingerprint;
-use crate::protocol::{Hello, MAX_HANDSHAKE, Refusal, Secret, Welcome, check_hello};
+use crate::protocol::{Hello, LEN_PREFIX, MAX_HANDSHAKE, Refusal, Secret, Welcome, announced_len, check_hello};
 use crate::sys;
 
 use super::io as runtime;
@@ -168,10 +168,9 @@ async fn handshake<A: Admit>(mut stream: tokio::net::TcpStream, peer: SocketAddr
 
 /// Reads the length-prefixed hello; memory grows only as bytes arrive.
 async fn read_hello(stream: &mut tokio::net::TcpStream) -> std::result::Result<Vec<u8>, Refusal> {
-    let len = stream.read_u32_le().await.map_err(|e| Refusal::anonymous(format!("no hello: {e}")))? as usize;
-    if len > MAX_HANDSHAKE {
-        return Err(Refusal::anonymous(format!("a hello of {len} bytes exceeds the {MAX_HANDSHAKE}-byte limit")));
-    }
+    let mut prefix = [0u8; LEN_PREFIX];
+    stream.read_exact(&mut prefix).await.map_err(|e| Refusal::anonymous(format!("no hello: {e}")))?;
+    let len = announced_len(prefix, MAX_HANDSHAKE).map_err(|e| Refusal::anonymous(format!("a hello: {e}")))?;
     let mut body = Vec::new();
     let read = (&mut *stream).take(len as u64).read_to_end(&mut body).await.map_err(|e| Refusal::anonymous(format!("broken hello: {e}")))?;
     if read < len {

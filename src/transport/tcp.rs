@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::protocol::{Frame, FrameReader, Hello, MAX_HANDSHAKE, Welcome};
+use crate::error::{Error, Result};
+use crate::protocol::{Frame, FrameReader, Hello, LEN_PREFIX, MAX_HANDSHAKE, Welcome, announced_len};
 use crate::sys;
 
 use super::{FrameOut, io as runtime};
@@ -258,8 +259,7 @@ pub(crate) fn read_frames(
                 break e.to_string();
             }
             match read_some(&stream, &mut reader) {
-                Ok(0) if reader.pending() == 0 => break "its connection closed".to_string(),
-                Ok(0) => break format!("its connection closed inside a frame ({} bytes of it had come)", reader.pending()),
+                Ok(0) => break reader.end_of_stream().map_or_else(|e| e.to_string(), |()| "its connection closed".to_string()),
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
                 Err(e) => break e.to_string(),
@@ -278,6 +278,48 @@ pub(crate) fn read_frames(
         };
         on_end(reason);
     });
+}
+
+/// Frames from a connection that a thread of its own reads, blocking: the same
+/// [`FrameReader`] as the event loop's, fed through a scratch buffer (a big frame's rest
+/// goes straight into its buffer).
+pub(crate) struct FrameStream {
+    stream: TcpStream,
+    frames: FrameReader,
+    scratch: Box<[u8]>,
+}
+
+impl FrameStream {
+    /// Reads `stream`, refusing frames longer than `max_frame`.
+    pub(crate) fn new(stream: TcpStream, max_frame: usize) -> FrameStream {
+        FrameStream { stream, frames: FrameReader::new(max_frame), scratch: vec![0; SCRATCH].into_boxed_slice() }
+    }
+
+    /// Waits until there is something to read or `left` has passed; false at the timeout.
+    pub(crate) fn wait_readable_for(&self, left: Duration) -> bool {
+        self.frames.has_frame() || sys::wait_readable_for(self.stream.as_raw_fd(), left)
+    }
+
+    /// The next frame, blocking; `Ok(None)` when the stream ended between frames.
+    pub(crate) fn next(&mut self) -> Result<Option<Frame>> {
+        loop {
+            if let Some(frame) = self.frames.next_frame()? {
+                return Ok(Some(frame));
+            }
+            let missing = self.frames.missing();
+            let read = if missing > SCRATCH {
+                (&mut self.stream).take(missing as u64).read_to_end(self.frames.buffer())
+            } else {
+                self.stream.read(&mut self.scratch).inspect(|&n| self.frames.extend(&self.scratch[..n]))
+            };
+            match read {
+                Ok(0) => return self.frames.end_of_stream().map(|()| None),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("reading a frame", e)),
+            }
+        }
+    }
 }
 
 /// Bytes read at once into the I/O thread's scratch buffer.
@@ -367,12 +409,9 @@ fn try_dial(address: &str, message: &[u8], deadline: Instant) -> io::Result<(Tcp
 /// Reads one `u32`-length-prefixed message of at most `max` bytes, all of it before
 /// `deadline`. Memory grows only as bytes arrive.
 pub(crate) fn read_prefixed(stream: &mut TcpStream, max: usize, deadline: Instant) -> io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    read_until(stream, &mut len, deadline)?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > max {
-        return Err(io::Error::new(ErrorKind::InvalidData, format!("message of {len} bytes exceeds {max}")));
-    }
+    let mut prefix = [0u8; LEN_PREFIX];
+    read_until(stream, &mut prefix, deadline)?;
+    let len = announced_len(prefix, max).map_err(|e| io::Error::new(ErrorKind::InvalidData, e.to_string()))?;
     let mut body = Vec::new();
     while body.len() < len {
         let mut chunk = [0u8; 4096];
