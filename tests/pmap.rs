@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clusterman::prelude::*;
-use clusterman::{Error, exponential_backoff};
+use clusterman::{Error, Topology, exponential_backoff};
 
 clusterman::init_in_constructor!();
 
@@ -113,4 +113,29 @@ fn without_retries_a_worker_death_fails_the_map() {
 fn exponential_backoff_grows_and_caps() {
     let d = exponential_backoff(5, Duration::from_secs(1), 2.0, Duration::from_secs(5));
     assert_eq!(d, [1, 2, 4, 5, 5].map(Duration::from_secs));
+}
+
+/// On a worker: maps `square` over the other workers, and says which served.
+#[remote]
+fn pmap_from_a_worker(others: Vec<Pid>) -> clusterman::Result<(Vec<u64>, Vec<Pid>)> {
+    let cluster = Cluster::current().expect("a worker has a current cluster");
+    let squares = cluster.pmap_with(square, (0..200u64).map(|x| (x,)), PmapOptions::new().workers(others.clone()).batch_size(3))?;
+    let served = cluster.pmap_with(slow_square, (0..8u64).map(|x| (x, 20)), PmapOptions::new().workers(others).batch_size(1))?;
+    let mut pids: Vec<Pid> = served.into_iter().map(|(_, pid)| pid).collect();
+    pids.sort();
+    pids.dedup();
+    Ok((squares, pids))
+}
+
+#[test]
+fn a_worker_runs_pmap_over_the_others_in_both_topologies() {
+    // all-to-all: the replies come on direct links, read by other threads than the one
+    // that maps (which serves calls meanwhile); master-worker: they come through the master
+    for topology in [Topology::AllToAll, Topology::MasterWorker] {
+        let cluster = Cluster::builder().topology(topology).build().unwrap();
+        let pids = cluster.add_procs(LocalManager::new(3)).unwrap();
+        let (squares, served) = cluster.remote_call_fetch(pids[0], pmap_from_a_worker, (pids[1..].to_vec(),)).unwrap();
+        assert_eq!(squares, (0..200u64).map(|x| x * x).collect::<Vec<_>>(), "{topology:?}");
+        assert_eq!(served, pids[1..].to_vec(), "both other workers served ({topology:?})");
+    }
 }

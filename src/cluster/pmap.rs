@@ -93,13 +93,15 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
     let mut plan = PmapPlan::new(n, pool, options.batch_size.unwrap_or(0), options.retry_delays.clone(), Instant::now());
     let mut results: Vec<Option<F::Output>> = (0..n).map(|_| None).collect();
     let (tx, rx) = crossbeam_channel::unbounded::<(u64, Result<Frame>)>();
+    // on a serving thread, replies that other threads read ring this while it serves
+    let bell = slot::pumping().map(|_| crossbeam_channel::bounded::<()>(1));
     let mut scratch = Vec::new();
 
     loop {
         while let Some(batch) = plan.next_batch(Instant::now()) {
             scratch.clear();
             scratch.extend(batch.items.iter().map(|&i| &items[i]));
-            let waiter = Waiter::Queue { tx: tx.clone(), tag: batch.tag };
+            let waiter = Waiter::Queue { tx: tx.clone(), tag: batch.tag, bell: bell.as_ref().map(|(ring, _)| ring.clone()) };
             match cluster.send(Kind::Batch, batch.pid, F::ID, 16 * scratch.len(), |buf| codec::encode_into(&scratch, buf), Some(waiter)) {
                 Ok(_) => {}
                 Err(Error::WorkerDied { .. } | Error::NoSuchWorker(_) | Error::Busy { .. }) => {
@@ -117,7 +119,7 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
             return Err(Error::Launch(format!("pmap: every worker died with {} items unfinished; add workers and run it again", results.iter().filter(|r| r.is_none()).count())));
         }
 
-        let Some((tag, reply)) = next_completion(&rx, plan.wake_at(), plan.outstanding() > 0)? else { continue };
+        let Some((tag, reply)) = next_completion(&rx, bell.as_ref().map(|(_, rung)| rung), plan.wake_at(), plan.outstanding() > 0)? else { continue };
         let Some(batch) = plan.take(tag) else { continue };
         let outcome: Result<Vec<Result<F::Output, CallError>>> = reply.and_then(|frame| match frame.header.kind {
             Kind::Reply => codec::decode(frame.payload()),
@@ -168,23 +170,18 @@ fn failed<R>(plan: &mut PmapPlan, batch: Returned, error: Error, options: &PmapO
 }
 
 /// Waits for the next reply (until `wake_at`, if given). On a worker's serving thread it
-/// keeps serving while it waits, since replies arrive on that same connection.
-fn next_completion(rx: &crossbeam_channel::Receiver<(u64, Result<Frame>)>, wake_at: Option<Instant>, expecting: bool) -> Result<Option<(u64, Result<Frame>)>> {
-    if let Some(pump) = slot::pumping() {
+/// keeps serving while it waits (replies may arrive on the connection it reads, or ring
+/// `bell` when another thread reads them), retry delays included.
+fn next_completion(rx: &crossbeam_channel::Receiver<(u64, Result<Frame>)>, bell: Option<&crossbeam_channel::Receiver<()>>, wake_at: Option<Instant>, expecting: bool) -> Result<Option<(u64, Result<Frame>)>> {
+    if let (Some(pump), Some(bell)) = (slot::pumping(), bell) {
         loop {
             if let Ok(c) = rx.try_recv() {
                 return Ok(Some(c));
             }
-            if !expecting {
-                if let Some(t) = wake_at {
-                    std::thread::sleep(t.saturating_duration_since(Instant::now()));
-                }
+            if !expecting && wake_at.is_none() || wake_at.is_some_and(|t| Instant::now() >= t) {
                 return Ok(None);
             }
-            pump(wake_at)?;
-            if wake_at.is_some_and(|t| Instant::now() >= t) {
-                return Ok(None);
-            }
+            pump(wake_at, bell)?;
         }
     }
     let received = match wake_at {

@@ -1,20 +1,24 @@
 //! Where replies land and how a thread waits for one: parked, as an async task, as a pool
 //! thread that runs queued calls meanwhile, or as a worker's serving thread that serves
 //! calls meanwhile (the serving loop registers itself here, so nested calls cannot deadlock).
+//! A thread that waits on several sources is told of its reply on a channel it selects on.
 
 use std::cell::Cell;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::thread::Thread;
 use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::Result;
 use crate::protocol::Frame;
 
 use super::pool;
 
-/// Handles one incoming frame on a serving thread, or returns at the deadline.
-pub(crate) type Pump = fn(Option<Instant>) -> Result<()>;
+/// Handles one incoming frame on a serving thread, or returns when `woken` receives (what
+/// the caller waits for has come) or at the deadline.
+pub(crate) type Pump = fn(Option<Instant>, &Receiver<()>) -> Result<()>;
 
 thread_local! {
     /// Set on a worker's serving thread: what to do while waiting instead of parking.
@@ -31,34 +35,25 @@ pub(crate) fn pumping() -> Option<Pump> {
     PUMP.with(Cell::get)
 }
 
-/// Called after every delivery: a serving thread that waits on a channel (not parked on a
-/// slot) is woken to look again.
-static ON_DELIVERY: OnceLock<Box<dyn Fn() + Send + Sync>> = OnceLock::new();
-
-/// Sets what every delivery wakes (once per process).
-pub(crate) fn on_delivery(wake: impl Fn() + Send + Sync + 'static) {
-    let _ = ON_DELIVERY.set(Box::new(wake));
-}
-
 /// Who is told when a reply arrives.
 pub(crate) enum Waiter {
     /// A single caller (a `RemoteFuture`).
     Slot(Arc<Slot>),
-    /// A scheduler waiting on many calls at once (pmap), told the tag of each.
-    Queue { tx: crossbeam_channel::Sender<(u64, Result<Frame>)>, tag: u64 },
+    /// A scheduler waiting on many calls at once (pmap), told the tag of each; `bell` rings
+    /// too when the scheduler runs on a serving thread, which waits on several sources.
+    Queue { tx: Sender<(u64, Result<Frame>)>, tag: u64, bell: Option<Sender<()>> },
 }
 
 impl Waiter {
     pub(crate) fn deliver(self, result: Result<Frame>) {
         match self {
             Waiter::Slot(slot) => slot.fill(result),
-            Waiter::Queue { tx, tag } => {
+            Waiter::Queue { tx, tag, bell } => {
                 let _ = tx.send((tag, result)); // a scheduler that gave up is not an error
+                if let Some(bell) = bell {
+                    let _ = bell.try_send(()); // one ring is enough
+                }
             }
-        }
-        // the worker's serving thread may be the one waiting, on its channel, not parked
-        if let Some(wake) = ON_DELIVERY.get() {
-            wake();
         }
     }
 }
@@ -80,7 +75,7 @@ struct SlotState {
 enum Wake {
     Thread(Thread),
     Task(Waker),
-    Channel(crossbeam_channel::Sender<()>),
+    Channel(Sender<()>),
 }
 
 impl Slot {
@@ -112,7 +107,8 @@ impl Slot {
     /// thread on the master runs queued calls.
     pub(crate) fn wait(&self, deadline: Option<Instant>) -> Option<Result<Frame>> {
         let pump = pumping();
-        let helping = pool::helping_queue().map(|queue| (queue, crossbeam_channel::bounded::<()>(1)));
+        let woken = crossbeam_channel::bounded::<()>(1);
+        let helping = pool::helping_queue();
         loop {
             let mut s = self.state.lock().expect("slot lock");
             if let Some(r) = s.result.take() {
@@ -122,17 +118,18 @@ impl Slot {
                 return None;
             }
             if let Some(pump) = pump {
+                s.wake = Some(Wake::Channel(woken.0.clone()));
                 drop(s);
-                if let Err(e) = pump(deadline) {
+                if let Err(e) = pump(deadline, &woken.1) {
                     return Some(Err(e));
                 }
                 continue;
             }
             match &helping {
-                Some((queue, (tx, rx))) => {
-                    s.wake = Some(Wake::Channel(tx.clone()));
+                Some(queue) => {
+                    s.wake = Some(Wake::Channel(woken.0.clone()));
                     drop(s);
-                    pool::help_once(queue, rx, deadline);
+                    pool::help_once(queue, &woken.1, deadline);
                 }
                 None => {
                     s.wake = Some(Wake::Thread(std::thread::current()));

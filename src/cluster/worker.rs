@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, select};
 
 use crate::ids::Pid;
 use crate::error::{Error, Result};
@@ -251,15 +251,15 @@ pub(crate) fn run(config: WorkerConfig) -> Result<()> {
         return serve(link, Inbox::Tcp(FrameStream::new(stream, terms.max_frame)), None);
     }
     // Direct links: calls and replies may come on any connection, so every link gets a
-    // reader thread that hands the serving thread its calls and wakes it for replies.
-    let (to_serving, inbox) = Inbox::channel();
+    // reader thread that resolves replies and hands the serving thread its calls.
+    let (to_serving, inbox) = crossbeam_channel::unbounded();
     // listen where this worker reaches the master from: its peers are on that network
     let ip = stream.local_addr().map_err(|e| Error::io("reading the local address", e))?.ip();
     read_uplink(stream, link.clone(), to_serving.clone(), terms.max_frame)?;
     let (peers, address) = Peers::start(&core, config.secret, ip, to_serving)?;
     // registered before serving, so no peer can ask for this address too early
     Cluster::worker_handle(terms.pid, link.clone(), None).remote_call_fetch(1, super::builtin_register_peer, (terms.pid, address.to_string()))?;
-    serve(link, inbox, Some(peers))
+    serve(link, Inbox::Channel(inbox), Some(peers))
 }
 
 /// Serves calls on this thread, as the worker `link`'s core was admitted as, until the master
@@ -277,7 +277,7 @@ pub(crate) fn serve(link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) ->
     SERVING.with(|s| *s.borrow_mut() = Some(Serving { inbox, uplink: link.clone() }));
     slot::serve_while_waiting(Some(pump_once));
     let outcome = loop {
-        match pump_once(None) {
+        match pump_once(None, &crossbeam_channel::never()) {
             Ok(()) if !link.core().is_stopping() => {}
             Ok(()) | Err(Error::ShutDown) => break Ok(()),
             Err(e) => break Err(e),
@@ -364,8 +364,6 @@ pub(crate) enum Delivery {
     /// What a link's reader received for the serving thread (a call, the master's stop),
     /// and the link it came on.
     Received(Received, Arc<Link>),
-    /// A reply was delivered elsewhere: the serving thread looks at its wait again.
-    Wake,
     /// The transport failed.
     Failed(Error),
 }
@@ -380,22 +378,13 @@ pub(crate) enum Inbox {
 }
 
 impl Inbox {
-    /// An inbox that other threads fill through the sender. The serving thread waits on it,
-    /// not on a slot, so every reply delivered elsewhere wakes it too.
-    pub(crate) fn channel() -> (Sender<Delivery>, Inbox) {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let waking = tx.clone();
-        slot::on_delivery(move || {
-            let _ = waking.send(Delivery::Wake);
-        });
-        (tx, Inbox::Channel(rx))
-    }
-
     /// What the next frame leaves for the serving thread, and the link it came on; `None`
-    /// after a wake-up or at `deadline`.
-    fn next(&mut self, uplink: &Arc<Link>, deadline: Option<Instant>) -> Result<Option<(Received, Arc<Link>)>> {
+    /// when `woken` receives (a reply the thread waits for was delivered by another thread)
+    /// or at `deadline`.
+    fn next(&mut self, uplink: &Arc<Link>, deadline: Option<Instant>, woken: &Receiver<()>) -> Result<Option<(Received, Arc<Link>)>> {
         let from_master = |frame| uplink.receive(frame).map(|r| Some((r, uplink.clone()))).map_err(|e| Error::MasterGone(format!("{e}; exiting")));
         match self {
+            // the only connection, read by this thread: its replies are resolved right here
             Inbox::Tcp(reader) => {
                 if let Some(d) = deadline {
                     let left = d.saturating_duration_since(Instant::now());
@@ -410,19 +399,15 @@ impl Inbox {
                 }
             }
             Inbox::Channel(rx) => {
-                let stopped = || Error::MasterGone("the transport stopped; exiting".into());
-                let got = match deadline {
-                    Some(d) => match rx.recv_deadline(d) {
-                        Ok(got) => got,
-                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Ok(None),
-                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(stopped()),
-                    },
-                    None => rx.recv().map_err(|_| stopped())?,
+                let timeout = deadline.map_or(crossbeam_channel::never(), crossbeam_channel::at);
+                let got = select! {
+                    recv(rx) -> got => got.map_err(|_| Error::MasterGone("the transport stopped; exiting".into()))?,
+                    recv(woken) -> _ => return Ok(None),
+                    recv(timeout) -> _ => return Ok(None),
                 };
                 match got {
                     Delivery::Frame(frame) => from_master(frame),
                     Delivery::Received(received, link) => Ok(Some((received, link))),
-                    Delivery::Wake => Ok(None),
                     Delivery::Failed(e) => Err(e),
                 }
             }
@@ -464,14 +449,15 @@ thread_local! {
     static SERVING: RefCell<Option<Serving>> = const { RefCell::new(None) };
 }
 
-/// Reads and handles one frame on the serving thread (or returns at `deadline`). Calls run
+/// Reads and handles one frame on the serving thread (or returns when `woken` receives, or
+/// at `deadline`). Calls run
 /// right here, so a no-op call costs no thread switch; a call that itself waits for a reply
 /// pumps recursively, so nested calls at any depth cannot deadlock.
-fn pump_once(deadline: Option<Instant>) -> Result<()> {
+fn pump_once(deadline: Option<Instant>, woken: &Receiver<()>) -> Result<()> {
     let next = SERVING.with(|s| {
         let mut s = s.borrow_mut();
         let s = s.as_mut().expect("pump_once on a thread that does not serve");
-        s.inbox.next(&s.uplink, deadline)
+        s.inbox.next(&s.uplink, deadline, woken)
     });
     let Some((received, from)) = next? else { return Ok(()) }; // a wake-up: the caller looks again
     match received {

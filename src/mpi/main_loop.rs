@@ -163,7 +163,7 @@ impl MainLoop {
         if me.rank != 0 {
             comm.process_at_rank(0).send(&codec::encode(&mine)?[..]);
             let terms = Terms { pid: me.rank as Pid + 1, direct_links: false, max_frame: DEFAULT_MAX_FRAME, liveness: Liveness::default() };
-            let (tx, inbox) = Inbox::channel();
+            let (tx, inbox) = crossbeam_channel::unbounded();
             // the link is made once the transport runs (it sends through it): frames that come
             // before go to the serving thread all the same, as frames of the master's link
             let uplink: Arc<OnceLock<Arc<Link>>> = Arc::default();
@@ -190,7 +190,7 @@ impl MainLoop {
             let link = Link::new(&core, 1, transport.out(0));
             let _ = uplink.set(link.clone());
             at_worker_exit(move || transport.stop());
-            exit_worker(worker::serve(link, inbox, None));
+            exit_worker(worker::serve(link, Inbox::Channel(inbox), None));
         }
         let mut others = Vec::new();
         let mut problems = Vec::new();
