@@ -1,5 +1,6 @@
-//! ElasticManager: workers that join by running the printed command, from this host or from
-//! another network namespace (a veth pair with private addresses), and a wrong secret.
+//! Workers that join by running the printed command: through an ElasticManager, from this
+//! host or from another network namespace (a veth pair with private addresses), and a wrong
+//! secret; and a given number of them as a launch (ElasticWorkers).
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clusterman::launch::{ElasticAddress, ElasticManager};
+use clusterman::launch::{ElasticAddress, ElasticManager, ElasticWorkers};
 use clusterman::prelude::*;
 
 clusterman::init_in_constructor!();
@@ -132,4 +133,45 @@ fn an_address_or_port_the_master_does_not_listen_on_is_an_error_that_names_the_f
     let everywhere = Cluster::new().unwrap();
     let err = ElasticManager::start(&everywhere, ElasticAddress::Ip("192.0.2.1".parse().unwrap()), 0).unwrap_err().to_string();
     assert!(err.contains("192.0.2.1 is not an address of this host"), "{err}");
+}
+
+/// What the last `ElasticWorkers` launch printed.
+static ANNOUNCED: Mutex<String> = Mutex::new(String::new());
+
+#[test]
+fn add_procs_prints_the_command_and_returns_when_that_many_have_joined() {
+    let cluster = Cluster::new().unwrap();
+    // a user who reads the printed line and runs the command twice
+    let user = std::thread::spawn(|| {
+        assert!(common::wait_until(Duration::from_secs(30), || !ANNOUNCED.lock().unwrap().is_empty()), "the command is printed");
+        let line = ANNOUNCED.lock().unwrap().clone();
+        let command = line.split_once("each with: ").expect("the line names the command").1.to_string();
+        ((0..2).map(|_| start_worker(&command)).collect::<Vec<_>>(), line, command)
+    });
+    let pids = cluster.add_procs(ElasticWorkers::new(2).announce(|line| *ANNOUNCED.lock().unwrap() = line.to_string())).unwrap();
+    let (mut workers, line, command) = user.join().unwrap();
+    assert!(line.starts_with("clusterman: start 2 workers, each with: "), "{line}");
+    assert!(command.contains("CLUSTERMAN_SECRET_FILE=") && !command.contains("CLUSTERMAN_SECRET="), "a file, never the secret: {command}");
+    assert_eq!(pids.len(), 2);
+    let mut served: Vec<u32> = pids.iter().map(|&p| cluster.remote_call_fetch(p, host_and_pid, ()).unwrap().1).collect();
+    let mut started: Vec<u32> = workers.iter().map(std::process::Child::id).collect();
+    served.sort();
+    started.sort();
+    assert_eq!(served, started, "the two processes the user started are the workers");
+    // the launch is complete: one more is turned away, saying why
+    let late = Command::new("bash").args(["-c", &command]).output().unwrap();
+    assert!(!late.status.success());
+    assert!(String::from_utf8_lossy(&late.stderr).contains("is waiting for workers"), "{}", String::from_utf8_lossy(&late.stderr));
+    cluster.shutdown().unwrap();
+    for w in &mut workers {
+        let _ = w.wait();
+    }
+}
+
+#[test]
+fn a_launch_nobody_starts_workers_for_times_out_showing_the_command() {
+    let cluster = Cluster::new().unwrap();
+    let err = cluster.add_procs(ElasticWorkers::new(1).launch_timeout(Duration::from_millis(500)).announce(|_| {})).unwrap_err().to_string();
+    assert!(err.contains("start each worker with: CLUSTERMAN_MASTER="), "{err}");
+    assert!(cluster.workers().is_empty());
 }

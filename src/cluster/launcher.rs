@@ -170,6 +170,11 @@ impl LaunchContext {
         self.env_with_index(Index::Task, master)
     }
 
+    /// Environment for workers started by hand, each taking the first index still free.
+    pub fn env_by_arrival(&self, master: &str) -> Vec<(String, String)> {
+        self.env_with_index(Index::Any, master)
+    }
+
     fn env_with_index(&self, index: Index, master: &str) -> Vec<(String, String)> {
         vec![(ENV_MASTER.into(), master.into()), (ENV_SECRET.into(), self.secret.to_hex()), (ENV_LAUNCH.into(), launch_value(self.id, index))]
     }

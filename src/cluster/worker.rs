@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, Sender, select};
 use crate::ids::Pid;
 use crate::error::{Error, Result};
 use crate::fingerprint;
-use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECRET_FILE, Index, parse_launch};
+use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECRET_FILE, ANY_SEAT, Index, parse_launch};
 use crate::protocol::worker::WorkerCore;
 use crate::protocol::{Frame, Health, Hello, Kind, Liveness, Secret, Terms, Welcome, bare};
 use crate::sys;
@@ -99,6 +99,7 @@ impl WorkerConfig {
                 let (id, index) = parse_launch(&s).map_err(Error::Handshake)?;
                 let index = match index {
                     Index::Given(n) => n,
+                    Index::Any => ANY_SEAT,
                     Index::Rank => mpi.map(|(rank, _)| rank as u32).ok_or_else(|| Error::Handshake("launched as an MPI rank, but no MPI rank is set in the environment (OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK or SLURM_PROCID); is the launcher an MPI launcher?".into()))?,
                     Index::Task => array_task_index().ok_or_else(|| Error::Handshake("launched as a job array task, but no task id is set (SLURM_ARRAY_TASK_ID, SGE_TASK_ID, PBS_ARRAYID, PBS_ARRAY_INDEX or LSB_JOBINDEX)".into()))?,
                 };

@@ -1,6 +1,8 @@
-//! `ElasticManager`: workers that join by themselves, at any time, by running the command it
-//! prints. It is a join rule on the master's one listener: while it is open, a worker with
-//! the right secret and binary but no launch of its own becomes the next pid of the cluster.
+//! Workers that join by themselves, by running a command that is printed for you: at any
+//! time, through an open door ([`ElasticManager`]: a join rule on the master's one listener;
+//! while it is open, a worker with the right secret and binary but no launch of its own
+//! becomes the next pid of the cluster), or a given number of them as a launch
+//! ([`ElasticWorkers`], a [`ClusterManager`] whose launch prints the command and waits).
 //! Only the worker dials: no connection back from the master, so it works where a firewall
 //! lets compute nodes reach the master but not the other way. The printed command names a
 //! file that holds the secret (mode 0600 under `~/.clusterman/`), never the secret.
@@ -12,6 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use crate::cluster::launcher::{ClusterManager, Launch, LaunchContext, LaunchStatus};
 use crate::cluster::master::Membership;
 use crate::cluster::{Cluster, Inner};
 use crate::error::{Error, Result};
@@ -127,8 +130,8 @@ impl ElasticManager {
     /// file (mode 0600) must be readable there: on a shared home directory it is; elsewhere
     /// copy it to the same path.
     pub fn connect_command(&self) -> String {
-        let file = shell_quote(&self.secret.path().display().to_string());
-        format!("{ENV_MASTER}={} {ENV_SECRET_FILE}={file} {}", self.address, shell_quote(&self.program))
+        let env = [(ENV_MASTER.to_string(), self.address.to_string()), (ENV_SECRET_FILE.to_string(), self.secret.path().display().to_string())];
+        join_command(&env, &self.program)
     }
 
     /// Calls `f(pid)` whenever a worker joins.
@@ -174,6 +177,92 @@ impl ElasticManager {
         {
             inner.master().admission.lock().expect("admission lock").close_joining();
         }
+    }
+}
+
+/// The shell line that starts a worker with `env` (no secret in it: a file names it).
+fn join_command(env: &[(String, String)], program: &str) -> String {
+    let assignments: Vec<String> = env.iter().map(|(k, v)| format!("{k}={}", shell_quote(v))).collect();
+    format!("{} {}", assignments.join(" "), shell_quote(program))
+}
+
+/// `count` workers started by hand, or by any tool that can run a command: the launch
+/// prints the command that starts one (on standard error and in the log), and `add_procs`
+/// returns once `count` have joined, each taking the next pid. Nothing is started for you,
+/// so the default launch timeout is long (10 minutes).
+///
+/// ```no_run
+/// use clusterman::prelude::*;
+/// use clusterman::launch::ElasticWorkers;
+/// # fn main() -> clusterman::Result<()> {
+/// let cluster = Cluster::new()?;
+/// // prints: start 4 workers, each with: CLUSTERMAN_MASTER=... CLUSTERMAN_SECRET_FILE=... /path/to/program
+/// let pids = cluster.add_procs(ElasticWorkers::new(4))?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ElasticWorkers {
+    count: usize,
+    timeout: Duration,
+    announce: fn(&str),
+}
+
+impl ElasticWorkers {
+    /// Waits for `count` workers.
+    pub fn new(count: usize) -> ElasticWorkers {
+        ElasticWorkers { count, timeout: Duration::from_secs(600), announce: |line| eprintln!("{line}") }
+    }
+
+    /// How long `add_procs` waits for them all.
+    pub fn launch_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Where the line with the command goes (default: standard error).
+    pub fn announce(mut self, announce: fn(&str)) -> Self {
+        self.announce = announce;
+        self
+    }
+}
+
+impl ClusterManager for ElasticWorkers {
+    fn name(&self) -> &str {
+        "elastic"
+    }
+    fn count(&self) -> usize {
+        self.count
+    }
+    fn launch(&self, ctx: &LaunchContext) -> Result<Box<dyn Launch>> {
+        let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
+        let secret = SecretFile::for_launch(ctx, &home)?;
+        let env = LaunchContext::secret_from(ctx.env_by_arrival(&ctx.master_address()), secret.path());
+        let command = join_command(&env, &ctx.program().display().to_string());
+        let line = format!("clusterman: start {} worker{}, each with: {command}", self.count, if self.count == 1 { "" } else { "s" });
+        tracing::info!("{line}");
+        (self.announce)(&line);
+        Ok(Box::new(Announced { command, _secret: secret }))
+    }
+    fn launch_timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// A launch whose workers someone else starts: there is nothing to watch or stop (the
+/// workers that joined are told to exit at shutdown like any other).
+struct Announced {
+    command: String,
+    /// Deleted with the launch.
+    _secret: SecretFile,
+}
+
+impl Launch for Announced {
+    fn status(&mut self) -> LaunchStatus {
+        LaunchStatus::Running
+    }
+    fn stop(&mut self, _grace: Duration) {}
+    fn describe(&self) -> String {
+        format!("start each worker with: {}", self.command)
     }
 }
 

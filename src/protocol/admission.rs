@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use crate::ids::Pid;
 
 use super::Hello;
+use super::env::ANY_SEAT;
 
 /// The seat an admitted worker takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +98,10 @@ impl Admission {
             .get_mut(&launch)
             .ok_or_else(|| format!("no launch {launch} is waiting for workers (it timed out, or this worker belongs to another master)"))?;
         let n = seats.taken.len();
+        let index = match index {
+            ANY_SEAT => seats.taken.iter().position(|t| !t).ok_or_else(|| format!("launch {launch} has all its {n} workers already"))? as u32,
+            given => given,
+        };
         match seats.taken.get_mut(index as usize) {
             None => Err(format!("worker index {index} is outside launch {launch} of {n} workers")),
             Some(true) => Err(match hello.mpi {
@@ -150,6 +155,16 @@ mod tests {
         assert!(a.admit(&hello(Some((8, 0)))).unwrap_err().contains("no launch 8 is waiting"));
         assert_eq!(a.close_launch(9), vec![1], "index 1 never came");
         assert!(a.admit(&hello(Some((9, 1)))).unwrap_err().contains("no launch 9"), "a late worker of a closed launch is refused");
+    }
+
+    #[test]
+    fn workers_started_by_hand_take_the_free_seats_in_turn() {
+        let mut a = Admission::default();
+        a.open_launch(5, 3);
+        assert_eq!(a.admit(&hello(Some((5, 1)))), Ok(Seat::Launched { launch: 5, pid: 3 }));
+        assert_eq!(a.admit(&hello(Some((5, ANY_SEAT)))), Ok(Seat::Launched { launch: 5, pid: 2 }));
+        assert_eq!(a.admit(&hello(Some((5, ANY_SEAT)))), Ok(Seat::Launched { launch: 5, pid: 4 }));
+        assert!(a.admit(&hello(Some((5, ANY_SEAT)))).unwrap_err().contains("launch 5 has all its 3 workers already"));
     }
 
     #[test]

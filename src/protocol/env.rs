@@ -26,7 +26,12 @@ pub enum Index {
     Rank,
     /// Its job-array task id, counted from 1 by the scheduler.
     Task,
+    /// The first seat still free: for workers started by hand, in any order.
+    Any,
 }
+
+/// The index a hello carries for [`Index::Any`].
+pub const ANY_SEAT: u32 = u32::MAX;
 
 impl Index {
     /// How the index is written in [`ENV_LAUNCH`].
@@ -35,6 +40,7 @@ impl Index {
             Index::Given(i) => i.to_string(),
             Index::Rank => "rank".into(),
             Index::Task => "task".into(),
+            Index::Any => "any".into(),
         }
     }
 }
@@ -52,6 +58,7 @@ pub fn parse_launch(value: &str) -> Result<(u64, Index), String> {
     let index = match index {
         "rank" => Index::Rank,
         "task" => Index::Task,
+        "any" => Index::Any,
         n => Index::Given(n.parse().map_err(|_| malformed())?),
     };
     Ok((id, index))
@@ -63,7 +70,7 @@ mod tests {
 
     #[test]
     fn launch_values_round_trip() {
-        for index in [Index::Given(3), Index::Rank, Index::Task] {
+        for index in [Index::Given(3), Index::Rank, Index::Task, Index::Any] {
             assert_eq!(parse_launch(&launch_value(77, index)).unwrap(), (77, index));
         }
         assert!(parse_launch("x").unwrap_err().contains("malformed"));
