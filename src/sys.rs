@@ -186,6 +186,22 @@ pub(crate) fn retry_busy<T>(mut start: impl FnMut() -> io::Result<T>) -> io::Res
     }
 }
 
+/// The CPUs this thread may run on (its affinity mask: a cpuset, `taskset`, a Slurm
+/// allocation); `None` where that cannot be read.
+pub(crate) fn allowed_cpus() -> Option<Vec<usize>> {
+    #[cfg(target_os = "linux")]
+    // SAFETY: sched_getaffinity fills a zeroed cpu set of the size we pass.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        Some((0..libc::CPU_SETSIZE as usize).filter(|&cpu| libc::CPU_ISSET(cpu, &set)).collect())
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
+}
+
 /// Sends `signal` to process `pid` (ignores a process that is already gone).
 pub(crate) fn kill(pid: u32, signal: libc::c_int) {
     // SAFETY: kill(2) with a pid we started; no memory involved.

@@ -54,3 +54,30 @@ fn a_cpu_that_does_not_exist_is_a_clear_error() {
     assert!(matches!(&err, Error::Launch(m) if m.contains("4096")), "{err}");
     assert!(cluster.workers().is_empty());
 }
+
+#[test]
+#[ignore = "run by pinned_workers_stay_inside_the_masters_affinity_mask"]
+fn pinned_inside_a_mask() {
+    let allowed = common::cpus_allowed(std::process::id());
+    let cluster = Cluster::new().unwrap();
+    let pids = cluster.add_procs(LocalAffinityManager::new(2)).unwrap();
+    for pid in pids {
+        let os = cluster.worker_info(pid).unwrap().os_pid;
+        assert!(allowed.contains(&common::cpus_allowed(os)[0]), "worker {pid} pinned outside {allowed:?}");
+    }
+    println!("PINNED INSIDE {allowed:?}");
+}
+
+#[test]
+fn pinned_workers_stay_inside_the_masters_affinity_mask() {
+    // as under `srun` or in a container cpuset: the master may use only its last CPU
+    let last = *online_cpus().last().unwrap();
+    let out = std::process::Command::new("taskset")
+        .args(["-c", &last.to_string()])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "pinned_inside_a_mask", "--nocapture", "--test-threads=1"])
+        .output()
+        .expect("taskset (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains(&format!("PINNED INSIDE [{last}]")), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -62,12 +62,21 @@ impl CpuTopology {
             );
         }
         let root = Path::new("/sys/devices/system/cpu");
-        let topology = Self::from_sysfs(root)
+        let mut topology = Self::from_sysfs(root)
             .map_err(|e| format!("cannot read CPU topology from {}: {e}", root.display()))?;
+        if let Some(allowed) = crate::sys::allowed_cpus() {
+            topology = topology.restricted_to(&allowed);
+        }
         if topology.is_empty() {
-            return Err(format!("no online CPUs found under {}", root.display()));
+            return Err(format!("no online CPUs under {} that this process may use", root.display()));
         }
         Ok(topology)
+    }
+
+    /// Only the CPUs in `allowed` (the affinity mask of this process: inside a cpuset, under
+    /// `taskset` or in a Slurm allocation, workers are pinned only where it may run).
+    pub fn restricted_to(&self, allowed: &[usize]) -> CpuTopology {
+        CpuTopology { cpus: self.cpus.iter().filter(|c| allowed.contains(&c.id)).cloned().collect() }
     }
 
     /// Builds a topology from explicit `(id, socket, core)` triples, so tests and users can
@@ -197,7 +206,7 @@ pub fn place(topology: &CpuTopology, mode: &AffinityMode, np: usize) -> Result<V
             if let Some(bad) = list.iter().find(|&&id| !topology.contains(id)) {
                 let ids: Vec<usize> = topology.cpus().iter().map(|c| c.id).collect();
                 return Err(format!(
-                    "CPU {bad} is not online; available CPUs: {}",
+                    "CPU {bad} is not online, or not one this process may use (its cpuset or affinity mask); usable CPUs: {}",
                     format_cpu_list(&ids)
                 ));
             }
@@ -302,6 +311,15 @@ mod tests {
             .iter()
             .map(|c| (c.id, c.socket, c.core, c.thread))
             .collect()
+    }
+
+    #[test]
+    fn a_cpuset_keeps_only_its_cpus_in_every_order() {
+        let t = CpuTopology::from_triples(&[(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]).restricted_to(&[1, 3]);
+        assert_eq!(t.cpus().iter().map(|c| c.id).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(place(&t, &Balanced, 3).unwrap(), vec![1, 3, 1]);
+        assert_eq!(place(&t, &Compact, 2).unwrap(), vec![1, 3]);
+        assert!(place(&t, &Cpus(vec![0]), 1).unwrap_err().contains("not one this process may use"));
     }
 
     #[test]
