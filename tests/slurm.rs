@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clusterman::launch::scheduler::{JobOptions, Layout, SlurmManager};
 use clusterman::prelude::*;
+use clusterman::mpi::MpiManager;
 use clusterman::{Error, mpido};
 
 clusterman::init_in_constructor!();
@@ -166,6 +167,14 @@ fn master_in_allocation() {
     }
     let ranks: Vec<i32> = mpido!(slurm, |comm| comm.rank()).unwrap();
     assert_eq!(ranks, (0..pids.len() as i32).collect::<Vec<_>>());
+    cluster.shutdown().unwrap();
+    // mpirun with no count: the allocation sizes the world
+    let mpi = MpiManager::from_allocation().unwrap();
+    assert_eq!(mpi.count(), pids.len());
+    let cluster = Cluster::new().unwrap();
+    let ranks_pids = cluster.add_procs(&mpi).unwrap();
+    let world: Vec<(i32, i32)> = mpido!(mpi, |comm| (comm.rank(), comm.size())).unwrap();
+    assert_eq!(world, (0..ranks_pids.len() as i32).map(|r| (r, ranks_pids.len() as i32)).collect::<Vec<_>>());
     cluster.shutdown().unwrap();
     println!("CHECKED {} workers in job {here}", pids.len());
 }

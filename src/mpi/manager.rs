@@ -68,6 +68,27 @@ impl std::fmt::Debug for State {
 }
 
 impl MpiManager {
+    /// As many ranks as the job allocation this program runs in has slots (Slurm, Grid
+    /// Engine, PBS, LSF): MPIClusterManagers' `MPIWorkerManager()`, which takes no count.
+    /// Outside an allocation, or where the scheduler does not say, an error that says to give
+    /// the count with [`MpiManager::new`].
+    pub fn from_allocation() -> Result<Self> {
+        Self::sized_by(crate::launch::detect_allocation())
+    }
+
+    fn sized_by(allocation: Option<crate::launch::Allocation>) -> Result<Self> {
+        match allocation {
+            Some(crate::launch::Allocation { slots: Some(n), .. }) if n > 0 => Ok(Self::new(n)),
+            Some(a) => Err(Error::Launch(format!(
+                "the {} job {} does not say how many slots it has; give the number of ranks with MpiManager::new(n)",
+                a.scheduler, a.job_id
+            ))),
+            None => Err(Error::Launch(
+                "not inside a Slurm, Grid Engine, PBS or LSF job, so there is no allocation to size the MPI world by; give the number of ranks with MpiManager::new(n)".into(),
+            )),
+        }
+    }
+
     /// `np` ranks, started by `mpiexec`/`mpirun` from `PATH`.
     pub fn new(np: usize) -> Self {
         MpiManager {
@@ -321,4 +342,24 @@ where
         }
     }
     if failures.is_empty() { Ok(values) } else { Err(Error::Ranks(failures)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch::{ClusterManager, detect_from};
+
+    #[test]
+    fn the_allocation_sizes_the_world_or_the_error_says_to_give_np() {
+        let slurm = detect_from(|k| match k {
+            "SLURM_JOB_ID" => Some("77".into()),
+            "SLURM_NTASKS" => Some("6".into()),
+            _ => None,
+        });
+        assert_eq!(MpiManager::sized_by(slurm).unwrap().count(), 6);
+        let silent = detect_from(|k| (k == "LSB_JOBID").then(|| "5".to_string()));
+        let err = MpiManager::sized_by(silent).unwrap_err().to_string();
+        assert!(err.contains("lsf job 5 does not say") && err.contains("MpiManager::new(n)"), "{err}");
+        assert!(MpiManager::sized_by(None).unwrap_err().to_string().contains("not inside a Slurm"));
+    }
 }
