@@ -202,6 +202,19 @@ pub(crate) fn allowed_cpus() -> Option<Vec<usize>> {
     None
 }
 
+/// This program's file, which workers run. A file replaced since the start (a rebuild) or
+/// deleted is an error that says what happened and what to do: the kernel then names the
+/// old file `<path> (deleted)`, which no worker can run.
+pub(crate) fn own_program() -> Result<std::path::PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program's file (/proc/self/exe): {e}"))?;
+    let Some(original) = exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) else { return Ok(exe) };
+    Err(if std::path::Path::new(original).exists() {
+        format!("{original} was replaced since this program started (rebuilt?), so workers would run another build; restart the program")
+    } else {
+        format!("{original} was deleted since this program started, and workers run that file; restore it, or restart the program")
+    })
+}
+
 /// Sends `signal` to process `pid` (ignores a process that is already gone).
 pub(crate) fn kill(pid: u32, signal: libc::c_int) {
     // SAFETY: kill(2) with a pid we started; no memory involved.

@@ -302,3 +302,44 @@ fn asking_for_zero_workers_is_an_error_that_says_so() {
     let err = cluster.add_procs(LocalManager::new(0)).unwrap_err().to_string();
     assert!(err.contains("0 workers") && err.contains("at least one"), "{err}");
 }
+
+/// A master whose program file is replaced while it runs: run by
+/// `a_rebuilt_program_is_an_error_that_says_to_restart`.
+#[test]
+#[ignore = "run by a_rebuilt_program_is_an_error_that_says_to_restart"]
+fn master_of_a_replaced_file() {
+    let replaced = || std::fs::read_link("/proc/self/exe").is_ok_and(|p| p.to_string_lossy().ends_with(" (deleted)"));
+    assert!(common::wait_until(Duration::from_secs(30), replaced), "the file was not replaced");
+    let cluster = Cluster::new().unwrap();
+    println!("ERROR {}", cluster.add_procs(LocalManager::new(1)).unwrap_err());
+}
+
+#[test]
+fn a_rebuilt_program_is_an_error_that_says_to_restart() {
+    let dir = common::temp_dir("rebuilt");
+    let copy = dir.join("prog");
+    std::fs::copy(std::env::current_exe().unwrap(), &copy).unwrap();
+    let start = || {
+        std::process::Command::new(&copy)
+            .args(["--ignored", "--exact", "master_of_a_replaced_file", "--nocapture", "--test-threads=1"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+    };
+    // "text file busy" while a child another test thread forked still holds the copy open
+    let mut master = start();
+    for _ in 0..50 {
+        match &master {
+            Err(e) if e.raw_os_error() == Some(26) => std::thread::sleep(Duration::from_millis(20)),
+            _ => break,
+        }
+        master = start();
+    }
+    let master = master.unwrap();
+    // what a rebuild does: a new file under the same name
+    std::fs::remove_file(&copy).unwrap();
+    std::fs::copy(std::env::current_exe().unwrap(), &copy).unwrap();
+    let out = master.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let expected = format!("{} was replaced since this program started (rebuilt?), so workers would run another build; restart the program", copy.display());
+    assert!(text.contains(&expected), "{text}");
+}

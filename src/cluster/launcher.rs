@@ -108,8 +108,7 @@ pub struct LaunchContext {
 }
 
 impl LaunchContext {
-    pub(crate) fn new(id: u64, count: usize, listen: SocketAddr, advertise: IpAddr, secret: Secret) -> Self {
-        let program = std::env::current_exe().unwrap_or_else(|_| PathBuf::from(std::env::args().next().unwrap_or_default()));
+    pub(crate) fn new(id: u64, count: usize, listen: SocketAddr, advertise: IpAddr, secret: Secret, program: PathBuf) -> Self {
         LaunchContext { id, count, listen, advertise, secret, program }
     }
 

@@ -362,9 +362,10 @@ impl Cluster {
         if n == 0 {
             return Err(Error::Launch(format!("the {} manager was asked for 0 workers; ask for at least one", manager.name())));
         }
+        let program = crate::sys::own_program().map_err(Error::Launch)?;
         let id = random_u64();
         let wait = m.register_launch(id, n);
-        let ctx = LaunchContext::new(id, n, m.addr, m.advertise, m.secret);
+        let ctx = LaunchContext::new(id, n, m.addr, m.advertise, m.secret, program);
         let started = Instant::now();
         let mut launch = match manager.launch(&ctx) {
             Ok(l) => l,
