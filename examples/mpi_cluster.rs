@@ -10,6 +10,12 @@ use clusterman::mpi::{MpiManager, SystemOperation};
 use clusterman::mpido;
 use clusterman::prelude::*;
 
+/// Heads (1) or tails (0) of coin flip `i`, from a fixed pseudo-random sequence.
+#[remote]
+fn flip(i: u64) -> u64 {
+    (i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) >> 63) & 1
+}
+
 /// Trace of a small matrix built from a seed: stand-in for Julia's `svd` pmap.
 #[remote]
 fn trace_of(seed: u64) -> f64 {
@@ -54,6 +60,13 @@ fn main() -> clusterman::Result<()> {
     let pis = cluster.pmap(trace_of, (0..10u64).map(|s| (s,)))?;
     assert_eq!(pis.len(), 10);
     println!("pmap successful");
+
+    // Julia's `@distributed (+) for i in 1:n ... end`: a map on the workers, folded with +
+    let n = 100_000u64;
+    let heads = cluster.map_reduce(flip, (0..n).map(|i| (i,)), |a, b| a + b)?.unwrap_or(0);
+    let here: u64 = (0..n).map(flip::call).sum(); // the same flips, here
+    assert_eq!(heads, here);
+    println!("parallel reduction: {heads} heads in {n} flips");
 
     println!("Running 03-reduce as part of a clusterman cluster");
     let sums: Vec<i32> = mpido!(mgr, |comm| {

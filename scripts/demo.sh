@@ -3,7 +3,7 @@
 # 4 mpirun ranks, MPI collectives inside mpido!, pmap), after the local-workers quickstart.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
-cargo build --release --examples
+cargo build --release --examples --bins
 echo "=== quickstart: local workers, typed calls, everywhere, a 10,000-item pmap ==="
 target/release/examples/quickstart
 echo

@@ -544,6 +544,13 @@ impl Cluster {
         self.pmap_with(f, items, PmapOptions::new())
     }
 
+    /// Maps `f` over `items` on the workers like [`pmap`](Cluster::pmap), then folds the
+    /// results in input order with `op`: Julia's `@distributed (op) for`. The map is
+    /// balanced and batched like `pmap`'s; the fold runs here. `None` for no items.
+    pub fn map_reduce<F: RemoteFn>(&self, f: F, items: impl IntoIterator<Item = F::Args>, op: impl FnMut(F::Output, F::Output) -> F::Output) -> Result<Option<F::Output>> {
+        Ok(self.pmap(f, items)?.into_iter().reduce(op))
+    }
+
     /// [`pmap`](Cluster::pmap) with options: batch size, retries with delays, an error
     /// handler that supplies a value for items that failed for good, or a subset of workers.
     pub fn pmap_with<F: RemoteFn>(&self, f: F, items: impl IntoIterator<Item = F::Args>, options: PmapOptions<F::Output>) -> Result<Vec<F::Output>> {
