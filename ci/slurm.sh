@@ -78,6 +78,7 @@ KillWait=5
 Waittime=0
 NodeName=$HOST CPUs=$CPUS RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=short Nodes=ALL MaxTime=1 State=UP
 EOF
 
   # Both daemonize themselves. -c: start with no jobs (do not recover an earlier run's state).

@@ -124,6 +124,22 @@ fn a_job_that_cannot_start_is_a_clear_error_and_leaves_nothing() {
 }
 
 #[test]
+fn a_job_that_can_never_start_fails_at_once_naming_the_reason() {
+    if !slurm_up() {
+        return;
+    }
+    // ci/slurm.sh's partition `short` allows 1 minute: a 10-minute job pends there for ever
+    let options = job("never");
+    let name = options_name(&options);
+    let cluster = Cluster::new().unwrap();
+    let started = std::time::Instant::now();
+    let err = cluster.add_procs(SlurmManager::new(1).option("partition", "short").option("t", "10").job(options)).unwrap_err().to_string();
+    assert!(err.contains("can never start") && err.contains("PartitionTimeLimit"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20), "at once, not at a timeout: {:?}", started.elapsed());
+    assert_no_job_left(&name);
+}
+
+#[test]
 fn the_launch_timeout_counts_from_the_job_start_not_from_submission() {
     if !slurm_up() {
         return;

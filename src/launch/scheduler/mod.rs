@@ -126,6 +126,9 @@ pub struct Job {
 pub enum JobState {
     /// Waiting to start; the text is the scheduler's reason, if any.
     Pending(String),
+    /// Waiting for a reason that waiting cannot clear (it asks for more than its partition
+    /// or QOS ever allows); the text says which.
+    Stuck(String),
     /// Started.
     Running,
     /// Over (completed, cancelled, or gone from the queue).
@@ -141,6 +144,9 @@ impl JobState {
     pub fn of_tasks(tasks: Vec<JobState>) -> JobState {
         if tasks.contains(&JobState::Running) {
             return JobState::Running;
+        }
+        if let Some(stuck) = tasks.iter().find(|s| matches!(s, JobState::Stuck(_))) {
+            return stuck.clone();
         }
         if let Some(waiting) = tasks.iter().find(|s| matches!(s, JobState::Pending(_) | JobState::Unknown(_))) {
             return waiting.clone();
@@ -264,6 +270,7 @@ impl Launch for BatchJob {
                 LaunchStatus::Running
             }
             JobState::Finished(how) => LaunchStatus::Failed(format!("{name} job {} ended before its workers connected: {how}", self.id)),
+            JobState::Stuck(why) => LaunchStatus::Failed(format!("{name} job {} can never start: {why}", self.id)),
             // a scheduler that does not answer for a moment is no reason to give up
             JobState::Unknown(why) => match &self.last {
                 Some((_, previous)) => {
@@ -279,15 +286,19 @@ impl Launch for BatchJob {
 
     fn stop(&mut self, grace: Duration) {
         // the workers were told to exit; give the job a moment to end by itself, then cancel
+        // (a job that never started has no workers to wait for)
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
-            if let JobState::Finished(_) = self.query() {
-                if let Some(guard) = self.guard.take() {
-                    guard.dismiss();
+            match self.query() {
+                JobState::Finished(_) => {
+                    if let Some(guard) = self.guard.take() {
+                        guard.dismiss();
+                    }
+                    return;
                 }
-                return;
+                JobState::Pending(_) | JobState::Stuck(_) => break,
+                JobState::Running | JobState::Unknown(_) => std::thread::sleep(Duration::from_millis(200)),
             }
-            std::thread::sleep(Duration::from_millis(200));
         }
         self.cancel();
     }

@@ -161,11 +161,20 @@ impl Scheduler for Slurm {
     }
 }
 
+/// Pending reasons that only a change of the job (or of the site's limits) can clear: the job
+/// asks for more than its partition, QOS or account ever allows, or can never run as written.
+fn never_clears(reason: &str) -> bool {
+    let per_job_limit = (reason.starts_with("QOSMax") || reason.starts_with("AssocMax")) && reason.ends_with("PerJobLimit");
+    per_job_limit
+        || matches!(reason, "PartitionConfig" | "PartitionNodeLimit" | "PartitionTimeLimit" | "BadConstraints" | "InvalidAccount" | "InvalidQOS" | "DependencyNeverSatisfied")
+}
+
 /// One `STATE|REASON` line of `squeue -o %T|%r`.
 fn task_state(line: &str) -> JobState {
     let (state, reason) = line.trim().split_once('|').unwrap_or((line.trim(), ""));
     let reason = if reason == "None" { "" } else { reason };
     match state {
+        "PENDING" if never_clears(reason) => JobState::Stuck(format!("Slurm keeps it pending for {reason}, which waiting cannot clear (see `scontrol show job`); ask for less, or another partition or QOS")),
         "PENDING" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED" | "RESV_DEL_HOLD" | "SUSPENDED" => JobState::Pending(reason.to_string()),
         "RUNNING" | "CONFIGURING" => JobState::Running,
         other if reason.is_empty() => JobState::Finished(other.to_lowercase()),
@@ -181,6 +190,19 @@ mod tests {
 
     fn spec(options: &JobOptions) -> JobSpec<'_> {
         JobSpec { options, workers: 4, program: "/opt/app/bin/sim".into(), exports: vec![("CLUSTERMAN_MASTER".into(), "10.0.0.1:4000".into())] }
+    }
+
+    #[test]
+    fn a_job_pending_for_a_limit_it_can_never_meet_is_stuck() {
+        for reason in ["PartitionTimeLimit", "PartitionConfig", "QOSMaxCpuPerJobLimit", "AssocMaxWallDurationPerJobLimit"] {
+            assert!(matches!(task_state(&format!("PENDING|{reason}")), JobState::Stuck(why) if why.contains(reason)), "{reason}");
+        }
+        for reason in ["Resources", "Priority", "QOSGrpCpuLimit", "ReqNodeNotAvail"] {
+            assert_eq!(task_state(&format!("PENDING|{reason}")), JobState::Pending(reason.into()), "{reason} may clear");
+        }
+        let array = vec![JobState::Pending("Priority".into()), JobState::Stuck("x".into())];
+        assert_eq!(JobState::of_tasks(array.clone()), JobState::Stuck("x".into()));
+        assert_eq!(JobState::of_tasks([array, vec![JobState::Running]].concat()), JobState::Running, "running tasks may be enough (min_workers)");
     }
 
     #[test]
