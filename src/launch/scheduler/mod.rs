@@ -54,6 +54,17 @@ pub trait Scheduler: Send + Sync {
     fn parse_state(&self, id: &str, result: &CommandResult) -> JobState;
     /// The command that cancels the job.
     fn cancel_command(&self, id: &str) -> Vec<String>;
+    /// For a scheduler whose state command does not say why a job waits: the command that
+    /// does, asked while the job is pending. Default: none.
+    fn pending_reason_command(&self, id: &str) -> Option<Vec<String>> {
+        let _ = id;
+        None
+    }
+    /// Why the job waits, from that command's standard output.
+    fn parse_pending_reason(&self, stdout: &str) -> Option<String> {
+        let _ = stdout;
+        None
+    }
     /// Whether a failed submission is worth trying again (a daemon briefly unavailable), as
     /// opposed to a refusal that will not change. Default: never.
     fn transient(&self, failure: &CommandResult) -> bool {
@@ -234,13 +245,20 @@ struct BatchJob {
 
 impl BatchJob {
     fn query(&self) -> JobState {
-        match run(&self.options, &self.scheduler.state_command(&self.id), None) {
+        let state = match run(&self.options, &self.scheduler.state_command(&self.id), None) {
             Ok(out) => self.scheduler.parse_state(&self.id, &CommandResult {
                 success: out.status.success(),
                 stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
                 stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             }),
             Err(e) => JobState::Unknown(e.to_string()),
+        };
+        match (state, self.scheduler.pending_reason_command(&self.id)) {
+            (JobState::Pending(reason), Some(argv)) if reason.is_empty() => {
+                let why = run(&self.options, &argv, None).ok().filter(|out| out.status.success());
+                JobState::Pending(why.and_then(|out| self.scheduler.parse_pending_reason(&String::from_utf8_lossy(&out.stdout))).unwrap_or_default())
+            }
+            (state, _) => state,
         }
     }
 

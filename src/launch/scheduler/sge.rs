@@ -132,6 +132,17 @@ impl Scheduler for Sge {
     fn cancel_command(&self, id: &str) -> Vec<String> {
         vec!["qdel".into(), id.into()]
     }
+
+    fn pending_reason_command(&self, id: &str) -> Option<Vec<String>> {
+        Some(vec!["qstat".into(), "-j".into(), id.into()])
+    }
+
+    /// The first line of `scheduling info:` (shown when the site keeps `schedd_job_info`).
+    fn parse_pending_reason(&self, stdout: &str) -> Option<String> {
+        let info = stdout.lines().find_map(|l| l.strip_prefix("scheduling info:"))?.trim();
+        let info: String = info.chars().take(200).collect();
+        (!info.is_empty() && !info.contains("Collecting of scheduler job information is turned off")).then_some(info)
+    }
 }
 
 #[cfg(test)]
@@ -142,6 +153,18 @@ mod tests {
 
     fn spec(options: &JobOptions) -> JobSpec<'_> {
         JobSpec { options, workers: 3, program: "/opt/app/bin/sim".into(), exports: vec![("CLUSTERMAN_MASTER".into(), "10.0.0.1:4000".into())] }
+    }
+
+    #[test]
+    fn a_pending_job_says_why_from_its_scheduling_info() {
+        // as Grid Engine 8.1.9 prints it (qstat -j)
+        let qstat_j = "job_name:                   probe\nscript_file:                STDIN\nscheduling info:            (-l arch=nosucharch) cannot run at host \"vm\" because it offers only hl:arch=lx-amd64\n";
+        let sge = Sge { pe: String::new(), flags: vec![] };
+        assert_eq!(sge.pending_reason_command("153").unwrap(), ["qstat", "-j", "153"]);
+        assert_eq!(sge.parse_pending_reason(qstat_j).unwrap(), "(-l arch=nosucharch) cannot run at host \"vm\" because it offers only hl:arch=lx-amd64");
+        let off = "scheduling info:            (Collecting of scheduler job information is turned off)\n";
+        assert_eq!(sge.parse_pending_reason(off), None, "nothing to show where the site turned it off");
+        assert_eq!(sge.parse_pending_reason("job_name: x\n"), None);
     }
 
     #[test]
