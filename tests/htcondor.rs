@@ -95,9 +95,9 @@ fn htcondor_procs_dial_in_run_pmap_and_leave_nothing() {
     assert_eq!(condor_q(&state), "", "nothing left in the queue");
     assert!(common::wait_until(Duration::from_secs(5), || os_pids.iter().all(|p| !common::process_alive(*p))), "workers still alive");
     for proc in 0..3 {
-        assert!(workdir.join(format!("cman-condor-e2e.1.{proc}.out")).exists(), "output file of proc {proc} in the workdir");
+        assert!(workdir.join("clusterman-logs").join(format!("cman-condor-e2e.1.{proc}.out")).exists(), "output file of proc {proc} in the log directory");
     }
-    assert!(std::fs::read_to_string(workdir.join("cman-condor-e2e.1.log")).unwrap().contains("Job submitted"));
+    assert!(std::fs::read_to_string(workdir.join("clusterman-logs/cman-condor-e2e.1.log")).unwrap().contains("Job submitted"));
 }
 
 #[test]

@@ -92,7 +92,7 @@ fn lsf_array_job_of_independent_workers() {
     lsf.assert_job_ended("DONE");
     common::assert_gone(&os_pids);
     for index in 1..=3 {
-        let log = wd.join(format!("cman-lsf-array-{}.{}.{index}.out", std::process::id(), lsf.jobs()[0]));
+        let log = wd.join("clusterman-logs").join(format!("cman-lsf-array-{}.{}.{index}.out", std::process::id(), lsf.jobs()[0]));
         assert!(log.exists(), "the element's log {} is in the working directory", log.display());
     }
 }

@@ -108,8 +108,8 @@ fn array_job(dialect: &str, log_names: [&str; 3]) {
     pbs.assert_job_ended(&format!("{seq}[].headnode"), finished, "0");
     common::assert_gone(&os_pids);
     for log in log_names {
-        let log = wd.join(log.replace("<name>", &name).replace("<seq>", seq));
-        assert!(log.exists(), "PBS's log {} is in the working directory", log.display());
+        let log = wd.join("clusterman-logs").join(log.replace("<name>", &name).replace("<seq>", seq));
+        assert!(log.exists(), "PBS's log {} is in the log directory of the working directory", log.display());
     }
 }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::cluster::{Cluster, WorkerInfo};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::launch::process::RunningLauncher;
 use crate::launch::{ClusterManager, Launch, LaunchContext, MpiRanks, RankMap, SecretFile};
 use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET_FILE};
@@ -111,6 +111,8 @@ impl<S: Scheduler + Clone + 'static> ClusterManager for BatchManager<S> {
         // Schedulers keep job scripts and environments where other users may read them
         // (Grid Engine's spool, `qstat -j`): the job names a file only its owner can read.
         let secret = SecretFile::for_launch(ctx, std::path::Path::new(&self.job.workdir_or_current()))?;
+        let logs = self.scheduler.log_dir(&self.job);
+        std::fs::create_dir_all(&logs).map_err(|e| Error::io(format!("cannot create the job log directory {logs} (JobOptions::logs)"), e))?;
         let job = self.scheduler.job(&self.spec(LaunchContext::secret_from(env, secret.path())))?;
         submit(Box::new(self.scheduler.clone()), &self.job, &job, secret)
     }

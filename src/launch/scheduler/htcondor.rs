@@ -77,7 +77,7 @@ impl Scheduler for HtCondor {
         if let Some(queue) = &o.queue {
             return Err(Error::Launch(format!("HTCondor has no queues (JobOptions::queue({queue:?})): choose machines with HtCondorManager::extra(\"requirements = ...\")")));
         }
-        let wd = o.workdir_or_current();
+        let (wd, logs) = (o.workdir_or_current(), o.log_dir());
         let mut d = vec!["universe = vanilla".to_string(), format!("batch_name = {}", o.name)];
         if o.prologue.is_empty() {
             d.push(format!("executable = {}", spec.program));
@@ -89,9 +89,9 @@ impl Scheduler for HtCondor {
         }
         d.push(format!("environment = \"{}\"", environment(&spec.exports)?));
         d.push(format!("initialdir = {wd}"));
-        d.push(format!("output = {wd}/{}.$(Cluster).$(Process).out", o.name));
-        d.push(format!("error = {wd}/{}.$(Cluster).$(Process).err", o.name));
-        d.push(format!("log = {wd}/{}.$(Cluster).log", o.name));
+        d.push(format!("output = {logs}/{}.$(Cluster).$(Process).out", o.name));
+        d.push(format!("error = {logs}/{}.$(Cluster).$(Process).err", o.name));
+        d.push(format!("log = {logs}/{}.$(Cluster).log", o.name));
         d.extend(o.cpus_per_worker.map(|c| format!("request_cpus = {c}")));
         d.extend(o.memory.as_ref().map(|m| format!("request_memory = {m}")));
         d.extend(o.account.as_ref().map(|a| format!("accounting_group = {a}")));
@@ -220,9 +220,9 @@ batch_name = sim
 executable = /opt/app/bin/sim
 environment = "CLUSTERMAN_MASTER=10.0.0.1:4000 CLUSTERMAN_LAUNCH=77:$(Process) GREETING='it''s a ""test"" of $(DOLLAR)HOME'"
 initialdir = /w
-output = /w/sim.$(Cluster).$(Process).out
-error = /w/sim.$(Cluster).$(Process).err
-log = /w/sim.$(Cluster).log
+output = /w/clusterman-logs/sim.$(Cluster).$(Process).out
+error = /w/clusterman-logs/sim.$(Cluster).$(Process).err
+log = /w/clusterman-logs/sim.$(Cluster).log
 request_cpus = 2
 request_memory = 4G
 accounting_group = group_physics.alice
@@ -250,8 +250,8 @@ transfer_executable = false
 arguments = "-c 'module load gcc; cd ''my dir''; exec /opt/app/bin/sim'"
 environment = "CLUSTERMAN_MASTER=10.0.0.1:4000 CLUSTERMAN_LAUNCH=77:$(Process) GREETING='it''s a ""test"" of $(DOLLAR)HOME'"
 initialdir = /w
-output = /w/clusterman.$(Cluster).$(Process).out
-error = /w/clusterman.$(Cluster).$(Process).err
+output = /w/clusterman-logs/clusterman.$(Cluster).$(Process).out
+error = /w/clusterman-logs/clusterman.$(Cluster).$(Process).err
 queue 3
 "#
         );

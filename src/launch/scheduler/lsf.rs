@@ -94,11 +94,11 @@ impl Scheduler for Lsf {
     fn job(&self, spec: &JobSpec<'_>) -> Result<Job> {
         super::options::refuse_owned("bsub", &self.flags, OWNED)?;
         let o = spec.options;
-        let wd = o.workdir_or_current();
+        let (wd, logs) = (o.workdir_or_current(), o.log_dir());
         let mut d = match o.layout_or_default() {
-            Layout::Mpi => vec![format!("-J {}", o.name), format!("-o {wd}/{}.%J.out", o.name)],
+            Layout::Mpi => vec![format!("-J {}", o.name), format!("-o {logs}/{}.%J.out", o.name)],
             // quoted as in LSF's manual: the brackets are part of the name
-            Layout::Array => vec![format!("-J \"{}[1-{}]\"", o.name, spec.workers), format!("-o {wd}/{}.%J.%I.out", o.name)],
+            Layout::Array => vec![format!("-J \"{}[1-{}]\"", o.name, spec.workers), format!("-o {logs}/{}.%J.%I.out", o.name)],
         };
         d.push(format!("-cwd {wd}"));
         if o.layout_or_default() == Layout::Mpi {
@@ -193,7 +193,7 @@ mod tests {
             job.script,
             r#"#!/bin/bash
 #BSUB -J sim
-#BSUB -o /w/sim.%J.out
+#BSUB -o /w/clusterman-logs/sim.%J.out
 #BSUB -cwd /w
 #BSUB -n 3
 #BSUB -R "affinity[core(2)]"
@@ -218,7 +218,7 @@ exec mpirun -np 3 /opt/app/bin/sim
             job.script,
             r#"#!/bin/bash
 #BSUB -J "clusterman[1-3]"
-#BSUB -o /w/clusterman.%J.%I.out
+#BSUB -o /w/clusterman-logs/clusterman.%J.%I.out
 #BSUB -cwd /w
 #BSUB -G grp
 export CLUSTERMAN_MASTER=10.0.0.1:4000

@@ -54,6 +54,10 @@ pub trait Scheduler: Send + Sync {
     fn parse_state(&self, id: &str, result: &CommandResult) -> JobState;
     /// The command that cancels the job.
     fn cancel_command(&self, id: &str) -> Vec<String>;
+    /// Where the job's own logs go (see [`JobOptions::logs`]).
+    fn log_dir(&self, options: &JobOptions) -> String {
+        options.log_dir()
+    }
     /// For a scheduler whose state command does not say why a job waits: the command that
     /// does, asked while the job is pending. Default: none.
     fn pending_reason_command(&self, id: &str) -> Option<Vec<String>> {

@@ -22,6 +22,7 @@ pub enum Layout {
 pub struct JobOptions {
     pub(crate) name: String,
     pub(crate) workdir: Option<PathBuf>,
+    logs: Option<PathBuf>,
     pub(crate) walltime: Option<Duration>,
     pub(crate) queue: Option<String>,
     pub(crate) account: Option<String>,
@@ -77,6 +78,7 @@ impl Default for JobOptions {
         JobOptions {
             name: "clusterman".into(),
             workdir: None,
+            logs: None,
             walltime: None,
             queue: None,
             account: None,
@@ -112,6 +114,13 @@ impl JobOptions {
     /// Working directory of the job (default: the master's current directory).
     pub fn workdir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.workdir = Some(dir.into());
+        self
+    }
+    /// Where the job's own logs go: what it prints outside the worker connection (worker
+    /// output reaches the master by itself). Default: `clusterman-logs/` in the working
+    /// directory, made at submission, so jobs leave one directory, not a file each.
+    pub fn logs(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.logs = Some(dir.into());
         self
     }
     /// Wall-clock limit.
@@ -234,6 +243,19 @@ impl JobOptions {
     /// The working directory, absolute.
     pub(crate) fn workdir_or_current(&self) -> String {
         self.workdir.clone().or_else(|| std::env::current_dir().ok()).unwrap_or_else(|| PathBuf::from(".")).display().to_string()
+    }
+
+    /// Whether [`JobOptions::logs`] was given.
+    pub(crate) fn logs_placed(&self) -> bool {
+        self.logs.is_some()
+    }
+
+    /// The directory of the job's logs (see [`JobOptions::logs`]), absolute.
+    pub(crate) fn log_dir(&self) -> String {
+        match &self.logs {
+            Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()).display().to_string(),
+            None => format!("{}/clusterman-logs", self.workdir_or_current()),
+        }
     }
 }
 

@@ -123,13 +123,21 @@ impl Scheduler for Pbs {
         "pbs"
     }
 
+    /// The job's own working directory (`wd`) holds its logs too, unless they are placed.
+    fn log_dir(&self, options: &JobOptions) -> String {
+        match &self.wd {
+            Some(wd) if !options.logs_placed() => format!("{}/clusterman-logs", wd.display()),
+            _ => options.log_dir(),
+        }
+    }
+
     fn job(&self, spec: &JobSpec<'_>) -> Result<Job> {
         refuse_owned("qsub", &self.flags, OWNED)?;
         let o = spec.options;
         let dialect = self.dialect_for(o)?;
         let wd = self.wd.as_ref().map(|w| w.display().to_string()).unwrap_or_else(|| o.workdir_or_current());
         // a directory: PBS names the log <name>.o<id> there (arrays: -<index> or .<index>)
-        let mut d = vec![format!("-N {}", o.name), "-j oe".into(), format!("-o {wd}/")];
+        let mut d = vec![format!("-N {}", o.name), "-j oe".into(), format!("-o {}/", self.log_dir(o))];
         let cpus = o.cpus_per_worker.unwrap_or(1);
         let mem = o.memory.as_deref();
         match (dialect, o.layout_or_default()) {
@@ -253,7 +261,7 @@ mod tests {
             "#!/bin/bash
 #PBS -N sim
 #PBS -j oe
-#PBS -o /w/
+#PBS -o /w/clusterman-logs/
 #PBS -l nodes=3:ppn=2
 #PBS -l pmem=2gb
 #PBS -l walltime=01:00:00
@@ -277,7 +285,7 @@ exec mpirun -np 3 /opt/app/bin/sim
             "#!/bin/bash
 #PBS -N clusterman
 #PBS -j oe
-#PBS -o /runs/b/
+#PBS -o /runs/b/clusterman-logs/
 #PBS -t 1-3
 cd /runs/b || exit 1
 export CLUSTERMAN_MASTER=10.0.0.1:4000
@@ -294,7 +302,7 @@ exec /opt/app/bin/sim
             "#!/bin/bash
 #PBS -N sim
 #PBS -j oe
-#PBS -o /w/
+#PBS -o /w/clusterman-logs/
 #PBS -l select=3:ncpus=2:mpiprocs=1:mem=2gb
 #PBS -l walltime=01:00:00
 #PBS -q batch
@@ -311,7 +319,7 @@ exec mpirun -np 3 /opt/app/bin/sim
             job.script,
             "#!/bin/bash
 #PBS -N clusterman
-#PBS -o /w/
+#PBS -o /w/clusterman-logs/
 #PBS -J 1-3
 #PBS -r y
 #PBS -l select=1:ncpus=1:mem=1gb

@@ -63,15 +63,15 @@ impl Scheduler for Sge {
         let owned = ["-N", "-o", "-e", "-t", "-pe", "-wd", "-cwd", "-terse", "-w"].map(|f| (f, instead));
         refuse_owned("qsub", &self.flags, &owned)?;
         let o = spec.options;
-        let wd = o.workdir_or_current();
+        let (wd, logs) = (o.workdir_or_current(), o.log_dir());
         let mut d = vec![format!("-N {}", o.name), "-S /bin/bash".into(), format!("-wd {wd}"), "-j y".into()];
         match o.layout_or_default() {
             Layout::Mpi => {
-                d.push(format!("-o {wd}/{}.o$JOB_ID", o.name));
+                d.push(format!("-o {logs}/{}.o$JOB_ID", o.name));
                 d.push(format!("-pe {} {}", self.pe, spec.workers));
             }
             Layout::Array => {
-                d.push(format!("-o {wd}/{}.o$JOB_ID.$TASK_ID", o.name));
+                d.push(format!("-o {logs}/{}.o$JOB_ID.$TASK_ID", o.name));
                 d.push(format!("-t 1-{}", spec.workers));
             }
         }
@@ -179,7 +179,7 @@ mod tests {
 #$ -S /bin/bash
 #$ -wd /w
 #$ -j y
-#$ -o /w/sim.o$JOB_ID
+#$ -o /w/clusterman-logs/sim.o$JOB_ID
 #$ -pe orte 3
 #$ -l h_rt=01:00:00
 #$ -q all.q
@@ -202,7 +202,7 @@ exec mpirun -np $NSLOTS /opt/app/bin/sim
 #$ -S /bin/bash
 #$ -wd /w
 #$ -j y
-#$ -o /w/clusterman.o$JOB_ID.$TASK_ID
+#$ -o /w/clusterman-logs/clusterman.o$JOB_ID.$TASK_ID
 #$ -t 1-3
 export CLUSTERMAN_MASTER=10.0.0.1:4000
 exec /opt/app/bin/sim

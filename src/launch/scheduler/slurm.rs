@@ -86,15 +86,15 @@ impl Scheduler for Slurm {
     fn job(&self, spec: &JobSpec<'_>) -> Result<Job> {
         check_owned(&self.options, OWNED)?;
         let o = spec.options;
-        let wd = o.workdir_or_current();
+        let (wd, logs) = (o.workdir_or_current(), o.log_dir());
         let mut d = vec![format!("--job-name={}", o.name)];
         match o.layout_or_default() {
             Layout::Mpi => {
-                d.push(format!("--output={wd}/{}-%j.out", o.name));
+                d.push(format!("--output={logs}/{}-%j.out", o.name));
                 d.push(format!("--ntasks={}", spec.workers));
             }
             Layout::Array => {
-                d.push(format!("--output={wd}/{}-%A_%a.out", o.name));
+                d.push(format!("--output={logs}/{}-%A_%a.out", o.name));
                 d.push(format!("--array=1-{}", spec.workers));
                 d.push("--ntasks=1".into());
             }
@@ -215,7 +215,7 @@ mod tests {
             job.script,
             "#!/bin/bash
 #SBATCH --job-name=sim
-#SBATCH --output=/scratch/run/sim-%j.out
+#SBATCH --output=/scratch/run/clusterman-logs/sim-%j.out
 #SBATCH --ntasks=4
 #SBATCH --chdir=/scratch/run
 #SBATCH --cpus-per-task=2
