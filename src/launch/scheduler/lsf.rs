@@ -38,10 +38,10 @@ pub struct Lsf {
 /// what to use instead.
 const OWNED: &[(&str, &str)] = &[
     ("-J", "use JobOptions::name and JobOptions::layout"),
-    ("-o", "worker output reaches the master by itself; the job's log goes to <workdir>/<name>.%J.out"),
-    ("-oo", "the job's log goes to <workdir>/<name>.%J.out"),
-    ("-e", "the job's standard error goes to its log, <workdir>/<name>.%J.out"),
-    ("-eo", "the job's standard error goes to its log, <workdir>/<name>.%J.out"),
+    ("-o", "worker output reaches the master by itself; the job's log goes to <workdir>/clusterman-logs/<name>.%J.out (place it with JobOptions::logs)"),
+    ("-oo", "the job's log goes to <workdir>/clusterman-logs/<name>.%J.out (place it with JobOptions::logs)"),
+    ("-e", "the job's standard error goes to its log, <workdir>/clusterman-logs/<name>.%J.out (place it with JobOptions::logs)"),
+    ("-eo", "the job's standard error goes to its log, <workdir>/clusterman-logs/<name>.%J.out (place it with JobOptions::logs)"),
     ("-cwd", "use JobOptions::workdir"),
     ("-n", "the worker count is LsfManager::new(np); CPUs per worker are JobOptions::cpus_per_worker"),
     ("-K", "clusterman submits the job and watches it itself"),

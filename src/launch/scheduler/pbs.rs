@@ -52,7 +52,7 @@ pub struct Pbs {
 /// instead.
 const OWNED: &[(&str, &str)] = &[
     ("-N", "use JobOptions::name"),
-    ("-o", "worker output reaches the master by itself; the job's log goes to the working directory"),
+    ("-o", "worker output reaches the master by itself; the job's log goes to <workdir>/clusterman-logs/ (place it with JobOptions::logs)"),
     ("-e", "the job's standard error goes to its log (-j oe)"),
     ("-j", "the job's standard error goes to its log (-j oe)"),
     ("-t", "use JobOptions::layout(Layout::Array)"),

@@ -38,7 +38,7 @@ pub struct Slurm {
 /// Flags the manager sets itself, and what to use instead.
 const OWNED: &[(&str, &str, &str)] = &[
     ("J", "job-name", "use JobOptions::name"),
-    ("o", "output", "worker output reaches the master by itself; the job's own log goes to <workdir>/<name>-<job id>.out"),
+    ("o", "output", "worker output reaches the master by itself; the job's own log goes to <workdir>/clusterman-logs/<name>-<job id>.out (place it with JobOptions::logs)"),
     ("n", "ntasks", "the worker count is SlurmManager::new(np)"),
     ("a", "array", "use JobOptions::layout(Layout::Array)"),
     ("D", "chdir", "use JobOptions::workdir"),
