@@ -22,7 +22,7 @@ use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET};
 use crate::sys;
 
 use crate::launch::guard::CancelGuard;
-use super::{CommandResult, JobOptions, run};
+use super::{CommandResult, JobOptions, Layout, run};
 
 /// The JSON library of the pod hook ([`KubernetesManager::configure`]), re-exported so a
 /// program need not depend on it itself.
@@ -76,8 +76,8 @@ type Hook = Arc<dyn Fn(&mut Value) + Send + Sync>;
 /// not set), `env`, `command_prefix`, `launch_timeout`, `queue_timeout` (when
 /// [`pending_timeout`](Self::pending_timeout) is not set), `min_workers`,
 /// `submit_retry_delays` (when the API server cannot be reached) and `throttle`. Options with no meaning for pods (`queue`,
-/// `account`, `prologue`, directives, `launcher`) are refused; `layout` does not apply (pods
-/// are independent workers).
+/// `account`, `prologue`, directives, `launcher`) are refused, and so is
+/// [`Layout::Mpi`]: pods are independent workers and form no MPI world.
 #[derive(Clone)]
 pub struct KubernetesManager {
     np: usize,
@@ -223,6 +223,11 @@ impl KubernetesManager {
     /// Options of [`JobOptions`] that mean nothing for a pod are an error, not ignored.
     fn check_options(&self) -> Result<()> {
         let o = &self.job;
+        if o.layout_asked() == Some(Layout::Mpi) {
+            return Err(Error::Launch(
+                "Kubernetes pods form no MPI world (each pod is an independent worker): drop Layout::Mpi; for MPI code on every rank, run the program in an MPI job (an MPI operator's MPIJob, or mpirun) with start_main_loop, or use MpiManager where mpirun can start the ranks".into(),
+            ));
+        }
         let unused = [
             (o.queue.is_some(), "queue"),
             (o.account.is_some(), "account"),
@@ -892,6 +897,8 @@ mod tests {
     fn options_without_meaning_for_pods_are_refused() {
         let err = KubernetesManager::new(1).job(JobOptions::new().queue("debug")).manifest().unwrap_err().to_string();
         assert!(err.contains("JobOptions::queue") && err.contains("KubernetesManager::configure"), "{err}");
+        let err = KubernetesManager::new(2).job(JobOptions::new().layout(Layout::Mpi)).manifest().unwrap_err().to_string();
+        assert!(err.contains("form no MPI world") && err.contains("start_main_loop"), "{err}");
         let dry = KubernetesManager::new(2).manifest().unwrap();
         assert!(dry.contains("<secret>") && dry.contains("<image of the master pod>") && dry.contains("clusterman-<launch>-1"), "{dry}");
     }

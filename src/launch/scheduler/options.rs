@@ -220,6 +220,11 @@ impl JobOptions {
         self.layout.unwrap_or_default()
     }
 
+    /// The layout, if one was asked for.
+    pub(crate) fn layout_asked(&self) -> Option<Layout> {
+        self.layout
+    }
+
     /// The delays between submission attempts (default: none).
     pub(crate) fn retry_delays(&self) -> &[Duration] {
         self.submit_retry_delays.as_deref().unwrap_or_default()
