@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clusterman::launch::{ElasticAddress, ElasticManager, ElasticWorkers};
+use clusterman::launch::{CommandStyle, ElasticAddress, ElasticManager, ElasticWorkers};
 use clusterman::prelude::*;
 
 clusterman::init_in_constructor!();
@@ -174,4 +174,30 @@ fn a_launch_nobody_starts_workers_for_times_out_showing_the_command() {
     let err = cluster.add_procs(ElasticWorkers::new(1).launch_timeout(Duration::from_millis(500)).announce(|_| {})).unwrap_err().to_string();
     assert!(err.contains("start each worker with: CLUSTERMAN_MASTER="), "{err}");
     assert!(cluster.workers().is_empty());
+}
+
+#[test]
+fn the_command_can_name_the_program_by_its_file_name_and_source_its_environment() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = Cluster::new().unwrap();
+    let mut elastic = ElasticManager::start(&cluster, ElasticAddress::Ip("127.0.0.1".parse().unwrap()), 0).unwrap();
+    elastic.command_style(CommandStyle { absolute_program: false, env_file: true }).unwrap();
+    let command = elastic.connect_command();
+    let exe = std::env::current_exe().unwrap();
+    let name = exe.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(command.starts_with(". ") && command.ends_with(&name) && !command.contains(&exe.display().to_string()), "{command}");
+    let env_file = command[2..].split(" && ").next().unwrap().trim_matches('\'').to_string();
+    let text = std::fs::read_to_string(&env_file).unwrap();
+    assert!(text.contains("export CLUSTERMAN_MASTER=") && text.contains("export CLUSTERMAN_SECRET_FILE="), "{text}");
+    assert!(!text.contains(&clusterman::__private::secret_hex(&cluster).unwrap()), "the file to source holds no secret");
+    assert_eq!(std::fs::metadata(&env_file).unwrap().permissions().mode() & 0o777, 0o600);
+    // a machine where the program is found on the PATH
+    let path = format!("{}:{}", exe.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
+    let mut worker = Command::new("bash").args(["-c", &command]).env("PATH", path).stdout(Stdio::null()).spawn().unwrap();
+    let pids = elastic.wait_for(1, Duration::from_secs(30)).unwrap();
+    assert_eq!(cluster.remote_call_fetch(pids[0], host_and_pid, ()).unwrap().0, std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim());
+    cluster.shutdown().unwrap();
+    let _ = worker.wait();
+    drop(elastic);
+    assert!(!std::path::Path::new(&env_file).exists(), "removed with the manager");
 }

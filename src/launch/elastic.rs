@@ -10,6 +10,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -70,7 +71,28 @@ pub struct ElasticManager {
     address: SocketAddr,
     secret: SecretFile,
     program: String,
+    style: CommandStyle,
+    /// The environment to source, when the style asks for one.
+    env_file: Option<SecretFile>,
     shared: Arc<Shared>,
+}
+
+/// How [`ElasticManager::connect_command`] writes the command (Julia's `printing_kwargs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandStyle {
+    /// The program by its absolute path (the default); `false`: by its file name, for
+    /// machines where it is on the `PATH` at another place.
+    pub absolute_program: bool,
+    /// The environment in a file to source (`. file && program`) instead of assignments on
+    /// the line. The file (mode 0600, beside the secret file) holds the master's address and
+    /// the secret file's name, never the secret.
+    pub env_file: bool,
+}
+
+impl Default for CommandStyle {
+    fn default() -> Self {
+        CommandStyle { absolute_program: true, env_file: false }
+    }
 }
 
 impl ElasticManager {
@@ -115,9 +137,27 @@ impl ElasticManager {
             }
         }));
         master.admission.lock().expect("admission lock").open_joining();
-        let program = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "<program>".into());
+        let program = sys::own_program().map_err(Error::Launch)?.display().to_string();
         tracing::info!("workers may join at {address}");
-        Ok(ElasticManager { cluster: Arc::downgrade(&inner), open: true, address, secret, program, shared })
+        Ok(ElasticManager { cluster: Arc::downgrade(&inner), open: true, address, secret, program, style: CommandStyle::default(), env_file: None, shared })
+    }
+
+    /// Writes the command as `style` says from now on.
+    pub fn command_style(&mut self, style: CommandStyle) -> Result<()> {
+        self.env_file = None;
+        if style.env_file {
+            let name = self.secret.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let dir = self.secret.path().parent().and_then(Path::parent).unwrap_or(Path::new("."));
+            let contents: String = self.env().iter().map(|(k, v)| format!("export {k}={}\n", shell_quote(v))).collect();
+            self.env_file = Some(SecretFile::private(dir, &format!("{name}.env"), &contents)?);
+        }
+        self.style = style;
+        Ok(())
+    }
+
+    /// What a joining worker needs in its environment.
+    fn env(&self) -> [(String, String); 2] {
+        [(ENV_MASTER.to_string(), self.address.to_string()), (ENV_SECRET_FILE.to_string(), self.secret.path().display().to_string())]
     }
 
     /// The address workers dial.
@@ -125,13 +165,19 @@ impl ElasticManager {
         self.address
     }
 
-    /// The shell command that starts a worker from another shell or machine: the absolute
-    /// program path, with the address and the secret file's name in its environment. The
-    /// file (mode 0600) must be readable there: on a shared home directory it is; elsewhere
-    /// copy it to the same path.
+    /// The shell command that starts a worker from another shell or machine: the program
+    /// (by its absolute path unless the [`CommandStyle`] says otherwise), with the address
+    /// and the secret file's name in its environment. The file (mode 0600) must be readable
+    /// there: on a shared home directory it is; elsewhere copy it to the same path.
     pub fn connect_command(&self) -> String {
-        let env = [(ENV_MASTER.to_string(), self.address.to_string()), (ENV_SECRET_FILE.to_string(), self.secret.path().display().to_string())];
-        join_command(&env, &self.program)
+        let program = match self.style.absolute_program {
+            true => self.program.clone(),
+            false => Path::new(&self.program).file_name().map_or_else(|| self.program.clone(), |n| n.to_string_lossy().into_owned()),
+        };
+        match &self.env_file {
+            Some(file) => format!(". {} && {}", shell_quote(&file.path().display().to_string()), shell_quote(&program)),
+            None => join_command(&self.env(), &program),
+        }
     }
 
     /// Calls `f(pid)` whenever a worker joins.

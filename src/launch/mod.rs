@@ -17,7 +17,7 @@ pub mod topology;
 pub use crate::cluster::launcher::{ClusterManager, Launch, LaunchContext, LaunchStatus};
 pub use affinity::LocalAffinityManager;
 pub use detect::{Allocation, detect_allocation, detect_from};
-pub use elastic::{ElasticAddress, ElasticManager, ElasticWorkers};
+pub use elastic::{CommandStyle, ElasticAddress, ElasticManager, ElasticWorkers};
 pub use local::LocalManager;
 pub use ranks::{MpiRanks, RankMap};
 pub use secret::SecretFile;

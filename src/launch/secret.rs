@@ -26,6 +26,12 @@ impl SecretFile {
 
     /// Writes `secret` into a new file `<dir>/.clusterman/secret-<tag>`.
     pub(crate) fn write(dir: &Path, tag: &str, secret: Secret) -> Result<SecretFile> {
+        SecretFile::private(dir, &format!("secret-{tag}"), &format!("{}\n", secret.to_hex()))
+    }
+
+    /// Writes `contents` into a new file `<dir>/.clusterman/<name>` that only this user can
+    /// read, deleted with the value.
+    pub(crate) fn private(dir: &Path, name: &str, contents: &str) -> Result<SecretFile> {
         // absolute: the job reads it from its own working directory
         let private = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()).join(".clusterman");
         let context = |what: &str| format!("{what} {} for the workers' secret (it must be on a filesystem the workers see, usually the job's working directory)", private.display());
@@ -41,7 +47,7 @@ impl SecretFile {
         if meta.mode() & 0o077 != 0 {
             std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).map_err(|e| Error::io(context("cannot make private"), e))?;
         }
-        let path = private.join(format!("secret-{tag}"));
+        let path = private.join(name);
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -49,7 +55,7 @@ impl SecretFile {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| Error::io(context("cannot write into"), e))?;
-        writeln!(file, "{}", secret.to_hex()).map_err(|e| Error::io(context("cannot write into"), e))?;
+        file.write_all(contents.as_bytes()).map_err(|e| Error::io(context("cannot write into"), e))?;
         Ok(SecretFile { path })
     }
 
