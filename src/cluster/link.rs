@@ -101,7 +101,7 @@ impl Link {
             }
             Incoming::Stop(waiters) => {
                 for w in waiters {
-                    w.deliver(Err(link_error(self.peer, "the worker is shutting down")));
+                    w.deliver(Err(Error::ShutDown)); // this worker's own calls end with it
                 }
                 Received::Stop
             }

@@ -263,8 +263,8 @@ pub(crate) fn run(config: WorkerConfig) -> Result<()> {
     serve(link, Inbox::Channel(inbox), Some(peers))
 }
 
-/// Serves calls on this thread, as the worker `link`'s core was admitted as, until the master
-/// (at the other end of `link`) says stop (`Ok`) or is gone (`Err`). On a stop, the worker's output is flushed and a goodbye frame ends the
+/// Serves calls on this thread until the master at the other end of `link` says stop (`Ok`)
+/// or is gone (`Err`). On a stop, the worker's output is flushed and a goodbye frame ends the
 /// conversation, so the master knows nothing more is coming (MPI links have no EOF).
 pub(crate) fn serve(link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) -> Result<()> {
     let terms = link.core().terms();
