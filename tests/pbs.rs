@@ -123,6 +123,20 @@ fn pbs_pro_array_job_with_the_dialect_detected() {
     array_job("pbspro", ["<name>.o<seq>.1", "<name>.o<seq>.2", "<name>.o<seq>.3"]);
 }
 
+#[test]
+fn pbs_pro_array_of_one_worker_is_a_range_pbs_pro_accepts() {
+    // PBS Pro refuses `-J 1-1` (the range must grow); the fake refuses it too
+    let pbs = FakePbs::new("pro-one", "pbspro", &[]);
+    let refused = Command::new(&pbs.prefix[0]).args(&pbs.prefix[1..]).args(["qsub", "-J", "1-1", "-r", "y"]).stdin(std::process::Stdio::piped()).output().unwrap();
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("illegal -J value"), "{refused:?}");
+    let cluster = Cluster::new().unwrap();
+    let manager = PbsManager::new(1).dialect(PbsDialect::PbsPro).job(pbs.job("pbs-pro-one").layout(Layout::Array));
+    let pids = cluster.add_procs(&manager).unwrap();
+    let (job_id, index, _) = cluster.remote_call_fetch(pids[0], pbs_task, ()).unwrap();
+    assert_eq!(index.as_deref(), Some("1"), "the one subjob has index 1 ({job_id:?})");
+    cluster.shutdown().unwrap();
+}
+
 /// An MPI job of 2 ranks through a fake of `dialect`, chosen explicitly.
 fn mpi_job(dialect: PbsDialect, fake: &str, resources: &str, finished: &str) {
     let pbs = FakePbs::new(&format!("mpi-{fake}"), fake, &[]);

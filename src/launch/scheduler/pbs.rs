@@ -155,7 +155,8 @@ impl Scheduler for Pbs {
                 d.push(format!("-l select={}:ncpus={cpus}:mpiprocs=1{mem}", spec.workers));
             }
             (PbsDialect::PbsPro, Layout::Array) => {
-                d.push(format!("-J 1-{}", spec.workers));
+                // PBS Pro refuses a range that does not grow (`1-1`): one worker is `1-2:2`
+                d.push(if spec.workers == 1 { "-J 1-2:2".to_string() } else { format!("-J 1-{}", spec.workers) });
                 d.push("-r y".into()); // PBS Pro only runs arrays of rerunnable jobs
                 if o.cpus_per_worker.is_some() || mem.is_some() {
                     d.push(format!("-l select=1:ncpus={cpus}{}", mem.map(|m| format!(":mem={m}")).unwrap_or_default()));
@@ -292,6 +293,14 @@ export CLUSTERMAN_MASTER=10.0.0.1:4000
 exec /opt/app/bin/sim
 "
         );
+    }
+
+    #[test]
+    fn a_pbs_pro_array_of_one_is_a_growing_range() {
+        let o = JobOptions::new().workdir("/w").layout(Layout::Array);
+        let one = JobSpec { options: &o, workers: 1, program: "/opt/app/bin/sim".into(), exports: vec![] };
+        assert!(pbs(PbsDialect::PbsPro).job(&one).unwrap().script.contains("#PBS -J 1-2:2\n"));
+        assert!(pbs(PbsDialect::Torque).job(&one).unwrap().script.contains("#PBS -t 1-1\n"), "Torque takes 1-1");
     }
 
     #[test]
