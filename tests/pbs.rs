@@ -124,6 +124,13 @@ fn pbs_pro_array_job_with_the_dialect_detected() {
 }
 
 #[test]
+fn torque_2_is_told_from_its_lower_case_version_line() {
+    let pbs = FakePbs::new("torque-2", "torque", &["FAKE_PBS_TORQUE_VERSION=2.5.13"]);
+    let script = PbsManager::new(2).job(pbs.job("pbs-torque-2").layout(Layout::Array)).job_script().unwrap();
+    assert!(script.contains("#PBS -t 1-2\n"), "detected as Torque: {script}");
+}
+
+#[test]
 fn pbs_pro_array_of_one_worker_is_a_range_pbs_pro_accepts() {
     // PBS Pro refuses `-J 1-1` (the range must grow); the fake refuses it too
     let pbs = FakePbs::new("pro-one", "pbspro", &[]);

@@ -107,11 +107,11 @@ impl Pbs {
 }
 
 /// The dialect from `qstat --version`: PBS Pro prints `pbs_version = 19.1.3`, Torque
-/// `Version: 6.1.3`.
+/// `Version: 6.1.3` (Torque 2.x: `version: 2.5.13`).
 fn detect(version: &str) -> Option<PbsDialect> {
     if version.contains("pbs_version") {
         Some(PbsDialect::PbsPro)
-    } else if version.lines().any(|l| l.trim_start().starts_with("Version:")) {
+    } else if version.lines().any(|l| l.trim_start().to_ascii_lowercase().starts_with("version:")) {
         Some(PbsDialect::Torque)
     } else {
         None
@@ -352,6 +352,7 @@ exec /opt/app/bin/sim
     fn the_dialect_is_told_by_qstat_version() {
         assert_eq!(detect("pbs_version = 19.1.3\n"), Some(PbsDialect::PbsPro));
         assert_eq!(detect("Version: 6.1.3\nCommit: 0c8ff3b\n"), Some(PbsDialect::Torque));
+        assert_eq!(detect("version: 2.5.13\n"), Some(PbsDialect::Torque), "Torque 2.x writes it in lower case");
         assert_eq!(detect("qstat: invalid option -- '-'\n"), None);
     }
 
