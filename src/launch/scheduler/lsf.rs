@@ -167,7 +167,9 @@ fn element_state(id: &str, stat: &str) -> JobState {
         "PEND" | "WAIT" => JobState::Pending(String::new()),
         "PSUSP" => JobState::Pending("suspended while pending (PSUSP); see bjobs -l".into()),
         "USUSP" | "SSUSP" => JobState::Pending(format!("suspended ({stat})")),
-        "RUN" | "PROV" => JobState::Running,
+        // PROV: dispatched to a power-saved host that is still waking up: not started yet
+        "PROV" => JobState::Pending("its host is waking up (PROV)".into()),
+        "RUN" => JobState::Running,
         "DONE" => JobState::Finished("done".into()),
         "EXIT" => JobState::Finished(format!("exited (EXIT; see bhist -l {id})")),
         "UNKWN" => JobState::Unknown("LSF lost contact with the job's host (UNKWN)".into()),
@@ -253,6 +255,7 @@ exec /opt/app/bin/sim
         let ok = |stdout: &str| CommandResult { success: true, stdout: stdout.into(), stderr: String::new() };
         assert_eq!(s.parse_state("1", &ok("PEND \n")), JobState::Pending(String::new()));
         assert_eq!(s.parse_state("1", &ok("RUN  \n")), JobState::Running);
+        assert_eq!(s.parse_state("1", &ok("PROV \n")), JobState::Pending("its host is waking up (PROV)".into()), "not started yet");
         assert_eq!(s.parse_state("1", &ok("DONE \nRUN  \nPEND \n")), JobState::Running, "an array with one element running");
         assert_eq!(s.parse_state("1", &ok("DONE \nDONE \n")), JobState::Finished("done".into()));
         assert!(matches!(s.parse_state("1", &ok("EXIT \n")), JobState::Finished(m) if m.contains("EXIT")));

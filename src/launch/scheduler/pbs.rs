@@ -226,6 +226,8 @@ fn task_state(state: &str) -> JobState {
         "H" => JobState::Pending("on hold".into()),
         "W" => JobState::Pending("waiting for its start time".into()),
         "T" => JobState::Pending("being moved".into()),
+        // PBS Pro: moved to another server, where it waits or runs on (not an end)
+        "M" => JobState::Pending("moved to another server (M); `qstat -f <id>@<server>` shows it there".into()),
         "S" | "U" => JobState::Pending("suspended".into()),
         "R" | "B" => JobState::Running, // B: an array with tasks started (PBS Pro)
         "E" => JobState::Finished("exiting".into()),
@@ -368,6 +370,7 @@ exec /opt/app/bin/sim
         let full = |states: &[&str]| ok(&states.iter().enumerate().map(|(i, s)| format!("Job Id: 124[{i}].h\n    Job_Name = sim\n    job_state = {s}\n    queue = batch\n\n")).collect::<String>());
         assert_eq!(s.parse_state("1", &full(&["Q"])), JobState::Pending(String::new()));
         assert_eq!(s.parse_state("1", &full(&["H"])), JobState::Pending("on hold".into()));
+        assert!(matches!(s.parse_state("1", &full(&["M"])), JobState::Pending(why) if why.contains("moved to another server")), "moved is not over");
         assert_eq!(s.parse_state("1", &full(&["C", "R", "Q"])), JobState::Running, "an array with one task running");
         assert_eq!(s.parse_state("1", &full(&["B", "X", "Q"])), JobState::Running, "a PBS Pro array that has begun");
         assert_eq!(s.parse_state("1", &full(&["C", "C"])), JobState::Finished("completed".into()));
