@@ -11,6 +11,10 @@ use super::{BatchManager, CommandResult, Job, JobSpec, JobState, Layout, Schedul
 
 /// Workers started through LSF's `bsub`.
 ///
+/// `JobOptions::cpus_per_worker(c)` becomes `-R "affinity[core(c)]"`, which needs affinity
+/// scheduling enabled at the site (not available on LSF Express): where it is not, leave
+/// `cpus_per_worker` unset and ask for slots with `bsub_flags`.
+///
 /// ```no_run
 /// use std::time::Duration;
 /// use clusterman::prelude::*;
@@ -104,6 +108,7 @@ impl Scheduler for Lsf {
         if o.layout_or_default() == Layout::Mpi {
             d.push(format!("-n {}", spec.workers));
         }
+        // needs the site's affinity scheduling (not on LSF Express; see LsfManager's docs)
         d.extend(o.cpus_per_worker.map(|c| format!("-R \"affinity[core({c})]\"")));
         // LSF's run limit is in minutes; round up so the job never gets less than asked
         d.extend(o.walltime.map(|t| format!("-W {}", t.as_secs().div_ceil(60).max(1))));
