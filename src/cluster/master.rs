@@ -60,10 +60,8 @@ pub(crate) enum Event {
     Output(Arc<WorkerEntry>, Frame),
     /// A reply that must not overtake output still queued.
     Resolve(Waiter, Result<Frame>),
-    /// A worker joined by itself: run the membership hooks.
-    Joined(Pid),
-    /// A worker is gone: run the membership hooks.
-    Gone(Pid),
+    /// A worker joined by itself, or is gone: run the membership hooks.
+    Membership(Membership),
     /// End the process of a worker that stopped answering, where a launch of ours can.
     Kill(WorkerInfo),
 }
@@ -208,7 +206,7 @@ impl Master {
             }
             Seat::Joined(pid) => {
                 tracing::info!("worker {pid} joined");
-                let _ = self.events.send(Event::Joined(pid));
+                let _ = self.events.send(Event::Membership(Membership::Joined(pid)));
             }
         }
     }
@@ -244,9 +242,7 @@ impl Admit for Door {
 
     fn serve(&self, seat: Seat, hello: Hello, stream: tokio::net::TcpStream) {
         let Some(inner) = self.0.upgrade() else { return };
-        let (host, os_pid) = (hello.host.clone(), hello.os_pid);
         serve_connection(&inner, seat.pid(), hello, stream);
-        tracing::debug!("worker {} connected from {host} (os pid {os_pid})", seat.pid());
         let m = inner.master();
         if m.direct_links {
             m.not_listening.lock().expect("not listening lock").insert(seat.pid(), seat);
@@ -414,7 +410,7 @@ fn gone(m: &Master, pid: Pid, reason: String) {
         let _guard = m.departed.0.lock().expect("departed lock");
         m.departed.1.notify_all();
     }
-    let _ = m.events.send(Event::Gone(pid));
+    let _ = m.events.send(Event::Membership(Membership::Left(pid)));
 }
 
 /// Starts the events thread: the user's output sink and membership hooks run there, in the
@@ -434,8 +430,7 @@ pub(crate) fn start_events(inner: Weak<Inner>, events: crossbeam_channel::Receiv
                     entry.output_pending.fetch_sub(1, Ordering::Release);
                 }
                 Event::Resolve(waiter, result) => waiter.deliver(result),
-                Event::Joined(pid) => m.membership.lock().expect("membership lock").iter().for_each(|hook| hook(Membership::Joined(pid))),
-                Event::Gone(pid) => m.membership.lock().expect("membership lock").iter().for_each(|hook| hook(Membership::Left(pid))),
+                Event::Membership(change) => m.membership.lock().expect("membership lock").iter().for_each(|hook| hook(change)),
                 Event::Kill(info) => m.kill(&info),
             }
         }

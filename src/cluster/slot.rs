@@ -107,8 +107,9 @@ impl Slot {
     /// thread on the master runs queued calls.
     pub(crate) fn wait(&self, deadline: Option<Instant>) -> Option<Result<Frame>> {
         let pump = pumping();
-        let woken = crossbeam_channel::bounded::<()>(1);
         let helping = pool::helping_queue();
+        // a thread that works while it waits is told on a channel it selects on; others park
+        let woken = (pump.is_some() || helping.is_some()).then(|| crossbeam_channel::bounded::<()>(1));
         loop {
             let mut s = self.state.lock().expect("slot lock");
             if let Some(r) = s.result.take() {
@@ -117,21 +118,20 @@ impl Slot {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return None;
             }
-            if let Some(pump) = pump {
-                s.wake = Some(Wake::Channel(woken.0.clone()));
-                drop(s);
-                if let Err(e) = pump(deadline, &woken.1) {
-                    return Some(Err(e));
-                }
-                continue;
-            }
-            match &helping {
-                Some(queue) => {
-                    s.wake = Some(Wake::Channel(woken.0.clone()));
+            match (pump, &helping, &woken) {
+                (Some(pump), _, Some((tx, rx))) => {
+                    s.wake = Some(Wake::Channel(tx.clone()));
                     drop(s);
-                    pool::help_once(queue, &woken.1, deadline);
+                    if let Err(e) = pump(deadline, rx) {
+                        return Some(Err(e));
+                    }
                 }
-                None => {
+                (None, Some(queue), Some((tx, rx))) => {
+                    s.wake = Some(Wake::Channel(tx.clone()));
+                    drop(s);
+                    pool::help_once(queue, rx, deadline);
+                }
+                _ => {
                     s.wake = Some(Wake::Thread(std::thread::current()));
                     drop(s);
                     match deadline {

@@ -24,6 +24,7 @@ use crate::protocol::env::{ENV_MASTER, ENV_SECRET_FILE};
 use crate::sys;
 
 use super::SecretFile;
+use super::scheduler::export_lines;
 use super::shell::shell_quote;
 
 /// The address an [`ElasticManager`] tells workers to dial (the master's port).
@@ -102,6 +103,7 @@ impl ElasticManager {
     pub fn start(cluster: &Cluster, address: ElasticAddress, port: u16) -> Result<ElasticManager> {
         let inner = cluster.inner().clone();
         let master = inner.master.as_ref().ok_or_else(|| Error::Unsupported("only the master (pid 1) can accept workers".into()))?;
+        let program = sys::own_program().map_err(Error::Launch)?.display().to_string();
         let listening = master.addr;
         if port != 0 && port != listening.port() {
             return Err(Error::Launch(format!(
@@ -126,9 +128,8 @@ impl ElasticManager {
         }
         let address = SocketAddr::new(ip, listening.port());
         static SEQUENCE: AtomicU32 = AtomicU32::new(0);
-        let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
         let name = format!("elastic-{}-{}-{}", std::process::id(), address.port(), SEQUENCE.fetch_add(1, Ordering::Relaxed));
-        let secret = SecretFile::write(&home, &name, master.secret)?;
+        let secret = SecretFile::write(&home(), &name, master.secret)?;
         let shared = Arc::new(Shared { members: Mutex::new(Members::default()), changed: Condvar::new() });
         let told = Arc::downgrade(&shared);
         master.membership.lock().expect("membership lock").push(Box::new(move |change| {
@@ -136,8 +137,8 @@ impl ElasticManager {
                 shared.record(change);
             }
         }));
+        // opened last: nothing after it can fail and leave it open without a manager
         master.admission.lock().expect("admission lock").open_joining();
-        let program = sys::own_program().map_err(Error::Launch)?.display().to_string();
         tracing::info!("workers may join at {address}");
         Ok(ElasticManager { cluster: Arc::downgrade(&inner), open: true, address, secret, program, style: CommandStyle::default(), env_file: None, shared })
     }
@@ -147,9 +148,7 @@ impl ElasticManager {
         self.env_file = None;
         if style.env_file {
             let name = self.secret.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let dir = self.secret.path().parent().and_then(Path::parent).unwrap_or(Path::new("."));
-            let contents: String = self.env().iter().map(|(k, v)| format!("export {k}={}\n", shell_quote(v))).collect();
-            self.env_file = Some(SecretFile::private(dir, &format!("{name}.env"), &contents)?);
+            self.env_file = Some(SecretFile::private(&home(), &format!("{name}.env"), &export_lines(&self.env()))?);
         }
         self.style = style;
         Ok(())
@@ -226,6 +225,12 @@ impl ElasticManager {
     }
 }
 
+/// Where the secret files of workers started by hand go (under `.clusterman/`): the home
+/// directory, which is often shared with the other machines.
+fn home() -> std::path::PathBuf {
+    std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into())
+}
+
 /// The shell line that starts a worker with `env` (no secret in it: a file names it).
 fn join_command(env: &[(String, String)], program: &str) -> String {
     let assignments: Vec<String> = env.iter().map(|(k, v)| format!("{k}={}", shell_quote(v))).collect();
@@ -280,8 +285,7 @@ impl ClusterManager for ElasticWorkers {
         self.count
     }
     fn launch(&self, ctx: &LaunchContext) -> Result<Box<dyn Launch>> {
-        let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
-        let secret = SecretFile::for_launch(ctx, &home)?;
+        let secret = SecretFile::for_launch(ctx, &home())?;
         let env = LaunchContext::secret_from(ctx.env_by_arrival(&ctx.master_address()), secret.path());
         let command = join_command(&env, &ctx.program().display().to_string());
         let line = format!("clusterman: start {} worker{}, each with: {command}", self.count, if self.count == 1 { "" } else { "s" });

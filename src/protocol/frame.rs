@@ -106,11 +106,16 @@ pub fn prefixed(body: &[u8]) -> Result<Vec<u8>> {
 /// The length a prefix announces, refused when it is above `max`, before anything is
 /// allocated for it.
 pub fn announced_len(prefix: [u8; LEN_PREFIX], max: usize) -> Result<usize> {
-    let len = u32::from_le_bytes(prefix) as usize;
+    let len = prefix_len(prefix);
     if len > max {
         return Err(too_long(len, max));
     }
     Ok(len)
+}
+
+/// The length a prefix says, unchecked.
+fn prefix_len(prefix: [u8; LEN_PREFIX]) -> usize {
+    u32::from_le_bytes(prefix) as usize
 }
 
 /// The error for a frame of `len` bytes where at most `max` are accepted.
@@ -236,7 +241,7 @@ impl FrameReader {
     pub fn missing(&self) -> usize {
         match self.buf.get(..LEN_PREFIX) {
             Some(prefix) => {
-                let len = announced_len(prefix.try_into().expect("4 bytes"), usize::MAX).expect("no maximum");
+                let len = prefix_len(prefix.try_into().expect("4 bytes"));
                 (LEN_PREFIX + len.min(self.max)).saturating_sub(self.buf.len())
             }
             None => 0,
