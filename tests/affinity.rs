@@ -65,6 +65,10 @@ fn pinned_inside_a_mask() {
         let os = cluster.worker_info(pid).unwrap().os_pid;
         assert!(allowed.contains(&common::cpus_allowed(os)[0]), "worker {pid} pinned outside {allowed:?}");
     }
+    // an explicit list is taken as given, also outside the master's mask
+    let first = online_cpus()[0];
+    let pid = cluster.add_procs(LocalAffinityManager::new(1).mode(AffinityMode::Cpus(vec![first]))).unwrap()[0];
+    assert_eq!(common::cpus_allowed(cluster.worker_info(pid).unwrap().os_pid), vec![first]);
     println!("PINNED INSIDE {allowed:?}");
 }
 

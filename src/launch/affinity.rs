@@ -51,11 +51,19 @@ impl LocalAffinityManager {
         self
     }
 
-    /// The CPU each worker will be pinned to.
+    /// The CPU each worker will be pinned to. `Balanced` and `Compact` on the detected
+    /// topology use only the CPUs this process may use (its cpuset or affinity mask: inside a
+    /// Slurm allocation, under `taskset`); an explicit CPU list is taken as given.
     pub fn placement(&self) -> Result<Vec<usize>> {
         let topology = match &self.topology {
             Some(t) => t.clone(),
-            None => CpuTopology::detect().map_err(Error::Unsupported)?,
+            None => {
+                let online = CpuTopology::detect().map_err(Error::Unsupported)?;
+                match (&self.mode, crate::sys::allowed_cpus()) {
+                    (AffinityMode::Cpus(_), _) | (_, None) => online,
+                    (_, Some(allowed)) => online.restricted_to(&allowed),
+                }
+            }
         };
         place(&topology, &self.mode, self.np).map_err(Error::Launch)
     }

@@ -62,19 +62,16 @@ impl CpuTopology {
             );
         }
         let root = Path::new("/sys/devices/system/cpu");
-        let mut topology = Self::from_sysfs(root)
+        let topology = Self::from_sysfs(root)
             .map_err(|e| format!("cannot read CPU topology from {}: {e}", root.display()))?;
-        if let Some(allowed) = crate::sys::allowed_cpus() {
-            topology = topology.restricted_to(&allowed);
-        }
         if topology.is_empty() {
-            return Err(format!("no online CPUs under {} that this process may use", root.display()));
+            return Err(format!("no online CPUs found under {}", root.display()));
         }
         Ok(topology)
     }
 
-    /// Only the CPUs in `allowed` (the affinity mask of this process: inside a cpuset, under
-    /// `taskset` or in a Slurm allocation, workers are pinned only where it may run).
+    /// Only the CPUs in `allowed` (such as the affinity mask of this process: inside a
+    /// cpuset, under `taskset` or in a Slurm allocation).
     pub fn restricted_to(&self, allowed: &[usize]) -> CpuTopology {
         CpuTopology { cpus: self.cpus.iter().filter(|c| allowed.contains(&c.id)).cloned().collect() }
     }
