@@ -27,7 +27,7 @@ fn main() -> clusterman::Result<()> {
         }
         _ => SlurmManager::new(4)
             .job(JobOptions::new().name("clusterman-example").walltime(Duration::from_secs(600)).queue_timeout(Duration::from_secs(300)))
-            .option("mem_per_cpu", "100"), // --mem-per-cpu=100, ClusterManagers.jl style
+            .option("mem_per_cpu", 100), // srun --mem-per-cpu=100, ClusterManagers.jl style
     };
     println!("job script:\n{}", slurm.job_script()?);
     let pids = cluster.add_procs(&slurm)?;

@@ -24,6 +24,11 @@ fn job_id_here() -> Option<String> {
     std::env::var("SLURM_JOB_ID").ok()
 }
 
+#[remote]
+fn env_here(key: String) -> Option<String> {
+    std::env::var(key).ok()
+}
+
 /// Slurm is there (or the test must fail because CI promised it).
 fn slurm_up() -> bool {
     let up = Command::new("sinfo").arg("-h").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
@@ -87,6 +92,46 @@ fn sbatch_with_mpirun_inside_the_job() {
     assert_eq!(sums, vec![3, 3]);
     drop(cluster); // drop shuts down and cancels too
     assert_no_job_left(&name);
+}
+
+#[test]
+fn keywords_are_srun_flags_and_reach_the_allocation() {
+    if !slurm_up() {
+        return;
+    }
+    let dir = common::temp_dir("keywords");
+    let options = job("keywords").workdir(&dir);
+    let name = options_name(&options);
+    let cluster = Cluster::new().unwrap();
+    // ClusterManagers.jl's keywords: srun-only flags (sbatch refuses --mpi, --cpu-bind, ...)
+    // beside flags of the allocation
+    let slurm = SlurmManager::new(2)
+        .job(options)
+        .option("mpi", "pmix")
+        .option("cpu_bind", "cores")
+        .option("unbuffered", "")
+        .option("kill_on_bad_exit", 1)
+        .option("partition", "debug")
+        .option("t", "00:05:00")
+        .option("mem_per_cpu", 100)
+        .option("exclusive", "")
+        .option("o", "task-%j-%t.out");
+    let pids = cluster.add_procs(&slurm).unwrap();
+    assert_eq!(mpido!(slurm, |comm| comm.size()).unwrap(), vec![2, 2], "one MPI world");
+    let env = |key: &str| -> Vec<Option<String>> { pids.iter().map(|p| cluster.remote_call_fetch(*p, env_here, (key.to_string(),)).unwrap()).collect() };
+    assert_eq!(env("SLURM_CPU_BIND_TYPE"), vec![Some("cores".to_string()); 2], "srun got --cpu-bind=cores");
+    assert_eq!(env("PYTHONUNBUFFERED"), vec![Some("1".to_string()); 2], "srun got --unbuffered");
+    let id = cluster.remote_call_fetch(pids[0], job_id_here, ()).unwrap().unwrap();
+    let job = common::output_of(&["scontrol", "show", "job", &id]);
+    for reached in ["Partition=debug", "TimeLimit=00:05:00", "MinMemoryCPU=100M", "OverSubscribe=NO"] {
+        assert!(job.contains(reached), "the allocation lacks {reached}: {job}");
+    }
+    cluster.shutdown().unwrap();
+    assert_no_job_left(&name);
+    for task in 0..2 {
+        let file = dir.join(format!("task-{id}-{task}.out"));
+        assert!(file.exists(), "srun's -o with %j/%t: no {}", file.display());
+    }
 }
 
 #[test]
@@ -175,13 +220,15 @@ fn a_missing_sbatch_names_the_command_and_the_prefix_option() {
 #[test]
 #[ignore = "runs inside an sbatch job (see a_master_inside_an_sbatch_job)"]
 fn master_in_allocation() {
-    let slurm = SlurmManager::in_allocation().unwrap();
+    // the job step's launcher is configurable (a site with MpiDefault=none needs --mpi=pmix)
+    let slurm = SlurmManager::in_allocation().unwrap().job(JobOptions::new().launcher("srun --unbuffered --mpi=pmix"));
     assert_eq!(slurm.count(), std::env::var("SLURM_NTASKS").unwrap().parse::<usize>().unwrap());
     let cluster = Cluster::new().unwrap();
     let pids = cluster.add_procs(&slurm).unwrap();
     let here = std::env::var("SLURM_JOB_ID").unwrap();
     for pid in &pids {
         assert_eq!(cluster.remote_call_fetch(*pid, job_id_here, ()).unwrap(), Some(here.clone()), "a step of this job");
+        assert_eq!(cluster.remote_call_fetch(*pid, env_here, ("PYTHONUNBUFFERED".to_string(),)).unwrap().as_deref(), Some("1"), "started by the configured launcher");
     }
     let ranks: Vec<i32> = mpido!(slurm, |comm| comm.rank()).unwrap();
     assert_eq!(ranks, (0..pids.len() as i32).collect::<Vec<_>>());

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 
-use super::options::{check_owned, hms, keyword_flag};
+use super::options::{JobOptions, check_owned, hms, keyword_flag};
 use super::{BatchManager, CommandResult, Job, JobSpec, JobState, Layout, Scheduler, shell_quote};
 
 /// Workers started through Slurm.
@@ -16,12 +16,17 @@ use super::{BatchManager, CommandResult, Job, JobSpec, JobState, Layout, Schedul
 /// let cluster = Cluster::new()?;
 /// let slurm = SlurmManager::new(4)
 ///     .job(JobOptions::new().walltime(Duration::from_secs(600)).queue("debug"))
-///     .option("exclusive", "")              // --exclusive
-///     .option("mem_per_cpu", "100");        // --mem-per-cpu=100
+///     .option("exclusive", "")              // srun --exclusive (and #SBATCH --exclusive)
+///     .option("mem_per_cpu", 100)           // srun --mem-per-cpu=100 (and #SBATCH)
+///     .option("mpi", "pmix")                // srun --mpi=pmix (srun only)
+///     .sbatch_option("mail_type", "END");   // #SBATCH --mail-type=END only
 /// println!("{}", slurm.job_script()?);       // what would be submitted
 /// let pids = cluster.add_procs(&slurm)?;    // prints "slurm job 961 pending (12 s)" while queued
 /// # Ok(()) }
 /// ```
+///
+/// Keywords given with [`option`](BatchManager::option) are flags of the `srun` that starts
+/// the workers, as in ClusterManagers.jl; those `sbatch` also knows reach the allocation too.
 ///
 /// Inside an allocation (`SLURM_JOB_ID` and `SLURM_NTASKS` set, e.g. in an `sbatch` script)
 /// it starts the workers as a job step with `srun` instead of submitting a job;
@@ -31,14 +36,35 @@ pub type SlurmManager = BatchManager<Slurm>;
 /// The Slurm dialect.
 #[derive(Debug, Clone, Default)]
 pub struct Slurm {
+    /// Keywords: flags of `srun`, and of the allocation where `sbatch` knows them.
     options: Vec<(String, String)>,
+    /// Flags of the allocation only (`#SBATCH` lines).
+    sbatch_options: Vec<(String, String)>,
     submit_always: bool,
+}
+
+/// `srun` flags that `sbatch` refuses, or reads differently (`-o` is the batch script's log
+/// to sbatch, `--wait` blocks sbatch, `--threads` abbreviates `--threads-per-core`): these go
+/// on the `srun` line only. `(short, long)`; `""` where there is no short form.
+const STEP_ONLY: &[(&str, &str)] = &[
+    ("", "accel-bind"), ("", "bcast"), ("", "bcast-exclude"), ("", "compress"), ("", "cpu-bind"),
+    ("X", "disable-status"), ("e", "error"), ("", "epilog"), ("", "exact"), ("", "external-launcher"),
+    ("", "het-group"), ("I", "immediate"), ("i", "input"), ("", "jobid"), ("K", "kill-on-bad-exit"),
+    ("l", "label"), ("", "mpi"), ("", "multi-prog"), ("Z", "no-allocate"), ("o", "output"),
+    ("", "overlap"), ("E", "preserve-env"), ("", "prolog"), ("", "pty"), ("q", "quit-on-interrupt"),
+    ("r", "relative"), ("", "resv-ports"), ("", "send-libs"), ("", "slurmd-debug"), ("", "task-epilog"),
+    ("", "task-prolog"), ("", "tres-per-task"), ("T", "threads"), ("u", "unbuffered"), ("W", "wait"),
+];
+
+/// Whether keyword `key` is an `srun` flag that must not reach `sbatch`.
+fn step_only(key: &str) -> bool {
+    let long = key.replace('_', "-");
+    STEP_ONLY.iter().any(|(short, l)| key == *short || long == *l)
 }
 
 /// Flags the manager sets itself, and what to use instead.
 const OWNED: &[(&str, &str, &str)] = &[
     ("J", "job-name", "use JobOptions::name"),
-    ("o", "output", "worker output reaches the master by itself; the job's own log goes to <workdir>/clusterman-logs/<name>-<job id>.out (place it with JobOptions::logs)"),
     ("n", "ntasks", "the worker count is SlurmManager::new(np)"),
     ("a", "array", "use JobOptions::layout(Layout::Array)"),
     ("D", "chdir", "use JobOptions::workdir"),
@@ -58,11 +84,23 @@ impl SlurmManager {
         Ok(Self::new(tasks))
     }
 
-    /// A free-form `sbatch` option, translated like ClusterManagers.jl's keywords: a
+    /// A flag of the `srun` that starts the workers, as ClusterManagers.jl's keywords: a
     /// one-letter key becomes `-k value`, a longer one `--long-name=value` (`_` → `-`), an
-    /// empty value a bare flag. Flags the manager sets itself are refused at launch.
-    pub fn option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.scheduler.options.push((key.into(), value.into()));
+    /// empty value a bare flag. Where `sbatch` knows the flag too (`partition`, `t`,
+    /// `mem_per_cpu`, `exclusive`, ...), it also reaches the allocation as an `#SBATCH` line;
+    /// srun-only flags (`mpi`, `cpu_bind`, `unbuffered`, `kill_on_bad_exit`, `o`/`output`
+    /// with Slurm's `%j`/`%t` patterns, ...) stay on the srun line. Flags the manager sets
+    /// itself (`J`, `n`, `a`, `D`) are refused at launch.
+    pub fn option(mut self, key: impl Into<String>, value: impl std::fmt::Display) -> Self {
+        self.scheduler.options.push((key.into(), value.to_string()));
+        self
+    }
+
+    /// A flag of the allocation only (an `#SBATCH` line, not an srun flag), by the same
+    /// keyword rule: `sbatch_option("mail_type", "END")`. Inside an allocation, where the
+    /// workers start as a job step, there is no new allocation and it is not used.
+    pub fn sbatch_option(mut self, key: impl Into<String>, value: impl std::fmt::Display) -> Self {
+        self.scheduler.sbatch_options.push((key.into(), value.to_string()));
         self
     }
 
@@ -71,6 +109,43 @@ impl SlurmManager {
         self.scheduler.submit_always = true;
         self
     }
+}
+
+impl Slurm {
+    fn check_owned(&self) -> Result<()> {
+        check_owned(&self.options, OWNED)?;
+        check_owned(&self.sbatch_options, OWNED)
+    }
+
+    /// Every keyword as an srun flag.
+    fn srun_flags(&self) -> impl Iterator<Item = String> + '_ {
+        self.options.iter().flat_map(|(k, v)| keyword_flag(k, v))
+    }
+
+    /// The command that starts `workers` workers of one MPI world, program not included:
+    /// `srun --ntasks=N <keywords>` by default, or the launcher of [`JobOptions::launcher`]
+    /// (its words: `srun --mpi=pmix`, or an `mpirun`, which gets `-np N` and no srun flags).
+    fn launcher(&self, o: &JobOptions, workers: usize) -> Result<Vec<String>> {
+        let mut argv: Vec<String> = o.launcher.as_deref().unwrap_or("srun").split_whitespace().map(String::from).collect();
+        if is_srun(&argv) {
+            argv.insert(1, format!("--ntasks={workers}"));
+            argv.extend(self.srun_flags());
+            return Ok(argv);
+        }
+        if let Some((key, _)) = self.options.iter().find(|(k, _)| step_only(k)) {
+            return Err(Error::Launch(format!(
+                "option `{key}` is a flag of srun, but the workers start with `{}` (JobOptions::launcher): drop the option, or let srun start them",
+                argv.join(" ")
+            )));
+        }
+        argv.extend(["-np".to_string(), workers.to_string()]);
+        Ok(argv)
+    }
+}
+
+/// Whether a launcher command is Slurm's `srun`.
+fn is_srun(argv: &[String]) -> bool {
+    argv.first().is_some_and(|p| std::path::Path::new(p).file_name().is_some_and(|f| f == "srun"))
 }
 
 fn allocation_tasks() -> Option<usize> {
@@ -84,7 +159,7 @@ impl Scheduler for Slurm {
     }
 
     fn job(&self, spec: &JobSpec<'_>) -> Result<Job> {
-        check_owned(&self.options, OWNED)?;
+        self.check_owned()?;
         let o = spec.options;
         let (wd, logs) = (o.workdir_or_current(), o.log_dir());
         let mut d = vec![format!("--job-name={}", o.name)];
@@ -105,17 +180,20 @@ impl Scheduler for Slurm {
         d.extend(o.queue.as_ref().map(|q| format!("--partition={q}")));
         d.extend(o.account.as_ref().map(|a| format!("--account={a}")));
         d.extend(o.memory.as_ref().map(|m| format!("--mem={m}")));
-        d.extend(self.options.iter().map(|(k, v)| keyword_flag(k, v).join(" ")));
+        let allocation = self.options.iter().filter(|(k, _)| !step_only(k)).chain(&self.sbatch_options);
+        d.extend(allocation.map(|(k, v)| keyword_flag(k, v).join(" ")));
         let mut script = String::from("#!/bin/bash\n");
         for directive in o.directives(d) {
             script.push_str(&format!("#SBATCH {directive}\n"));
         }
-        let program = shell_quote(&spec.program);
-        let launch = match o.layout_or_default() {
-            Layout::Mpi => format!("exec {} {program}", o.launcher.as_deref().unwrap_or("srun")),
-            Layout::Array => format!("exec {program}"),
-        };
-        script.push_str(&spec.body(&launch));
+        let mut launch = vec!["exec".to_string()];
+        match o.layout_or_default() {
+            Layout::Mpi => launch.extend(self.launcher(o, spec.workers)?.iter().map(|w| shell_quote(w))),
+            // each array task is a one-task allocation: srun starts its worker with the flags
+            Layout::Array => launch.extend(["srun".to_string()].into_iter().chain(self.srun_flags()).map(|w| shell_quote(&w))),
+        }
+        launch.push(shell_quote(&spec.program));
+        script.push_str(&spec.body(&launch.join(" ")));
         Ok(Job { submit: vec!["sbatch".into(), "--parsable".into()], script })
     }
 
@@ -123,10 +201,15 @@ impl Scheduler for Slurm {
         if self.submit_always || spec.options.layout_or_default() != Layout::Mpi || allocation_tasks().is_none() {
             return Ok(None);
         }
-        check_owned(&self.options, OWNED)?;
-        let mut argv = vec!["srun".to_string(), format!("--ntasks={}", spec.workers), format!("--job-name={}", spec.options.name)];
-        argv.extend(spec.options.cpus_per_worker.map(|c| format!("--cpus-per-task={c}")));
-        argv.extend(self.options.iter().flat_map(|(k, v)| keyword_flag(k, v)));
+        self.check_owned()?;
+        if !self.sbatch_options.is_empty() {
+            tracing::warn!("sbatch options are not used: the workers start as a job step of the allocation this program runs in");
+        }
+        let mut argv = self.launcher(spec.options, spec.workers)?;
+        if is_srun(&argv) {
+            argv.insert(1, format!("--job-name={}", spec.options.name));
+            argv.extend(spec.options.cpus_per_worker.map(|c| format!("--cpus-per-task={c}")));
+        }
         argv.push(spec.program.clone());
         Ok(Some(argv))
     }
@@ -188,6 +271,13 @@ mod tests {
     use crate::launch::scheduler::JobOptions;
     use std::time::Duration;
 
+    impl Slurm {
+        fn option(mut self, key: &str, value: impl std::fmt::Display) -> Self {
+            self.options.push((key.into(), value.to_string()));
+            self
+        }
+    }
+
     fn spec(options: &JobOptions) -> JobSpec<'_> {
         JobSpec { options, workers: 4, program: "/opt/app/bin/sim".into(), exports: vec![("CLUSTERMAN_MASTER".into(), "10.0.0.1:4000".into())] }
     }
@@ -208,7 +298,8 @@ mod tests {
     #[test]
     fn golden_mpi_script() {
         let o = JobOptions::new().name("sim").workdir("/scratch/run").walltime(Duration::from_secs(300)).queue("debug").account("proj").memory("4G").cpus_per_worker(2).prologue("module load openmpi");
-        let slurm = Slurm { options: vec![("exclusive".into(), "".into()), ("t".into(), "00:05:00".into())], submit_always: false };
+        let slurm = Slurm::default().option("exclusive", "").option("t", "00:05:00").option("mpi", "pmix").option("o", "task-%j-%t.out");
+        let slurm = Slurm { sbatch_options: vec![("mail_type".into(), "END".into())], ..slurm };
         let job = slurm.job(&spec(&o)).unwrap();
         assert_eq!(job.submit, ["sbatch", "--parsable"]);
         assert_eq!(
@@ -225,9 +316,10 @@ mod tests {
 #SBATCH --mem=4G
 #SBATCH --exclusive
 #SBATCH -t 00:05:00
+#SBATCH --mail-type=END
 export CLUSTERMAN_MASTER=10.0.0.1:4000
 module load openmpi
-exec srun /opt/app/bin/sim
+exec srun --ntasks=4 --exclusive -t 00:05:00 --mpi=pmix -o task-%j-%t.out /opt/app/bin/sim
 "
         );
     }
@@ -245,18 +337,52 @@ exec srun /opt/app/bin/sim
 #SBATCH --chdir=/w
 #SBATCH --gres=gpu:1
 export CLUSTERMAN_MASTER=10.0.0.1:4000
-exec /opt/app/bin/sim
+exec srun /opt/app/bin/sim
 "
         );
     }
 
     #[test]
+    fn srun_only_keywords_never_reach_sbatch() {
+        for key in ["mpi", "cpu_bind", "unbuffered", "u", "kill_on_bad_exit", "K", "o", "output", "wait", "threads", "label"] {
+            assert!(step_only(key), "{key}");
+        }
+        for key in ["partition", "p", "t", "time", "mem_per_cpu", "exclusive", "nodes", "N", "gres", "constraint", "C"] {
+            assert!(!step_only(key), "{key} is also a flag of the allocation");
+        }
+        let o = JobOptions::new().layout(Layout::Array);
+        let script = Slurm::default().option("unbuffered", "").option("mem_per_cpu", 100).job(&spec(&o)).unwrap().script;
+        assert!(script.contains("#SBATCH --mem-per-cpu=100\n") && !script.contains("#SBATCH --unbuffered"), "{script}");
+        assert!(script.contains("exec srun --unbuffered --mem-per-cpu=100 /opt/app/bin/sim\n"), "array tasks carry the flags too: {script}");
+    }
+
+    #[test]
+    fn an_mpirun_launcher_takes_no_srun_flags() {
+        let o = JobOptions::new().launcher("mpirun");
+        let script = Slurm::default().option("partition", "debug").job(&spec(&o)).unwrap().script;
+        assert!(script.contains("#SBATCH --partition=debug\n") && script.contains("exec mpirun -np 4 /opt/app/bin/sim\n"), "{script}");
+        let err = Slurm::default().option("mpi", "pmix").job(&spec(&o)).unwrap_err().to_string();
+        assert!(err.contains("option `mpi` is a flag of srun") && err.contains("mpirun"), "{err}");
+    }
+
+    #[test]
+    fn a_configured_launcher_starts_the_job_step() {
+        let slurm = Slurm::default().option("cpu_bind", "cores");
+        let o = JobOptions::new().name("sim").launcher("srun --mpi=pmix");
+        let argv = slurm.launcher(&o, 4).unwrap();
+        assert_eq!(argv, ["srun", "--ntasks=4", "--mpi=pmix", "--cpu-bind=cores"]);
+        let o = JobOptions::new().launcher("/opt/slurm/bin/srun");
+        assert_eq!(slurm.launcher(&o, 2).unwrap(), ["/opt/slurm/bin/srun", "--ntasks=2", "--cpu-bind=cores"]);
+    }
+
+    #[test]
     fn owned_flags_are_refused_with_the_flag_named() {
         let o = JobOptions::new();
-        for key in ["o", "output", "J", "job_name", "n", "ntasks"] {
-            let slurm = Slurm { options: vec![(key.into(), "x".into())], submit_always: false };
-            let err = slurm.job(&spec(&o)).unwrap_err().to_string();
-            assert!(err.contains(&format!("option `{key}` clashes with")), "{err}");
+        for key in ["J", "job_name", "n", "ntasks", "D", "chdir"] {
+            for slurm in [Slurm::default().option(key, "x"), Slurm { sbatch_options: vec![(key.into(), "x".into())], ..Slurm::default() }] {
+                let err = slurm.job(&spec(&o)).unwrap_err().to_string();
+                assert!(err.contains(&format!("option `{key}` clashes with")), "{err}");
+            }
         }
     }
 
