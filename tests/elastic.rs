@@ -62,6 +62,28 @@ fn a_worker_started_with_the_printed_command_joins_and_leaves() {
 }
 
 #[test]
+fn a_cookie_of_the_users_choosing_lets_workers_join_with_no_secret_file() {
+    let err = Cluster::builder().cookie("short").build().unwrap_err().to_string();
+    assert!(err.contains("8 to 16 printable ASCII characters"), "{err}");
+    let cluster = Cluster::builder().cookie("our-own-cookie").build().unwrap();
+    let elastic = ElasticManager::start(&cluster, ElasticAddress::Ip("127.0.0.1".parse().unwrap()), 0).unwrap();
+    assert!(!elastic.to_string().contains("our-own-cookie") && !elastic.connect_command().contains("our-own-cookie"), "{elastic}");
+    let worker = |cookie: &str| {
+        let mut c = Command::new(std::env::current_exe().unwrap());
+        c.env("CLUSTERMAN_MASTER", elastic.address().to_string()).env("CLUSTERMAN_SECRET", cookie);
+        c
+    };
+    let refused = worker("not-our-cookie").output().unwrap();
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("wrong secret"), "{}", String::from_utf8_lossy(&refused.stderr));
+    // the address and the cookie are all a worker needs (say, on a machine without our home)
+    let mut joined = worker("our-own-cookie").stdout(Stdio::null()).spawn().unwrap();
+    let pids = elastic.wait_for(1, Duration::from_secs(30)).unwrap();
+    assert_eq!(cluster.remote_call_fetch(pids[0], host_and_pid, ()).unwrap().1, joined.id());
+    cluster.shutdown().unwrap();
+    let _ = joined.wait();
+}
+
+#[test]
 fn a_wrong_secret_is_refused_and_the_manager_keeps_serving() {
     let cluster = Cluster::new().unwrap();
     let elastic = ElasticManager::start(&cluster, ElasticAddress::Ip("127.0.0.1".parse().unwrap()), 0).unwrap();

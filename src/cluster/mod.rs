@@ -103,6 +103,8 @@ pub struct ClusterBuilder {
     topology: Topology,
     liveness: Liveness,
     handshakes: HandshakeLimits,
+    /// A secret of the user's choosing, checked at `build`.
+    cookie: Option<String>,
 }
 
 impl std::fmt::Debug for ClusterBuilder {
@@ -128,6 +130,7 @@ impl Default for ClusterBuilder {
             topology: Topology::MasterWorker,
             liveness: Liveness::default(),
             handshakes: HandshakeLimits::default(),
+            cookie: None,
         }
     }
 }
@@ -180,6 +183,16 @@ impl ClusterBuilder {
         self
     }
 
+    /// The cluster's secret, of your choosing (Julia's cluster cookie; default: 16 random
+    /// bytes): 8 to 16 printable ASCII characters without spaces. Workers you start yourself
+    /// then need only the master's address and the cookie (in `CLUSTERMAN_SECRET`, or in a
+    /// file of mode 0600 named by `CLUSTERMAN_SECRET_FILE`), not a copy of a secret file.
+    /// It is never printed; `build` refuses a cookie of the wrong length.
+    pub fn cookie(mut self, cookie: impl Into<String>) -> Self {
+        self.cookie = Some(cookie.into());
+        self
+    }
+
     /// How workers reach each other (default [`Topology::MasterWorker`]).
     pub fn topology(mut self, topology: Topology) -> Self {
         self.topology = topology;
@@ -194,7 +207,10 @@ impl ClusterBuilder {
     pub fn build(self) -> Result<Cluster> {
         worker::refuse_to_run_without_init();
         crate::sys::raise_open_files_limit();
-        let secret = Secret::random();
+        let secret = match &self.cookie {
+            Some(cookie) => Secret::from_cookie(cookie).map_err(|e| Error::Launch(format!("ClusterBuilder::cookie: {e}")))?,
+            None => Secret::random(),
+        };
         let (events, to_events) = crossbeam_channel::unbounded();
         let inner = Arc::new_cyclic(|weak| {
             let listener = Listener::start(self.bind, secret, Arc::new(Door(weak.clone())), self.handshakes);

@@ -110,15 +110,16 @@ impl WorkerConfig {
     }
 }
 
-/// The secret, from [`ENV_SECRET`] or the file [`ENV_SECRET_FILE`] names.
+/// The secret, from [`ENV_SECRET`] or the file [`ENV_SECRET_FILE`] names: its hex form or
+/// the cluster's cookie.
 fn read_secret() -> Result<Secret> {
     let missing = || {
         Error::Handshake(format!(
-            "neither {ENV_SECRET} nor {ENV_SECRET_FILE} holds a secret of 32 hex digits; start workers through a ClusterManager or with the command an ElasticManager prints"
+            "neither {ENV_SECRET} nor {ENV_SECRET_FILE} holds a secret (32 hex digits, or the cluster's cookie); start workers through a ClusterManager or with the command an ElasticManager prints"
         ))
     };
     if let Ok(hex) = std::env::var(ENV_SECRET) {
-        return Secret::from_hex(&hex).ok_or_else(missing);
+        return Secret::parse(&hex).ok_or_else(missing);
     }
     let path = std::env::var(ENV_SECRET_FILE).map_err(|_| missing())?;
     let file = std::fs::File::open(&path).map_err(|e| Error::io(format!("cannot read the secret file {path} ({ENV_SECRET_FILE}); is it on a filesystem this node sees?"), e))?;
@@ -131,7 +132,7 @@ fn read_secret() -> Result<Secret> {
     }
     let mut line = String::new();
     BufReader::new(file.take(256)).read_line(&mut line).map_err(|e| Error::io(format!("reading {path}"), e))?;
-    Secret::from_hex(&line).ok_or_else(missing)
+    Secret::parse(&line).ok_or_else(missing)
 }
 
 /// Initialises MPI at a threading level (`serialized`, ...) and returns this process's

@@ -54,6 +54,10 @@ struct Shared {
 
 /// Accepts workers that dial in by themselves, at any time.
 ///
+/// The cookie of Julia's `ElasticManager` is the cluster's: build the cluster with
+/// [`ClusterBuilder::cookie`](crate::ClusterBuilder::cookie), and a worker needs only the
+/// master's address and that cookie. Neither `Display` nor the printed command shows it.
+///
 /// ```no_run
 /// use clusterman::prelude::*;
 /// use clusterman::launch::{ElasticAddress, ElasticManager};

@@ -57,12 +57,41 @@ impl Secret {
         Some(Secret(b))
     }
 
+    /// A secret of the user's choosing (Julia's cluster cookie): 8 to 16 printable ASCII
+    /// characters without spaces, padded to 16 bytes as Julia pads its cookie. Shorter ones
+    /// are refused (a guess would open the cluster), as are longer ones (the hello carries 16
+    /// bytes).
+    pub fn from_cookie(cookie: &str) -> std::result::Result<Secret, String> {
+        let n = cookie.len();
+        if !(COOKIE_MIN..=COOKIE_LEN).contains(&n) || !cookie.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "a cookie is {COOKIE_MIN} to {COOKIE_LEN} printable ASCII characters without spaces (this one has {n}{}); choose another",
+                if cookie.bytes().all(|b| b.is_ascii_graphic()) { "" } else { ", some not printable or spaces" }
+            ));
+        }
+        let mut b = [b' '; COOKIE_LEN];
+        b[..n].copy_from_slice(cookie.as_bytes());
+        Ok(Secret(b))
+    }
+
+    /// The hex form, or else a cookie (see [`Secret::from_cookie`]): what a worker finds in
+    /// its environment or secret file.
+    pub fn parse(s: &str) -> Option<Secret> {
+        let s = s.trim();
+        Secret::from_hex(s).or_else(|| Secret::from_cookie(s).ok())
+    }
+
     /// Compares in constant time, so response timing tells an attacker nothing.
     pub fn matches(&self, other: &Secret) -> bool {
         let diff = self.0.iter().zip(other.0.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
         std::hint::black_box(diff) == 0
     }
 }
+
+/// The longest cookie: the hello's 16 secret bytes.
+const COOKIE_LEN: usize = 16;
+/// The shortest cookie taken.
+const COOKIE_MIN: usize = 8;
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -380,8 +409,22 @@ mod tests {
         let s = Secret::random();
         assert!(Secret::from_hex(&s.to_hex()).unwrap().matches(&s));
         assert!(Secret::from_hex("zz").is_none());
+        assert!(Secret::parse(&format!(" {}\n", s.to_hex())).unwrap().matches(&s));
         let mut t = s;
         t.0[15] ^= 1;
         assert!(!t.matches(&s));
+    }
+
+    #[test]
+    fn cookies_are_padded_like_julias_and_checked_for_length() {
+        let c = Secret::from_cookie("my-cookie").unwrap();
+        assert_eq!(&c.0, b"my-cookie       ");
+        assert!(Secret::parse("my-cookie\n").unwrap().matches(&c));
+        assert!(Secret::from_cookie("sixteen-chars-ok").is_ok());
+        for bad in ["short", "seventeen-chars-x", "with space", "tab\tinside", "ünïcödé!"] {
+            let err = Secret::from_cookie(bad).unwrap_err();
+            assert!(err.contains("8 to 16 printable ASCII characters"), "{bad}: {err}");
+        }
+        assert!(Secret::parse("short").is_none());
     }
 }
