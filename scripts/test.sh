@@ -24,7 +24,7 @@ step "clippy";                   cargo clippy --all-targets -- -D warnings
 step "tests (Open MPI)";         CMAN_FUZZ_SECONDS=30 cargo test --all-targets 2>&1 | tee -a "$log"
 step "doc tests";                cargo test --doc 2>&1 | tee -a "$log"
 # MPICH: its own target dir (mpi-sys does not rebuild when the MPI changes) and its launcher
-step "MPI tests (MPICH)"
-MPI_PKG_CONFIG=mpich CARGO_TARGET_DIR=target/mpich CMAN_MPIEXEC=mpiexec.mpich cargo test --test mpi 2>&1 | tee -a "$log"
+step "MPI tests (MPICH), and mpirun under the fake PBS and LSF"
+MPI_PKG_CONFIG=mpich CARGO_TARGET_DIR=target/mpich CMAN_MPIEXEC=mpiexec.mpich cargo test --test mpi --test pbs --test lsf 2>&1 | tee -a "$log"
 echo
 grep -E '^test result:' "$log" | awk '{p+=$4; f+=$6; i+=$8} END {print p" passed, "f" failed, "i" skipped"}'

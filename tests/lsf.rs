@@ -97,13 +97,18 @@ fn lsf_array_job_of_independent_workers() {
     }
 }
 
+#[remote]
+fn mpirun_hosts() -> Option<Vec<String>> {
+    common::launcher_hostfile()
+}
+
 #[test]
 fn lsf_mpi_job_runs_mpirun_and_mpido() {
     let lsf = FakeLsf::new("mpi", &[]);
     let cluster = Cluster::new().unwrap();
-    let manager = LsfManager::new(2).job(lsf.job("lsf-mpi"));
+    let manager = LsfManager::new(2).job(lsf.job("lsf-mpi").launcher(common::mpi_launcher()));
     let script = manager.job_script().unwrap();
-    assert!(script.contains("#BSUB -n 2\n") && script.contains("exec mpirun -np 2 "), "{script}");
+    assert!(script.contains("#BSUB -n 2\n") && script.contains(&format!("exec {} -np 2 -hostfile ", common::mpi_launcher())), "{script}");
     let pids = cluster.add_procs(&manager).unwrap();
     let world: Vec<(i32, i32)> = mpido!(manager, |comm| {
         comm.barrier();
@@ -111,6 +116,8 @@ fn lsf_mpi_job_runs_mpirun_and_mpido() {
     })
     .unwrap();
     assert_eq!(world, vec![(0, 2), (1, 2)]);
+    let hosts = cluster.remote_call_fetch(pids[0], mpirun_hosts, ()).unwrap();
+    assert_eq!(hosts, Some(vec!["localhost".to_string(), "127.0.0.1".to_string()]), "mpirun reads the job's hosts (LSB_DJOB_HOSTFILE)");
     assert_eq!(cluster.pmap(square, (0..10u64).map(|x| (x,))).unwrap()[9], 81);
     let os_pids = common::worker_os_pids(&cluster, &pids);
     cluster.shutdown().unwrap();

@@ -18,9 +18,7 @@ use clusterman::{Error, mpido};
 
 clusterman::init_in_constructor!();
 
-fn launcher() -> String {
-    std::env::var("CMAN_MPIEXEC").unwrap_or_else(|_| "mpirun".into())
-}
+use common::mpi_launcher as launcher;
 
 fn manager(np: usize) -> MpiManager {
     MpiManager::new(np).launcher(launcher()).launch_timeout(Duration::from_secs(60))

@@ -30,6 +30,11 @@ fn pbs_task() -> (Option<String>, Option<String>, PathBuf) {
     (std::env::var("PBS_JOBID").ok(), index, std::env::current_dir().unwrap())
 }
 
+#[remote]
+fn mpirun_hosts() -> Option<Vec<String>> {
+    common::launcher_hostfile()
+}
+
 /// One fake PBS server: its state directory and the command prefix that reaches it.
 struct FakePbs {
     state: PathBuf,
@@ -144,13 +149,15 @@ fn pbs_pro_array_of_one_worker_is_a_range_pbs_pro_accepts() {
     cluster.shutdown().unwrap();
 }
 
-/// An MPI job of 2 ranks through a fake of `dialect`, chosen explicitly.
-fn mpi_job(dialect: PbsDialect, fake: &str, resources: &str, finished: &str) {
+/// An MPI job of 2 ranks of `cpus` CPUs each through a fake of `dialect`, chosen explicitly:
+/// mpirun places one rank on each of the job's nodes (the fake's are names of this host).
+fn mpi_job(dialect: PbsDialect, fake: &str, cpus: u32, resources: &str, finished: &str) {
     let pbs = FakePbs::new(&format!("mpi-{fake}"), fake, &[]);
     let cluster = Cluster::new().unwrap();
-    let manager = PbsManager::new(2).dialect(dialect).job(pbs.job(&format!("pbs-{fake}-mpi")));
+    let job = pbs.job(&format!("pbs-{fake}-mpi")).cpus_per_worker(cpus).launcher(common::mpi_launcher());
+    let manager = PbsManager::new(2).dialect(dialect).job(job);
     let script = manager.job_script().unwrap();
-    assert!(script.contains(resources) && script.contains("exec mpirun -np 2 "), "{script}");
+    assert!(script.contains(resources) && script.contains(&format!("exec {} -np 2 -hostfile ", common::mpi_launcher())), "{script}");
     let pids = cluster.add_procs(&manager).unwrap();
     let world: Vec<(i32, i32)> = mpido!(manager, |comm| {
         comm.barrier();
@@ -158,6 +165,8 @@ fn mpi_job(dialect: PbsDialect, fake: &str, resources: &str, finished: &str) {
     })
     .unwrap();
     assert_eq!(world, vec![(0, 2), (1, 2)]);
+    let nodes = Some(vec!["localhost".to_string(), "127.0.0.1".to_string()]);
+    assert_eq!(cluster.remote_call_fetch(pids[0], mpirun_hosts, ()).unwrap(), nodes, "mpirun's hostfile: one line per worker, on the job's nodes");
     assert_eq!(cluster.pmap(square, (0..10u64).map(|x| (x,))).unwrap()[9], 81);
     let os_pids = common::worker_os_pids(&cluster, &pids);
     drop(cluster); // drop shuts down too
@@ -167,12 +176,13 @@ fn mpi_job(dialect: PbsDialect, fake: &str, resources: &str, finished: &str) {
 
 #[test]
 fn pbs_torque_mpi_job_runs_mpirun_and_mpido() {
-    mpi_job(PbsDialect::Torque, "torque", "#PBS -l nodes=2:ppn=1\n", "C");
+    // Torque's nodefile has a line per processor: localhost twice, then 127.0.0.1 twice
+    mpi_job(PbsDialect::Torque, "torque", 2, "#PBS -l nodes=2:ppn=2\n", "C");
 }
 
 #[test]
 fn pbs_pro_mpi_job_runs_mpirun_and_mpido() {
-    mpi_job(PbsDialect::PbsPro, "pbspro", "#PBS -l select=2:ncpus=1:mpiprocs=1\n", "F");
+    mpi_job(PbsDialect::PbsPro, "pbspro", 1, "#PBS -l select=2:ncpus=1:mpiprocs=1\n", "F");
 }
 
 #[test]

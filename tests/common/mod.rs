@@ -263,3 +263,29 @@ pub fn assert_nobody_finds(secret: &str, dirs: &[&std::path::Path], commands: &[
 pub fn secret_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(dir.join(".clusterman")).map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default()
 }
+
+/// The launcher that matches the MPI this binary was built with: `CMAN_MPIEXEC`, else
+/// `mpirun` (the MPICH run of the suite sets `mpiexec.mpich`).
+#[allow(dead_code)]
+pub fn mpi_launcher() -> String {
+    std::env::var("CMAN_MPIEXEC").unwrap_or_else(|_| "mpirun".into())
+}
+
+/// The hosts that the `mpirun` (or `mpiexec`) this process descends from read from its
+/// `-hostfile`, or `None` when no such launcher or flag is found among its ancestors.
+#[allow(dead_code)]
+pub fn launcher_hostfile() -> Option<Vec<String>> {
+    let mut pid = std::process::id();
+    while pid > 1 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        pid = stat.rsplit_once(") ")?.1.split_whitespace().nth(1)?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let argv: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let name = std::path::Path::new(&argv[0]).file_name()?.to_string_lossy().into_owned();
+        if name.starts_with("mpirun") || name.starts_with("mpiexec") {
+            let file = argv.iter().position(|a| a == "-hostfile").and_then(|i| argv.get(i + 1))?;
+            return Some(std::fs::read_to_string(file).ok()?.lines().map(String::from).collect());
+        }
+    }
+    None
+}

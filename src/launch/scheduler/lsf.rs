@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-use super::{BatchManager, CommandResult, Job, JobSpec, JobState, Layout, Scheduler, shell_quote};
+use super::{BatchManager, CommandResult, Job, JobSpec, JobState, Layout, Scheduler, mpirun_line, shell_quote};
 
 /// Workers started through LSF's `bsub`.
 ///
@@ -123,10 +123,10 @@ impl Scheduler for Lsf {
         for directive in o.directives(d) {
             script.push_str(&format!("#BSUB {directive}\n"));
         }
-        let program = shell_quote(&spec.program);
         let launch = match o.layout_or_default() {
-            Layout::Mpi => format!("exec {} -np {} {program}", o.launcher.as_deref().unwrap_or("mpirun"), spec.workers),
-            Layout::Array => format!("exec {program}"),
+            // LSF lists each host once per slot
+            Layout::Mpi => mpirun_line(o, spec.workers, &spec.program, "\"$LSB_DJOB_HOSTFILE\""),
+            Layout::Array => format!("exec {}", shell_quote(&spec.program)),
         };
         script.push_str(&spec.body(&launch));
         let mut submit = vec!["bsub".to_string()];
@@ -211,7 +211,7 @@ mod tests {
 #BSUB -R "rusage[mem=2GB]"
 export CLUSTERMAN_MASTER=10.0.0.1:4000
 module load openmpi
-exec mpirun -np 3 /opt/app/bin/sim
+exec mpirun -np 3 -hostfile "$LSB_DJOB_HOSTFILE" /opt/app/bin/sim
 "#
         );
     }

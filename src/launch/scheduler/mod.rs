@@ -170,6 +170,18 @@ impl JobState {
     }
 }
 
+/// The line of a job script that starts `workers` workers as one MPI world with the job's
+/// launcher (default `mpirun`), placing them on the nodes listed in `hostfile` (a shell word:
+/// `"$PBS_NODEFILE"`). Open MPI and MPICH both read `-hostfile`; without it, an Open MPI built
+/// without the scheduler's library starts every rank on the job's first node. A launcher
+/// that is neither `mpirun` nor `mpiexec` gets no hostfile.
+pub(crate) fn mpirun_line(options: &JobOptions, workers: usize, program: &str, hostfile: &str) -> String {
+    let launcher = options.launcher.as_deref().unwrap_or("mpirun");
+    let name = launcher.split_whitespace().next().and_then(|p| std::path::Path::new(p).file_name()).map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let hosts = if name.starts_with("mpirun") || name.starts_with("mpiexec") { format!(" -hostfile {hostfile}") } else { String::new() };
+    format!("exec {launcher} -np {workers}{hosts} {}", shell_quote(program))
+}
+
 /// The environment lines every job script starts with (values shell-quoted).
 pub(crate) fn export_lines(exports: &[(String, String)]) -> String {
     exports.iter().map(|(k, v)| format!("export {k}={}\n", shell_quote(v))).collect()

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 
 use super::options::refuse_owned;
 use super::options::hms;
-use super::{BatchManager, CommandResult, Job, JobOptions, JobSpec, JobState, Layout, Scheduler, run, shell_quote};
+use super::{BatchManager, CommandResult, Job, JobOptions, JobSpec, JobState, Layout, Scheduler, mpirun_line, run, shell_quote};
 
 /// Workers started through PBS's `qsub`.
 ///
@@ -171,10 +171,16 @@ impl Scheduler for Pbs {
             script.push_str(&format!("#PBS {directive}\n"));
         }
         script.push_str(&format!("cd {} || exit 1\n", shell_quote(&wd)));
-        let program = shell_quote(&spec.program);
-        let launch = match o.layout_or_default() {
-            Layout::Mpi => format!("exec {} -np {} {program}", o.launcher.as_deref().unwrap_or("mpirun"), spec.workers),
-            Layout::Array => format!("exec {program}"),
+        let launch = match (dialect, o.layout_or_default()) {
+            // Torque lists each node once per processor (ppn): one line in `cpus` is one worker,
+            // or Open MPI's by-slot placement would pack workers onto the first nodes
+            (PbsDialect::Torque, Layout::Mpi) if cpus > 1 => {
+                let hosts = format!("{}/hosts-\"$PBS_JOBID\"", shell_quote(&self.log_dir(o)));
+                format!("sed -n '1~{cpus}p' \"$PBS_NODEFILE\" > {hosts}\n{}", mpirun_line(o, spec.workers, &spec.program, &hosts))
+            }
+            // PBS Pro lists each chunk once per MPI process (mpiprocs=1)
+            (_, Layout::Mpi) => mpirun_line(o, spec.workers, &spec.program, "\"$PBS_NODEFILE\""),
+            (_, Layout::Array) => format!("exec {}", shell_quote(&spec.program)),
         };
         script.push_str(&spec.body(&launch));
         let mut submit = vec!["qsub".to_string()];
@@ -273,7 +279,8 @@ mod tests {
 cd /w || exit 1
 export CLUSTERMAN_MASTER=10.0.0.1:4000
 module load openmpi
-exec mpirun -np 3 /opt/app/bin/sim
+sed -n '1~2p' \"$PBS_NODEFILE\" > /w/clusterman-logs/hosts-\"$PBS_JOBID\"
+exec mpirun -np 3 -hostfile /w/clusterman-logs/hosts-\"$PBS_JOBID\" /opt/app/bin/sim
 "
         );
     }
@@ -321,7 +328,7 @@ exec /opt/app/bin/sim
 cd /w || exit 1
 export CLUSTERMAN_MASTER=10.0.0.1:4000
 module load openmpi
-exec mpirun -np 3 /opt/app/bin/sim
+exec mpirun -np 3 -hostfile \"$PBS_NODEFILE\" /opt/app/bin/sim
 "
         );
         let o = JobOptions::new().workdir("/w").layout(Layout::Array).memory("1gb").skip_directive("-j oe");
