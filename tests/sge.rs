@@ -131,6 +131,50 @@ fn master_to_be_killed() {
     std::thread::sleep(Duration::from_secs(120));
 }
 
+/// A program that submits itself as one job: run by the whole-program tests below.
+#[test]
+#[ignore = "run by a_program_runs_as_one_mpi_job_from_the_login_node"]
+fn whole_program() {
+    let Ok(name) = std::env::var("CMAN_JOB_NAME") else { return };
+    SgeManager::new(3).job(common::whole_program_job(&name)).run_as_job().unwrap();
+    common::whole_program_ranks(); // every rank of the job, on either transport
+}
+
+#[test]
+fn a_program_runs_as_one_mpi_job_from_the_login_node() {
+    if !sge_up() {
+        return;
+    }
+    let runs: Vec<_> = [("mpi", 0), ("tcp", 7)]
+        .into_iter()
+        .map(|(transport, exit)| {
+            let name = name(&format!("whole-{transport}"));
+            (transport, exit, name.clone(), common::start_whole_program("whole_program", &name, transport, exit, false))
+        })
+        .collect();
+    for (transport, exit, name, child) in runs {
+        let (status, out, err) = common::output_within(child, Duration::from_secs(180));
+        assert!(out.contains(&format!("WHOLE world=3 sum=6 transport={transport}\n")), "the ranks' output comes back:\n{out}\n{err}");
+        assert_eq!(status.code(), Some(exit), "the job's status is the program's:\n{out}\n{err}");
+        assert_no_job_left(&name);
+    }
+}
+
+#[test]
+fn killing_a_program_that_runs_as_a_job_cancels_the_job() {
+    if !sge_up() {
+        return;
+    }
+    let name = name("whole-killed");
+    let mut child = common::start_whole_program("whole_program", &name, "mpi", 0, true);
+    let streamed = common::read_until_line(child.stdout.take().unwrap(), "HOLDING", Duration::from_secs(120));
+    assert!(streamed, "output streams back while the job runs");
+    assert!(!our_jobs(&name).trim().is_empty(), "the job runs");
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    assert_no_job_left(&name);
+}
+
 #[test]
 fn killing_the_master_cancels_its_job() {
     if !sge_up() {

@@ -16,6 +16,9 @@ pub const ENV_SECRET_FILE: &str = "CLUSTERMAN_SECRET_FILE";
 pub const ENV_LAUNCH: &str = "CLUSTERMAN_LAUNCH";
 /// Environment variable telling a worker to initialise MPI first, at this threading level.
 pub const ENV_MPI: &str = "CLUSTERMAN_MPI";
+/// Environment variable set in a job that runs the whole program on every rank (see
+/// `BatchManager::run_as_job`): there the program goes on instead of submitting itself.
+pub const ENV_WHOLE_JOB: &str = "CLUSTERMAN_WHOLE_JOB";
 
 /// How a worker learns its index in its launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

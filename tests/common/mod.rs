@@ -289,3 +289,90 @@ pub fn launcher_hostfile() -> Option<Vec<String>> {
     }
     None
 }
+
+/// The ranks' part of a whole-program job (`BatchManager::run_as_job`), run on every rank
+/// of the job: over the transport `CMAN_TRANSPORT` names, rank 0 prints `WHOLE world=<n>
+/// sum=<allreduce of rank+1> transport=<t>`, then (with `CMAN_HOLD`) `HOLDING` and waits,
+/// and exits with the status `CMAN_EXIT` names.
+#[allow(dead_code)]
+pub fn whole_program_ranks() {
+    use clusterman::mpi::{SystemOperation, Transport, start_main_loop};
+    let named = std::env::var("CMAN_TRANSPORT").unwrap_or_default();
+    let transport = if named == "tcp" { Transport::Tcp } else { Transport::Mpi };
+    let mgr = start_main_loop(transport).unwrap(); // ranks > 0 never return
+    let size = mgr.cluster().unwrap().nprocs();
+    let sums: Vec<i32> = clusterman::mpido!(mgr, |comm| {
+        let mut sum = 0;
+        comm.all_reduce_into(&(comm.rank() + 1), &mut sum, SystemOperation::sum());
+        sum
+    })
+    .unwrap();
+    println!("WHOLE world={size} sum={} transport={named}", sums[0]);
+    if std::env::var_os("CMAN_HOLD").is_some() {
+        println!("HOLDING");
+        std::thread::sleep(Duration::from_secs(120));
+    }
+    mgr.shutdown().unwrap();
+    std::process::exit(std::env::var("CMAN_EXIT").ok().and_then(|c| c.parse().ok()).unwrap_or(0));
+}
+
+/// Starts this test binary's ignored test `test` as a login-node program that submits itself
+/// with `run_as_job`, as job `name`, over `transport`, exiting with `exit`.
+#[allow(dead_code)]
+pub fn start_whole_program(test: &str, name: &str, transport: &str, exit: i32, hold: bool) -> std::process::Child {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--ignored", "--exact", test, "--nocapture", "--test-threads=1"]).env("CMAN_JOB_NAME", name).env("CMAN_TRANSPORT", transport).env("CMAN_EXIT", exit.to_string());
+    if hold {
+        cmd.env("CMAN_HOLD", "1");
+    }
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+}
+
+/// The job options of a whole-program job: named `name`, carrying the test's variables.
+#[allow(dead_code)]
+pub fn whole_program_job(name: &str) -> clusterman::launch::scheduler::JobOptions {
+    let mut job = test_job(name).name(name);
+    for var in ["CMAN_JOB_NAME", "CMAN_TRANSPORT", "CMAN_EXIT", "CMAN_HOLD"] {
+        if let Ok(value) = std::env::var(var) {
+            job = job.env(var, value);
+        }
+    }
+    job
+}
+
+/// A child's whole output, or a panic after `timeout` (the child is killed then).
+#[allow(dead_code)]
+pub fn output_within(mut child: std::process::Child, timeout: Duration) -> (std::process::ExitStatus, String, String) {
+    use std::io::Read;
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        let (mut o, mut e) = (String::new(), String::new());
+        let _ = out.read_to_string(&mut o);
+        let _ = err.read_to_string(&mut e);
+        (o, e)
+    });
+    let ended = wait_until(timeout, || child.try_wait().unwrap().is_some());
+    if !ended {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    let (o, e) = reader.join().unwrap();
+    assert!(ended, "still running after {timeout:?}:\n{o}\n{e}");
+    (status, o, e)
+}
+
+/// Reads a child's stdout until a line equal to `line` (with a deadline); returns what came.
+#[allow(dead_code)]
+pub fn read_until_line(stdout: impl std::io::Read + Send + 'static, line: &str, timeout: Duration) -> bool {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wanted = line.to_string();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if l == wanted {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(timeout).is_ok()
+}

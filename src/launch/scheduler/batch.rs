@@ -47,7 +47,7 @@ impl<S: Scheduler + Clone + 'static> BatchManager<S> {
 
     fn spec(&self, exports: Vec<(String, String)>) -> JobSpec<'_> {
         let program = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "<program>".into());
-        JobSpec { options: &self.job, workers: self.np, program, exports }
+        JobSpec::new(&self.job, self.np, program, exports)
     }
 }
 
@@ -114,7 +114,7 @@ impl<S: Scheduler + Clone + 'static> ClusterManager for BatchManager<S> {
         let logs = self.scheduler.log_dir(&self.job);
         std::fs::create_dir_all(&logs).map_err(|e| Error::io(format!("cannot create the job log directory {logs} (JobOptions::logs)"), e))?;
         let job = self.scheduler.job(&self.spec(LaunchContext::secret_from(env, secret.path())))?;
-        submit(Box::new(self.scheduler.clone()), &self.job, &job, secret)
+        submit(Box::new(self.scheduler.clone()), &self.job, &job, Some(secret))
     }
 
     fn launch_timeout(&self) -> Duration {

@@ -204,7 +204,7 @@ mod tests {
             ("CLUSTERMAN_LAUNCH".into(), "77:task".into()),
             ("GREETING".into(), "it's a \"test\" of $HOME".into()),
         ];
-        JobSpec { options, workers: 3, program: "/opt/app/bin/sim".into(), exports }
+        JobSpec::new(options, 3, "/opt/app/bin/sim", exports)
     }
 
     #[test]

@@ -125,7 +125,7 @@ impl Scheduler for Lsf {
         }
         let launch = match o.layout_or_default() {
             // LSF lists each host once per slot
-            Layout::Mpi => mpirun_line(o, spec.workers, &spec.program, "\"$LSB_DJOB_HOSTFILE\""),
+            Layout::Mpi => mpirun_line(o, spec.workers, &spec.command(), "\"$LSB_DJOB_HOSTFILE\""),
             Layout::Array => format!("exec {}", shell_quote(&spec.program)),
         };
         script.push_str(&spec.body(&launch));
@@ -188,7 +188,7 @@ mod tests {
     use crate::launch::scheduler::JobOptions;
 
     fn spec(options: &JobOptions) -> JobSpec<'_> {
-        JobSpec { options, workers: 3, program: "/opt/app/bin/sim".into(), exports: vec![("CLUSTERMAN_MASTER".into(), "10.0.0.1:4000".into())] }
+        JobSpec::new(options, 3, "/opt/app/bin/sim", vec![("CLUSTERMAN_MASTER".into(), "10.0.0.1:4000".into())])
     }
 
     #[test]

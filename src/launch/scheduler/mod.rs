@@ -19,6 +19,7 @@ mod qrsh;
 pub mod scyld;
 pub mod sge;
 pub mod slurm;
+mod whole_job;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -109,19 +110,56 @@ pub struct JobSpec<'a> {
     pub workers: usize,
     /// The program every worker runs (the master's own binary).
     pub program: String,
+    /// Its arguments (none for workers; a program that runs as a whole job keeps its own).
+    pub args: Vec<String>,
     /// The workers' environment: `export` lines at the top of the script.
     pub exports: Vec<(String, String)>,
+    /// Where the launch line's output and exit status go, when the job reports them back
+    /// (see [`BatchManager::run_as_job`]).
+    pub report: Option<Report>,
 }
 
-impl JobSpec<'_> {
-    /// The script lines after the directives: exports, prologue, then `launch`.
+/// Files a job writes for the process that submitted it: the launch's output and its exit
+/// status.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The output of every rank (standard output and error).
+    pub output: String,
+    /// The launcher's exit status, written when it ends.
+    pub status: String,
+}
+
+impl<'a> JobSpec<'a> {
+    /// A job of `workers` copies of `program` with no arguments and nothing reported back.
+    pub fn new(options: &'a JobOptions, workers: usize, program: impl Into<String>, exports: Vec<(String, String)>) -> Self {
+        JobSpec { options, workers, program: program.into(), args: Vec::new(), exports, report: None }
+    }
+
+    /// The program and its arguments, quoted for the shell.
+    pub fn command(&self) -> String {
+        std::iter::once(&self.program).chain(&self.args).map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
+    }
+
+    /// The script lines after the directives: exports, prologue, then `launch` (whose last
+    /// line, when the job reports back, runs without `exec`, into the report's files).
     pub fn body(&self, launch: &str) -> String {
         let mut body = export_lines(&self.exports);
         for line in &self.options.prologue {
             body.push_str(line);
             body.push('\n');
         }
-        body.push_str(launch);
+        match &self.report {
+            None => body.push_str(launch),
+            Some(report) => {
+                let (before, last) = launch.rsplit_once('\n').map_or(("", launch), |(b, l)| (b, l));
+                if !before.is_empty() {
+                    body.push_str(before);
+                    body.push('\n');
+                }
+                let last = last.strip_prefix("exec ").unwrap_or(last);
+                body.push_str(&format!("{last} > {} 2>&1\necho $? > {}", shell_quote(&report.output), shell_quote(&report.status)));
+            }
+        }
         body.push('\n');
         body
     }
@@ -175,11 +213,11 @@ impl JobState {
 /// `"$PBS_NODEFILE"`). Open MPI and MPICH both read `-hostfile`; without it, an Open MPI built
 /// without the scheduler's library starts every rank on the job's first node. A launcher
 /// that is neither `mpirun` nor `mpiexec` gets no hostfile.
-pub(crate) fn mpirun_line(options: &JobOptions, workers: usize, program: &str, hostfile: &str) -> String {
+pub(crate) fn mpirun_line(options: &JobOptions, workers: usize, command: &str, hostfile: &str) -> String {
     let launcher = options.launcher.as_deref().unwrap_or("mpirun");
     let name = launcher.split_whitespace().next().and_then(|p| std::path::Path::new(p).file_name()).map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let hosts = if name.starts_with("mpirun") || name.starts_with("mpiexec") { format!(" -hostfile {hostfile}") } else { String::new() };
-    format!("exec {launcher} -np {workers}{hosts} {}", shell_quote(program))
+    format!("exec {launcher} -np {workers}{hosts} {command}")
 }
 
 /// The environment lines every job script starts with (values shell-quoted).
@@ -219,7 +257,7 @@ pub(crate) fn run(options: &JobOptions, argv: &[String], stdin: Option<&str>) ->
 
 /// Submits `job` (a transient failure is retried after `options.submit_retry_delays`),
 /// returns the running launch with its cancel guard, which also removes `secret`.
-pub(crate) fn submit(scheduler: Box<dyn Scheduler>, options: &JobOptions, job: &Job, secret: SecretFile) -> Result<Box<dyn Launch>> {
+pub(crate) fn submit(scheduler: Box<dyn Scheduler>, options: &JobOptions, job: &Job, secret: Option<SecretFile>) -> Result<Box<dyn Launch>> {
     let mut delays = options.retry_delays().iter();
     let out = loop {
         let out = run(options, &job.submit, Some(&job.script))?;
@@ -242,7 +280,7 @@ pub(crate) fn submit(scheduler: Box<dyn Scheduler>, options: &JobOptions, job: &
     };
     let id = scheduler.parse_job_id(&String::from_utf8_lossy(&out.stdout))?;
     let cancel: Vec<String> = options.command_prefix.iter().cloned().chain(scheduler.cancel_command(&id)).collect();
-    let guard = CancelGuard::start(&cancel, Some(secret.path())).map_err(|e| Error::io("starting the job's cancel guard", e))?;
+    let guard = CancelGuard::start(&cancel, secret.as_ref().map(SecretFile::path)).map_err(|e| Error::io("starting the job's cancel guard", e))?;
     tracing::info!("submitted {} job {id}", scheduler.name());
     Ok(Box::new(BatchJob { scheduler, id, options: options.clone(), guard: Some(guard), last: None, started: false, _secret: secret }))
 }
@@ -256,7 +294,7 @@ struct BatchJob {
     last: Option<(Instant, LaunchStatus)>,
     started: bool,
     /// Deleted with the launch.
-    _secret: SecretFile,
+    _secret: Option<SecretFile>,
 }
 
 impl BatchJob {

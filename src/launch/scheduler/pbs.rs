@@ -176,10 +176,10 @@ impl Scheduler for Pbs {
             // or Open MPI's by-slot placement would pack workers onto the first nodes
             (PbsDialect::Torque, Layout::Mpi) if cpus > 1 => {
                 let hosts = format!("{}/hosts-\"$PBS_JOBID\"", shell_quote(&self.log_dir(o)));
-                format!("sed -n '1~{cpus}p' \"$PBS_NODEFILE\" > {hosts}\n{}", mpirun_line(o, spec.workers, &spec.program, &hosts))
+                format!("sed -n '1~{cpus}p' \"$PBS_NODEFILE\" > {hosts}\n{}", mpirun_line(o, spec.workers, &spec.command(), &hosts))
             }
             // PBS Pro lists each chunk once per MPI process (mpiprocs=1)
-            (_, Layout::Mpi) => mpirun_line(o, spec.workers, &spec.program, "\"$PBS_NODEFILE\""),
+            (_, Layout::Mpi) => mpirun_line(o, spec.workers, &spec.command(), "\"$PBS_NODEFILE\""),
             (_, Layout::Array) => format!("exec {}", shell_quote(&spec.program)),
         };
         script.push_str(&spec.body(&launch));
@@ -250,7 +250,7 @@ mod tests {
     use std::time::Duration;
 
     fn spec(options: &JobOptions) -> JobSpec<'_> {
-        JobSpec { options, workers: 3, program: "/opt/app/bin/sim".into(), exports: vec![("CLUSTERMAN_MASTER".into(), "10.0.0.1:4000".into())] }
+        JobSpec::new(options, 3, "/opt/app/bin/sim", vec![("CLUSTERMAN_MASTER".into(), "10.0.0.1:4000".into())])
     }
 
     fn pbs(dialect: PbsDialect) -> Pbs {
@@ -307,7 +307,7 @@ exec /opt/app/bin/sim
     #[test]
     fn a_pbs_pro_array_of_one_is_a_growing_range() {
         let o = JobOptions::new().workdir("/w").layout(Layout::Array);
-        let one = JobSpec { options: &o, workers: 1, program: "/opt/app/bin/sim".into(), exports: vec![] };
+        let one = JobSpec::new(&o, 1, "/opt/app/bin/sim", vec![]);
         assert!(pbs(PbsDialect::PbsPro).job(&one).unwrap().script.contains("#PBS -J 1-2:2\n"));
         assert!(pbs(PbsDialect::Torque).job(&one).unwrap().script.contains("#PBS -t 1-1\n"), "Torque takes 1-1");
     }

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 
 use super::options::{hms, refuse_owned};
-use super::{BatchManager, CommandResult, Job, JobSpec, JobState, Layout, Scheduler, shell_quote};
+use super::{BatchManager, CommandResult, Job, JobSpec, JobState, Layout, Scheduler};
 
 /// Workers started through Grid Engine's `qsub`.
 ///
@@ -83,10 +83,9 @@ impl Scheduler for Sge {
         for directive in o.directives(d) {
             script.push_str(&format!("#$ {directive}\n"));
         }
-        let program = shell_quote(&spec.program);
         let launch = match o.layout_or_default() {
-            Layout::Mpi => format!("exec {} -np $NSLOTS {program}", o.launcher.as_deref().unwrap_or("mpirun")),
-            Layout::Array => format!("exec {program}"),
+            Layout::Mpi => format!("exec {} -np $NSLOTS {}", o.launcher.as_deref().unwrap_or("mpirun"), spec.command()),
+            Layout::Array => format!("exec {}", spec.command()),
         };
         script.push_str(&spec.body(&launch));
         // -w e: a request no queue could ever satisfy is refused at once, not left waiting
@@ -152,7 +151,7 @@ mod tests {
     use std::time::Duration;
 
     fn spec(options: &JobOptions) -> JobSpec<'_> {
-        JobSpec { options, workers: 3, program: "/opt/app/bin/sim".into(), exports: vec![("CLUSTERMAN_MASTER".into(), "10.0.0.1:4000".into())] }
+        JobSpec::new(options, 3, "/opt/app/bin/sim", vec![("CLUSTERMAN_MASTER".into(), "10.0.0.1:4000".into())])
     }
 
     #[test]

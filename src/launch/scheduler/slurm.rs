@@ -192,7 +192,7 @@ impl Scheduler for Slurm {
             // each array task is a one-task allocation: srun starts its worker with the flags
             Layout::Array => launch.extend(["srun".to_string()].into_iter().chain(self.srun_flags()).map(|w| shell_quote(&w))),
         }
-        launch.push(shell_quote(&spec.program));
+        launch.push(spec.command());
         script.push_str(&spec.body(&launch.join(" ")));
         Ok(Job { submit: vec!["sbatch".into(), "--parsable".into()], script })
     }
@@ -279,7 +279,7 @@ mod tests {
     }
 
     fn spec(options: &JobOptions) -> JobSpec<'_> {
-        JobSpec { options, workers: 4, program: "/opt/app/bin/sim".into(), exports: vec![("CLUSTERMAN_MASTER".into(), "10.0.0.1:4000".into())] }
+        JobSpec::new(options, 4, "/opt/app/bin/sim", vec![("CLUSTERMAN_MASTER".into(), "10.0.0.1:4000".into())])
     }
 
     #[test]
