@@ -294,12 +294,16 @@ pub(crate) fn serve(link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) ->
     outcome
 }
 
+/// How a worker that cannot dial its master starts its message (launchers look for it in
+/// job logs).
+pub(crate) const UNREACHABLE_MASTER: &str = "cannot reach the master at";
+
 /// Dials the master and shakes hands. Returns the connection and the terms of admission.
 fn dial(config: &WorkerConfig) -> Result<(TcpStream, Terms)> {
     let hello = hello(config.secret, config.launch, config.mpi, None);
     let (stream, welcome) = transport::tcp::dial(&config.master, &hello, Instant::now() + DIAL_DEADLINE).map_err(|e| {
         let hint = if sys::out_of_descriptors(&e) { "; this process is out of file descriptors: raise `ulimit -n`" } else { "" };
-        Error::io(format!("cannot reach the master at {} ({ENV_MASTER}) from {}{hint}; is it running, and reachable from here?", config.master, sys::hostname()), e)
+        Error::io(format!("{UNREACHABLE_MASTER} {} ({ENV_MASTER}) from {}{hint}; is it running, and reachable from here?", config.master, sys::hostname()), e)
     })?;
     match welcome {
         Welcome::Accepted(terms) => Ok((stream, terms)),

@@ -25,6 +25,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::cluster::worker::UNREACHABLE_MASTER;
 use crate::error::{Error, Result};
 
 pub use super::shell::shell_quote;
@@ -316,6 +317,21 @@ impl BatchJob {
         }
     }
 
+    /// Why the job ended before its workers connected, with what its logs say.
+    fn ended_early(&self, how: &str) -> String {
+        let said = job_log_tail(std::path::Path::new(&self.scheduler.log_dir(&self.options)), &self.id);
+        let name = self.scheduler.name();
+        if let Some(line) = said.iter().find(|l| l.contains(UNREACHABLE_MASTER)) {
+            return format!(
+                "the workers of {name} job {} cannot reach this master ({}): where compute nodes have no route to this host, run the whole program as one job (BatchManager::run_as_job) with Transport::Mpi, or advertise an address they can reach (ClusterBuilder::advertise)",
+                self.id,
+                line.trim()
+            );
+        }
+        let log = if said.is_empty() { String::new() } else { format!("; its log ends with:\n{}", said.join("\n")) };
+        format!("{name} job {} ended before its workers connected: {how}{log}", self.id)
+    }
+
     fn cancel(&mut self) {
         if let Some(guard) = self.guard.take() {
             guard.cancel_now();
@@ -341,7 +357,7 @@ impl Launch for BatchJob {
                 }
                 LaunchStatus::Running
             }
-            JobState::Finished(how) => LaunchStatus::Failed(format!("{name} job {} ended before its workers connected: {how}", self.id)),
+            JobState::Finished(how) => LaunchStatus::Failed(self.ended_early(&how)),
             JobState::Stuck(why) => LaunchStatus::Failed(format!("{name} job {} can never start: {why}", self.id)),
             // a scheduler that does not answer for a moment is no reason to give up
             JobState::Unknown(why) => match &self.last {
@@ -390,6 +406,27 @@ impl Launch for BatchJob {
     }
 }
 
+/// The last lines of the logs of job `id` in `dir`: files whose name holds the job's number
+/// as a whole (`sim-961.out`, `sim.o961`, `sim.961.3.out`), a few lines of each.
+fn job_log_tail(dir: &std::path::Path, id: &str) -> Vec<String> {
+    let number: String = id.chars().take_while(char::is_ascii_digit).collect();
+    if number.is_empty() {
+        return Vec::new();
+    }
+    let names_job = |name: &str| name.split(|c: char| !c.is_ascii_digit()).any(|part| part == number);
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut files: Vec<_> = entries.filter_map(|e| e.ok()).filter(|e| names_job(&e.file_name().to_string_lossy())).map(|e| e.path()).collect();
+    files.sort();
+    let mut lines = Vec::new();
+    for file in files.iter().take(3) {
+        let Ok(text) = std::fs::read(file) else { continue };
+        let text = String::from_utf8_lossy(&text[text.len().saturating_sub(4096)..]).into_owned();
+        let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        lines.extend(all[all.len().saturating_sub(5)..].iter().map(|l| l.chars().take(512).collect::<String>()));
+    }
+    lines
+}
+
 impl Drop for BatchJob {
     fn drop(&mut self) {
         self.cancel(); // a dropped launch never leaves its job in the queue
@@ -399,6 +436,20 @@ impl Drop for BatchJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tail_of_a_jobs_logs_is_found_by_its_number() {
+        let dir = std::env::temp_dir().join(format!("cman-logtail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("sim-961.out"), "a\nb\nclusterman: cannot reach the master at 10.0.0.1:4000 (CLUSTERMAN_MASTER) from node2\n").unwrap();
+        std::fs::write(dir.join("sim-9610.out"), "other job\n").unwrap();
+        std::fs::write(dir.join("sim.o961.2"), "task\n").unwrap();
+        let tail = job_log_tail(&dir, "961.headnode");
+        assert_eq!(tail.len(), 4, "{tail:?}");
+        assert!(tail.iter().any(|l| l.contains(UNREACHABLE_MASTER)) && !tail.iter().any(|l| l.contains("other job")), "{tail:?}");
+        assert!(job_log_tail(&dir, "962").is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn a_missing_command_names_itself_and_the_prefix_option() {
