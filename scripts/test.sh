@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test: unit and integration tests with real worker processes, real mpirun (Open MPI and
-# MPICH), real Slurm and Grid Engine daemons (started here when run as root), 30 s of fuzzing
+# MPICH), real Slurm and Grid Engine daemons and a real multi-node Slurm in namespaces (started
+# here when run as root), 30 s of fuzzing
 # of every decoder of untrusted input, the build without MPI, and clippy with warnings denied.
 set -euo pipefail
 CMAN_EXTRA_PACKAGES="mpich libmpich-dev iproute2 python3" source "$(dirname "$0")/env.sh"
@@ -13,8 +14,12 @@ if [ "$(id -u)" -eq 0 ]; then
   bash ci/schedulers.sh start
   set +u; . /var/lib/gridengine/default/common/settings.sh; set -u
   export CMAN_REQUIRE_SCHEDULERS=1   # their tests fail, not skip, if a daemon is missing
+  step "start the multi-node Slurm (controller, login host, two compute nodes in namespaces)"
+  bash ci/multinode.sh up
+  trap 'bash ci/multinode.sh down' EXIT
+  export CMAN_REQUIRE_MULTINODE=1
 else
-  echo "not root: the Slurm and Grid Engine tests will report themselves skipped (start them with: sudo ci/schedulers.sh start)"
+  echo "not root: the Slurm, Grid Engine and multi-node tests will report themselves skipped (start them with: sudo ci/schedulers.sh start; sudo ci/multinode.sh up)"
 fi
 
 step "build without MPI";        cargo build --no-default-features --lib

@@ -86,8 +86,8 @@ fn a_worker_killed_mid_pmap_has_its_items_finished_by_the_others() {
         std::thread::sleep(Duration::from_millis(150));
         std::process::Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
     });
-    let options = PmapOptions::new().batch_size(2).retry_delays(exponential_backoff(3, Duration::from_millis(10), 2.0, Duration::from_secs(1)));
-    let out = cluster.pmap_with(slow_square, (0..120u64).map(|x| (x, 10)), options).unwrap();
+    // no retry delays needed: work lost with a worker is no failure of its items
+    let out = cluster.pmap_with(slow_square, (0..120u64).map(|x| (x, 10)), PmapOptions::new().batch_size(2)).unwrap();
     killer.join().unwrap();
     assert_eq!(out.iter().map(|(v, _)| *v).collect::<Vec<_>>(), (0..120u64).map(|x| x * x).collect::<Vec<_>>());
     assert!(out.iter().any(|(_, p)| *p == pids[0]), "the victim did some work before it died");
@@ -96,17 +96,17 @@ fn a_worker_killed_mid_pmap_has_its_items_finished_by_the_others() {
 }
 
 #[test]
-fn without_retries_a_worker_death_fails_the_map() {
+fn when_every_worker_dies_the_map_fails_and_says_so() {
     let cluster = Cluster::new().unwrap();
-    let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
-    let victim = cluster.remote_call_fetch(pids[1], os_pid, ()).unwrap();
+    let pids = cluster.add_procs(LocalManager::new(1)).unwrap();
+    let victim = cluster.remote_call_fetch(pids[0], os_pid, ()).unwrap();
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(100));
         std::process::Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
     });
     let err = cluster.pmap_with(slow_square, (0..200u64).map(|x| (x, 10)), PmapOptions::new().batch_size(1)).unwrap_err();
     killer.join().unwrap();
-    assert!(matches!(err, Error::WorkerDied { pid, .. } if pid == pids[1]), "{err}");
+    assert!(err.to_string().contains("every worker died") && err.to_string().contains("add workers"), "{err}");
 }
 
 #[test]

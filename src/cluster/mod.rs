@@ -556,6 +556,9 @@ impl Cluster {
 
     /// Maps `f` over `items` on all workers, dynamically balanced; results in input order.
     /// Items go out in batches (see [`PmapOptions::batch_size`]); any failure fails the map.
+    /// A worker that dies (or goes silent past the heartbeat timeout) is no failure: its
+    /// batches go to the others at once, each item still counted once; a batch lost with 3
+    /// workers in turn fails like an item (see [`PmapOptions::retry_delays`]).
     pub fn pmap<F: RemoteFn>(&self, f: F, items: impl IntoIterator<Item = F::Args>) -> Result<Vec<F::Output>> {
         self.pmap_with(f, items, PmapOptions::new())
     }

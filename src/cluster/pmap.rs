@@ -44,7 +44,9 @@ impl<R> Default for PmapOptions<R> {
 }
 
 impl<R> PmapOptions<R> {
-    /// Defaults: automatic batch size, no retries, the first failure fails the map.
+    /// Defaults: automatic batch size, no retries, the first failure fails the map. (Work
+    /// lost with a worker that died is no failure: it goes to the others, see
+    /// [`Cluster::pmap`](crate::Cluster::pmap).)
     pub fn new() -> Self {
         Self::default()
     }
@@ -143,8 +145,11 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
             }
             Err(error) => {
                 if matches!(error, Error::WorkerDied { .. }) {
-                    tracing::warn!("pmap: worker {} died with a batch of {} items: {error}", batch.pid, batch.items.len());
+                    tracing::warn!("pmap: worker {} died with a batch of {} items: {error}; they go to the others", batch.pid, batch.items.len());
                     plan.drop_worker(batch.pid);
+                    if plan.lost(batch.clone(), Instant::now()) {
+                        continue;
+                    }
                 }
                 failed(&mut plan, batch, error, &options, &mut results)?;
             }

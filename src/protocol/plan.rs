@@ -4,8 +4,10 @@
 //!
 //! Items travel in batches; each worker has up to [`IN_FLIGHT`] batches out, so it never
 //! waits for the next one. A failed item is retried alone after the next of the retry
-//! delays; a batch lost with its worker is retried whole on the others; when the delays run
-//! out, the driver decides (an `on_error` value, or the map fails).
+//! delays; when the delays run out, the driver decides (an `on_error` value, or the map
+//! fails). A batch lost with its worker is no fault of its items: it goes whole to the
+//! others at once, up to [`MAX_LOSSES`] times (a batch that kills every worker it meets
+//! then falls under the retry delays).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -15,10 +17,14 @@ use crate::ids::Pid;
 /// Batches out per worker: one running, one queued behind it.
 pub const IN_FLIGHT: usize = 2;
 
+/// Workers a batch may lose (die while holding it) before its loss counts as its failure.
+pub const MAX_LOSSES: usize = 3;
+
 #[derive(Debug, Clone)]
 struct Job {
     items: Vec<usize>,
     attempts: usize,
+    losses: usize,
     not_before: Instant,
 }
 
@@ -42,6 +48,8 @@ pub struct Returned {
     pub items: Vec<usize>,
     /// Tries so far (0: the first).
     pub attempts: usize,
+    /// Workers it was lost with so far.
+    pub losses: usize,
 }
 
 /// The plan of one map.
@@ -61,7 +69,7 @@ impl PmapPlan {
     /// most 1024 items each), retried after each of `retry_delays` in turn.
     pub fn new(n: usize, pool: Vec<Pid>, batch: usize, retry_delays: Vec<Duration>, now: Instant) -> Self {
         let batch = if batch == 0 { n.div_ceil(pool.len().max(1) * 8).clamp(1, 1024) } else { batch };
-        let queue = (0..n).step_by(batch).map(|s| Job { items: (s..(s + batch).min(n)).collect(), attempts: 0, not_before: now }).collect();
+        let queue = (0..n).step_by(batch).map(|s| Job { items: (s..(s + batch).min(n)).collect(), attempts: 0, losses: 0, not_before: now }).collect();
         let load = pool.iter().map(|p| (*p, 0)).collect();
         PmapPlan { pool, load, queue, delayed: Vec::new(), out: HashMap::new(), next_tag: 0, retry_delays }
     }
@@ -88,7 +96,7 @@ impl PmapPlan {
         if let Some(load) = self.load.get_mut(&pid) {
             *load -= 1;
         }
-        Some(Returned { pid, items: job.items, attempts: job.attempts })
+        Some(Returned { pid, items: job.items, attempts: job.attempts, losses: job.losses })
     }
 
     /// Worker `pid` is gone (or cannot take work): nothing more goes to it.
@@ -99,14 +107,24 @@ impl PmapPlan {
 
     /// Puts a batch whose send failed at once back at the front, to go elsewhere now.
     pub fn unsent(&mut self, returned: Returned, now: Instant) {
-        self.queue.push_front(Job { items: returned.items, attempts: returned.attempts, not_before: now });
+        self.queue.push_front(Job { items: returned.items, attempts: returned.attempts, losses: returned.losses, not_before: now });
+    }
+
+    /// The batch was lost with its worker: it goes to the others at once, unless it has
+    /// been lost [`MAX_LOSSES`] times (false: then it is a failure like any other).
+    pub fn lost(&mut self, returned: Returned, now: Instant) -> bool {
+        if returned.losses + 1 >= MAX_LOSSES {
+            return false;
+        }
+        self.queue.push_front(Job { items: returned.items, attempts: returned.attempts, losses: returned.losses + 1, not_before: now });
+        true
     }
 
     /// Schedules `items` (after `attempts` tries) for another try after the next delay;
     /// false when the delays have run out (their fate is the driver's).
     pub fn retry(&mut self, items: Vec<usize>, attempts: usize, now: Instant) -> bool {
         let Some(delay) = self.retry_delays.get(attempts) else { return false };
-        self.delayed.push(Job { items, attempts: attempts + 1, not_before: now + *delay });
+        self.delayed.push(Job { items, attempts: attempts + 1, losses: 0, not_before: now + *delay });
         true
     }
 
@@ -189,6 +207,23 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_lost_with_its_worker_moves_on_without_retry_delays_a_bounded_number_of_times() {
+        let t0 = Instant::now();
+        let mut plan = PmapPlan::new(2, vec![2, 3, 4, 5], 2, vec![], t0);
+        for (loss, pid) in [2, 3].into_iter().enumerate() {
+            let b = plan.next_batch(t0).unwrap();
+            assert_eq!((b.pid, b.items.clone()), (pid, vec![0, 1]), "loss {loss}");
+            plan.drop_worker(b.pid);
+            let r = plan.take(b.tag).unwrap();
+            assert!(plan.lost(r, t0), "no retry delays needed");
+        }
+        let b = plan.next_batch(t0).unwrap();
+        plan.drop_worker(b.pid);
+        let r = plan.take(b.tag).unwrap();
+        assert!(!plan.lost(r, t0), "a batch that kills every worker it meets is a failure");
+    }
+
+    #[test]
     fn retries_wait_for_their_delay_and_then_run_out() {
         let t0 = Instant::now();
         let delays = vec![Duration::from_secs(1), Duration::from_secs(4)];
@@ -260,7 +295,7 @@ mod tests {
                     0 if dead.len() + 1 < workers.len() && !dead.contains(&r.pid) => {
                         dead.push(r.pid);
                         plan.drop_worker(r.pid);
-                        if !plan.retry(r.items.clone(), r.attempts, now) {
+                        if !plan.lost(r.clone(), now) && !plan.retry(r.items.clone(), r.attempts, now) {
                             r.items.iter().for_each(|i| assert!(ended.insert(*i, "gave up").is_none()));
                         }
                     }

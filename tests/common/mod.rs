@@ -307,6 +307,8 @@ pub fn whole_program_ranks() {
         sum
     })
     .unwrap();
+    let hosts: std::collections::BTreeSet<String> = clusterman::mpido!(mgr, |_comm| std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string()).unwrap().into_iter().collect();
+    println!("HOSTS {}", hosts.into_iter().collect::<Vec<_>>().join(","));
     println!("WHOLE world={size} sum={} transport={named}", sums[0]);
     if std::env::var_os("CMAN_HOLD").is_some() {
         println!("HOLDING");
@@ -340,23 +342,26 @@ pub fn whole_program_job(name: &str) -> clusterman::launch::scheduler::JobOption
     job
 }
 
-/// A child's whole output, or a panic after `timeout` (the child is killed then).
+/// A child's whole output (what of it was not taken already), or a panic after `timeout`
+/// (the child is killed then).
 #[allow(dead_code)]
 pub fn output_within(mut child: std::process::Child, timeout: Duration) -> (std::process::ExitStatus, String, String) {
-    use std::io::Read;
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let reader = std::thread::spawn(move || {
-        let (mut o, mut e) = (String::new(), String::new());
-        let _ = out.read_to_string(&mut o);
-        let _ = err.read_to_string(&mut e);
-        (o, e)
-    });
+    fn read_all(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_string(&mut text);
+            }
+            text
+        })
+    }
+    let (out, err) = (read_all(child.stdout.take()), read_all(child.stderr.take()));
     let ended = wait_until(timeout, || child.try_wait().unwrap().is_some());
     if !ended {
         let _ = child.kill();
     }
     let status = child.wait().unwrap();
-    let (o, e) = reader.join().unwrap();
+    let (o, e) = (out.join().unwrap(), err.join().unwrap());
     assert!(ended, "still running after {timeout:?}:\n{o}\n{e}");
     (status, o, e)
 }
