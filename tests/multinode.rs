@@ -250,7 +250,7 @@ fn nodes_without_a_route_to_the_login_host() {
 #[ignore = "run on the login host by a_node_that_dies_mid_pmap"]
 fn on_login_node_dies() {
     let cluster = Cluster::builder().heartbeat(Duration::from_millis(200), Duration::from_secs(3)).build().unwrap();
-    cluster.add_procs(&two_nodes("mn-dies")).unwrap();
+    cluster.add_procs(two_nodes("mn-dies")).unwrap();
     let hosts = by_host(&cluster);
     println!("KILL node2");
     let started = Instant::now();
@@ -291,7 +291,7 @@ impl Drop for Mended {
 #[ignore = "run on the login host by a_node_cut_off_mid_call"]
 fn on_login_cut_off() {
     let cluster = Cluster::builder().heartbeat(Duration::from_millis(200), Duration::from_secs(3)).build().unwrap();
-    cluster.add_procs(&two_nodes("mn-cut")).unwrap();
+    cluster.add_procs(two_nodes("mn-cut")).unwrap();
     let hosts = by_host(&cluster);
     let call = cluster.remote_call(hosts["node2"][0], sleep_secs, (60,)).unwrap();
     println!("CUT node2");
