@@ -106,6 +106,48 @@ fn qrsh_workers() {
 }
 
 #[test]
+fn qrsh_with_a_parallel_environment_forms_one_mpi_world() {
+    if !sge_up() {
+        return;
+    }
+    let n = name("qrsh-pe");
+    let cluster = Cluster::new().unwrap();
+    let qrsh = QrshManager::new(3).pe("mpi").job(job(&n));
+    let pids = cluster.add_procs(&qrsh).unwrap();
+    let world: Vec<(i32, i32)> = mpido!(qrsh, |comm| {
+        comm.barrier();
+        (comm.rank(), comm.size())
+    })
+    .unwrap();
+    assert_eq!(world, vec![(0, 3), (1, 3), (2, 3)]);
+    let jobs: Vec<Option<String>> = pids.iter().map(|p| cluster.remote_call_fetch(*p, sge_job, ()).unwrap().0).collect();
+    assert!(jobs[0].is_some() && jobs.iter().all(|j| *j == jobs[0]), "one Grid Engine job: {jobs:?}");
+    cluster.shutdown().unwrap();
+    assert_no_job_left(&n);
+}
+
+#[test]
+fn a_queued_qrsh_job_is_waited_for_its_launch_timeout_counting_from_its_start() {
+    if !sge_up() {
+        return;
+    }
+    // a job holding all 8 slots for 8 s keeps the qrsh job queued past its 3 s launch timeout
+    let blocker = name("qrsh-blocker");
+    let id = common::output_of(&["qsub", "-terse", "-b", "y", "-N", &blocker, "-pe", "mpi", "8", "-o", "/dev/null", "-j", "y", "sleep", "8"]);
+    let running = || common::output_of(&["qstat"]).lines().any(|l| l.split_whitespace().next() == Some(id.trim()) && l.split_whitespace().nth(4) == Some("r"));
+    assert!(common::wait_until(Duration::from_secs(60), running), "the blocking job never started");
+    let n = name("qrsh-queued");
+    let cluster = Cluster::new().unwrap();
+    let started = std::time::Instant::now();
+    let pids = cluster.add_procs(QrshManager::new(1).job(job(&n).launch_timeout(Duration::from_secs(3)))).unwrap();
+    assert!(started.elapsed() > Duration::from_secs(3), "it did wait in the queue ({:?}) and still succeeded", started.elapsed());
+    assert_eq!(pids.len(), 1);
+    cluster.shutdown().unwrap();
+    assert_no_job_left(&n);
+    let _ = Command::new("qdel").arg(id.trim()).output();
+}
+
+#[test]
 fn a_request_that_cannot_be_met_is_a_clear_error_and_leaves_nothing() {
     if !sge_up() {
         return;
