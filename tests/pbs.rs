@@ -125,7 +125,7 @@ fn pbs_torque_array_job_with_the_dialect_detected() {
 
 #[test]
 fn pbs_pro_array_job_with_the_dialect_detected() {
-    array_job("pbspro", ["<name>.o<seq>.1", "<name>.o<seq>.2", "<name>.o<seq>.3"]);
+    array_job("pbspro", ["<seq>[1].headnode.OU", "<seq>[2].headnode.OU", "<seq>[3].headnode.OU"]);
 }
 
 #[test]

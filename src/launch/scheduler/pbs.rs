@@ -136,7 +136,8 @@ impl Scheduler for Pbs {
         let o = spec.options;
         let dialect = self.dialect_for(o)?;
         let wd = self.wd.as_ref().map(|w| w.display().to_string()).unwrap_or_else(|| o.workdir_or_current());
-        // a directory: PBS names the log <name>.o<id> there (arrays: -<index> or .<index>)
+        // a directory: Torque names the log <name>.o<seq> there (array tasks: -<index>), PBS
+        // Pro <job id>.OU (subjobs: <seq>[<index>].<server>.OU)
         let mut d = vec![format!("-N {}", o.name), "-j oe".into(), format!("-o {}/", self.log_dir(o))];
         let cpus = o.cpus_per_worker.unwrap_or(1);
         let mem = o.memory.as_deref();
