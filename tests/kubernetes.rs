@@ -104,6 +104,12 @@ impl Fake {
         log.lines().map(|l| l.rsplit(' ').next().unwrap().parse().unwrap()).collect()
     }
 
+    /// Every object left in `namespace` is being deleted (terminating: it stays listed until
+    /// its processes are gone, as in a real cluster).
+    fn all_terminating(&self, namespace: &str) -> bool {
+        self.objects(namespace, "pods").iter().chain(&self.objects(namespace, "secrets")).all(|o| o["metadata"]["deletionTimestamp"].is_string())
+    }
+
     /// Nothing left: no pod or secret in any namespace, no live process in any pod's group.
     fn assert_clean(&self) {
         let gone = common::wait_until(Duration::from_secs(20), || self.everything().is_empty());
@@ -157,8 +163,8 @@ fn kubernetes_pods_run_workers_and_are_all_deleted_at_shutdown() {
     assert_eq!(cluster.pmap(square, (0..60u64).map(|x| (x,))).unwrap(), (0..60u64).map(|x| x * x).collect::<Vec<_>>());
     let os_pids: Vec<u32> = pids.iter().map(|p| cluster.worker_info(*p).unwrap().os_pid).collect();
     cluster.shutdown().unwrap();
-    // deleted at once by the shutdown, not by a later clean-up
-    assert!(fake.everything().is_empty(), "left after shutdown: {:?}", fake.everything());
+    // deleted by the shutdown itself, not by a later clean-up
+    assert!(fake.all_terminating("cman-e2e"), "not deleted by the shutdown: {:?}", fake.everything());
     fake.assert_clean();
     assert!(os_pids.iter().all(|p| !common::process_alive(*p)));
     for call in fake.calls() {
@@ -271,7 +277,7 @@ fn kubernetes_master_pod_gives_image_service_account_and_owns_the_workers() {
     // the garbage collector: deleting the master pod deletes its workers and their secret
     let out = fake.kubectl(&["delete", "-n", "apps", "pods", "master-0", "--wait=false"], None);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "pod \"master-0\" deleted\n");
-    assert!(fake.everything().is_empty(), "{:?}", fake.everything());
+    assert!(fake.all_terminating("apps"), "{:?}", fake.everything());
     let gone = common::wait_until(Duration::from_secs(20), || cluster.workers().is_empty());
     assert!(gone, "the workers of deleted pods are gone: {:?}", cluster.workers());
     assert_eq!(cluster.terminated_workers().len(), pids.len());
@@ -369,4 +375,61 @@ fn kubernetes_master_death_deletes_the_pods() {
     master.wait().unwrap();
     fake.assert_clean();
     assert!(workers.iter().all(|p| !common::process_alive(*p)), "workers still alive");
+}
+
+#[test]
+fn kubernetes_a_walltime_stops_the_pods_at_their_deadline() {
+    let fake = Fake::new("deadline");
+    let cluster = Cluster::new().unwrap();
+    let manager = KubernetesManager::new(1).namespace("ns").image("img").job(fake.job().walltime(Duration::from_secs(2)));
+    cluster.add_procs(manager).unwrap();
+    // activeDeadlineSeconds: the kubelet stops the pod; the master sees its worker go
+    assert!(common::wait_until(Duration::from_secs(20), || cluster.workers().is_empty()), "the worker outlived its walltime");
+    let pod = &fake.objects("ns", "pods")[0];
+    let status = fake.kubectl(&["get", "pod", pod["metadata"]["name"].as_str().unwrap(), "-n", "ns", "-o", "jsonpath={.status.phase} {.status.reason}"], None);
+    assert_eq!(String::from_utf8_lossy(&status.stdout), "Failed DeadlineExceeded");
+    cluster.shutdown().unwrap();
+    fake.assert_clean();
+}
+
+#[test]
+fn kubernetes_a_pod_refused_amid_the_list_leaves_none_of_the_others() {
+    // kubectl creates every other item of the List and then fails: those must go too
+    let fake = Fake::new("refused-one").with("FAKE_KUBE_REFUSE_POD=1");
+    let cluster = Cluster::new().unwrap();
+    let err = cluster.add_procs(fake.manager(3, "ns")).unwrap_err().to_string();
+    assert!(err.contains("exceeded quota") && err.contains("-0\" is forbidden"), "{err}");
+    assert_eq!(fake.groups().len(), 2, "the two other pods were created and ran");
+    fake.assert_clean();
+}
+
+#[test]
+fn kubernetes_a_missing_working_directory_is_made_by_the_runtime() {
+    let fake = Fake::new("workdir");
+    let dir = common::temp_dir("kube-workdir").join("made-by-the-runtime");
+    let cluster = Cluster::new().unwrap();
+    let manager = KubernetesManager::new(1).namespace("ns").image("img").job(fake.job().workdir(&dir));
+    cluster.add_procs(manager).unwrap();
+    assert!(dir.is_dir());
+    cluster.shutdown().unwrap();
+    fake.assert_clean();
+}
+
+#[test]
+fn the_fake_kubectl_terminates_deleted_pods_gracefully_and_prints_as_kubectl_does() {
+    let fake = Fake::new("grace");
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "stubborn"},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "c", "image": "img", "command": ["sh", "-c", "trap '' TERM; sleep 30"]}]}
+    });
+    assert!(fake.kubectl(&["create", "-n", "ns", "-f", "-"], Some(&pod.to_string())).status.success());
+    assert!(common::wait_until(Duration::from_secs(5), || !live_members(&fake.groups()).is_empty()));
+    let deleted = fake.kubectl(&["delete", "-n", "ns", "pods", "stubborn", "--wait=false"], None);
+    assert!(deleted.status.success());
+    // SIGTERM ignored: the pod is listed as terminating until the grace period ends, then killed
+    let listed = fake.kubectl(&["get", "pod", "stubborn", "-n", "ns", "-o", "jsonpath={.metadata.deletionTimestamp}"], None);
+    assert!(!String::from_utf8_lossy(&listed.stdout).is_empty(), "terminating, still listed");
+    fake.assert_clean();
+    let none = fake.kubectl(&["delete", "-n", "ns", "pods", "-l", "app=nothing"], None);
+    assert_eq!((String::from_utf8_lossy(&none.stdout).trim(), String::from_utf8_lossy(&none.stderr).trim()), ("No resources found", ""));
 }
