@@ -31,6 +31,12 @@ fn condor_view() -> (Option<String>, Option<String>, PathBuf, Option<String>, Op
     (std::env::var("BATCH_SYSTEM").ok(), std::env::var("CMAN_GREETING").ok(), std::env::current_dir().unwrap(), scratch, std::fs::read_to_string("params.txt").ok())
 }
 
+/// Whether `path` exists where this worker runs.
+#[remote]
+fn exists_here(path: PathBuf) -> bool {
+    path.exists()
+}
+
 /// A fresh fake-HTCondor state directory and job options that reach the fakes through it.
 fn setup(tag: &str, faults: &[&str]) -> (PathBuf, PathBuf, JobOptions) {
     let state = common::temp_dir(&format!("condor-state-{tag}"));
@@ -178,3 +184,27 @@ fn htcondor_killing_the_master_removes_its_job() {
     assert!(common::wait_until(Duration::from_secs(10), || workers.iter().all(|p| !common::process_alive(*p))), "workers still alive");
 }
 
+
+#[test]
+fn htcondor_needs_no_shared_filesystem_the_program_and_the_secret_travel_with_the_job() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the fake hides the submit host's files in a mount namespace, which needs root");
+        return;
+    }
+    let (state, workdir, job) = setup("condor-noshare", &["FAKE_CONDOR_NO_SHARED_FS=1"]);
+    let cluster = Cluster::new().unwrap();
+    // the program itself, and a shell running a prologue that changes directory first
+    let plain = HtCondorManager::new(1).job(job.clone());
+    let with_prologue = HtCondorManager::new(1).job(job.prologue("cd /"));
+    let script = plain.job_script().unwrap();
+    assert!(script.contains("CLUSTERMAN_SECRET_FILE=<secret-file>") && !script.contains(&workdir.join(".clusterman").display().to_string()), "{script}");
+    for manager in [plain, with_prologue] {
+        let pids = cluster.add_procs(&manager).unwrap();
+        let (batch, _, _, scratch, _) = cluster.remote_call_fetch(pids[0], condor_view, ()).unwrap();
+        assert_eq!(batch.as_deref(), Some("HTCondor"));
+        assert!(scratch.is_some(), "in its scratch directory");
+        assert!(!cluster.remote_call_fetch(pids[0], exists_here, (workdir.join("clusterman-logs"),)).unwrap(), "the submit host's working directory is not there");
+    }
+    cluster.shutdown().unwrap();
+    assert!(common::wait_until(Duration::from_secs(10), || all_in(&state, &["4"])), "every proc completed: {:?}", procs(&state));
+}

@@ -303,3 +303,26 @@ fn running_out_of_file_descriptors_says_to_raise_ulimit() {
     assert!(!stdout.contains("lost the master"), "{stdout}");
     assert!(started.elapsed() < Duration::from_secs(30), "at once, not at the launch timeout: {:?}", started.elapsed());
 }
+
+#[test]
+fn a_secret_file_others_can_read_is_refused_unless_its_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let worker = |file: &std::path::Path| {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .env("CLUSTERMAN_MASTER", ":1") // no such address: only the secret matters here
+            .env("CLUSTERMAN_SECRET_FILE", file)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let open = common::temp_dir("secret-open");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = open.join("secret");
+    std::fs::write(&file, format!("{}\n", "ab".repeat(16))).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(worker(&file).contains("can be read by other users"), "{}", worker(&file));
+    // the same file in a directory only its owner can enter (a job's scratch directory)
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let err = worker(&file);
+    assert!(!err.contains("can be read by other users") && err.contains("cannot reach the master"), "{err}");
+}

@@ -126,7 +126,13 @@ fn read_secret() -> Result<Secret> {
     let meta = file.metadata().map_err(|e| Error::io(format!("reading {path}"), e))?;
     if meta.is_file() {
         use std::os::unix::fs::MetadataExt;
-        if meta.mode() & 0o077 != 0 || meta.uid() != sys::uid() {
+        // a file others may read is still private inside a directory only we can enter (a
+        // batch job's scratch directory, where file transfer may not keep the mode)
+        let private_dir = || {
+            let dir = std::path::Path::new(&path).parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            std::fs::metadata(dir).is_ok_and(|d| d.uid() == sys::uid() && d.mode() & 0o077 == 0)
+        };
+        if meta.uid() != sys::uid() || (meta.mode() & 0o077 != 0 && !private_dir()) {
             return Err(Error::Handshake(format!("the secret file {path} can be read by other users (mode {:o}, owner {}): refusing to use it", meta.mode() & 0o777, meta.uid())));
         }
     }

@@ -7,7 +7,7 @@
 //! `environment` line (HTCondor sets no task-id variable of its own), so the worker needs no
 //! HTCondor-specific code and the index is the proc id that `condor_q` and `condor_rm` use.
 
-use crate::protocol::env::ENV_LAUNCH;
+use crate::protocol::env::{ENV_LAUNCH, ENV_SECRET_FILE};
 use crate::error::{Error, Result};
 
 use super::{BatchManager, CommandResult, Job, JobOptions, JobSpec, JobState, Layout, Scheduler, shell_quote};
@@ -30,8 +30,11 @@ use super::{BatchManager, CommandResult, Job, JobOptions, JobSpec, JobState, Lay
 /// The vanilla universe has no MPI world, so the layout is [`Layout::Array`]: `new` sets it,
 /// and [`JobOptions`] of your own given to [`job`](BatchManager::job) must set it too
 /// (`JobOptions::new().layout(Layout::Array)`); [`Layout::Mpi`] is refused with that advice.
-/// The program is the master's own binary, run directly (`condor_submit` transfers it to the
-/// execute node by default); with [`JobOptions::prologue`] lines, `/bin/sh -c` runs them first.
+/// Nothing needs to be shared with the execute nodes: the program (the master's own binary)
+/// and the file holding the secret go with the job into its scratch directory, which only
+/// the job can enter; its environment names that file by a relative path, so the job ad
+/// holds no secret and no path of the submit host. With [`JobOptions::prologue`] lines,
+/// `/bin/sh -c` runs them first and then the transferred program.
 pub type HtCondorManager = BatchManager<HtCondor>;
 
 /// The HTCondor dialect: extra submit-description lines and input files.
@@ -78,16 +81,35 @@ impl Scheduler for HtCondor {
             return Err(Error::Launch(format!("HTCondor has no queues (JobOptions::queue({queue:?})): choose machines with HtCondorManager::extra(\"requirements = ...\")")));
         }
         let (wd, logs) = (o.workdir_or_current(), o.log_dir());
+        // Nothing is assumed shared with the execute node: the program and the secret file
+        // travel with the job into its scratch directory (private to the job), and the
+        // environment names the secret file there, by a relative path.
+        let mut inputs: Vec<String> = Vec::new();
+        let mut exports = spec.exports.clone();
+        for (key, value) in &mut exports {
+            if key == ENV_SECRET_FILE && value.starts_with('/') {
+                inputs.push(value.clone());
+                *value = file_name(value);
+            }
+        }
         let mut d = vec!["universe = vanilla".to_string(), format!("batch_name = {}", o.name)];
         if o.prologue.is_empty() {
+            // transferred by HTCondor (transfer_executable defaults to true)
             d.push(format!("executable = {}", spec.program));
         } else {
-            // the node's own shell runs the prologue, then becomes the worker
-            let script = format!("{}; exec {}", o.prologue.join("; "), shell_quote(&spec.program));
+            // the node's own shell runs the prologue, then becomes the worker: the program
+            // comes as an input file (transfer may drop its execute bit). Paths are made
+            // absolute first, in the scratch directory, since the prologue may `cd`.
+            let program = format!("\"$scratch\"/{}", shell_quote(&file_name(&spec.program)));
+            let script = format!(
+                "scratch=$PWD; {ENV_SECRET_FILE}=\"$scratch/${ENV_SECRET_FILE}\"; export {ENV_SECRET_FILE}; {}; chmod u+x {program} && exec {program}",
+                o.prologue.join("; ")
+            );
             d.extend(["executable = /bin/sh".to_string(), "transfer_executable = false".to_string()]);
             d.push(format!("arguments = \"-c {}\"", condor_quote(&script)));
+            inputs.push(spec.program.clone());
         }
-        d.push(format!("environment = \"{}\"", environment(&spec.exports)?));
+        d.push(format!("environment = \"{}\"", environment(&exports)?));
         d.push(format!("initialdir = {wd}"));
         d.push(format!("output = {logs}/{}.$(Cluster).$(Process).out", o.name));
         d.push(format!("error = {logs}/{}.$(Cluster).$(Process).err", o.name));
@@ -97,10 +119,11 @@ impl Scheduler for HtCondor {
         d.extend(o.account.as_ref().map(|a| format!("accounting_group = {a}")));
         // no wall-clock limit in the vanilla universe: remove procs that run longer
         d.extend(o.walltime.map(|t| format!("periodic_remove = JobStatus == 2 && time() - EnteredCurrentStatus > {}", t.as_secs())));
-        if !self.input_files.is_empty() {
-            d.push("should_transfer_files = YES".into());
-            d.push("when_to_transfer_output = ON_EXIT".into());
-            d.push(format!("transfer_input_files = {}", self.input_files.join(",")));
+        inputs.extend(self.input_files.iter().cloned());
+        d.push("should_transfer_files = YES".into());
+        d.push("when_to_transfer_output = ON_EXIT".into());
+        if !inputs.is_empty() {
+            d.push(format!("transfer_input_files = {}", inputs.join(",")));
         }
         let mut script: String = o.directives(d).into_iter().chain(self.extra.iter().cloned()).map(|l| l + "\n").collect();
         script.push_str(&format!("queue {}\n", spec.workers));
@@ -181,6 +204,11 @@ fn environment(exports: &[(String, String)]) -> Result<String> {
     Ok(entries.join(" "))
 }
 
+/// The last component of a path.
+fn file_name(path: &str) -> String {
+    std::path::Path::new(path).file_name().map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned())
+}
+
 /// One word of HTCondor's quoted `environment`/`arguments` syntax: single quotes around
 /// whitespace (a quote inside doubled), double quotes doubled, and `$` as the `$(DOLLAR)`
 /// macro so `condor_submit` expands nothing of ours.
@@ -247,14 +275,26 @@ queue 3
 batch_name = clusterman
 executable = /bin/sh
 transfer_executable = false
-arguments = "-c 'module load gcc; cd ''my dir''; exec /opt/app/bin/sim'"
+arguments = "-c 'scratch=$(DOLLAR)PWD; CLUSTERMAN_SECRET_FILE=""$(DOLLAR)scratch/$(DOLLAR)CLUSTERMAN_SECRET_FILE""; export CLUSTERMAN_SECRET_FILE; module load gcc; cd ''my dir''; chmod u+x ""$(DOLLAR)scratch""/sim && exec ""$(DOLLAR)scratch""/sim'"
 environment = "CLUSTERMAN_MASTER=10.0.0.1:4000 CLUSTERMAN_LAUNCH=77:$(Process) GREETING='it''s a ""test"" of $(DOLLAR)HOME'"
 initialdir = /w
 output = /w/clusterman-logs/clusterman.$(Cluster).$(Process).out
 error = /w/clusterman-logs/clusterman.$(Cluster).$(Process).err
+should_transfer_files = YES
+when_to_transfer_output = ON_EXIT
+transfer_input_files = /opt/app/bin/sim
 queue 3
 "#
         );
+    }
+
+    #[test]
+    fn the_secret_file_travels_with_the_job_and_the_environment_names_it_there() {
+        let o = JobOptions::new().workdir("/w").layout(Layout::Array);
+        let exports = vec![(ENV_SECRET_FILE.to_string(), "/w/.clusterman/secret-77".to_string())];
+        let job = HtCondor::default().job(&JobSpec::new(&o, 1, "/opt/app/bin/sim", exports)).unwrap();
+        assert!(job.script.contains("environment = \"CLUSTERMAN_SECRET_FILE=secret-77\"\n"), "{}", job.script);
+        assert!(job.script.contains("transfer_input_files = /w/.clusterman/secret-77\n") && job.script.contains("should_transfer_files = YES\n"), "{}", job.script);
     }
 
     #[test]
