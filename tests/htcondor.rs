@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use clusterman::launch::scheduler::{JobOptions, Layout};
+use clusterman::launch::scheduler::{JobOptions, Layout, Memory};
 use clusterman::launch::scheduler::htcondor::HtCondorManager;
 use clusterman::prelude::*;
 
@@ -207,4 +207,16 @@ fn htcondor_needs_no_shared_filesystem_the_program_and_the_secret_travel_with_th
     }
     cluster.shutdown().unwrap();
     assert!(common::wait_until(Duration::from_secs(10), || all_in(&state, &["4"])), "every proc completed: {:?}", procs(&state));
+}
+
+#[test]
+fn htcondor_memory_is_a_number_of_mib_and_gi_is_refused() {
+    let (_state, _workdir, job) = setup("condor-mem", &[]);
+    let cluster = Cluster::new().unwrap();
+    let condor = HtCondorManager::new(1).job(job.clone().memory(Memory::gib(4)));
+    assert!(condor.job_script().unwrap().contains("request_memory = 4096\n"));
+    assert_eq!(cluster.add_procs(&condor).unwrap().len(), 1);
+    let err = cluster.add_procs(HtCondorManager::new(1).job(job).extra("request_memory = 4Gi")).unwrap_err().to_string();
+    assert!(err.contains("request_memory = 4Gi is not a valid size"), "{err}");
+    cluster.shutdown().unwrap();
 }

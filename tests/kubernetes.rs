@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use clusterman::launch::scheduler::JobOptions;
+use clusterman::launch::scheduler::{JobOptions, Memory};
 use clusterman::launch::scheduler::kubernetes::KubernetesManager;
 use clusterman::prelude::*;
 use serde_json::{Value, json};
@@ -432,4 +432,17 @@ fn the_fake_kubectl_terminates_deleted_pods_gracefully_and_prints_as_kubectl_doe
     fake.assert_clean();
     let none = fake.kubectl(&["delete", "-n", "ns", "pods", "-l", "app=nothing"], None);
     assert_eq!((String::from_utf8_lossy(&none.stdout).trim(), String::from_utf8_lossy(&none.stderr).trim()), ("No resources found", ""));
+}
+
+#[test]
+fn kubernetes_memory_is_written_in_binary_units_and_batch_spellings_are_refused() {
+    let fake = Fake::new("memory");
+    let cluster = Cluster::new().unwrap();
+    let manager = KubernetesManager::new(1).namespace("ns").image("img").job(fake.job().memory(Memory::gib(1)));
+    cluster.add_procs(manager).unwrap();
+    assert_eq!(fake.objects("ns", "pods")[0]["spec"]["containers"][0]["resources"]["limits"]["memory"], "1Gi", "1Gi, not 1G (10^9 bytes)");
+    let err = cluster.add_procs(fake.manager(1, "ns").memory("2GB")).unwrap_err().to_string();
+    assert!(err.contains("quantities must match the regular expression"), "{err}");
+    cluster.shutdown().unwrap();
+    fake.assert_clean();
 }

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use clusterman::launch::scheduler::lsf::LsfManager;
-use clusterman::launch::scheduler::{JobOptions, Layout};
+use clusterman::launch::scheduler::{JobOptions, Layout, LimitsUnit, Memory};
 use clusterman::prelude::*;
 use clusterman::{Error, mpido};
 
@@ -188,4 +188,17 @@ fn lsf_transient_bsub_failures_are_retried() {
     assert_eq!(cluster.remote_call_fetch(pids[0], square, (7,)).unwrap(), 49);
     cluster.shutdown().unwrap();
     lsf.assert_job_ended("DONE");
+}
+
+#[test]
+fn lsf_before_10_1_0_2_takes_memory_as_a_bare_number_in_the_sites_unit() {
+    let lsf = FakeLsf::new("old", &["FAKE_LSF_VERSION=10.1.0.1"]);
+    let cluster = Cluster::new().unwrap();
+    let job = || lsf.job("lsf-old").layout(Layout::Array).memory(Memory::gib(2));
+    let err = cluster.add_procs(LsfManager::new(1).job(job()).retry_delays([])).unwrap_err().to_string();
+    assert!(err.contains("2GB: Bad memory limit specification"), "a unit is refused there: {err}");
+    let manager = LsfManager::new(1).job(job()).limits_unit(LimitsUnit::Mb);
+    assert!(manager.job_script().unwrap().contains("#BSUB -M 2048\n#BSUB -R \"rusage[mem=2048]\"\n"), "{}", manager.job_script().unwrap());
+    assert_eq!(cluster.add_procs(&manager).unwrap().len(), 1);
+    cluster.shutdown().unwrap();
 }

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use clusterman::launch::scheduler::pbs::{PbsDialect, PbsManager};
-use clusterman::launch::scheduler::{JobOptions, Layout};
+use clusterman::launch::scheduler::{JobOptions, Layout, Memory};
 use clusterman::prelude::*;
 use clusterman::{Error, mpido};
 
@@ -210,7 +210,7 @@ fn pbs_refused_submission_shows_qsub_stderr() {
     assert!(text.contains("qsub refused the job") && text.contains("qsub: submit error (Unknown queue  MSG=requested queue not found)"), "{text}");
     // a dialect mix-up is refused by the scheduler, too: PBS Pro has no pmem
     let pro = FakePbs::new("mixed", "pbspro", &[]);
-    let err = cluster.add_procs(PbsManager::new(2).dialect(PbsDialect::Torque).job(pro.job("pbs-mixed").memory("1gb"))).unwrap_err().to_string();
+    let err = cluster.add_procs(PbsManager::new(2).dialect(PbsDialect::Torque).job(pro.job("pbs-mixed").memory(Memory::gib(1)))).unwrap_err().to_string();
     assert!(err.contains("qsub: Unknown resource Resource_List.pmem"), "{err}");
     assert!(pbs.jobs().is_empty() && pro.jobs().is_empty());
 }
@@ -225,4 +225,19 @@ fn pbs_job_that_never_starts_is_cancelled_after_the_queue_timeout() {
     assert!(err.contains("still queued after 3s") && err.contains("pbs job") && err.contains("pending"), "{err}");
     pbs.assert_job_ended(&format!("{}[].headnode", pbs.jobs()[0]), &["F", "X"], "271"); // qdel'ed
     assert!(cluster.workers().is_empty());
+}
+
+#[test]
+fn pbs_memory_is_written_in_pbs_units_which_refuse_gi() {
+    for dialect in ["torque", "pbspro"] {
+        let pbs = FakePbs::new(&format!("mem-{dialect}"), dialect, &[]);
+        let cluster = Cluster::new().unwrap();
+        let manager = PbsManager::new(1).job(pbs.job(&format!("pbs-mem-{dialect}")).layout(Layout::Array).memory(Memory::mib(1536)));
+        assert!(manager.job_script().unwrap().contains("mem=1536mb"), "{}", manager.job_script().unwrap());
+        assert_eq!(cluster.add_procs(&manager).unwrap().len(), 1);
+        // what a user might have written by hand, and PBS refuses
+        let err = cluster.add_procs(PbsManager::new(1).job(pbs.job("pbs-gi").layout(Layout::Array).extra_directive("-l mem=4Gi"))).unwrap_err().to_string();
+        assert!(err.contains("Illegal attribute or resource value"), "{err}");
+        cluster.shutdown().unwrap();
+    }
 }

@@ -115,7 +115,8 @@ impl Scheduler for HtCondor {
         d.push(format!("error = {logs}/{}.$(Cluster).$(Process).err", o.name));
         d.push(format!("log = {logs}/{}.$(Cluster).log", o.name));
         d.extend(o.cpus_per_worker.map(|c| format!("request_cpus = {c}")));
-        d.extend(o.memory.as_ref().map(|m| format!("request_memory = {m}")));
+        // a bare number is MiB; HTCondor refuses Gi-style units
+        d.extend(o.memory.map(|m| format!("request_memory = {}", m.mib_ceil())));
         d.extend(o.account.as_ref().map(|a| format!("accounting_group = {a}")));
         // no wall-clock limit in the vanilla universe: remove procs that run longer
         d.extend(o.walltime.map(|t| format!("periodic_remove = JobStatus == 2 && time() - EnteredCurrentStatus > {}", t.as_secs())));
@@ -224,6 +225,7 @@ fn condor_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::launch::scheduler::Memory;
     use std::time::Duration;
 
     fn spec(options: &JobOptions) -> JobSpec<'_> {
@@ -237,7 +239,7 @@ mod tests {
 
     #[test]
     fn golden_submit_description() {
-        let o = JobOptions::new().name("sim").workdir("/w").layout(Layout::Array).cpus_per_worker(2).memory("4G").account("group_physics.alice").walltime(Duration::from_secs(600)).extra_directive("+ProjectName = \"x\"");
+        let o = JobOptions::new().name("sim").workdir("/w").layout(Layout::Array).cpus_per_worker(2).memory(Memory::gib(4)).account("group_physics.alice").walltime(Duration::from_secs(600)).extra_directive("+ProjectName = \"x\"");
         let condor = HtCondor { extra: vec!["requirements = (OpSys == \"LINUX\")".into()], input_files: vec!["/data/a.toml".into(), "b.csv".into()] };
         let job = condor.job(&spec(&o)).unwrap();
         assert_eq!(job.submit, ["condor_submit", "-terse", "-"]);
@@ -252,7 +254,7 @@ output = /w/clusterman-logs/sim.$(Cluster).$(Process).out
 error = /w/clusterman-logs/sim.$(Cluster).$(Process).err
 log = /w/clusterman-logs/sim.$(Cluster).log
 request_cpus = 2
-request_memory = 4G
+request_memory = 4096
 accounting_group = group_physics.alice
 periodic_remove = JobStatus == 2 && time() - EnteredCurrentStatus > 600
 should_transfer_files = YES

@@ -275,7 +275,8 @@ impl KubernetesManager {
             container["workingDir"] = json!(dir.display().to_string());
         }
         let cpu = self.cpu.clone().or_else(|| o.cpus_per_worker.map(|c| c.to_string()));
-        let memory = self.memory.clone().or_else(|| o.memory.clone());
+        // Kubernetes' binary suffixes (its `G` would be 10⁹ bytes)
+        let memory = self.memory.clone().or_else(|| o.memory.map(|m| m.binary()).map(|(n, unit)| format!("{n}{unit}i")));
         let resources: serde_json::Map<String, Value> = [("cpu", cpu), ("memory", memory)].into_iter().filter_map(|(k, v)| Some((k.to_string(), json!(v?)))).collect();
         if !resources.is_empty() {
             // requests = limits: the pods get the Guaranteed class and are evicted last
@@ -737,6 +738,7 @@ impl Drop for PodLaunch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::launch::scheduler::Memory;
 
     fn plan(np: usize) -> Plan {
         Plan {
@@ -861,7 +863,7 @@ mod tests {
 
     #[test]
     fn each_pod_has_its_own_index_and_the_secret_only_by_reference() {
-        let list = KubernetesManager::new(3).job(JobOptions::new().cpus_per_worker(1).memory("1Gi")).render(&plan(3)).unwrap();
+        let list = KubernetesManager::new(3).job(JobOptions::new().cpus_per_worker(1).memory(Memory::gib(1))).render(&plan(3)).unwrap();
         let pods = &list["items"].as_array().unwrap()[1..];
         assert_eq!(pods.len(), 3);
         for (i, pod) in pods.iter().enumerate() {

@@ -36,6 +36,19 @@ pub type LsfManager = BatchManager<Lsf>;
 #[derive(Debug, Clone, Default)]
 pub struct Lsf {
     flags: Vec<String>,
+    /// The site's `LSF_UNIT_FOR_LIMITS`, for LSF before 10.1.0.2 (memory without a unit).
+    limits_unit: Option<LimitsUnit>,
+}
+
+/// The unit an LSF site reads memory limits in (`LSF_UNIT_FOR_LIMITS` in `lsf.conf`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitsUnit {
+    /// KB (LSF's default).
+    Kb,
+    /// MB.
+    Mb,
+    /// GB.
+    Gb,
 }
 
 /// `bsub` flags the manager sets itself (or that would make `bsub` wait for the job), and
@@ -66,6 +79,14 @@ impl LsfManager {
     /// Flags the manager sets itself (`-J`, `-o`, `-e`, `-cwd`, `-n`...) are refused at launch.
     pub fn bsub_flags<S: Into<String>>(mut self, flags: impl IntoIterator<Item = S>) -> Self {
         self.scheduler.flags = flags.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// For LSF before 10.1.0.2, which refuses a unit on memory sizes: write them as bare
+    /// numbers in the site's `LSF_UNIT_FOR_LIMITS` (rounded up). By default sizes carry
+    /// their unit (`-M 4GB`), which LSF 10.1.0.2 and later read whatever that setting.
+    pub fn limits_unit(mut self, unit: LimitsUnit) -> Self {
+        self.scheduler.limits_unit = Some(unit);
         self
     }
 
@@ -114,7 +135,21 @@ impl Scheduler for Lsf {
         d.extend(o.walltime.map(|t| format!("-W {}", t.as_secs().div_ceil(60).max(1))));
         d.extend(o.queue.as_ref().map(|q| format!("-q {q}")));
         d.extend(o.account.as_ref().map(|a| format!("-P {a}")));
-        if let Some(m) = &o.memory {
+        if let Some(m) = o.memory {
+            let m = match self.limits_unit {
+                Some(unit) => {
+                    let shift = match unit {
+                        LimitsUnit::Kb => 10,
+                        LimitsUnit::Mb => 20,
+                        LimitsUnit::Gb => 30,
+                    };
+                    m.as_bytes().div_ceil(1 << shift).max(1).to_string()
+                }
+                None => {
+                    let (n, unit) = m.binary();
+                    format!("{n}{unit}B")
+                }
+            };
             // -M is the enforced limit, rusage the reservation the scheduler plans with
             d.push(format!("-M {m}"));
             d.push(format!("-R \"rusage[mem={m}]\""));
@@ -185,7 +220,7 @@ fn element_state(id: &str, stat: &str) -> JobState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::launch::scheduler::JobOptions;
+    use crate::launch::scheduler::{JobOptions, Memory};
 
     fn spec(options: &JobOptions) -> JobSpec<'_> {
         JobSpec::new(options, 3, "/opt/app/bin/sim", vec![("CLUSTERMAN_MASTER".into(), "10.0.0.1:4000".into())])
@@ -193,8 +228,8 @@ mod tests {
 
     #[test]
     fn golden_mpi_script() {
-        let o = JobOptions::new().name("sim").workdir("/w").walltime(Duration::from_secs(3601)).queue("normal").account("proj").memory("2GB").cpus_per_worker(2).prologue("module load openmpi");
-        let job = Lsf { flags: vec!["-x".into()] }.job(&spec(&o)).unwrap();
+        let o = JobOptions::new().name("sim").workdir("/w").walltime(Duration::from_secs(3601)).queue("normal").account("proj").memory(Memory::gib(2)).cpus_per_worker(2).prologue("module load openmpi");
+        let job = Lsf { flags: vec!["-x".into()], ..Lsf::default() }.job(&spec(&o)).unwrap();
         assert_eq!(job.submit, ["bsub", "-x"]);
         assert_eq!(
             job.script,
@@ -237,7 +272,7 @@ exec /opt/app/bin/sim
     #[test]
     fn flags_clusterman_sets_are_refused_with_the_flag_named() {
         for flag in ["-J", "-o", "-e", "-cwd", "-n", "-K"] {
-            let lsf = Lsf { flags: vec!["-P".into(), "proj".into(), flag.into(), "x".into()] };
+            let lsf = Lsf { flags: vec!["-P".into(), "proj".into(), flag.into(), "x".into()], ..Lsf::default() };
             let err = lsf.job(&spec(&JobOptions::new())).unwrap_err().to_string();
             assert!(err.contains(&format!("bsub flag {flag} clashes")), "{err}");
         }

@@ -26,7 +26,7 @@ pub struct JobOptions {
     pub(crate) walltime: Option<Duration>,
     pub(crate) queue: Option<String>,
     pub(crate) account: Option<String>,
-    pub(crate) memory: Option<String>,
+    pub(crate) memory: Option<Memory>,
     pub(crate) cpus_per_worker: Option<u32>,
     pub(crate) env: Vec<(String, String)>,
     pub(crate) extra_directives: Vec<String>,
@@ -138,9 +138,9 @@ impl JobOptions {
         self.account = Some(account.into());
         self
     }
-    /// Memory per worker, in the scheduler's syntax (`4G`).
-    pub fn memory(mut self, memory: impl Into<String>) -> Self {
-        self.memory = Some(memory.into());
+    /// Memory per worker (`Memory::gib(4)`), written in each scheduler's own units.
+    pub fn memory(mut self, memory: Memory) -> Self {
+        self.memory = Some(memory);
         self
     }
     /// CPUs per worker.
@@ -264,6 +264,80 @@ impl JobOptions {
     }
 }
 
+/// An amount of memory. Batch systems read `4G` as 4 GiB and Kubernetes as 4·10⁹ bytes, and
+/// each refuses some spellings (`4Gi` under PBS and HTCondor, `2GB` under Kubernetes, any
+/// unit under LSF before 10.1.0.2): a typed size is written as each scheduler reads it.
+///
+/// ```
+/// use clusterman::launch::scheduler::Memory;
+/// assert_eq!(Memory::gib(4), "4G".parse().unwrap());       // K, M, G, T: binary, as batch systems read them
+/// assert_eq!(Memory::mib(1536), "1.5GiB".parse().unwrap());
+/// assert!("4 bananas".parse::<Memory>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Memory(u64);
+
+impl Memory {
+    /// `n` bytes.
+    pub const fn bytes(n: u64) -> Memory {
+        Memory(n)
+    }
+    /// `n` MiB.
+    pub const fn mib(n: u64) -> Memory {
+        Memory(n << 20)
+    }
+    /// `n` GiB.
+    pub const fn gib(n: u64) -> Memory {
+        Memory(n << 30)
+    }
+    /// The size in bytes.
+    pub const fn as_bytes(self) -> u64 {
+        self.0
+    }
+    /// Whole MiB, rounded up: a job never gets less than asked.
+    pub fn mib_ceil(self) -> u64 {
+        self.0.div_ceil(1 << 20).max(1)
+    }
+    /// Whole GiB when it is a whole number of them, else whole MiB: `(n, 'G' | 'M')`.
+    pub(crate) fn binary(self) -> (u64, char) {
+        let mib = self.mib_ceil();
+        if mib % 1024 == 0 { (mib / 1024, 'G') } else { (mib, 'M') }
+    }
+}
+
+impl std::str::FromStr for Memory {
+    type Err = Error;
+    /// A number and a unit: `B`, `K`, `M`, `G`, `T`, with or without `B` or `iB`, in any case;
+    /// all binary, as batch systems read them. No unit means bytes.
+    fn from_str(text: &str) -> Result<Memory> {
+        let bad = || Error::Launch(format!("{text:?} is not a memory size: write a number and a unit such as 512M or 4G (binary units), or use Memory::mib / Memory::gib"));
+        let t = text.trim();
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let number: f64 = number.parse().map_err(|_| bad())?;
+        let unit = unit.trim().to_ascii_lowercase();
+        let shift = match unit.trim_end_matches("ib").trim_end_matches('b') {
+            "" => 0,
+            "k" => 10,
+            "m" => 20,
+            "g" => 30,
+            "t" => 40,
+            _ => return Err(bad()),
+        };
+        if !number.is_finite() || number < 0.0 || (unit == "ib") {
+            return Err(bad());
+        }
+        Ok(Memory((number * (1u64 << shift) as f64).ceil() as u64))
+    }
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (n, unit) = self.binary();
+        write!(f, "{n} {unit}iB")
+    }
+}
+
 /// `HH:MM:SS`, as Slurm and Grid Engine write wall-clock limits.
 pub fn hms(d: Duration) -> String {
     let s = d.as_secs();
@@ -347,6 +421,20 @@ mod tests {
         let chosen = JobOptions::new().layout(Layout::Mpi).submit_retry_delays([]).with_defaults(&defaults);
         assert_eq!((chosen.layout_or_default(), chosen.retry_delays()), (Layout::Mpi, &[][..]));
         assert!(crate::launch::scheduler::HtCondorManager::new(2).job(JobOptions::new().name("x")).job_script().is_ok(), "still an array, which HTCondor needs");
+    }
+
+    #[test]
+    fn memory_sizes_parse_in_binary_units_and_round_up_to_mib() {
+        for (text, bytes) in [("4G", 4 << 30), ("4g", 4 << 30), ("4GB", 4 << 30), ("4GiB", 4 << 30), ("512M", 512 << 20), ("1.5 GiB", 3 << 29), ("100", 100), ("2T", 2 << 40)] {
+            assert_eq!(text.parse::<Memory>().unwrap(), Memory::bytes(bytes), "{text}");
+        }
+        for text in ["", "G", "4Gx", "-1G", "4 bananas", "4iB"] {
+            assert!(text.parse::<Memory>().is_err(), "{text}");
+        }
+        assert_eq!(Memory::gib(2).binary(), (2, 'G'));
+        assert_eq!(Memory::mib(1536).binary(), (1536, 'M'));
+        assert_eq!(Memory::bytes(1).binary(), (1, 'M'), "never less than asked");
+        assert_eq!(Memory::mib(1536).to_string(), "1536 MiB");
     }
 
     #[test]

@@ -140,7 +140,9 @@ impl Scheduler for Pbs {
         // Pro <job id>.OU (subjobs: <seq>[<index>].<server>.OU)
         let mut d = vec![format!("-N {}", o.name), "-j oe".into(), format!("-o {}/", self.log_dir(o))];
         let cpus = o.cpus_per_worker.unwrap_or(1);
-        let mem = o.memory.as_deref();
+        // PBS's units: kb, mb, gb (binary); it refuses Gi-style spellings
+        let mem = o.memory.map(|m| m.binary()).map(|(n, unit)| format!("{n}{}b", unit.to_ascii_lowercase()));
+        let mem = mem.as_deref();
         match (dialect, o.layout_or_default()) {
             (PbsDialect::Torque, Layout::Mpi) => {
                 d.push(format!("-l nodes={}:ppn={cpus}", spec.workers));
@@ -248,6 +250,7 @@ fn task_state(state: &str) -> JobState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::launch::scheduler::Memory;
     use std::time::Duration;
 
     fn spec(options: &JobOptions) -> JobSpec<'_> {
@@ -259,7 +262,7 @@ mod tests {
     }
 
     fn full() -> JobOptions {
-        JobOptions::new().name("sim").workdir("/w").walltime(Duration::from_secs(3600)).queue("batch").account("proj").memory("2gb").cpus_per_worker(2).prologue("module load openmpi")
+        JobOptions::new().name("sim").workdir("/w").walltime(Duration::from_secs(3600)).queue("batch").account("proj").memory(Memory::gib(2)).cpus_per_worker(2).prologue("module load openmpi")
     }
 
     #[test]
@@ -332,7 +335,7 @@ module load openmpi
 exec mpirun -np 3 -hostfile \"$PBS_NODEFILE\" /opt/app/bin/sim
 "
         );
-        let o = JobOptions::new().workdir("/w").layout(Layout::Array).memory("1gb").skip_directive("-j oe");
+        let o = JobOptions::new().workdir("/w").layout(Layout::Array).memory(Memory::gib(1)).skip_directive("-j oe");
         let job = pbs(PbsDialect::PbsPro).job(&spec(&o)).unwrap();
         assert_eq!(
             job.script,

@@ -78,7 +78,7 @@ impl Scheduler for Sge {
         d.extend(o.walltime.map(|t| format!("-l h_rt={}", hms(t))));
         d.extend(o.queue.as_ref().map(|q| format!("-q {q}")));
         d.extend(o.account.as_ref().map(|a| format!("-A {a}")));
-        d.extend(o.memory.as_ref().map(|m| format!("-l h_vmem={m}")));
+        d.extend(o.memory.map(|m| m.binary()).map(|(n, unit)| format!("-l h_vmem={n}{unit}")));
         let mut script = String::from("#!/bin/bash\n");
         for directive in o.directives(d) {
             script.push_str(&format!("#$ {directive}\n"));
@@ -147,7 +147,7 @@ impl Scheduler for Sge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::launch::scheduler::JobOptions;
+    use crate::launch::scheduler::{JobOptions, Memory};
     use std::time::Duration;
 
     fn spec(options: &JobOptions) -> JobSpec<'_> {
@@ -168,7 +168,7 @@ mod tests {
 
     #[test]
     fn golden_pe_script() {
-        let o = JobOptions::new().name("sim").workdir("/w").walltime(Duration::from_secs(3600)).queue("all.q").memory("2G").prologue("module load mpi");
+        let o = JobOptions::new().name("sim").workdir("/w").walltime(Duration::from_secs(3600)).queue("all.q").memory(Memory::gib(2)).prologue("module load mpi");
         let job = Sge { pe: "orte".into(), flags: vec!["-P".into(), "proj".into()] }.job(&spec(&o)).unwrap();
         assert_eq!(job.submit, ["qsub", "-terse", "-w", "e", "-P", "proj"]);
         assert_eq!(

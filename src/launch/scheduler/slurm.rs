@@ -179,7 +179,7 @@ impl Scheduler for Slurm {
         d.extend(o.walltime.map(|t| format!("--time={}", hms(t))));
         d.extend(o.queue.as_ref().map(|q| format!("--partition={q}")));
         d.extend(o.account.as_ref().map(|a| format!("--account={a}")));
-        d.extend(o.memory.as_ref().map(|m| format!("--mem={m}")));
+        d.extend(o.memory.map(|m| m.binary()).map(|(n, unit)| format!("--mem={n}{unit}")));
         let allocation = self.options.iter().filter(|(k, _)| !step_only(k)).chain(&self.sbatch_options);
         d.extend(allocation.map(|(k, v)| keyword_flag(k, v).join(" ")));
         let mut script = String::from("#!/bin/bash\n");
@@ -268,7 +268,7 @@ fn task_state(line: &str) -> JobState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::launch::scheduler::JobOptions;
+    use crate::launch::scheduler::{JobOptions, Memory};
     use std::time::Duration;
 
     impl Slurm {
@@ -297,7 +297,7 @@ mod tests {
 
     #[test]
     fn golden_mpi_script() {
-        let o = JobOptions::new().name("sim").workdir("/scratch/run").walltime(Duration::from_secs(300)).queue("debug").account("proj").memory("4G").cpus_per_worker(2).prologue("module load openmpi");
+        let o = JobOptions::new().name("sim").workdir("/scratch/run").walltime(Duration::from_secs(300)).queue("debug").account("proj").memory(Memory::gib(4)).cpus_per_worker(2).prologue("module load openmpi");
         let slurm = Slurm::default().option("exclusive", "").option("t", "00:05:00").option("mpi", "pmix").option("o", "task-%j-%t.out");
         let slurm = Slurm { sbatch_options: vec![("mail_type".into(), "END".into())], ..slurm };
         let job = slurm.job(&spec(&o)).unwrap();
