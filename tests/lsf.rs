@@ -56,11 +56,11 @@ impl FakeLsf {
         ids
     }
 
-    /// What the fake `bjobs` says of every element of job `id`.
+    /// What the fake `bjobs` says of every element of job `id` (its STAT column).
     fn stats(&self, id: &str) -> Vec<String> {
-        let out = Command::new(&self.prefix[0]).args(&self.prefix[1..]).args(["bjobs", "-noheader", "-o", "stat", id]).output().unwrap();
+        let out = Command::new(&self.prefix[0]).args(&self.prefix[1..]).args(["bjobs", "-w", id]).output().unwrap();
         assert!(out.status.success(), "bjobs {id}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect()
+        String::from_utf8_lossy(&out.stdout).lines().skip(1).filter_map(|l| l.split_whitespace().nth(2)).map(String::from).collect()
     }
 
     /// Waits until every element of the only job is `stat`, and none of its processes is left.
@@ -191,8 +191,9 @@ fn lsf_transient_bsub_failures_are_retried() {
 }
 
 #[test]
-fn lsf_before_10_1_0_2_takes_memory_as_a_bare_number_in_the_sites_unit() {
-    let lsf = FakeLsf::new("old", &["FAKE_LSF_VERSION=10.1.0.1"]);
+fn an_old_lsf_takes_memory_as_a_bare_number_and_its_jobs_are_followed_without_bjobs_o() {
+    // 9.0: no units on memory sizes (before 10.1.0.2), no `bjobs -o` (before 9.1)
+    let lsf = FakeLsf::new("old", &["FAKE_LSF_VERSION=9.0.1"]);
     let cluster = Cluster::new().unwrap();
     let job = || lsf.job("lsf-old").layout(Layout::Array).memory(Memory::gib(2));
     let err = cluster.add_procs(LsfManager::new(1).job(job()).retry_delays([])).unwrap_err().to_string();
@@ -201,4 +202,5 @@ fn lsf_before_10_1_0_2_takes_memory_as_a_bare_number_in_the_sites_unit() {
     assert!(manager.job_script().unwrap().contains("#BSUB -M 2048\n#BSUB -R \"rusage[mem=2048]\"\n"), "{}", manager.job_script().unwrap());
     assert_eq!(cluster.add_procs(&manager).unwrap().len(), 1);
     cluster.shutdown().unwrap();
+    lsf.assert_job_ended("DONE"); // its end was seen: not cancelled as a job of unknown state
 }

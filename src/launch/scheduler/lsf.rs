@@ -180,8 +180,9 @@ impl Scheduler for Lsf {
     }
 
     fn state_command(&self, id: &str) -> Vec<String> {
-        // one line per array element: its status word
-        ["bjobs", "-noheader", "-o", "stat", id].map(String::from).to_vec()
+        // LSF's own table, which every version prints (`-o` needs 9.1): a header, then one
+        // line per array element; -w keeps columns whole
+        ["bjobs", "-w", id].map(String::from).to_vec()
     }
 
     fn parse_state(&self, id: &str, r: &CommandResult) -> JobState {
@@ -192,7 +193,11 @@ impl Scheduler for Lsf {
                 JobState::Unknown(r.stderr.trim().to_string())
             };
         }
-        let states: Vec<JobState> = r.stdout.split_whitespace().map(|s| element_state(id, s)).collect();
+        let mut lines = r.stdout.lines().filter(|l| !l.trim().is_empty());
+        let Some(column) = lines.next().and_then(|header| header.split_whitespace().position(|c| c == "STAT")) else {
+            return JobState::Unknown(format!("unexpected bjobs output: {:?}", r.stdout.lines().next().unwrap_or_default()));
+        };
+        let states: Vec<JobState> = lines.filter_map(|l| l.split_whitespace().nth(column)).map(|s| element_state(id, s)).collect();
         JobState::of_tasks(states)
     }
 
@@ -292,7 +297,11 @@ exec /opt/app/bin/sim
         assert_eq!(s.parse_job_id("Job <123> is submitted to queue <normal>.\n").unwrap(), "123");
         assert_eq!(s.parse_job_id("Job <4> is submitted to default queue <short>.\n").unwrap(), "4");
         assert!(s.parse_job_id("normal: No such queue. Job not submitted.\n").is_err());
-        let ok = |stdout: &str| CommandResult { success: true, stdout: stdout.into(), stderr: String::new() };
+        let table = |stats: &[&str]| {
+            let rows: String = stats.iter().map(|st| format!("1       alice   {st:<5} normal     login1      -           cman[1]    Dec  1 10:00\n")).collect();
+            CommandResult { success: true, stdout: format!("JOBID   USER    STAT  QUEUE      FROM_HOST   EXEC_HOST   JOB_NAME   SUBMIT_TIME\n{rows}"), stderr: String::new() }
+        };
+        let ok = |stdout: &str| table(&stdout.split_whitespace().collect::<Vec<_>>());
         assert_eq!(s.parse_state("1", &ok("PEND \n")), JobState::Pending(String::new()));
         assert_eq!(s.parse_state("1", &ok("RUN  \n")), JobState::Running);
         assert_eq!(s.parse_state("1", &ok("PROV \n")), JobState::Pending("its host is waking up (PROV)".into()), "not started yet");
@@ -305,7 +314,8 @@ exec /opt/app/bin/sim
         assert_eq!(s.parse_state("1", &gone), JobState::Finished("no longer known to LSF".into()));
         let down = CommandResult { success: false, stdout: String::new(), stderr: "LSF is down. Please wait ...\n".into() };
         assert!(matches!(s.parse_state("1", &down), JobState::Unknown(_)));
-        assert_eq!(s.state_command("7"), ["bjobs", "-noheader", "-o", "stat", "7"]);
+        assert!(matches!(s.parse_state("1", &CommandResult { success: true, stdout: "garbage\n".into(), stderr: String::new() }), JobState::Unknown(_)));
+        assert_eq!(s.state_command("7"), ["bjobs", "-w", "7"]);
         assert_eq!(s.cancel_command("7"), ["bkill", "7"]);
     }
 }
