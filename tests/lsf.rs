@@ -159,6 +159,19 @@ fn lsf_refused_submission_shows_bsub_stderr() {
 }
 
 #[test]
+fn lsf_a_host_waking_up_is_waited_for_before_the_launch_timeout_starts() {
+    // PROV for 4 s: the job has not started yet, so a 2 s launch timeout is not running
+    let lsf = FakeLsf::new("prov", &["FAKE_LSF_PROV=4"]);
+    let cluster = Cluster::new().unwrap();
+    let started = std::time::Instant::now();
+    let manager = LsfManager::new(1).job(lsf.job("lsf-prov").layout(Layout::Array).launch_timeout(Duration::from_secs(2)));
+    assert_eq!(cluster.add_procs(&manager).unwrap().len(), 1);
+    assert!(started.elapsed() > Duration::from_secs(4), "{:?}", started.elapsed());
+    cluster.shutdown().unwrap();
+    lsf.assert_job_ended("DONE");
+}
+
+#[test]
 fn lsf_job_that_never_starts_is_cancelled_after_the_queue_timeout() {
     let lsf = FakeLsf::new("held", &["FAKE_HOLD=1"]);
     let cluster = Cluster::new().unwrap();

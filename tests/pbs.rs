@@ -217,14 +217,17 @@ fn pbs_refused_submission_shows_qsub_stderr() {
 
 #[test]
 fn pbs_job_that_never_starts_is_cancelled_after_the_queue_timeout() {
-    let pbs = FakePbs::new("held", "pbspro", &["FAKE_HOLD=1"]);
-    let cluster = Cluster::new().unwrap();
-    let manager = PbsManager::new(2).job(pbs.job("pbs-held").layout(Layout::Array).queue_timeout(Duration::from_secs(3)));
-    let err = cluster.add_procs(&manager).unwrap_err().to_string();
-    eprintln!("the error a user sees: {err}");
-    assert!(err.contains("still queued after 3s") && err.contains("pbs job") && err.contains("pending"), "{err}");
-    pbs.assert_job_ended(&format!("{}[].headnode", pbs.jobs()[0]), &["F", "X"], "271"); // qdel'ed
-    assert!(cluster.workers().is_empty());
+    // held in the queue, or (PBS Pro) moved on to another server: waiting, not ended
+    for fault in ["FAKE_HOLD=1", "FAKE_PBS_MOVED=1"] {
+        let pbs = FakePbs::new("held", "pbspro", &[fault]);
+        let cluster = Cluster::new().unwrap();
+        let manager = PbsManager::new(2).job(pbs.job("pbs-held").layout(Layout::Array).queue_timeout(Duration::from_secs(3)));
+        let err = cluster.add_procs(&manager).unwrap_err().to_string();
+        eprintln!("the error a user sees: {err}");
+        assert!(err.contains("still queued after 3s") && err.contains("pbs job") && err.contains("pending"), "{fault}: {err}");
+        pbs.assert_job_ended(&format!("{}[].headnode", pbs.jobs()[0]), &["F", "X"], "271"); // qdel'ed
+        assert!(cluster.workers().is_empty());
+    }
 }
 
 #[test]
