@@ -31,5 +31,8 @@ step "doc tests";                cargo test --doc 2>&1 | tee -a "$log"
 # MPICH: its own target dir (mpi-sys does not rebuild when the MPI changes) and its launcher
 step "MPI tests (MPICH), and mpirun under the fake PBS and LSF"
 MPI_PKG_CONFIG=mpich CARGO_TARGET_DIR=target/mpich CMAN_MPIEXEC=mpiexec.mpich cargo test --test mpi --test pbs --test lsf 2>&1 | tee -a "$log"
+# and workers on two nodes of the multi-node Slurm (srun --mpi=pmi2; MPICH over UCX's TCP may hang
+# in MPI_Finalize across nodes, openucx/ucx#8738: ranks leave after 10 s without it)
+MPI_PKG_CONFIG=mpich CARGO_TARGET_DIR=target/mpich CMAN_MPIEXEC=mpiexec.mpich cargo test --test multinode workers_span 2>&1 | tee -a "$log"
 echo
 grep -E '^test result:' "$log" | awk '{p+=$4; f+=$6; i+=$8} END {print p" passed, "f" failed, "i" skipped"}'

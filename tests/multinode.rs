@@ -143,9 +143,11 @@ fn finish(child: Child, timeout: Duration) -> (std::process::ExitStatus, String,
     common::output_within(child, timeout)
 }
 
-/// Four workers, two on each node (a job that cannot start fails instead of waiting).
+/// Four workers, two on each node (a job that cannot start fails instead of waiting). A
+/// binary built with MPICH (`CMAN_MPIEXEC=mpiexec.mpich`) needs srun's PMI-2, not PMIx.
 fn two_nodes(tag: &str) -> SlurmManager {
-    SlurmManager::new(4).job(common::test_job(tag).queue_timeout(Duration::from_secs(60))).option("nodes", 2).option("ntasks_per_node", 2)
+    let slurm = SlurmManager::new(4).job(common::test_job(tag).queue_timeout(Duration::from_secs(60))).option("nodes", 2).option("ntasks_per_node", 2);
+    if common::mpi_launcher().contains("mpich") { slurm.option("mpi", "pmi2") } else { slurm }
 }
 
 /// The pids of the workers on each host.

@@ -2,6 +2,8 @@
 //! level asked for; finalised once, on the same thread, when the process is done with MPI.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use ::mpi::Threading;
 use ::mpi::environment::Universe;
@@ -46,9 +48,26 @@ pub(crate) fn world() -> Result<SimpleCommunicator> {
     Ok(SimpleCommunicator::world())
 }
 
-/// `MPI_Finalize`, if we initialised MPI. Call on the thread that initialised it.
+/// How long `MPI_Finalize` may take before the process leaves without it.
+const FINALIZE_GRACE: Duration = Duration::from_secs(10);
+
+/// `MPI_Finalize`, if we initialised MPI. Call on the thread that initialised it. Some MPI
+/// builds hang in it now and then (MPICH over UCX's TCP transport across nodes, UCX 1.13,
+/// openucx/ucx#8738): after [`FINALIZE_GRACE`] the process exits without it, so a finished
+/// job's ranks never stay behind.
 pub(crate) fn finalize() {
-    drop(UNIVERSE.lock().expect("universe lock").take());
+    let Some(universe) = UNIVERSE.lock().expect("universe lock").take() else { return };
+    static RETURNED: AtomicBool = AtomicBool::new(false);
+    std::thread::spawn(|| {
+        std::thread::sleep(FINALIZE_GRACE);
+        if !RETURNED.load(Ordering::SeqCst) {
+            eprintln!("clusterman: MPI_Finalize did not return within {} s (a known hang of some MPI builds); exiting without it", FINALIZE_GRACE.as_secs());
+            // SAFETY: _exit ends the process at once; nothing of ours runs after it
+            unsafe { libc::_exit(0) };
+        }
+    });
+    drop(universe);
+    RETURNED.store(true, Ordering::SeqCst);
 }
 
 /// Parses a threading level name (`single`, `funneled`, `serialized`, `multiple`).
