@@ -74,7 +74,7 @@ impl Scheduler for HtCondor {
         let o = spec.options;
         if o.layout_or_default() == Layout::Mpi {
             return Err(Error::Launch(
-                "HTCondor's vanilla universe starts no MPI world: use JobOptions::new().layout(Layout::Array) (each queued proc is one worker; HtCondorManager::new sets it)".into(),
+                "HTCondor's vanilla universe starts no MPI world (its parallel universe is not supported): use JobOptions::new().layout(Layout::Array) (each queued proc is one worker; HtCondorManager::new sets it), and for mpido! an MPI launcher elsewhere (MpiManager, or a Slurm/Grid Engine/PBS/LSF job)".into(),
             ));
         }
         if let Some(queue) = &o.queue {

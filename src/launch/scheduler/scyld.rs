@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::launch::{ClusterManager, Launch, LaunchContext, LaunchStatus};
 use crate::sys;
 
-use super::{JobOptions, run};
+use super::{JobOptions, Layout, run};
 
 /// The operating-system pids of one launch's workers, by index (filled in once they connect).
 type OsPids = Arc<Mutex<Vec<Option<u32>>>>;
@@ -28,7 +28,8 @@ type OsPids = Arc<Mutex<Vec<Option<u32>>>>;
 /// # Ok(()) }
 /// ```
 ///
-/// Of [`JobOptions`] it uses the working directory (where the bpsh clients start), the extra
+/// Its workers are independent processes, not an MPI world: [`Layout::Mpi`] is refused with
+/// what to use instead. Of [`JobOptions`] it uses the working directory (where the bpsh clients start), the extra
 /// environment, the launch timeout and the command prefix (for `bpsh` and `beomap`; the
 /// prefix must pass the environment on, as `env` does and `ssh` does not). At shutdown,
 /// workers that do not exit when told (a call still running) get `bpsh <node> kill -TERM
@@ -91,6 +92,11 @@ impl ClusterManager for ScyldManager {
     }
 
     fn launch(&self, ctx: &LaunchContext) -> Result<Box<dyn Launch>> {
+        if self.job.layout_asked() == Some(Layout::Mpi) {
+            return Err(Error::Launch(
+                "ScyldManager starts one independent worker per node with bpsh: they form no MPI world. For mpido!, start the ranks with your site's MPI from the master node (MpiManager::new(n).launcher(...)), or run the program under it with start_main_loop".into(),
+            ));
+        }
         let nodes = self.nodes()?;
         let os_pids: OsPids = Arc::new(Mutex::new(vec![None; self.np]));
         *self.pending.lock().expect("pending lock") = Some(os_pids.clone());
@@ -247,6 +253,13 @@ mod tests {
     fn sh(script: &str) -> Vec<String> {
         // a one-line stand-in for bpsh: `sh -c <script> bpsh <node> ...`
         vec!["sh".into(), "-c".into(), script.into(), "bpsh".into()]
+    }
+
+    #[test]
+    fn an_mpi_world_is_refused_naming_what_to_use() {
+        let ctx = LaunchContext::new(1, 2, "127.0.0.1:1".parse().unwrap(), "127.0.0.1".parse().unwrap(), crate::protocol::Secret::random(), "/bin/true".into());
+        let err = ScyldManager::new(2).job(JobOptions::new().layout(Layout::Mpi)).launch(&ctx).err().expect("refused").to_string();
+        assert!(err.contains("no MPI world") && err.contains("MpiManager"), "{err}");
     }
 
     #[test]
