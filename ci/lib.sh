@@ -58,3 +58,37 @@ none_alive() {
 
 # pid_alive FILE: the pid file names a live process.
 pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# slurm_conf_common: the slurm.conf lines of both test clusters (ci/slurm.sh, ci/multinode.sh).
+# SlurmUser=root: no file-ownership dance on a throwaway box. config_overrides: slurmd accepts
+# more CPUs than the machine has, so tests get the task slots they ask for. MpiDefault=pmix:
+# plain `srun` launches Debian's Open MPI programs (MPICH programs need `srun --mpi=pmi2`).
+# ReturnToService=2: a node left DOWN comes back when its slurmd registers again. MinJobAge=300:
+# finished jobs stay visible to scontrol for 5 min. SchedulerParameters: by default a job
+# submitted right after another one ended waits ~3 s (throttled event-driven scheduling) and one
+# queued behind a never-runnable job waits for the 60 s scheduling pass; scheduling every second
+# costs nothing here.
+slurm_conf_common() {
+  cat <<'CONF'
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CryptoType=crypto/munge
+MailProg=/bin/true
+MpiDefault=pmix
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+ReturnToService=2
+SchedulerType=sched/backfill
+SchedulerParameters=sched_min_interval=0,sched_interval=1,bf_interval=1
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+JobAcctGatherType=jobacct_gather/none
+InactiveLimit=0
+MinJobAge=300
+Waittime=0
+CONF
+}

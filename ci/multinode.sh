@@ -113,24 +113,15 @@ up() {
     link "$h" up
   done
 
-  # SlurmdTimeout: a node silent for 10 s is DOWN (its jobs end); ReturnToService=2: it comes
-  # back when its slurmd registers again. The scheduler runs every second (see ci/slurm.sh).
+  # SlurmdTimeout: a node silent for 10 s is DOWN (its jobs end) until its slurmd registers
+  # again (the lines both test clusters share: slurm_conf_common in ci/lib.sh)
   local mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / (NODES + 2) ))
-  cat > "$CONF" <<EOF
+  { cat <<EOF
 ClusterName=multinode
 SlurmctldHost=ctl($(address ctl))
 SlurmctldPort=17817
 SlurmdPort=17818
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
 AuthInfo=socket=$MUNGE/socket
-CryptoType=crypto/munge
-MailProg=/bin/true
-MpiDefault=pmix
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-ReturnToService=2
 SlurmdTimeout=10
 SlurmctldPidFile=$DIR/ctl/slurmctld.pid
 SlurmctldLogFile=$DIR/ctl/slurmctld.log
@@ -139,19 +130,10 @@ SlurmdPidFile=$DIR/%n/slurmd.pid
 SlurmdSpoolDir=$DIR/%n/spool
 SlurmdLogFile=$DIR/%n/slurmd.log
 TmpFS=$DIR/%n/tmp
-SchedulerType=sched/backfill
-SchedulerParameters=sched_min_interval=0,sched_interval=1,bf_interval=1
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SlurmdParameters=config_overrides
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-JobAcctGatherType=jobacct_gather/none
-InactiveLimit=0
-MinJobAge=300
 KillWait=2
-Waittime=0
 EOF
+    slurm_conf_common
+  } > "$CONF"
   for h in $(nodes); do
     echo "NodeName=$h NodeAddr=$(address "$h") CPUs=$CPUS RealMemory=$mem State=UNKNOWN" >> "$CONF"
   done

@@ -36,50 +36,26 @@ start() {
   runuser -u munge -- /usr/sbin/munged
   wait_until 10 "munged to answer" sh -c 'munge -n </dev/null | unmunge'
 
-  # slurm.conf for this host only. SlurmUser=root: no file-ownership dance on a throwaway box.
-  # config_overrides: slurmd accepts CPUs=$CPUS although the machine has fewer cores, so tests
-  # get $CPUS task slots. MpiDefault=pmix: plain `srun` launches Debian's Open MPI programs
-  # (MPICH programs need `srun --mpi=pmi2`). ReturnToService=2: a node left DOWN by an earlier
-  # run comes back by itself. MinJobAge=300: finished jobs stay visible to scontrol for 5 min.
-  # SchedulerParameters: by default a job submitted right after another one ended waits ~3 s
-  # (throttled event-driven scheduling) and one queued behind a never-runnable job waits for the
-  # 60 s scheduling pass; on a one-node CI box scheduling every second costs nothing.
+  # slurm.conf for this host only, $CPUS task slots whatever the real core count (the lines
+  # both test clusters share, and why: slurm_conf_common in ci/lib.sh)
   install -d -m 0755 /etc/slurm /var/spool/slurmctld /var/spool/slurmd "$LOGS"
   local mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
-  cat > /etc/slurm/slurm.conf <<EOF
+  { cat <<EOF
 ClusterName=ci
 SlurmctldHost=$HOST
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CryptoType=crypto/munge
-MailProg=/bin/true
-MpiDefault=pmix
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-ReturnToService=2
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldLogFile=$LOGS/slurmctld.log
 SlurmdLogFile=$LOGS/slurmd.log
-SchedulerType=sched/backfill
-SchedulerParameters=sched_min_interval=0,sched_interval=1,bf_interval=1
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SlurmdParameters=config_overrides
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-JobAcctGatherType=jobacct_gather/none
-InactiveLimit=0
-MinJobAge=300
 KillWait=5
-Waittime=0
 NodeName=$HOST CPUs=$CPUS RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 PartitionName=short Nodes=ALL MaxTime=1 State=UP
 EOF
+    slurm_conf_common
+  } > /etc/slurm/slurm.conf
 
   # Both daemonize themselves. -c: start with no jobs (do not recover an earlier run's state).
   slurmctld -c

@@ -208,7 +208,7 @@ fn on_login_unreachable() {
 /// A program that submits itself as one job, for `nodes_without_a_route_to_the_login_host`.
 #[test]
 #[ignore = "run on the login host by nodes_without_a_route_to_the_login_host"]
-fn on_login_whole_program() {
+fn whole_program() {
     let Ok(name) = std::env::var("CMAN_JOB_NAME") else { return };
     two_nodes("mn-whole").job(common::whole_program_job(&name)).run_as_job().unwrap();
     common::whole_program_ranks();
@@ -242,7 +242,7 @@ fn nodes_without_a_route_to_the_login_host() {
     // the program submitted as one job runs over MPI on both nodes and reports back
     let name = format!("cman-mn-whole-{}", std::process::id());
     let env = [("CMAN_JOB_NAME", name.as_str()), ("CMAN_TRANSPORT", "mpi"), ("CMAN_EXIT", "7")];
-    let (status, out, err) = finish(on_login("on_login_whole_program", &env), Duration::from_secs(120));
+    let (status, out, err) = finish(on_login("whole_program", &env), Duration::from_secs(120));
     assert!(out.contains("HOSTS node1,node2\n") && out.contains("WHOLE world=4 sum=10 transport=mpi\n"), "the ranks' output comes back:\n{out}\n{err}");
     assert_eq!(status.code(), Some(7), "the job's status:\n{out}\n{err}");
     assert_nothing_left(Duration::from_secs(30));

@@ -187,34 +187,7 @@ fn a_program_runs_as_one_mpi_job_from_the_login_node() {
     if !sge_up() {
         return;
     }
-    let runs: Vec<_> = [("mpi", 0), ("tcp", 7)]
-        .into_iter()
-        .map(|(transport, exit)| {
-            let name = name(&format!("whole-{transport}"));
-            (transport, exit, name.clone(), common::start_whole_program("whole_program", &name, transport, exit, false))
-        })
-        .collect();
-    for (transport, exit, name, child) in runs {
-        let (status, out, err) = common::output_within(child, Duration::from_secs(180));
-        assert!(out.contains(&format!("WHOLE world=3 sum=6 transport={transport}\n")), "the ranks' output comes back:\n{out}\n{err}");
-        assert_eq!(status.code(), Some(exit), "the job's status is the program's:\n{out}\n{err}");
-        assert_no_job_left(&name);
-    }
-}
-
-#[test]
-fn killing_a_program_that_runs_as_a_job_cancels_the_job() {
-    if !sge_up() {
-        return;
-    }
-    let name = name("whole-killed");
-    let mut child = common::start_whole_program("whole_program", &name, "mpi", 0, true);
-    let streamed = common::read_until_line(child.stdout.take().unwrap(), "HOLDING", Duration::from_secs(120));
-    assert!(streamed, "output streams back while the job runs");
-    assert!(!our_jobs(&name).trim().is_empty(), "the job runs");
-    child.kill().unwrap(); // SIGKILL: no chance to clean up
-    child.wait().unwrap();
-    assert_no_job_left(&name);
+    common::check_whole_program(name, Duration::from_secs(180), |name| !our_jobs(name).trim().is_empty());
 }
 
 #[test]

@@ -277,34 +277,7 @@ fn a_program_runs_as_one_mpi_job_from_the_login_node() {
     if !slurm_up() {
         return;
     }
-    let runs: Vec<_> = [("mpi", 0), ("tcp", 7)]
-        .into_iter()
-        .map(|(transport, exit)| {
-            let name = format!("cman-whole-{transport}-{}", std::process::id());
-            (transport, exit, name.clone(), common::start_whole_program("whole_program", &name, transport, exit, false))
-        })
-        .collect();
-    for (transport, exit, name, child) in runs {
-        let (status, out, err) = common::output_within(child, Duration::from_secs(120));
-        assert!(out.contains(&format!("WHOLE world=3 sum=6 transport={transport}\n")), "the ranks' output comes back:\n{out}\n{err}");
-        assert_eq!(status.code(), Some(exit), "the job's status is the program's:\n{out}\n{err}");
-        assert_no_job_left(&name);
-    }
-}
-
-#[test]
-fn killing_a_program_that_runs_as_a_job_cancels_the_job() {
-    if !slurm_up() {
-        return;
-    }
-    let name = format!("cman-whole-killed-{}", std::process::id());
-    let mut child = common::start_whole_program("whole_program", &name, "mpi", 0, true);
-    let streamed = common::read_until_line(child.stdout.take().unwrap(), "HOLDING", Duration::from_secs(90));
-    assert!(streamed, "output streams back while the job runs");
-    assert!(!our_jobs(&name).trim().is_empty(), "the job runs");
-    child.kill().unwrap(); // SIGKILL: no chance to clean up
-    child.wait().unwrap();
-    assert_no_job_left(&name);
+    common::check_whole_program(|tag| format!("cman-{tag}-{}", std::process::id()), Duration::from_secs(90), |name| !our_jobs(name).trim().is_empty());
 }
 
 /// A master that submits a job and reports it, for `killing_the_master_cancels_its_job`.

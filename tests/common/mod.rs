@@ -318,16 +318,42 @@ pub fn whole_program_ranks() {
     std::process::exit(std::env::var("CMAN_EXIT").ok().and_then(|c| c.parse().ok()).unwrap_or(0));
 }
 
-/// Starts this test binary's ignored test `test` as a login-node program that submits itself
-/// with `run_as_job`, as job `name`, over `transport`, exiting with `exit`.
+/// Starts this test binary's ignored test `whole_program` as a login-node program that
+/// submits itself with `run_as_job`, as job `name`, over `transport`, exiting with `exit`.
 #[allow(dead_code)]
-pub fn start_whole_program(test: &str, name: &str, transport: &str, exit: i32, hold: bool) -> std::process::Child {
+pub fn start_whole_program(name: &str, transport: &str, exit: i32, hold: bool) -> std::process::Child {
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--ignored", "--exact", test, "--nocapture", "--test-threads=1"]).env("CMAN_JOB_NAME", name).env("CMAN_TRANSPORT", transport).env("CMAN_EXIT", exit.to_string());
+    cmd.args(["--ignored", "--exact", "whole_program", "--nocapture", "--test-threads=1"]).env("CMAN_JOB_NAME", name).env("CMAN_TRANSPORT", transport).env("CMAN_EXIT", exit.to_string());
     if hold {
         cmd.env("CMAN_HOLD", "1");
     }
     cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+}
+
+/// The whole-program checks on one scheduler (a world of 3): over both transports, the
+/// ranks' output comes back and the local process exits with the job's status; killed with
+/// `kill -9` while the job runs (its output streaming back meanwhile), the job goes.
+/// `name_of` names a test's job; `listed` says whether a job of that name is in the queue.
+#[allow(dead_code)]
+pub fn check_whole_program(name_of: impl Fn(&str) -> String, timeout: Duration, listed: impl Fn(&str) -> bool) {
+    let gone = |name: &str| assert!(wait_until(Duration::from_secs(20), || !listed(name)), "job {name} is still in the queue");
+    let runs: Vec<_> = [("mpi", 0), ("tcp", 7)].into_iter().map(|(transport, exit)| {
+        let name = name_of(&format!("whole-{transport}"));
+        (transport, exit, name.clone(), start_whole_program(&name, transport, exit, false))
+    }).collect();
+    for (transport, exit, name, child) in runs {
+        let (status, out, err) = output_within(child, timeout);
+        assert!(out.contains(&format!("WHOLE world=3 sum=6 transport={transport}\n")), "the ranks' output comes back:\n{out}\n{err}");
+        assert_eq!(status.code(), Some(exit), "the job's status is the program's:\n{out}\n{err}");
+        gone(&name);
+    }
+    let name = name_of("whole-killed");
+    let mut child = start_whole_program(&name, "mpi", 0, true);
+    assert!(read_until_line(child.stdout.take().unwrap(), "HOLDING", timeout), "output streams back while the job runs");
+    assert!(listed(&name), "the job runs");
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    gone(&name);
 }
 
 /// The job options of a whole-program job: named `name`, carrying the test's variables.
