@@ -30,7 +30,7 @@ impl<S: Scheduler + Clone + 'static> BatchManager<S> {
     /// ranks print while it runs, and exits with the launcher's exit status: it never
     /// returns there. Killing it (even `kill -9`) cancels the job. Inside the job it returns
     /// at once, and the program goes on, typically into
-    /// [`start_main_loop`](crate::mpi::start_main_loop) with either transport.
+    /// `clusterman::mpi::start_main_loop` with either transport.
     ///
     /// ```no_run
     /// use clusterman::launch::scheduler::{JobOptions, SlurmManager};
