@@ -108,7 +108,7 @@ fn lsf_mpi_job_runs_mpirun_and_mpido() {
     let cluster = Cluster::new().unwrap();
     let manager = LsfManager::new(2).job(lsf.job("lsf-mpi").launcher(common::mpi_launcher()));
     let script = manager.job_script().unwrap();
-    assert!(script.contains("#BSUB -n 2\n") && script.contains(&format!("exec {} -np 2 -hostfile ", common::mpi_launcher())), "{script}");
+    assert!(script.contains("#BSUB -n 2\n") && script.contains(&format!("exec {} \"$@\" -np 2 -hostfile ", common::mpi_launcher())), "{script}");
     let pids = cluster.add_procs(&manager).unwrap();
     let world: Vec<(i32, i32)> = mpido!(manager, |comm| {
         comm.barrier();

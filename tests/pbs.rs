@@ -157,7 +157,7 @@ fn mpi_job(dialect: PbsDialect, fake: &str, cpus: u32, resources: &str, finished
     let job = pbs.job(&format!("pbs-{fake}-mpi")).cpus_per_worker(cpus).launcher(common::mpi_launcher());
     let manager = PbsManager::new(2).dialect(dialect).job(job);
     let script = manager.job_script().unwrap();
-    assert!(script.contains(resources) && script.contains(&format!("exec {} -np 2 -hostfile ", common::mpi_launcher())), "{script}");
+    assert!(script.contains(resources) && script.contains(&format!("exec {} \"$@\" -np 2 -hostfile ", common::mpi_launcher())), "{script}");
     let pids = cluster.add_procs(&manager).unwrap();
     let world: Vec<(i32, i32)> = mpido!(manager, |comm| {
         comm.barrier();

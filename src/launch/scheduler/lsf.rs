@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-use super::{BatchManager, CommandResult, Job, JobSpec, JobState, Layout, Scheduler, mpirun_line, shell_quote};
+use super::{BatchManager, CommandResult, Job, JobSpec, JobState, Layout, Scheduler, mpirun_lines, shell_quote};
 
 /// Workers started through LSF's `bsub`.
 ///
@@ -160,7 +160,7 @@ impl Scheduler for Lsf {
         }
         let launch = match o.layout_or_default() {
             // LSF lists each host once per slot
-            Layout::Mpi => mpirun_line(o, spec.workers, &spec.command(), "\"$LSB_DJOB_HOSTFILE\""),
+            Layout::Mpi => mpirun_lines(spec, &spec.workers.to_string(), Some("\"$LSB_DJOB_HOSTFILE\"")),
             Layout::Array => format!("exec {}", shell_quote(&spec.program)),
         };
         script.push_str(&spec.body(&launch));
@@ -251,7 +251,8 @@ mod tests {
 #BSUB -R "rusage[mem=2GB]"
 export CLUSTERMAN_MASTER=10.0.0.1:4000
 module load openmpi
-exec mpirun -np 3 -hostfile "$LSB_DJOB_HOSTFILE" /opt/app/bin/sim
+case "$(mpirun --version 2>&1)" in *'Open MPI'*) set -- -x CLUSTERMAN_MASTER ;; esac
+exec mpirun "$@" -np 3 -hostfile "$LSB_DJOB_HOSTFILE" /opt/app/bin/sim
 "#
         );
     }

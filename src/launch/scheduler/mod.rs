@@ -209,16 +209,30 @@ impl JobState {
     }
 }
 
-/// The line of a job script that starts `workers` workers as one MPI world with the job's
-/// launcher (default `mpirun`), placing them on the nodes listed in `hostfile` (a shell word:
-/// `"$PBS_NODEFILE"`). Open MPI and MPICH both read `-hostfile`; without it, an Open MPI built
-/// without the scheduler's library starts every rank on the job's first node. A launcher
-/// that is neither `mpirun` nor `mpiexec` gets no hostfile.
-pub(crate) fn mpirun_line(options: &JobOptions, workers: usize, command: &str, hostfile: &str) -> String {
-    let launcher = options.launcher.as_deref().unwrap_or("mpirun");
+/// The lines of a job script that start the workers as one MPI world of `np` ranks (a shell
+/// word: `3`, `$NSLOTS`) with the job's launcher (default `mpirun`):
+/// - Open MPI's ranks on other nodes get only the variables named with `-x`, so the script
+///   names the job's (MPICH's Hydra passes the whole environment on by itself);
+/// - `hostfile` (a shell word: `"$PBS_NODEFILE"`) places them on the job's nodes: Open MPI and
+///   MPICH both read `-hostfile`, and without it an Open MPI built without the scheduler's
+///   library starts every rank on the job's first node.
+///
+/// A launcher that is neither `mpirun` nor `mpiexec` gets neither.
+pub(crate) fn mpirun_lines(spec: &JobSpec<'_>, np: &str, hostfile: Option<&str>) -> String {
+    let launcher = spec.options.launcher.as_deref().unwrap_or("mpirun");
     let name = launcher.split_whitespace().next().and_then(|p| std::path::Path::new(p).file_name()).map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    let hosts = if name.starts_with("mpirun") || name.starts_with("mpiexec") { format!(" -hostfile {hostfile}") } else { String::new() };
-    format!("exec {launcher} -np {workers}{hosts} {command}")
+    if !(name.starts_with("mpirun") || name.starts_with("mpiexec")) {
+        return format!("exec {launcher} -np {np} {}", spec.command());
+    }
+    let hosts = hostfile.map(|h| format!(" -hostfile {h}")).unwrap_or_default();
+    format!("{}exec {launcher} \"$@\" -np {np}{hosts} {}", open_mpi_forwarding(launcher, spec.exports.iter().map(|(k, _)| k.as_str())), spec.command())
+}
+
+/// A shell line that, when `launcher` is Open MPI's, sets the script's arguments to `-x NAME`
+/// for each of `names` (to be passed as `"$@"`).
+pub(crate) fn open_mpi_forwarding<'a>(launcher: &str, names: impl IntoIterator<Item = &'a str>) -> String {
+    let forward: Vec<String> = names.into_iter().map(|n| format!("-x {n}")).collect();
+    format!("case \"$({launcher} --version 2>&1)\" in *'Open MPI'*) set -- {} ;; esac\n", forward.join(" "))
 }
 
 /// The environment lines every job script starts with (values shell-quoted).

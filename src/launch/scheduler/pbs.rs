@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 
 use super::options::refuse_owned;
 use super::options::hms;
-use super::{BatchManager, CommandResult, Job, JobOptions, JobSpec, JobState, Layout, Scheduler, mpirun_line, run, shell_quote};
+use super::{BatchManager, CommandResult, Job, JobOptions, JobSpec, JobState, Layout, Scheduler, mpirun_lines, run, shell_quote};
 
 /// Workers started through PBS's `qsub`.
 ///
@@ -179,10 +179,10 @@ impl Scheduler for Pbs {
             // or Open MPI's by-slot placement would pack workers onto the first nodes
             (PbsDialect::Torque, Layout::Mpi) if cpus > 1 => {
                 let hosts = format!("{}/hosts-\"$PBS_JOBID\"", shell_quote(&self.log_dir(o)));
-                format!("sed -n '1~{cpus}p' \"$PBS_NODEFILE\" > {hosts}\n{}", mpirun_line(o, spec.workers, &spec.command(), &hosts))
+                format!("sed -n '1~{cpus}p' \"$PBS_NODEFILE\" > {hosts}\n{}", mpirun_lines(spec, &spec.workers.to_string(), Some(&hosts)))
             }
             // PBS Pro lists each chunk once per MPI process (mpiprocs=1)
-            (_, Layout::Mpi) => mpirun_line(o, spec.workers, &spec.command(), "\"$PBS_NODEFILE\""),
+            (_, Layout::Mpi) => mpirun_lines(spec, &spec.workers.to_string(), Some("\"$PBS_NODEFILE\"")),
             (_, Layout::Array) => format!("exec {}", shell_quote(&spec.program)),
         };
         script.push_str(&spec.body(&launch));
@@ -284,7 +284,8 @@ cd /w || exit 1
 export CLUSTERMAN_MASTER=10.0.0.1:4000
 module load openmpi
 sed -n '1~2p' \"$PBS_NODEFILE\" > /w/clusterman-logs/hosts-\"$PBS_JOBID\"
-exec mpirun -np 3 -hostfile /w/clusterman-logs/hosts-\"$PBS_JOBID\" /opt/app/bin/sim
+case \"$(mpirun --version 2>&1)\" in *'Open MPI'*) set -- -x CLUSTERMAN_MASTER ;; esac
+exec mpirun \"$@\" -np 3 -hostfile /w/clusterman-logs/hosts-\"$PBS_JOBID\" /opt/app/bin/sim
 "
         );
     }
@@ -332,7 +333,8 @@ exec /opt/app/bin/sim
 cd /w || exit 1
 export CLUSTERMAN_MASTER=10.0.0.1:4000
 module load openmpi
-exec mpirun -np 3 -hostfile \"$PBS_NODEFILE\" /opt/app/bin/sim
+case \"$(mpirun --version 2>&1)\" in *'Open MPI'*) set -- -x CLUSTERMAN_MASTER ;; esac
+exec mpirun \"$@\" -np 3 -hostfile \"$PBS_NODEFILE\" /opt/app/bin/sim
 "
         );
         let o = JobOptions::new().workdir("/w").layout(Layout::Array).memory(Memory::gib(1)).skip_directive("-j oe");

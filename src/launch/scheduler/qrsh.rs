@@ -14,7 +14,7 @@ use crate::launch::{ClusterManager, Launch, LaunchContext, LaunchStatus, MpiRank
 use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET};
 use crate::sys;
 
-use super::{CommandResult, JobOptions, JobState, Scheduler, Sge, run, shell_quote};
+use super::{CommandResult, JobOptions, JobState, Scheduler, Sge, open_mpi_forwarding, run, shell_quote};
 
 /// Workers started with one `qrsh` each.
 ///
@@ -89,12 +89,10 @@ impl QrshManager {
     /// launcher's environment, then the launcher over `$NSLOTS`.
     fn mpi_script(&self, program: &str) -> String {
         let launcher = self.job.launcher.as_deref().unwrap_or("mpirun");
-        let forward: Vec<String> = [ENV_SECRET, ENV_MASTER, ENV_LAUNCH, ENV_MPI].iter().map(|v| format!("-x {v}")).collect();
-        format!(
-            "IFS= read -r {ENV_SECRET} && export {ENV_SECRET} && case \"$({launcher} --version 2>&1)\" in *'Open MPI'*) set -- {} ;; esac && exec {launcher} \"$@\" -np $NSLOTS {}",
-            forward.join(" "),
-            shell_quote(program)
-        )
+        let names = [ENV_SECRET, ENV_MASTER, ENV_LAUNCH, ENV_MPI].into_iter().chain(self.job.env.iter().map(|(k, _)| k.as_str()));
+        // one line: qrsh hands its command line to the job's shell as one
+        let forward = open_mpi_forwarding(launcher, names).replace('\n', "; ");
+        format!("IFS= read -r {ENV_SECRET} && export {ENV_SECRET}; {forward}exec {launcher} \"$@\" -np $NSLOTS {}", shell_quote(program))
     }
 }
 

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 
 use super::options::{hms, refuse_owned};
-use super::{BatchManager, CommandResult, Job, JobSpec, JobState, Layout, Scheduler};
+use super::{BatchManager, CommandResult, Job, JobSpec, JobState, Layout, Scheduler, mpirun_lines};
 
 /// Workers started through Grid Engine's `qsub`.
 ///
@@ -84,7 +84,8 @@ impl Scheduler for Sge {
             script.push_str(&format!("#$ {directive}\n"));
         }
         let launch = match o.layout_or_default() {
-            Layout::Mpi => format!("exec {} -np $NSLOTS {}", o.launcher.as_deref().unwrap_or("mpirun"), spec.command()),
+            // Grid Engine's parallel environment tells Open MPI and MPICH the hosts itself
+            Layout::Mpi => mpirun_lines(spec, "$NSLOTS", None),
             Layout::Array => format!("exec {}", spec.command()),
         };
         script.push_str(&spec.body(&launch));
@@ -185,7 +186,8 @@ mod tests {
 #$ -l h_vmem=2G
 export CLUSTERMAN_MASTER=10.0.0.1:4000
 module load mpi
-exec mpirun -np $NSLOTS /opt/app/bin/sim
+case \"$(mpirun --version 2>&1)\" in *'Open MPI'*) set -- -x CLUSTERMAN_MASTER ;; esac
+exec mpirun \"$@\" -np $NSLOTS /opt/app/bin/sim
 "
         );
     }

@@ -162,9 +162,10 @@ mod tests {
         let report = Report { output: "/w/logs/x.out".into(), status: "/w/logs/x.status".into() };
         for (script, launch) in [
             (SlurmManager::new(4).job(o.clone()).scheduler.clone().job_of(&o, &report), "srun --ntasks=4 /opt/sim --size 'a b'"),
-            (SgeManager::new(4).job(o.clone()).scheduler.clone().job_of(&o, &report), "mpirun -np $NSLOTS /opt/sim --size 'a b'"),
+            (SgeManager::new(4).job(o.clone()).scheduler.clone().job_of(&o, &report), "mpirun \"$@\" -np $NSLOTS /opt/sim --size 'a b'"),
         ] {
-            assert!(script.contains(&format!("export {ENV_WHOLE_JOB}=1\n{launch} > /w/logs/x.out 2>&1\necho $? > /w/logs/x.status\n")), "{script}");
+            assert!(script.contains(&format!("export {ENV_WHOLE_JOB}=1\n")), "{script}");
+            assert!(script.ends_with(&format!("\n{launch} > /w/logs/x.out 2>&1\necho $? > /w/logs/x.status\n")), "{script}");
         }
     }
 
