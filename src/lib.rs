@@ -56,7 +56,8 @@
 //!   reader, the listener;
 //! - `cluster`: the process table, calls and futures, `pmap`, heartbeats, the worker's
 //!   serving loop, and the traits a launcher implements ([`ClusterManager`], [`Launch`]);
-//! - [`launch`]: the launchers (local, pinned, elastic, every scheduler);
+//! - [`launch`]: the launchers (local, pinned, elastic, every scheduler) and a program that
+//!   submits itself as one whole job (`BatchManager::run_as_job`);
 //! - [`mpi`]: MPI ranks as workers, `mpido!`, the all-rank modes;
 //! - this file: the public face, and [`init`], which wires MPI into the worker start.
 //!
