@@ -17,6 +17,12 @@ fn flip(i: u64) -> u64 {
 }
 
 /// Trace of a small matrix built from a seed: stand-in for Julia's `svd` pmap.
+/// `+`, as a remote function: the reduction runs on the workers too.
+#[remote]
+fn add(a: u64, b: u64) -> u64 {
+    a + b
+}
+
 #[remote]
 fn trace_of(seed: u64) -> f64 {
     (0..10).map(|i| ((seed * 31 + i * 7) % 101) as f64 / 10.0).sum()
@@ -61,9 +67,9 @@ fn main() -> clusterman::Result<()> {
     assert_eq!(pis.len(), 10);
     println!("pmap successful");
 
-    // Julia's `@distributed (+) for i in 1:n ... end`: a map on the workers, folded with +
+    // Julia's `@distributed (+) for i in 1:n ... end`: each worker maps and folds its share
     let n = 100_000u64;
-    let heads = cluster.map_reduce(flip, (0..n).map(|i| (i,)), |a, b| a + b)?.unwrap_or(0);
+    let heads = cluster.map_reduce(flip, (0..n).map(|i| (i,)), add)?.unwrap_or(0);
     let here: u64 = (0..n).map(flip::call).sum(); // the same flips, here
     assert_eq!(heads, here);
     println!("parallel reduction: {heads} heads in {n} flips");

@@ -18,6 +18,11 @@ fn square(x: u64) -> u64 {
     x * x
 }
 
+#[remote]
+fn add(a: u64, b: u64) -> u64 {
+    a + b
+}
+
 fn main() -> clusterman::Result<()> {
     clusterman::init();
     let args: Vec<String> = std::env::args().collect();
@@ -41,7 +46,7 @@ fn main() -> clusterman::Result<()> {
         println!("{line}");
     }
     let cluster = mgr.cluster().expect("rank 0 owns the cluster");
-    let sum = cluster.map_reduce(square, (1..=100u64).map(|x| (x,)), |a, b| a + b)?;
+    let sum = cluster.map_reduce(square, (1..=100u64).map(|x| (x,)), add)?;
     println!("sum of squares 1..=100 over {transport:?}: {}", sum.unwrap_or(0));
     mgr.shutdown()
 }

@@ -61,11 +61,17 @@ pub struct RemoteEntry {
     pub call: fn(&[u8], &mut Vec<u8>) -> Result<(), CallError>,
     /// Decodes a `Vec` of argument tuples, runs each, appends a `Vec<Result<Output, CallError>>`.
     pub batch: fn(&[u8], &mut Vec<u8>) -> Result<(), CallError>,
+    /// Decodes a `Vec` of argument tuples, runs each and folds the results in order with the
+    /// given function (whose arguments are two results), appends the `Option<Output>`.
+    pub fold: FoldFn,
 }
+
+/// How a registered function maps a batch and folds it with another registered function.
+pub type FoldFn = fn(&[u8], &RemoteEntry, &mut Vec<u8>) -> Result<(), CallError>;
 
 /// Builds the registry entry of `F` (used by `#[remote]`).
 pub const fn entry<F: RemoteFn>(signature: &'static str) -> RemoteEntry {
-    RemoteEntry { name: F::NAME, signature, call: run_call::<F>, batch: run_batch::<F> }
+    RemoteEntry { name: F::NAME, signature, call: run_call::<F>, batch: run_batch::<F>, fold: run_fold::<F> }
 }
 
 #[linkme::distributed_slice]
@@ -182,6 +188,28 @@ fn run_batch<F: RemoteFn>(payload: &[u8], out: &mut Vec<u8>) -> Result<(), CallE
     let items: Vec<F::Args> = codec::decode(payload).map_err(|e| CallError { message: format!("cannot decode the batch: {e}"), location: None })?;
     let results: Vec<Result<F::Output, CallError>> = items.into_iter().map(|args| catch(|| F::invoke(args))).collect();
     codec::encode_into(&results, out).map_err(|e| CallError { message: format!("cannot encode the results: {e}"), location: None })
+}
+
+fn run_fold<F: RemoteFn>(payload: &[u8], op: &RemoteEntry, out: &mut Vec<u8>) -> Result<(), CallError> {
+    let codec_error = |what: &str, e: crate::error::Error| CallError { message: format!("cannot {what}: {e}"), location: None };
+    let items: Vec<F::Args> = codec::decode(payload).map_err(|e| codec_error("decode the batch", e))?;
+    let (mut pair, mut folded) = (Vec::new(), Vec::new());
+    let mut acc: Option<F::Output> = None;
+    for args in items {
+        let value = catch(|| F::invoke(args))?;
+        acc = Some(match acc.take() {
+            None => value,
+            Some(left) => {
+                // `op` takes two results: it is typed so at the call site (Cluster::map_reduce)
+                pair.clear();
+                folded.clear();
+                codec::encode_into(&(left, value), &mut pair).map_err(|e| codec_error("encode two results", e))?;
+                (op.call)(&pair, &mut folded)?;
+                codec::decode(&folded).map_err(|e| codec_error("decode a folded result", e))?
+            }
+        });
+    }
+    codec::encode_into(&acc, out).map_err(|e| codec_error("encode the folded result", e))
 }
 
 #[cfg(test)]

@@ -139,3 +139,38 @@ fn a_worker_runs_pmap_over_the_others_in_both_topologies() {
         assert_eq!(served, pids[1..].to_vec(), "both other workers served ({topology:?})");
     }
 }
+
+/// A value, and the pids of the processes that folded it.
+#[remote]
+fn seeded(x: u64) -> (u64, Vec<Pid>) {
+    (x, Vec::new())
+}
+
+#[remote]
+fn add_noting_where(a: (u64, Vec<Pid>), b: (u64, Vec<Pid>)) -> (u64, Vec<Pid>) {
+    let mut pids = [a.1, b.1].concat();
+    pids.push(my_id());
+    pids.sort_unstable();
+    pids.dedup();
+    (a.0 + b.0, pids)
+}
+
+#[test]
+fn map_reduce_folds_on_each_worker_then_here() {
+    let cluster = Cluster::new().unwrap();
+    assert_eq!(cluster.map_reduce(seeded, (1..=10u64).map(|x| (x,)), add_noting_where).unwrap().map(|r| r.0), Some(55), "no workers: all here");
+    let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
+    let (sum, folded_on) = cluster.map_reduce(seeded, (1..=1000u64).map(|x| (x,)), add_noting_where).unwrap().unwrap();
+    assert_eq!(sum, 500_500);
+    assert!(pids.iter().all(|p| folded_on.contains(p)), "every worker folded its shares: {folded_on:?}");
+    assert!(folded_on.contains(&1), "and the master folded theirs: {folded_on:?}");
+    assert_eq!(cluster.map_reduce(seeded, std::iter::empty(), add_noting_where).unwrap(), None);
+    // a failing item fails the reduction, naming the function and its message
+    let err = cluster.map_reduce(odd_fails, (0..10u64).map(|x| (x,)), add).unwrap_err().to_string();
+    assert!(err.contains("odd_fails") && err.contains("odd input"), "{err}");
+}
+
+#[remote]
+fn add(a: u64, b: u64) -> u64 {
+    a + b
+}

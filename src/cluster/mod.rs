@@ -563,11 +563,29 @@ impl Cluster {
         self.pmap_with(f, items, PmapOptions::new())
     }
 
-    /// Maps `f` over `items` on the workers like [`pmap`](Cluster::pmap), then folds the
-    /// results in input order with `op`: Julia's `@distributed (op) for`. The map is
-    /// balanced and batched like `pmap`'s; the fold runs here. `None` for no items.
-    pub fn map_reduce<F: RemoteFn>(&self, f: F, items: impl IntoIterator<Item = F::Args>, op: impl FnMut(F::Output, F::Output) -> F::Output) -> Result<Option<F::Output>> {
-        Ok(self.pmap(f, items)?.into_iter().reduce(op))
+    /// Julia's `@distributed (op) for`: maps `f` over `items` on the workers and folds the
+    /// results in input order with `op`, a remote function of two results. Each worker folds
+    /// its own share of the items, so only one value per share comes back, and this process
+    /// folds those. The shares are balanced and moved off dead workers like `pmap`'s batches.
+    /// `None` for no items.
+    ///
+    /// ```no_run
+    /// # use clusterman::prelude::*;
+    /// #[remote]
+    /// fn square(x: u64) -> u64 { x * x }
+    /// #[remote]
+    /// fn add(a: u64, b: u64) -> u64 { a + b }
+    /// # fn main() -> clusterman::Result<()> {
+    /// # let cluster = Cluster::new()?;
+    /// let sum = cluster.map_reduce(square, (1..=100u64).map(|x| (x,)), add)?; // Some(338350)
+    /// # Ok(()) }
+    /// ```
+    pub fn map_reduce<F, Op>(&self, f: F, items: impl IntoIterator<Item = F::Args>, op: Op) -> Result<Option<F::Output>>
+    where
+        F: RemoteFn,
+        Op: RemoteFn<Args = (F::Output, F::Output), Output = F::Output>,
+    {
+        pmap::map_reduce(self, f, items.into_iter().collect(), op)
     }
 
     /// [`pmap`](Cluster::pmap) with options: batch size, retries with delays, an error

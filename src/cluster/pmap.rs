@@ -9,7 +9,7 @@ use crate::codec;
 use crate::error::{Error, RemoteError, Result};
 use crate::protocol::plan::{PmapPlan, Returned};
 use crate::protocol::{Frame, Kind};
-use crate::registry::{CallError, RemoteFn};
+use crate::registry::{self, CallError, RemoteFn};
 
 use crate::protocol::failure::Failure;
 use super::slot::{self, Waiter};
@@ -194,4 +194,49 @@ fn next_completion(rx: &crossbeam_channel::Receiver<(u64, Result<Frame>)>, bell:
         None => rx.recv().ok(),
     };
     Ok(received)
+}
+
+/// Runs on a worker: `f` over a share of `map_reduce`'s items, folded with `op` (both named by
+/// id; the call site typed them); the encoded `Option` of the folded value.
+#[clusterman_macros::remote]
+fn builtin_map_fold(f: u64, op: u64, items: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    let lookup = |id| registry::lookup(id).ok_or_else(|| format!("function {id:#018x} is not registered here"));
+    let (f, op) = (lookup(f)?, lookup(op)?);
+    let mut out = Vec::new();
+    (f.fold)(&items, op, &mut out).map_err(|e| format!("{}: {}{}", f.name, e.message, e.location.map(|l| format!(" at {l}")).unwrap_or_default()))?;
+    Ok(out)
+}
+
+/// [`Cluster::map_reduce`]: shares of about a quarter of `pmap`'s automatic batch (4 per
+/// worker), each folded where it runs, the partial results folded here in order.
+pub(crate) fn map_reduce<F, Op>(cluster: &Cluster, _f: F, items: Vec<F::Args>, _op: Op) -> Result<Option<F::Output>>
+where
+    F: RemoteFn,
+    Op: RemoteFn<Args = (F::Output, F::Output), Output = F::Output>,
+{
+    let fold = |acc: Option<F::Output>, value: F::Output| -> Result<Option<F::Output>> {
+        Ok(Some(match acc {
+            None => value,
+            Some(left) => Op::invoke((left, value)).map_err(|message| Error::Remote(RemoteError { pid: cluster.my_id(), function: Op::NAME.into(), message, location: None }))?,
+        }))
+    };
+    let workers = cluster.workers().len();
+    if workers == 0 {
+        // no workers: all of it here, like pmap on a lone master
+        let mut acc = None;
+        for args in items {
+            acc = fold(acc, run_here::<F>(cluster.my_id(), args)?)?;
+        }
+        return Ok(acc);
+    }
+    let share = items.len().div_ceil(workers * 4).max(1);
+    let shares: Vec<(u64, u64, Vec<u8>)> = items.chunks(share).map(|c| Ok((F::ID, Op::ID, codec::encode(c)?))).collect::<Result<_>>()?;
+    let partials = cluster.pmap_with(builtin_map_fold, shares, PmapOptions::new().batch_size(1))?;
+    let mut acc = None;
+    for partial in partials {
+        if let Some(value) = codec::decode::<Option<F::Output>>(&partial)? {
+            acc = fold(acc, value)?;
+        }
+    }
+    Ok(acc)
 }

@@ -280,7 +280,7 @@ where
 {
     assert!(std::mem::size_of::<C>() == 0, "an mpido! body cannot capture variables: pass them as `|comm, name: Type|` parameters");
     std::mem::forget(body);
-    RemoteEntry { name, signature: "mpido!", call: run_body::<C, A, T>, batch: no_batch }
+    RemoteEntry { name, signature: "mpido!", call: run_body::<C, A, T>, batch: no_batch, fold: no_fold }
 }
 
 fn run_body<C, A, T>(payload: &[u8], out: &mut Vec<u8>) -> std::result::Result<(), CallError>
@@ -301,6 +301,10 @@ where
 
 fn no_batch(_: &[u8], _: &mut Vec<u8>) -> std::result::Result<(), CallError> {
     Err(CallError { message: "mpido! bodies cannot be used with pmap".into(), location: None })
+}
+
+fn no_fold(_: &[u8], _: &RemoteEntry, _: &mut Vec<u8>) -> std::result::Result<(), CallError> {
+    Err(CallError { message: "mpido! bodies cannot be used with map_reduce".into(), location: None })
 }
 
 /// Runs a registered `mpido!` body on every rank of `mgr` (used by the macro): sends it to
