@@ -10,10 +10,8 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use clusterman::launch::scheduler::SlurmManager;
@@ -106,43 +104,6 @@ fn assert_nothing_left(within: Duration) {
     }
 }
 
-/// The lines a child prints, as they come (the reader thread ends with the child's output).
-fn lines_of(child: &mut Child) -> Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    rx
-}
-
-/// Waits (with a deadline) for a line holding `prefix`; returns it from there (the test
-/// harness may have printed `test name ... ` before it). Without one, the child's story.
-fn expect_line(child: &mut Child, lines: &Receiver<String>, prefix: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains(prefix) => return line[line.find(prefix).unwrap_or(0)..].to_string(),
-            Ok(line) => seen.push(line),
-            Err(_) => {
-                let _ = child.kill();
-                let mut err = String::new();
-                let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
-                panic!("no line {prefix:?} within {timeout:?}:\n{}\n{err}", seen.join("\n"));
-            }
-        }
-    }
-}
-
-/// Reads the rest of a child's output with a deadline; its status and both texts.
-fn finish(child: Child, timeout: Duration) -> (std::process::ExitStatus, String, String) {
-    common::output_within(child, timeout)
-}
-
 /// Four workers, two on each node (a job that cannot start fails instead of waiting). A
 /// binary built with MPICH (`CMAN_MPIEXEC=mpiexec.mpich`) needs srun's PMI-2, not PMIx.
 fn two_nodes(tag: &str) -> SlurmManager {
@@ -188,7 +149,7 @@ fn workers_span_two_nodes_in_one_mpi_world() {
         return;
     }
     let _one = exclusive();
-    let (status, out, err) = finish(on_login("on_login_span", &[]), Duration::from_secs(120));
+    let (status, out, err) = common::output_within(on_login("on_login_span", &[]), Duration::from_secs(120));
     assert!(status.success(), "{out}\n{err}");
     assert!(out.contains("MPI-HOSTS node1,node2\n"), "mpido! on both nodes:\n{out}");
     assert!(out.contains("PMAP-HOSTS node1,node2\n"), "pmap used both nodes:\n{out}");
@@ -214,15 +175,6 @@ fn whole_program() {
     common::whole_program_ranks();
 }
 
-/// Undoes `isolate-login` even when the test fails.
-struct Isolated;
-
-impl Drop for Isolated {
-    fn drop(&mut self) {
-        mn(&["reach-login"]);
-    }
-}
-
 #[test]
 fn nodes_without_a_route_to_the_login_host() {
     if !multinode_up() {
@@ -230,9 +182,9 @@ fn nodes_without_a_route_to_the_login_host() {
     }
     let _one = exclusive();
     mn(&["isolate-login"]);
-    let _undo = Isolated;
+    let _undo = Mended;
     // workers that must dial the master fail at once, with the way out
-    let (status, out, err) = finish(on_login("on_login_unreachable", &[]), Duration::from_secs(120));
+    let (status, out, err) = common::output_within(on_login("on_login_unreachable", &[]), Duration::from_secs(120));
     assert!(status.success(), "{out}\n{err}");
     let line = out.lines().find_map(|l| l.find("ERROR after").map(|at| &l[at..])).unwrap_or_else(|| panic!("{out}\n{err}"));
     assert!(line.contains("cannot reach this master") && line.contains("run_as_job") && line.contains("Transport::Mpi"), "{line}");
@@ -242,7 +194,7 @@ fn nodes_without_a_route_to_the_login_host() {
     // the program submitted as one job runs over MPI on both nodes and reports back
     let name = format!("cman-mn-whole-{}", std::process::id());
     let env = [("CMAN_JOB_NAME", name.as_str()), ("CMAN_TRANSPORT", "mpi"), ("CMAN_EXIT", "7")];
-    let (status, out, err) = finish(on_login("whole_program", &env), Duration::from_secs(120));
+    let (status, out, err) = common::output_within(on_login("whole_program", &env), Duration::from_secs(120));
     assert!(out.contains("HOSTS node1,node2\n") && out.contains("WHOLE world=4 sum=10 transport=mpi\n"), "the ranks' output comes back:\n{out}\n{err}");
     assert_eq!(status.code(), Some(7), "the job's status:\n{out}\n{err}");
     assert_nothing_left(Duration::from_secs(30));
@@ -270,17 +222,18 @@ fn a_node_that_dies_mid_pmap() {
     }
     let _one = exclusive();
     let mut child = on_login("on_login_node_dies", &[]);
-    let lines = lines_of(&mut child);
-    expect_line(&mut child, &lines, "KILL node2", Duration::from_secs(90));
+    let lines = common::lines_of(&mut child);
+    common::expect_line(&mut child, &lines, "KILL node2", Duration::from_secs(90));
     mn(&["kill", "node2"]); // its link first: no goodbye reaches the master, only silence
     let _revive = Mended;
-    let done = expect_line(&mut child, &lines, "PMAP-DONE", Duration::from_secs(60));
-    let (status, _, err) = finish(child, Duration::from_secs(30));
+    let done = common::expect_line(&mut child, &lines, "PMAP-DONE", Duration::from_secs(60));
+    let (status, _, err) = common::output_within(child, Duration::from_secs(30));
     assert!(status.success(), "{done}\n{err}");
     assert_nothing_left(Duration::from_secs(60));
 }
 
-/// Mends the cluster (a killed node revived) even when the test fails.
+/// Mends the cluster when dropped (routes back, links up, a killed node revived), so a
+/// test that fails midway leaves it whole.
 struct Mended;
 
 impl Drop for Mended {
@@ -307,15 +260,6 @@ fn on_login_cut_off() {
     println!("DECLARED-DEAD after {waited:.1} s");
 }
 
-/// Heals a cut link even when the test fails.
-struct Cut(&'static str);
-
-impl Drop for Cut {
-    fn drop(&mut self) {
-        mn(&["heal", self.0]);
-    }
-}
-
 #[test]
 fn a_node_cut_off_mid_call() {
     if !multinode_up() {
@@ -323,17 +267,17 @@ fn a_node_cut_off_mid_call() {
     }
     let _one = exclusive();
     let mut child = on_login("on_login_cut_off", &[]);
-    let lines = lines_of(&mut child);
-    expect_line(&mut child, &lines, "CUT node2", Duration::from_secs(90));
-    let cut = Cut("node2");
+    let lines = common::lines_of(&mut child);
+    common::expect_line(&mut child, &lines, "CUT node2", Duration::from_secs(90));
+    let _undo = Mended;
     mn(&["cut", "node2"]);
-    let dead = expect_line(&mut child, &lines, "DECLARED-DEAD", Duration::from_secs(30));
+    let dead = common::expect_line(&mut child, &lines, "DECLARED-DEAD", Duration::from_secs(30));
     let secs: f64 = dead["DECLARED-DEAD after ".len()..].split(' ').next().unwrap().parse().unwrap();
     assert!(secs < 8.0, "within the 3 s heartbeat timeout (and a poll): {dead}");
-    let (status, _, err) = finish(child, Duration::from_secs(30));
+    let (status, _, err) = common::output_within(child, Duration::from_secs(30));
     assert!(status.success(), "{err}");
     // the cut-off workers hear no heartbeat and exit by themselves, before the link heals
     assert!(common::wait_until(Duration::from_secs(15), || workers_on("node2").is_empty()), "workers left on the cut-off node: {:?}", workers_on("node2"));
-    drop(cut);
+    mn(&["heal", "node2"]);
     assert_nothing_left(Duration::from_secs(60));
 }

@@ -349,7 +349,8 @@ pub fn check_whole_program(name_of: impl Fn(&str) -> String, timeout: Duration, 
     }
     let name = name_of("whole-killed");
     let mut child = start_whole_program(&name, "mpi", 0, true);
-    assert!(read_until_line(child.stdout.take().unwrap(), "HOLDING", timeout), "output streams back while the job runs");
+    let lines = lines_of(&mut child);
+    expect_line(&mut child, &lines, "HOLDING", timeout); // output streams back while the job runs
     assert!(listed(&name), "the job runs");
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
@@ -392,18 +393,36 @@ pub fn output_within(mut child: std::process::Child, timeout: Duration) -> (std:
     (status, o, e)
 }
 
-/// Reads a child's stdout until a line equal to `line` (with a deadline); returns what came.
+/// The lines a child prints, as they come (the reader thread ends with the child's output).
 #[allow(dead_code)]
-pub fn read_until_line(stdout: impl std::io::Read + Send + 'static, line: &str, timeout: Duration) -> bool {
-    use std::io::BufRead;
+pub fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let wanted = line.to_string();
+    let stdout = child.stdout.take().unwrap();
     std::thread::spawn(move || {
-        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if l == wanted {
-                let _ = tx.send(());
-            }
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            let _ = tx.send(line);
         }
     });
-    rx.recv_timeout(timeout).is_ok()
+    rx
+}
+
+/// Waits (with a deadline) for a line holding `prefix`; returns it from there (the test
+/// harness may have printed `test name ... ` before it). Without one, the child's story.
+#[allow(dead_code)]
+pub fn expect_line(child: &mut std::process::Child, lines: &std::sync::mpsc::Receiver<String>, prefix: &str, timeout: Duration) -> String {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(prefix) => return line[line.find(prefix).unwrap_or(0)..].to_string(),
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                let mut err = String::new();
+                let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+                panic!("no line {prefix:?} within {timeout:?}:\n{}\n{err}", seen.join("\n"));
+            }
+        }
+    }
 }

@@ -152,7 +152,7 @@ impl<'a> JobSpec<'a> {
         match &self.report {
             None => body.push_str(launch),
             Some(report) => {
-                let (before, last) = launch.rsplit_once('\n').map_or(("", launch), |(b, l)| (b, l));
+                let (before, last) = launch.rsplit_once('\n').unwrap_or(("", launch));
                 if !before.is_empty() {
                     body.push_str(before);
                     body.push('\n');
