@@ -7,9 +7,9 @@ use crate::cluster::{Cluster, WorkerInfo};
 use crate::error::{Error, Result};
 use crate::launch::process::RunningLauncher;
 use crate::launch::{ClusterManager, Launch, LaunchContext, MpiRanks, RankMap, SecretFile};
-use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET_FILE};
+use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_SECRET_FILE};
 
-use super::{JobOptions, JobSpec, Layout, Scheduler, submit};
+use super::{JobOptions, JobSpec, Layout, Scheduler, mpi_rank_env, submit};
 
 /// Workers started by one job of scheduler `S`. Use it through the scheduler's alias, such
 /// as [`SlurmManager`](super::SlurmManager) or [`SgeManager`](super::SgeManager).
@@ -60,7 +60,7 @@ fn placeholder_exports(job: &JobOptions) -> Vec<(String, String)> {
         (ENV_LAUNCH.to_string(), format!("<launch>:{index}")),
     ];
     if job.layout_or_default() == Layout::Mpi {
-        env.push((ENV_MPI.to_string(), "serialized".to_string()));
+        env.push(mpi_rank_env());
     }
     env.extend(job.env.iter().cloned());
     env
@@ -74,7 +74,7 @@ fn exports(ctx: &LaunchContext, job: &JobOptions) -> Vec<(String, String)> {
     let mut env = match job.layout_or_default() {
         Layout::Mpi => {
             let mut e = ctx.env_by_rank(&master);
-            e.push((ENV_MPI.to_string(), "serialized".to_string()));
+            e.push(mpi_rank_env());
             e
         }
         Layout::Array => ctx.env_by_task(&master),

@@ -235,6 +235,12 @@ pub(crate) fn open_mpi_forwarding<'a>(launcher: &str, names: impl IntoIterator<I
     format!("case \"$({launcher} --version 2>&1)\" in *'Open MPI'*) set -- {} ;; esac\n", forward.join(" "))
 }
 
+/// The variable that tells a worker started as an MPI rank by a scheduler's launcher to
+/// initialise MPI first, and at which threading level.
+pub(crate) fn mpi_rank_env() -> (String, String) {
+    (crate::protocol::env::ENV_MPI.to_string(), "serialized".to_string())
+}
+
 /// The environment lines every job script starts with (values shell-quoted).
 pub(crate) fn export_lines(exports: &[(String, String)]) -> String {
     exports.iter().map(|(k, v)| format!("export {k}={}\n", shell_quote(v))).collect()

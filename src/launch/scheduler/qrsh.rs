@@ -14,7 +14,7 @@ use crate::launch::{ClusterManager, Launch, LaunchContext, LaunchStatus, MpiRank
 use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET};
 use crate::sys;
 
-use super::{CommandResult, JobOptions, JobState, Scheduler, Sge, open_mpi_forwarding, run, shell_quote};
+use super::{CommandResult, JobOptions, JobState, Scheduler, Sge, mpi_rank_env, open_mpi_forwarding, run, shell_quote};
 
 /// Workers started with one `qrsh` each.
 ///
@@ -122,7 +122,7 @@ impl ClusterManager for QrshManager {
         let envs: Vec<Vec<(String, String)>> = match &self.pe {
             Some(_) => {
                 let mut env: Vec<_> = ctx.env_by_rank(&master).into_iter().filter(|(k, _)| k != ENV_SECRET).collect();
-                env.push((ENV_MPI.to_string(), "serialized".to_string()));
+                env.push(mpi_rank_env());
                 vec![env]
             }
             None => (0..self.np).map(|i| LaunchContext::secret_from(ctx.env(i as u32, &master), Path::new(STDIN))).collect(),
