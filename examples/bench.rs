@@ -85,7 +85,8 @@ fn main() -> clusterman::Result<()> {
         return scale::run(n, args.get(3).map(String::as_str) != Some("--no-baseline")); // the scale figures alone
     }
     if args.get(1).map(String::as_str) == Some("--mpi-rtt") {
-        return mpi_rtt::run(); // every process is an MPI rank: `mpirun -np 2 bench --mpi-rtt`
+        // every process is an MPI rank: `mpirun -np 2 bench --mpi-rtt [--busy]`
+        return mpi_rtt::run(args.get(2).map(String::as_str) == Some("--busy"));
     }
 
     println!("# ratio = ours/baseline: for us (latency) lower is better, for MB/s (throughput) higher is better");
@@ -278,7 +279,9 @@ mod mpi_rtt {
 
     use super::{MSG, RTT_ITERS, RTT_WARMUP, Summary, bench, noop, us};
 
-    pub fn run() -> clusterman::Result<()> {
+    /// `busy`: another process keeps a core busy meanwhile (`scripts/bench.sh` starts one), and
+    /// the figures are named `mpi_rtt_noop_busy_*`; quiet, the idle CPU figure follows.
+    pub fn run(busy: bool) -> clusterman::Result<()> {
         let mgr = start_main_loop(Transport::Mpi)?; // rank 1 serves and never returns
         let cluster = mgr.cluster().expect("rank 0 owns the cluster");
         let worker = cluster.workers()[0];
@@ -297,10 +300,43 @@ mod mpi_rtt {
             })
             .collect::<clusterman::Result<_>>()?;
         let (ours, base) = (Summary::of(ours), Summary::of(base.into_iter().map(std::time::Duration::from_nanos).collect()));
-        println!("# mpi transport: mpirun -np 2, raw = blocking MPI_Send/MPI_Recv ping-pong of {MSG} bytes on MPI_COMM_WORLD between the same ranks");
-        bench("mpi_rtt_noop_median", us(ours.median), "us", Some(us(base.median)));
-        bench("mpi_rtt_noop_p99", us(ours.p99), "us", Some(us(base.p99)));
+        let name = if busy { "mpi_rtt_noop_busy" } else { "mpi_rtt_noop" };
+        if busy {
+            println!("# {name}: the same, while another process spins on one of the cores");
+        } else {
+            println!("# mpi transport: mpirun -np 2, raw = blocking MPI_Send/MPI_Recv ping-pong of {MSG} bytes on MPI_COMM_WORLD between the same ranks");
+        }
+        bench(&format!("{name}_median"), us(ours.median), "us", Some(us(base.median)));
+        bench(&format!("{name}_p99"), us(ours.p99), "us", Some(us(base.p99)));
+        if !busy {
+            idle_cpu(&mgr)?;
+        }
         mgr.shutdown()
+    }
+
+    /// `mpi_idle_cpu`: the CPU both ranks spend over 10 s in which no call is outstanding
+    /// (heartbeats still flow), as a percentage of one core, the busier rank's figure.
+    fn idle_cpu(mgr: &clusterman::mpi::MpiManager) -> clusterman::Result<()> {
+        const IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+        let before = clusterman::mpido!(mgr, |_comm| cpu_seconds())?;
+        let t = Instant::now();
+        std::thread::sleep(IDLE);
+        let after = clusterman::mpido!(mgr, |_comm| cpu_seconds())?;
+        let wall = t.elapsed().as_secs_f64();
+        let percent: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (a - b) / wall * 100.0).collect();
+        println!("# mpi_idle_cpu: {IDLE:?} with no call outstanding; rank 0 {:.2} %, rank 1 {:.2} % of a core (utime + stime from /proc/self/stat)", percent[0], percent[1]);
+        bench("mpi_idle_cpu", percent.iter().cloned().fold(0.0, f64::max), "%core", None);
+        Ok(())
+    }
+
+    /// This process's user + system CPU time, in seconds.
+    fn cpu_seconds() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // the fields after the command name (which may hold spaces) start with the state
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+        (ticks(11) + ticks(12)) / 100.0 // utime and stime, in USER_HZ (100 on Linux)
     }
 
     /// Rank 0 sends, rank 1 echoes; rank 0 returns its round-trip times in nanoseconds.

@@ -7,11 +7,18 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+spinner=
+trap 'rm -f "$out"; [ -z "$spinner" ] || kill "$spinner" 2>/dev/null' EXIT
 
 cargo build --release --example bench
 cargo run --quiet --release --example bench | tee "$out"
-mpirun -np 2 "${CARGO_TARGET_DIR:-target}/release/examples/bench" --mpi-rtt | tee -a "$out"
+bench="${CARGO_TARGET_DIR:-target}/release/examples/bench"
+mpirun -np 2 "$bench" --mpi-rtt | tee -a "$out"
+# the MPI round trip again while another process keeps a core busy
+sh -c 'while :; do :; done' &
+spinner=$!
+mpirun -np 2 "$bench" --mpi-rtt --busy | tee -a "$out"
+kill "$spinner"
 
 cpu=$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)
 {

@@ -446,6 +446,12 @@ impl Cluster {
         }
     }
 
+    /// Whether a call of this master still waits for its reply.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    pub(crate) fn awaits_replies(&self) -> bool {
+        self.inner.master.as_ref().is_some_and(|m| m.core.lock().expect("core lock").awaits_replies())
+    }
+
     /// Lets every launch notice processes that have exited (reaps local children).
     pub(crate) fn reap_launches(&self) {
         if let Some(m) = &self.inner.master {

@@ -13,6 +13,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::Result;
 use crate::protocol::Frame;
+use crate::transport::polled;
 
 use super::pool;
 
@@ -110,6 +111,7 @@ impl Slot {
         let helping = pool::helping_queue();
         // a thread that works while it waits is told on a channel it selects on; others park
         let woken = (pump.is_some() || helping.is_some()).then(|| crossbeam_channel::bounded::<()>(1));
+        let mut spun = false;
         loop {
             let mut s = self.state.lock().expect("slot lock");
             if let Some(r) = s.result.take() {
@@ -117,6 +119,13 @@ impl Slot {
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return None;
+            }
+            if !spun {
+                // a reply over a polled transport (MPI) that comes soon is read by this thread
+                spun = true;
+                drop(s);
+                polled::spin_until(|| self.is_filled());
+                continue;
             }
             match (pump, &helping, &woken) {
                 (Some(pump), _, Some((tx, rx))) => {

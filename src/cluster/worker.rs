@@ -19,7 +19,7 @@ use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECR
 use crate::protocol::worker::WorkerCore;
 use crate::protocol::{Frame, Health, Hello, Kind, Liveness, Secret, Terms, Welcome, bare};
 use crate::sys;
-use crate::transport::{self, tcp::{FrameStream, TcpOut}};
+use crate::transport::{self, polled, tcp::{FrameStream, TcpOut}};
 
 use super::link::{Link, Received, SharedCore};
 use super::{Cluster, Peers, exec, output, slot};
@@ -411,6 +411,8 @@ impl Inbox {
                 }
             }
             Inbox::Channel(rx) => {
+                // over a polled transport (MPI) this thread reads what comes soon itself
+                polled::spin_until(|| !rx.is_empty() || !woken.is_empty() || deadline.is_some_and(|d| Instant::now() >= d));
                 let timeout = deadline.map_or(crossbeam_channel::never(), crossbeam_channel::at);
                 let got = select! {
                     recv(rx) -> got => got.map_err(|_| Error::MasterGone("the transport stopped; exiting".into()))?,

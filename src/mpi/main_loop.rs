@@ -26,7 +26,7 @@ use crate::sys;
 
 use super::env::{self, MpiIdentity};
 use super::manager::MpiManager;
-use super::transport::{MpiTransport, SendComm};
+use super::transport::MpiTransport;
 
 /// How the processes of an all-rank program talk to each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,8 +167,9 @@ impl MainLoop {
             // the link is made once the transport runs (it sends through it): frames that come
             // before go to the serving thread all the same, as frames of the master's link
             let uplink: Arc<OnceLock<Arc<Link>>> = Arc::default();
-            let receiving = uplink.clone();
-            let transport = MpiTransport::start(SendComm(comm), Box::new(move |_, frame| {
+            let (receiving, watching) = (uplink.clone(), uplink.clone());
+            let awaiting = Box::new(move || watching.get().is_some_and(|link| link.core().awaits_replies()));
+            let transport = MpiTransport::start(comm, Box::new(move |_, frame| {
                 let delivery = match (frame, receiving.get()) {
                     (Err(e), _) => Delivery::Failed(e),
                     (Ok(frame), None) => Delivery::Frame(frame),
@@ -179,7 +180,7 @@ impl MainLoop {
                     },
                 };
                 let _ = tx.send(delivery);
-            }), terms.max_frame)?;
+            }), terms.max_frame, awaiting)?;
             let verdict = String::from_utf8_lossy(&receive_bytes(&world)).into_owned();
             at_worker_exit(env::finalize);
             if !verdict.is_empty() {
@@ -214,8 +215,9 @@ impl MainLoop {
                 return Err(e);
             }
         };
-        let handle = cluster.clone_handle();
-        let transport = MpiTransport::start(SendComm(comm), Box::new(move |rank, frame| handle.receive_from(rank as Pid + 1, frame)), DEFAULT_MAX_FRAME)?;
+        let (handle, watching) = (cluster.clone_handle(), cluster.clone_handle());
+        let deliver = Box::new(move |rank, frame| handle.receive_from(rank as Pid + 1, frame));
+        let transport = MpiTransport::start(comm, deliver, DEFAULT_MAX_FRAME, Box::new(move || watching.awaits_replies()))?;
         if verdict.is_empty() {
             for (rank, id) in others {
                 let info = WorkerInfo { pid: rank as Pid + 1, host: id.host, os_pid: id.os_pid, mpi: Some((rank, me.size)) };

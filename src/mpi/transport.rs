@@ -1,14 +1,19 @@
 //! Mode 3's transport: every frame is one MPI message on a duplicated communicator (its own
-//! context, so user traffic on `MPI_COMM_WORLD` never mixes with ours), moved by one
-//! progress thread per process. Senders hand frames to the thread and wake it; it posts
-//! non-blocking sends, completes them, and probes for incoming messages. It spins briefly
-//! after activity (low latency while calls flow) and then sleeps with growing pauses, up to
-//! 1 ms, so an idle rank does not burn a core. User code — `mpido!` bodies with their
+//! context, so user traffic on `MPI_COMM_WORLD` never mixes with ours).
+//!
+//! A sending thread posts its own non-blocking send. A thread that waits for a message (a
+//! caller for its reply, a serving worker for its next call) polls for it itself for a short
+//! while (`transport::polled`), so a quick round trip costs no thread switch. One progress
+//! thread per process does the rest: it completes sends that did not finish at once and
+//! receives when nobody else polls. MPI offers nothing a thread could sleep on until a
+//! message comes (Open MPI's blocking calls poll), so that thread sleeps in short pauses:
+//! at most 100 µs while this process waits for a reply, growing to 1 ms when it waits for
+//! nothing, so an idle rank spends next to no CPU. User code — `mpido!` bodies with their
 //! collectives — runs on other threads at the same time, which is why this mode needs
 //! `MPI_THREAD_MULTIPLE`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -21,63 +26,101 @@ use ::mpi::traits::{Communicator, Equivalence, Source};
 use crate::error::{Error, Result};
 use crate::protocol::{self, Frame, LEN_PREFIX};
 use crate::transport::FrameOut;
+use crate::transport::polled::{self, Polled};
 
 /// Tag of every frame on the transport communicator.
 const TAG: i32 = 7001;
-/// Polls without sleeping after the last activity.
-const SPIN_ROUNDS: u32 = 200;
+/// First pause of the progress thread after activity.
+const MIN_PAUSE: Duration = Duration::from_micros(20);
+/// Longest pause while this process waits for a reply.
+const ALERT_PAUSE: Duration = Duration::from_micros(100);
 /// Longest pause of an idle progress thread.
 const MAX_PAUSE: Duration = Duration::from_millis(1);
-
-/// A communicator handed to the progress thread.
-pub(crate) struct SendComm(pub SimpleCommunicator);
-
-// SAFETY: MPI was initialised with MPI_THREAD_MULTIPLE (checked by `start_main_loop`), so
-// the communicator handle may be used from another thread; after the hand-over only the
-// progress thread uses it.
-unsafe impl Send for SendComm {}
+/// How long the stop waits for queued sends to complete (a dead peer must not hang it).
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// Receives each incoming frame with the rank it came from.
 pub(crate) type Deliver = Box<dyn FnMut(i32, Result<Frame>) + Send>;
+/// Whether this process waits for a reply (the progress thread then pauses only briefly).
+pub(crate) type Awaiting = Box<dyn Fn() -> bool + Send + Sync>;
 
-struct Outgoing {
-    rank: i32,
-    frame: Vec<u8>,
-}
-
-/// The running progress thread of this process.
+/// The running transport of this process.
 pub(crate) struct MpiTransport {
-    tx: mpsc::Sender<Outgoing>,
+    shared: Arc<Shared>,
     thread: Thread,
-    stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }
 
+/// What the sending threads, the polling threads and the progress thread share.
+struct Shared {
+    comm: SimpleCommunicator,
+    receiving: Mutex<Receiving>,
+    sends: Mutex<Sends>,
+    stop: AtomicBool,
+    awaiting: Awaiting,
+}
+
+// SAFETY: MPI was initialised with MPI_THREAD_MULTIPLE (checked by `start_main_loop`), so the
+// communicator and request handles may be used from any thread; each request is used under
+// the `sends` lock only.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+struct Receiving {
+    deliver: Deliver,
+    max_frame: usize,
+    /// Set by the stop: MPI may be finalised, nothing more is probed.
+    closed: bool,
+}
+
+struct Sends {
+    posted: Vec<InFlight>,
+    /// Set by the stop: sends are refused.
+    closed: bool,
+}
+
+/// A posted send and the buffer it reads from (kept alive until the send completes).
+struct InFlight {
+    _frame: Vec<u8>,
+    request: ffi::MPI_Request,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl MpiTransport {
-    /// Starts the progress thread on `comm`, handing every received frame to `deliver`;
-    /// a message larger than `max_frame` is delivered as an error, not received.
-    pub(crate) fn start(comm: SendComm, deliver: Deliver, max_frame: usize) -> Result<MpiTransport> {
-        let (tx, rx) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
+    /// Starts the transport on `comm` (handed over: only the transport uses it from now on),
+    /// handing every received frame to `deliver`; a message larger than `max_frame` is
+    /// delivered as an error, not received. Waiting threads of this process poll it.
+    pub(crate) fn start(comm: SimpleCommunicator, deliver: Deliver, max_frame: usize, awaiting: Awaiting) -> Result<MpiTransport> {
+        let shared = Arc::new(Shared {
+            comm,
+            receiving: Mutex::new(Receiving { deliver, max_frame, closed: false }),
+            sends: Mutex::new(Sends { posted: Vec::new(), closed: false }),
+            stop: AtomicBool::new(false),
+            awaiting,
+        });
         let handle = std::thread::Builder::new()
             .name("cman-mpi".into())
             .spawn({
-                let stop = stop.clone();
-                move || progress(comm, rx, deliver, &stop, max_frame)
+                let shared = shared.clone();
+                move || progress(&shared)
             })
             .map_err(|e| Error::io("starting the MPI progress thread", e))?;
-        Ok(MpiTransport { tx, thread: handle.thread().clone(), stop, handle: Some(handle) })
+        polled::install(shared.clone());
+        Ok(MpiTransport { shared, thread: handle.thread().clone(), handle: Some(handle) })
     }
 
     /// A frame sink that sends to `rank`.
     pub(crate) fn out(&self, rank: i32) -> Box<dyn FrameOut> {
-        Box::new(MpiOut { rank, tx: self.tx.clone(), thread: self.thread.clone(), closed: AtomicBool::new(false) })
+        Box::new(MpiOut { rank, shared: self.shared.clone(), progress: self.thread.clone(), closed: AtomicBool::new(false) })
     }
 
-    /// Sends what is queued, waits for the sends to complete, and ends the thread. Call
-    /// before `MPI_Finalize`.
+    /// Waits for the posted sends to complete (bounded), then ends the transport: nothing is
+    /// sent or received afterwards. Call before `MPI_Finalize`.
     pub(crate) fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.shared.stop.store(true, Ordering::SeqCst);
         self.thread.unpark();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
@@ -85,10 +128,74 @@ impl MpiTransport {
     }
 }
 
+impl Polled for Shared {
+    fn poll(&self) -> bool {
+        self.receive()
+    }
+}
+
+impl Shared {
+    /// Receives and delivers every message that has arrived, unless another thread does.
+    fn receive(&self) -> bool {
+        let mut r = match self.receiving.try_lock() {
+            Ok(r) => r,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
+        if r.closed {
+            return false;
+        }
+        let mut got = false;
+        while let Some((message, status)) = self.comm.any_process().immediate_matched_probe_with_tag(TAG) {
+            got = true;
+            let len = status.count(u8::equivalent_datatype()) as usize;
+            if len > r.max_frame {
+                // not received: that rank's link is cut off, its message stays with MPI
+                std::mem::forget(message);
+                let error = protocol::too_long(len, r.max_frame);
+                (r.deliver)(status.source_rank(), Err(error));
+                continue;
+            }
+            let (body, _) = (message, status).matched_receive_vec::<u8>();
+            (r.deliver)(status.source_rank(), Frame::from_body(body));
+        }
+        got
+    }
+
+    /// Posts a send of `frame` to `rank`; false when it did not complete at once (the
+    /// progress thread then completes it).
+    fn send(&self, rank: i32, frame: Vec<u8>) -> std::io::Result<bool> {
+        let mut sends = lock(&self.sends);
+        if sends.closed {
+            return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the MPI transport has stopped"));
+        }
+        let body = &frame[LEN_PREFIX..]; // MPI keeps message bounds: no length prefix
+        // SAFETY: `request` is written by MPI_Isend; the buffer is owned by the InFlight,
+        // which lives until MPI_Test reports the send complete.
+        let mut sent = unsafe {
+            let mut request: ffi::MPI_Request = std::mem::zeroed();
+            ffi::MPI_Isend(body.as_ptr().cast(), body.len() as i32, ffi::RSMPI_UINT8_T, rank, TAG, self.comm.as_raw(), &mut request);
+            InFlight { _frame: frame, request }
+        };
+        if send_done(&mut sent) {
+            return Ok(true);
+        }
+        sends.posted.push(sent);
+        Ok(false)
+    }
+
+    /// Completes what it can of the posted sends; true when some are still in flight.
+    fn complete_sends(&self) -> bool {
+        let mut sends = lock(&self.sends);
+        sends.posted.retain_mut(|s| !send_done(s));
+        !sends.posted.is_empty()
+    }
+}
+
 struct MpiOut {
     rank: i32,
-    tx: mpsc::Sender<Outgoing>,
-    thread: Thread,
+    shared: Arc<Shared>,
+    progress: Thread,
     closed: AtomicBool,
 }
 
@@ -100,8 +207,9 @@ impl FrameOut for MpiOut {
         if i32::try_from(frame.len()).is_err() {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large for one MPI message (2 GiB)"));
         }
-        self.tx.send(Outgoing { rank: self.rank, frame }).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the MPI transport has stopped"))?;
-        self.thread.unpark();
+        if !self.shared.send(self.rank, frame)? {
+            self.progress.unpark();
+        }
         Ok(())
     }
 
@@ -110,76 +218,38 @@ impl FrameOut for MpiOut {
     }
 }
 
-/// A posted send and the buffer it reads from (kept alive until the send completes).
-struct InFlight {
-    _frame: Vec<u8>,
-    request: ffi::MPI_Request,
-}
-
-fn progress(comm: SendComm, rx: mpsc::Receiver<Outgoing>, mut deliver: Deliver, stop: &AtomicBool, max_frame: usize) {
-    let comm = comm.0;
-    let mut in_flight: Vec<InFlight> = Vec::new();
-    let mut idle = 0u32;
-    let mut pause = Duration::from_micros(10);
+fn progress(shared: &Shared) {
+    let mut pause = MIN_PAUSE;
     loop {
-        let mut busy = false;
-        while let Ok(out) = rx.try_recv() {
-            in_flight.push(post_send(&comm, out));
-            busy = true;
-        }
-        in_flight.retain_mut(|s| !send_done(s));
-        while let Some((message, status)) = comm.any_process().immediate_matched_probe_with_tag(TAG) {
-            busy = true;
-            let len = status.count(u8::equivalent_datatype()) as usize;
-            if len > max_frame {
-                // not received: that rank's link is cut off, its message stays with MPI
-                std::mem::forget(message);
-                deliver(status.source_rank(), Err(protocol::too_long(len, max_frame)));
-                continue;
-            }
-            let (body, _) = (message, status).matched_receive_vec::<u8>();
-            let frame = Frame::from_body(body);
-            deliver(status.source_rank(), frame);
-        }
-        if stop.load(Ordering::SeqCst) && in_flight.is_empty() && !busy {
+        let received = shared.receive();
+        let sending = shared.complete_sends();
+        if shared.stop.load(Ordering::SeqCst) {
             break;
         }
-        if busy {
-            idle = 0;
-            pause = Duration::from_micros(10);
-        } else if idle < SPIN_ROUNDS {
-            idle += 1;
-            std::thread::yield_now();
+        if received {
+            pause = MIN_PAUSE;
+        } else if sending {
+            std::thread::yield_now(); // a large send needs MPI's progress to complete
         } else {
-            std::thread::park_timeout(pause);
-            pause = (pause * 2).min(MAX_PAUSE);
+            let longest = if (shared.awaiting)() { ALERT_PAUSE } else { MAX_PAUSE };
+            std::thread::park_timeout(pause.min(longest));
+            pause = (pause * 2).min(longest);
         }
     }
-    // drain sends queued after the stop flag, bounded so a dead peer cannot hang us
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while let Ok(out) = rx.try_recv() {
-        in_flight.push(post_send(&comm, out));
-    }
-    while !in_flight.is_empty() && Instant::now() < deadline {
-        in_flight.retain_mut(|s| !send_done(s));
+    // complete the sends posted before the stop, bounded so a dead peer cannot hang us
+    let deadline = Instant::now() + DRAIN;
+    while shared.complete_sends() && Instant::now() < deadline {
         std::thread::yield_now();
     }
-    if !in_flight.is_empty() {
+    let mut sends = lock(&shared.sends);
+    sends.closed = true;
+    if !sends.posted.is_empty() {
         // MPI may still read these buffers: they are never freed (the process is ending)
-        tracing::warn!("{} MPI sends did not complete; their buffers are left to MPI", in_flight.len());
-        std::mem::forget(in_flight);
+        tracing::warn!("{} MPI sends did not complete; their buffers are left to MPI", sends.posted.len());
+        std::mem::forget(std::mem::take(&mut sends.posted));
     }
-}
-
-fn post_send(comm: &SimpleCommunicator, out: Outgoing) -> InFlight {
-    let body = &out.frame[LEN_PREFIX..]; // MPI keeps message bounds: no length prefix
-    // SAFETY: `request` is written by MPI_Isend; the buffer is owned by the returned
-    // InFlight, which lives until MPI_Test reports the send complete.
-    unsafe {
-        let mut request: ffi::MPI_Request = std::mem::zeroed();
-        ffi::MPI_Isend(body.as_ptr().cast(), body.len() as i32, ffi::RSMPI_UINT8_T, out.rank, TAG, comm.as_raw(), &mut request);
-        InFlight { _frame: out.frame, request }
-    }
+    drop(sends);
+    lock(&shared.receiving).closed = true;
 }
 
 fn send_done(s: &mut InFlight) -> bool {

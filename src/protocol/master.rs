@@ -94,6 +94,12 @@ impl<W> MasterCore<W> {
         self.peers.keys().copied().collect()
     }
 
+    /// Whether a call still waits for its reply.
+    #[cfg_attr(not(any(feature = "mpi", test)), allow(dead_code))]
+    pub fn awaits_replies(&self) -> bool {
+        self.peers.values().any(|p| !p.calls.is_empty())
+    }
+
     /// Frames routed from one worker to another so far.
     pub fn routed_frames(&self) -> u64 {
         self.routed

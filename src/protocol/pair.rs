@@ -314,6 +314,21 @@ fn a_routed_callers_target_dying_fails_the_caller_not_the_master() {
 }
 
 #[test]
+fn cores_know_whether_they_wait_for_a_reply() {
+    // what the MPI transport asks before it lets its thread sleep longer
+    let mut p = Pair::new(2);
+    assert!(!p.core.awaits_replies());
+    p.worker(3).stopped = true;
+    p.call(2, RELAY_TO + 3, 5).unwrap();
+    p.settle();
+    assert!(p.core.awaits_replies() && p.workers[&2].core.awaits_replies(), "the master waits on 2, 2 on 3");
+    assert!(!p.workers[&3].core.awaits_replies());
+    p.kill(3, "its connection closed");
+    p.settle();
+    assert!(!p.core.awaits_replies() && !p.workers[&2].core.awaits_replies());
+}
+
+#[test]
 fn a_call_to_a_worker_that_is_gone_is_refused_for_the_caller() {
     let mut p = Pair::new(1);
     p.call(2, RELAY_TO + 9, 3).unwrap();

@@ -120,6 +120,12 @@ impl<W> WorkerCore<W> {
         })
     }
 
+    /// Whether a call of this worker still waits for its reply.
+    #[cfg_attr(not(any(feature = "mpi", test)), allow(dead_code))]
+    pub(crate) fn awaits_replies(&self) -> bool {
+        self.links.values().any(|l| !l.calls.is_empty())
+    }
+
     /// Whether the master asked this worker to stop.
     pub(crate) fn is_stopping(&self) -> bool {
         self.stopping

@@ -1,10 +1,12 @@
 //! Moving frames: the process's I/O thread (a tokio runtime that writes what sockets could not
 //! take at once, runs the listener and keeps the timers), TCP connections whose senders never
 //! wait on a peer, and the listener workers dial. The MPI transport implements the same
-//! [`FrameOut`] (see `mpi`). Nothing here knows what a frame means.
+//! [`FrameOut`] (see `mpi`), and waiting threads poll it ([`polled`]). Nothing here knows
+//! what a frame means.
 
 pub(crate) mod io;
 pub(crate) mod listener;
+pub(crate) mod polled;
 pub(crate) mod tcp;
 
 use std::time::Instant;

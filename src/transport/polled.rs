@@ -1,0 +1,53 @@
+//! Transports that move a message only when some thread asks them to (MPI has no readiness a
+//! thread could sleep on). A thread about to sleep waiting for a message polls the process's
+//! polled transport itself for a short while first: a message that comes soon is received,
+//! delivered and picked up by the thread that waits for it, with no thread switch. The
+//! transport's own thread covers the rest.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A transport that delivers what has arrived when polled.
+pub(crate) trait Polled: Send + Sync {
+    /// Receives and delivers what has arrived; true if anything was. Returns at once when
+    /// another thread is polling.
+    fn poll(&self) -> bool;
+}
+
+/// How long a waiting thread polls before it sleeps: longer than a short call's round trip,
+/// short enough that a thread waiting for a long call spends little CPU on it.
+const SPIN: Duration = Duration::from_micros(200);
+/// After this, a polling thread yields between polls (a busy or oversubscribed machine may
+/// need its core for the very process that is to answer).
+const HOT: Duration = Duration::from_micros(20);
+
+static POLLED: OnceLock<Arc<dyn Polled>> = OnceLock::new();
+
+/// Makes `transport` the one waiting threads poll (a process has at most one).
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub(crate) fn install(transport: Arc<dyn Polled>) {
+    let _ = POLLED.set(transport);
+}
+
+/// Polls the process's polled transport until `done()` or for [`SPIN`]; true when `done()`.
+/// Without such a transport (TCP) there is nothing to poll: returns false at once.
+pub(crate) fn spin_until(mut done: impl FnMut() -> bool) -> bool {
+    let Some(transport) = POLLED.get() else { return false };
+    let start = Instant::now();
+    loop {
+        if done() {
+            return true;
+        }
+        if !transport.poll() {
+            let spun = start.elapsed();
+            if spun >= SPIN {
+                return done();
+            }
+            if spun < HOT {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
