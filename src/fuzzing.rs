@@ -42,6 +42,8 @@ pub fn decode_untrusted(bytes: &[u8]) {
     let _ = codec::decode::<(Vec<u8>, Option<char>, bool, i128)>(bytes);
     let _ = codec::decode::<BTreeMap<String, Vec<Option<u32>>>>(bytes);
     let _ = codec::decode::<HashMap<u16, (String, Box<[u64]>)>>(bytes);
+    let _ = codec::decode::<Vec<f64>>(bytes); // these two are copied as one block
+    let _ = codec::decode::<(Vec<u8>,)>(bytes);
     let _ = std::str::from_utf8(bytes).map(protocol::env::parse_launch);
     #[cfg(feature = "mpi")]
     crate::mpi::decode_untrusted(bytes);
@@ -78,6 +80,7 @@ pub fn sample_messages() -> Vec<Vec<u8>> {
         codec::encode(&batch).expect("encodes"),
         codec::encode(&vec![(1u64, "s".to_string(), vec![0.5f64; 3])]).expect("encodes"),
         codec::encode(&(vec![1u8, 2], Some('λ'), true, -5i128)).expect("encodes"),
+        codec::encode(&vec![0.5f64, 2.0]).expect("encodes"),
         b"123:rank".to_vec(),
     ];
     #[cfg(feature = "mpi")]

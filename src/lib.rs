@@ -49,7 +49,8 @@
 //! declared dead ([`ClusterBuilder::heartbeat`]) and a worker whose master is gone exits.
 //!
 //! The layers, bottom up; each imports only from those below it:
-//! - `ids`, `sys`, `error`: the pid type, the OS calls, the errors;
+//! - `ids`, `sys`, `error`, `buffers`: the pid type, the OS calls, the errors, big buffers
+//!   kept for reuse;
 //! - `codec`, `protocol`, `registry`: bytes, frames, the handshake, the environment a worker
 //!   is started with, the remote-function table (no I/O);
 //! - `transport`: the I/O thread, TCP connections whose senders never wait, the frame
@@ -72,6 +73,7 @@
 
 extern crate self as clusterman;
 
+mod buffers;
 mod cluster;
 mod codec;
 mod error;

@@ -181,7 +181,7 @@ fn install_panic_hook() {
 fn run_call<F: RemoteFn>(payload: &[u8], out: &mut Vec<u8>) -> Result<(), CallError> {
     let args: F::Args = codec::decode(payload).map_err(|e| CallError { message: format!("cannot decode the arguments: {e}"), location: None })?;
     let value = catch(|| F::invoke(args))?;
-    codec::encode_into(&value, out).map_err(|e| CallError { message: format!("cannot encode the result: {e}"), location: None })
+    codec::encode_value_into(&value, out).map_err(|e| CallError { message: format!("cannot encode the result: {e}"), location: None })
 }
 
 fn run_batch<F: RemoteFn>(payload: &[u8], out: &mut Vec<u8>) -> Result<(), CallError> {

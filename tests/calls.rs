@@ -121,6 +121,36 @@ fn typed_calls_return_typed_results() {
     assert_eq!(cluster.remote_call_fetch(1, describe, ("x".into(), vec![])).unwrap().2, 1);
 }
 
+/// Scales a vector of numbers: a block each way (a single argument and a result).
+#[remote]
+fn scaled(values: Vec<f64>) -> Vec<f64> {
+    values.iter().map(|v| v * 2.0).collect()
+}
+
+/// Bytes, and a struct holding a vector (which goes element by element).
+#[remote]
+fn reversed(bytes: Vec<u8>, tag: (u32, Vec<i16>)) -> (Vec<u8>, Vec<i16>) {
+    (bytes.into_iter().rev().collect(), tag.1.into_iter().map(|v| v + tag.0 as i16).collect())
+}
+
+#[test]
+fn big_vectors_arrive_exact_both_ways_again_and_again() {
+    // a few MiB each: big enough that their buffers are kept and reused between calls
+    let (cluster, pids) = cluster_with(1);
+    for round in 0..3u32 {
+        let values: Vec<f64> = (0..500_000).map(|i| f64::from(i) * 0.5 + f64::from(round)).collect();
+        let doubled = cluster.remote_call_fetch(pids[0], scaled, (values.clone(),)).unwrap();
+        assert_eq!(doubled.len(), values.len());
+        assert!(doubled.iter().zip(&values).all(|(d, v)| *d == v * 2.0), "round {round}");
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(round + 7) >> 3) as u8).collect();
+        let (back, tagged) = cluster.remote_call_fetch(pids[0], reversed, (bytes.clone(), (round, vec![1, -2]))).unwrap();
+        assert!(back.iter().rev().eq(bytes.iter()), "round {round}");
+        assert_eq!(tagged, vec![1 + round as i16, -2 + round as i16]);
+    }
+    let shares = cluster.everywhere(scaled, (vec![1.5; 300_000],)).unwrap();
+    assert!(shares[&pids[0]].iter().all(|v| *v == 3.0));
+}
+
 #[test]
 fn many_futures_in_flight_resolve_to_their_own_results() {
     let (cluster, pids) = cluster_with(2);

@@ -18,7 +18,7 @@ use crate::protocol::failure::Failure;
 use super::slot::Slot;
 
 /// Decodes a reply frame into the caller's type.
-pub(crate) fn decode_reply<R: DeserializeOwned>(frame: Result<Frame>) -> Result<R> {
+pub(crate) fn decode_reply<R: DeserializeOwned + 'static>(frame: Result<Frame>) -> Result<R> {
     let frame = frame?;
     match frame.header.kind {
         Kind::Reply => codec::decode(frame.payload()),
@@ -72,7 +72,7 @@ impl<R> RemoteFuture<R> {
     }
 }
 
-impl<R: DeserializeOwned> RemoteFuture<R> {
+impl<R: DeserializeOwned + 'static> RemoteFuture<R> {
     pub(crate) fn pending(pid: Pid, slot: Arc<Slot>, forget: Forget) -> Self {
         RemoteFuture { pid, inner: FutureInner::Pending(slot, forget), _result: PhantomData }
     }
@@ -109,7 +109,7 @@ impl<R: DeserializeOwned> RemoteFuture<R> {
     }
 }
 
-impl<R: DeserializeOwned> Future for RemoteFuture<R> {
+impl<R: DeserializeOwned + 'static> Future for RemoteFuture<R> {
     type Output = Result<R>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {

@@ -507,7 +507,7 @@ impl Cluster {
             return Ok(RemoteFuture::ready(pid, run_here::<F>(pid, args)));
         }
         let slot = Arc::new(slot::Slot::default());
-        let forget = self.send(Kind::Call, pid, F::ID, 64, |buf| codec::encode_into(&args, buf), Some(Waiter::Slot(slot.clone())))?;
+        let forget = self.send(Kind::Call, pid, F::ID, 64, |buf| codec::encode_value_into(&args, buf), Some(Waiter::Slot(slot.clone())))?;
         Ok(RemoteFuture::pending(pid, slot, forget))
     }
 
@@ -525,11 +525,11 @@ impl Cluster {
             }
             return Ok(());
         }
-        self.send(Kind::Cast, pid, F::ID, 64, |buf| codec::encode_into(&args, buf), None).map(|_| ())
+        self.send(Kind::Cast, pid, F::ID, 64, |buf| codec::encode_value_into(&args, buf), None).map(|_| ())
     }
 
     /// Calls function `func` on `pid` with an already encoded argument tuple.
-    pub(crate) fn call_with_payload<R: serde::de::DeserializeOwned>(&self, pid: Pid, func: u64, payload: &[u8]) -> Result<RemoteFuture<R>> {
+    pub(crate) fn call_with_payload<R: serde::de::DeserializeOwned + 'static>(&self, pid: Pid, func: u64, payload: &[u8]) -> Result<RemoteFuture<R>> {
         let slot = Arc::new(slot::Slot::default());
         let copy = |buf: &mut Vec<u8>| {
             buf.extend_from_slice(payload);
@@ -543,7 +543,8 @@ impl Cluster {
     /// is returned as the error, after every call has finished.
     pub fn everywhere<F: RemoteFn>(&self, f: F, args: F::Args) -> Result<BTreeMap<Pid, F::Output>> {
         let _ = f;
-        let payload = codec::encode(&args)?;
+        let mut payload = Vec::new();
+        codec::encode_value_into(&args, &mut payload)?;
         let futures: Vec<_> = self.workers().into_iter().map(|pid| (pid, self.call_with_payload::<F::Output>(pid, F::ID, &payload))).collect();
         let mut results = BTreeMap::new();
         let mut first_error = None;

@@ -8,10 +8,14 @@
 //! process reserve gigabytes; nesting depth and zero-sized elements are bounded too.
 
 mod de;
+mod plain;
 mod ser;
+
+use std::any::Any;
 
 use serde::{Serialize, de::DeserializeOwned};
 
+use crate::buffers;
 use crate::error::{Error, Result};
 
 /// Why a value could not be encoded or decoded.
@@ -44,9 +48,23 @@ impl serde::de::Error for CodecError {
     }
 }
 
-/// Appends the encoding of `value` to `out` (no intermediate buffer).
+/// Appends the encoding of `value` to `out` (no intermediate buffer), element by element.
 pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<()> {
     value.serialize(&mut ser::Encoder { out }).map_err(|e| Error::Codec(e.0))
+}
+
+/// [`encode_into`] for an owned value, the same bytes: a vector of plain numbers (`Vec<u8>`,
+/// `Vec<f64>`, `Box<[i32]>`, … alone or as a single argument) is copied as one block.
+pub fn encode_value_into<T: Serialize + Any>(value: &T, out: &mut Vec<u8>) -> Result<()> {
+    match plain::numbers(value) {
+        Some((count, bytes)) => {
+            buffers::reserve(out, 8 + bytes.len());
+            out.extend_from_slice(&(count as u64).to_le_bytes());
+            out.extend_from_slice(bytes);
+            Ok(())
+        }
+        None => encode_into(value, out),
+    }
 }
 
 /// Encodes `value` into a fresh vector.
@@ -56,8 +74,12 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Decodes a whole `T` from `bytes`; trailing bytes are an error.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+/// Decodes a whole `T` from `bytes`; trailing bytes are an error. A vector of plain numbers
+/// is copied as one block.
+pub fn decode<T: DeserializeOwned + Any>(bytes: &[u8]) -> Result<T> {
+    if let Some(value) = plain::decode::<T>(bytes) {
+        return value.map_err(|e| Error::Codec(e.0));
+    }
     let mut decoder = de::Decoder::new(bytes);
     let value = T::deserialize(&mut decoder).map_err(|e| Error::Codec(e.0))?;
     if !decoder.input.is_empty() {
@@ -128,6 +150,55 @@ mod tests {
     fn numbers_are_little_endian_words_and_lengths_u64() {
         assert_eq!(encode(&vec![1.0f64, 2.0]).unwrap()[..8], 2u64.to_le_bytes());
         assert_eq!(encode(&(7u32, "ab")).unwrap(), [7, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, b'a', b'b']);
+    }
+
+    #[test]
+    fn vectors_of_plain_numbers_are_one_block_with_the_same_bytes() {
+        fn same<T: Serialize + DeserializeOwned + Any + PartialEq + std::fmt::Debug>(value: T) {
+            let mut block = Vec::new();
+            encode_value_into(&value, &mut block).unwrap();
+            assert_eq!(block, encode(&value).unwrap(), "{}", std::any::type_name::<T>());
+            assert!(plain::numbers(&value).is_some(), "{} goes as a block", std::any::type_name::<T>());
+            assert_eq!(decode::<T>(&block).unwrap(), value);
+            // the element-by-element decoder reads the block too
+            let mut decoder = de::Decoder::new(&block);
+            assert_eq!(T::deserialize(&mut decoder).unwrap(), value);
+        }
+        same(vec![0u8, 1, 255]);
+        same(vec![-1i8, 7]);
+        same(vec![1u16, 65535]);
+        same(vec![-2i16]);
+        same(vec![3u32, 4]);
+        same(vec![-5i32, i32::MAX]);
+        same(vec![u64::MAX]);
+        same(vec![i64::MIN, 0]);
+        same(vec![u128::MAX]);
+        same(vec![-1i128]);
+        same(vec![1.5f32, -0.0]);
+        same(vec![f64::MAX, f64::MIN_POSITIVE, 2.25]);
+        same(Vec::<f64>::new());
+        same(vec![9i32; 3].into_boxed_slice());
+        same(std::borrow::Cow::<'static, [u16]>::Owned(vec![7, 8]));
+        same((vec![1.0f64, 2.0],));
+        // everything else goes element by element
+        assert!(plain::numbers(&vec![true]).is_none() && plain::numbers(&(vec![1u8], 2u8)).is_none());
+    }
+
+    #[test]
+    fn a_block_with_a_lying_count_is_an_error_before_any_allocation() {
+        let mut bytes = (1u64 << 60).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 16]);
+        let err = decode::<Vec<f64>>(&bytes).unwrap_err().to_string();
+        assert!(err.contains("exceed the 16 bytes left"), "{err}");
+        assert!(decode::<Vec<u64>>(&u64::MAX.to_le_bytes()).is_err());
+        assert!(decode::<Vec<u8>>(&[3, 0, 0]).is_err(), "a cut count");
+        let mut cut = encode(&vec![1u32, 2, 3]).unwrap();
+        cut.pop();
+        assert!(decode::<Vec<u32>>(&cut).is_err(), "a cut element");
+        let mut long = encode(&vec![1u32]).unwrap();
+        long.push(0);
+        let err = decode::<Vec<u32>>(&long).unwrap_err().to_string();
+        assert!(err.contains("1 trailing bytes"), "{err}");
     }
 
     #[test]

@@ -296,7 +296,7 @@ where
     let args: A = codec::decode(payload).map_err(|e| fail(format!("cannot decode the mpido! arguments: {e}")))?;
     let comm = env::world().map_err(|e| fail(e.to_string()))?;
     let value = catch(|| Ok(body(&comm, args)))?;
-    codec::encode_into(&value, out).map_err(|e| fail(format!("cannot encode the mpido! result: {e}")))
+    codec::encode_value_into(&value, out).map_err(|e| fail(format!("cannot encode the mpido! result: {e}")))
 }
 
 fn no_batch(_: &[u8], _: &mut Vec<u8>) -> std::result::Result<(), CallError> {
@@ -314,7 +314,7 @@ pub fn mpido_run<M, A, T, C, W>(mgr: &M, entry: &'static RemoteEntry, args: &A, 
 where
     M: MpiRanks + ?Sized,
     A: Serialize + ?Sized,
-    T: DeserializeOwned,
+    T: DeserializeOwned + 'static,
     C: Fn(&Comm, W) -> T,
 {
     let (cluster, ranks) = mgr.ranks().entries().ok_or_else(|| Error::Unsupported("mpido!: this manager has no ranks yet; add_procs(&manager) first".into()))?;

@@ -1,8 +1,8 @@
 //! Frame layout and parsing.
 
-
-use crate::ids::Pid;
+use crate::buffers;
 use crate::error::{Error, Result};
+use crate::ids::Pid;
 
 /// Bytes of the length prefix.
 pub const LEN_PREFIX: usize = 4;
@@ -209,11 +209,17 @@ impl Frame {
     }
 
     /// The frame as a stream carries it, prefix included (no copy when it came that way).
-    pub fn into_wire(self) -> Vec<u8> {
+    pub fn into_wire(mut self) -> Vec<u8> {
         if self.body_at == LEN_PREFIX {
-            return self.bytes;
+            return std::mem::take(&mut self.bytes);
         }
         prefixed(&self.bytes).expect("a received frame's length fits its prefix")
+    }
+}
+
+impl Drop for Frame {
+    fn drop(&mut self) {
+        buffers::give(std::mem::take(&mut self.bytes)); // a big frame's buffer serves the next
     }
 }
 
@@ -252,7 +258,15 @@ impl FrameReader {
     /// still needs, but at most as much again as is already there (so memory follows the
     /// bytes that really arrive), and at least a few KiB.
     pub fn buffer(&mut self) -> &mut Vec<u8> {
-        let room = self.missing().min(self.buf.len().max(READ_ROOM)).max(READ_ROOM);
+        let missing = self.missing();
+        if self.buf.capacity() - self.buf.len() < missing {
+            // a kept buffer that holds the whole frame is no new memory: read into it
+            if let Some(mut kept) = buffers::take(self.buf.len() + missing) {
+                kept.extend_from_slice(&self.buf);
+                self.buf = kept;
+            }
+        }
+        let room = missing.min(self.buf.len().max(READ_ROOM)).max(READ_ROOM);
         self.buf.reserve(room);
         &mut self.buf
     }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use crate::buffers;
 use crate::error::{Error, Result};
 use crate::protocol::{Frame, FrameReader, Hello, LEN_PREFIX, MAX_HANDSHAKE, Welcome, announced_len};
 use crate::sys;
@@ -79,7 +80,9 @@ impl Queue {
             if self.written < front.len() {
                 return Ok(false);
             }
-            self.frames.pop_front();
+            if let Some(sent) = self.frames.pop_front() {
+                buffers::give(sent);
+            }
             self.written = 0;
         }
         Ok(true)

@@ -1,0 +1,86 @@
+//! Big frame buffers, kept for the next big frame. A fresh buffer costs a page fault per
+//! 4 KiB the first time it is written (64 MiB: 16,384 faults, about 45 ms here, several
+//! times the copy itself), so the buffers that carry big payloads through this process (an
+//! encoded result, a frame read from a socket) are reused rather than freed. Only buffers of
+//! at least [`MIN_KEPT`] bytes are kept, at most [`MAX_KEPT`] of them and [`MAX_KEPT_BYTES`]
+//! in all, so the memory held back is bounded.
+
+use std::sync::Mutex;
+
+/// Smaller buffers are cheap to allocate: not worth keeping.
+pub(crate) const MIN_KEPT: usize = 1 << 20;
+const MAX_KEPT: usize = 4;
+const MAX_KEPT_BYTES: usize = 1 << 30;
+
+static KEPT: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// An empty buffer with room for at least `capacity` bytes, if one is kept (the smallest
+/// that fits).
+pub(crate) fn take(capacity: usize) -> Option<Vec<u8>> {
+    if capacity < MIN_KEPT {
+        return None;
+    }
+    let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    let best = kept.iter().enumerate().filter(|(_, b)| b.capacity() >= capacity).min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i)?;
+    Some(kept.swap_remove(best))
+}
+
+/// Keeps `buffer` for a later [`take`], if it is big enough and there is room; a smaller
+/// kept buffer makes way for a bigger one.
+pub(crate) fn give(mut buffer: Vec<u8>) {
+    if buffer.capacity() < MIN_KEPT || buffer.capacity() > MAX_KEPT_BYTES {
+        return;
+    }
+    buffer.clear();
+    let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    kept.push(buffer);
+    kept.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
+    let mut total = 0;
+    kept.retain(|b| {
+        total += b.capacity();
+        total <= MAX_KEPT_BYTES
+    });
+    kept.truncate(MAX_KEPT);
+}
+
+/// Makes room for `additional` more bytes in `buffer`, moving its bytes into a kept buffer
+/// when one fits (and keeping the old one) instead of growing into fresh memory.
+pub(crate) fn reserve(buffer: &mut Vec<u8>, additional: usize) {
+    let needed = buffer.len().saturating_add(additional);
+    if buffer.capacity() >= needed {
+        return;
+    }
+    match take(needed) {
+        Some(mut bigger) => {
+            bigger.extend_from_slice(buffer);
+            give(std::mem::replace(buffer, bigger));
+        }
+        None => buffer.reserve(additional),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // one test: the pool is process-wide
+    #[test]
+    fn big_buffers_are_reused_within_bounds() {
+        give(Vec::with_capacity(MIN_KEPT - 1));
+        assert!(take(MIN_KEPT - 1).is_none(), "small buffers are neither kept nor asked for");
+        give(Vec::with_capacity(4 * MIN_KEPT));
+        give(Vec::with_capacity(2 * MIN_KEPT));
+        let b = take(MIN_KEPT + 1).expect("a kept buffer");
+        assert_eq!(b.capacity(), 2 * MIN_KEPT, "the smallest that fits");
+        assert!(b.is_empty());
+        let mut grown = vec![7u8; 10];
+        reserve(&mut grown, 3 * MIN_KEPT);
+        assert!(grown.capacity() >= 4 * MIN_KEPT && grown[..] == [7; 10], "moved into the kept buffer, bytes and all");
+        assert!(take(MIN_KEPT).is_none(), "both kept buffers are in use, the small one was not kept");
+        for _ in 0..10 {
+            give(Vec::with_capacity(300 << 20));
+        }
+        let kept = KEPT.lock().unwrap();
+        assert!(kept.len() <= MAX_KEPT && kept.iter().map(Vec::capacity).sum::<usize>() <= MAX_KEPT_BYTES);
+    }
+}
