@@ -191,24 +191,27 @@ fn latency_and_bandwidth(pins: Option<(usize, usize)>) -> clusterman::Result<()>
     // into a fresh one (as a result must be: its own new allocation)
     let mb_per_s = |d: Duration| FETCH_BYTES as f64 / d.as_secs_f64() / 1e6;
     let Pair { cluster, pid, raw } = &mut pair;
-    let reused = median_of(FETCH_REPS, || Ok(raw.stream(FETCH_BYTES)))?;
-    let fresh = median_of(FETCH_REPS, || Ok(raw.stream_fresh(FETCH_BYTES)))?;
-    let u8_time = median_of(FETCH_REPS, || {
+    // rounds alternate between the four, so the machine's drift hits them alike
+    let mut times: [Vec<Duration>; 4] = Default::default();
+    for round in 0..=FETCH_REPS {
         let t = Instant::now();
         let v = cluster.remote_call_fetch(*pid, blob_u8, (FETCH_BYTES,))?;
-        let elapsed = t.elapsed();
+        let u8_time = t.elapsed();
         assert_eq!(v.len(), FETCH_BYTES);
-        Ok(elapsed)
-    })?;
-    let f64_time = median_of(FETCH_REPS, || {
+        drop(v);
         let t = Instant::now();
         let v = cluster.remote_call_fetch(*pid, blob_f64, (FETCH_BYTES,))?;
-        let elapsed = t.elapsed();
+        let f64_time = t.elapsed();
         assert_eq!(v.len() * 8, FETCH_BYTES);
-        Ok(elapsed)
-    })?;
+        drop(v);
+        let round_times = [raw.stream_fresh(FETCH_BYTES), raw.stream(FETCH_BYTES), u8_time, f64_time];
+        if round > 0 {
+            times.iter_mut().zip(round_times).for_each(|(all, t)| all.push(t));
+        }
+    }
+    let [fresh, reused, u8_time, f64_time] = times.map(|t| Summary::of(t).median);
     println!(
-        "# fetch_64mib_*: median of {FETCH_REPS}; the remote fn returns a borrowed slice (no copy in it), the master gets an owned Vec. Raw: 64 MiB streamed by the echo child, into a fresh buffer (the baseline) {:.0} MB/s, into a reused one {:.0} MB/s",
+        "# fetch_64mib_*: median of {FETCH_REPS} alternating rounds after one; the remote fn returns a borrowed slice (no copy in it), the master gets an owned Vec. Raw: 64 MiB streamed by the echo child, into a fresh buffer (the baseline) {:.0} MB/s, into a reused one {:.0} MB/s",
         mb_per_s(fresh),
         mb_per_s(reused)
     );
@@ -285,7 +288,7 @@ mod mpi_rtt {
     use clusterman::mpi::rsmpi::traits::{Communicator, Destination, Source};
     use clusterman::mpi::{Comm, Transport, start_main_loop};
 
-    use super::{MSG, RTT_ITERS, RTT_WARMUP, Summary, bench, noop, us};
+    use super::{FETCH_BYTES, FETCH_REPS, MSG, RTT_ITERS, RTT_WARMUP, Summary, bench, blob_f64, blob_u8, noop, us};
 
     /// `busy`: another process keeps a core busy meanwhile (`scripts/bench.sh` starts one), and
     /// the figures are named `mpi_rtt_noop_busy_*`; quiet, the idle CPU figure follows.
@@ -317,9 +320,62 @@ mod mpi_rtt {
         bench(&format!("{name}_median"), us(ours.median), "us", Some(us(base.median)));
         bench(&format!("{name}_p99"), us(ours.p99), "us", Some(us(base.p99)));
         if !busy {
+            bulk(&mgr, worker)?;
             idle_cpu(&mgr)?;
         }
         mgr.shutdown()
+    }
+
+    /// `mpi_fetch_64mib_*`: 64 MiB results over the MPI transport, beside a raw MPI transfer
+    /// of as many bytes between the same ranks into a reused buffer.
+    fn bulk(mgr: &clusterman::mpi::MpiManager, worker: clusterman::Pid) -> clusterman::Result<()> {
+        let cluster = mgr.cluster().expect("rank 0 owns the cluster");
+        let raw = clusterman::mpido!(mgr, |comm| raw_bulk(comm))?;
+        let raw = Summary::of(raw[0].clone().expect("rank 0 measures").into_iter().map(std::time::Duration::from_nanos).collect()).median;
+        let mut u8_times = Vec::new();
+        let mut f64_times = Vec::new();
+        for round in 0..=FETCH_REPS {
+            let t = Instant::now();
+            let v = cluster.remote_call_fetch(worker, blob_u8, (FETCH_BYTES,))?;
+            let u8_time = t.elapsed();
+            assert_eq!(v.len(), FETCH_BYTES);
+            drop(v);
+            let t = Instant::now();
+            let v = cluster.remote_call_fetch(worker, blob_f64, (FETCH_BYTES,))?;
+            let f64_time = t.elapsed();
+            assert_eq!(v.len() * 8, FETCH_BYTES);
+            if round > 0 {
+                u8_times.push(u8_time);
+                f64_times.push(f64_time);
+            }
+        }
+        let mb_per_s = |d: std::time::Duration| FETCH_BYTES as f64 / d.as_secs_f64() / 1e6;
+        println!("# mpi_fetch_64mib_*: median of {FETCH_REPS} after one; raw = MPI_Send of 64 MiB from rank 1 into a reused buffer on rank 0 (MPI_Recv), after a 1-byte request");
+        bench("mpi_fetch_64mib_u8", mb_per_s(Summary::of(u8_times).median), "MB/s", Some(mb_per_s(raw)));
+        bench("mpi_fetch_64mib_f64", mb_per_s(Summary::of(f64_times).median), "MB/s", Some(mb_per_s(raw)));
+        Ok(())
+    }
+
+    /// Rank 0 asks with one byte, rank 1 sends 64 MiB; rank 0 returns the times in ns.
+    fn raw_bulk(comm: &Comm) -> Option<Vec<u64>> {
+        let mut data = vec![0xa5u8; FETCH_BYTES];
+        let mut ask = [0u8; 1];
+        let (zero, one) = (comm.process_at_rank(0), comm.process_at_rank(1));
+        let mut times = Vec::new();
+        for round in 0..=FETCH_REPS {
+            if comm.rank() == 0 {
+                let t = Instant::now();
+                one.send(&ask[..]);
+                one.receive_into(&mut data[..]);
+                if round > 0 {
+                    times.push(t.elapsed().as_nanos() as u64);
+                }
+            } else {
+                zero.receive_into(&mut ask[..]);
+                zero.send(&data[..]);
+            }
+        }
+        (comm.rank() == 0).then_some(times)
     }
 
     /// `mpi_idle_cpu`: the CPU both ranks spend over 10 s in which no call is outstanding

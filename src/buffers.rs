@@ -1,9 +1,9 @@
 //! Big frame buffers, kept for the next big frame. A fresh buffer costs a page fault per
 //! 4 KiB the first time it is written (64 MiB: 16,384 faults, about 45 ms here, several
 //! times the copy itself), so the buffers that carry big payloads through this process (an
-//! encoded result, a frame read from a socket) are reused rather than freed. Only buffers of
-//! at least [`MIN_KEPT`] bytes are kept, at most [`MAX_KEPT`] of them and [`MAX_KEPT_BYTES`]
-//! in all, so the memory held back is bounded.
+//! encoded result, a frame read from a socket or from MPI) are reused rather than freed.
+//! Only buffers of at least [`MIN_KEPT`] bytes are kept, at most [`MAX_KEPT`] of them and
+//! [`MAX_KEPT_BYTES`] in all, so the memory held back is bounded.
 
 use std::sync::Mutex;
 
@@ -12,50 +12,71 @@ pub(crate) const MIN_KEPT: usize = 1 << 20;
 const MAX_KEPT: usize = 4;
 const MAX_KEPT_BYTES: usize = 1 << 30;
 
-static KEPT: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// The buffers this process keeps.
+static KEPT: Pool = Pool(Mutex::new(Vec::new()));
 
 /// An empty buffer with room for at least `capacity` bytes, if one is kept (the smallest
 /// that fits).
 pub(crate) fn take(capacity: usize) -> Option<Vec<u8>> {
-    if capacity < MIN_KEPT {
-        return None;
-    }
-    let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
-    let best = kept.iter().enumerate().filter(|(_, b)| b.capacity() >= capacity).min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i)?;
-    Some(kept.swap_remove(best))
+    KEPT.take(capacity)
 }
 
 /// Keeps `buffer` for a later [`take`], if it is big enough and there is room; a smaller
 /// kept buffer makes way for a bigger one.
-pub(crate) fn give(mut buffer: Vec<u8>) {
-    if buffer.capacity() < MIN_KEPT || buffer.capacity() > MAX_KEPT_BYTES {
-        return;
-    }
-    buffer.clear();
-    let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
-    kept.push(buffer);
-    kept.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
-    let mut total = 0;
-    kept.retain(|b| {
-        total += b.capacity();
-        total <= MAX_KEPT_BYTES
-    });
-    kept.truncate(MAX_KEPT);
+pub(crate) fn give(buffer: Vec<u8>) {
+    KEPT.give(buffer)
 }
 
 /// Makes room for `additional` more bytes in `buffer`, moving its bytes into a kept buffer
 /// when one fits (and keeping the old one) instead of growing into fresh memory.
 pub(crate) fn reserve(buffer: &mut Vec<u8>, additional: usize) {
-    let needed = buffer.len().saturating_add(additional);
-    if buffer.capacity() >= needed {
-        return;
+    KEPT.reserve(buffer, additional)
+}
+
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
-    match take(needed) {
-        Some(mut bigger) => {
-            bigger.extend_from_slice(buffer);
-            give(std::mem::replace(buffer, bigger));
+
+    fn take(&self, capacity: usize) -> Option<Vec<u8>> {
+        if capacity < MIN_KEPT {
+            return None;
         }
-        None => buffer.reserve(additional),
+        let mut kept = self.kept();
+        let best = kept.iter().enumerate().filter(|(_, b)| b.capacity() >= capacity).min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i)?;
+        Some(kept.swap_remove(best))
+    }
+
+    fn give(&self, mut buffer: Vec<u8>) {
+        if buffer.capacity() < MIN_KEPT || buffer.capacity() > MAX_KEPT_BYTES {
+            return;
+        }
+        buffer.clear();
+        let mut kept = self.kept();
+        kept.push(buffer);
+        kept.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
+        let mut total = 0;
+        kept.retain(|b| {
+            total += b.capacity();
+            total <= MAX_KEPT_BYTES
+        });
+        kept.truncate(MAX_KEPT);
+    }
+
+    fn reserve(&self, buffer: &mut Vec<u8>, additional: usize) {
+        let needed = buffer.len().saturating_add(additional);
+        if buffer.capacity() >= needed {
+            return;
+        }
+        match self.take(needed) {
+            Some(mut bigger) => {
+                bigger.extend_from_slice(buffer);
+                self.give(std::mem::replace(buffer, bigger));
+            }
+            None => buffer.reserve(additional),
+        }
     }
 }
 
@@ -63,24 +84,25 @@ pub(crate) fn reserve(buffer: &mut Vec<u8>, additional: usize) {
 mod tests {
     use super::*;
 
-    // one test: the pool is process-wide
     #[test]
     fn big_buffers_are_reused_within_bounds() {
-        give(Vec::with_capacity(MIN_KEPT - 1));
-        assert!(take(MIN_KEPT - 1).is_none(), "small buffers are neither kept nor asked for");
-        give(Vec::with_capacity(4 * MIN_KEPT));
-        give(Vec::with_capacity(2 * MIN_KEPT));
-        let b = take(MIN_KEPT + 1).expect("a kept buffer");
+        let pool = Pool(Mutex::new(Vec::new()));
+        pool.give(Vec::with_capacity(MIN_KEPT - 1));
+        assert!(pool.take(MIN_KEPT - 1).is_none(), "small buffers are neither kept nor asked for");
+        pool.give(Vec::with_capacity(4 * MIN_KEPT));
+        pool.give(Vec::with_capacity(2 * MIN_KEPT));
+        let b = pool.take(MIN_KEPT + 1).expect("a kept buffer");
         assert_eq!(b.capacity(), 2 * MIN_KEPT, "the smallest that fits");
         assert!(b.is_empty());
         let mut grown = vec![7u8; 10];
-        reserve(&mut grown, 3 * MIN_KEPT);
+        pool.reserve(&mut grown, 3 * MIN_KEPT);
         assert!(grown.capacity() >= 4 * MIN_KEPT && grown[..] == [7; 10], "moved into the kept buffer, bytes and all");
-        assert!(take(MIN_KEPT).is_none(), "both kept buffers are in use, the small one was not kept");
+        assert!(pool.take(MIN_KEPT).is_none(), "both kept buffers are in use, the small one was not kept");
         for _ in 0..10 {
-            give(Vec::with_capacity(300 << 20));
+            pool.give(Vec::with_capacity(300 << 20));
         }
-        let kept = KEPT.lock().unwrap();
+        let kept = pool.kept();
         assert!(kept.len() <= MAX_KEPT && kept.iter().map(Vec::capacity).sum::<usize>() <= MAX_KEPT_BYTES);
+        assert_eq!(kept.len(), 3, "three of 300 MiB fit in 1 GiB");
     }
 }

@@ -8,6 +8,10 @@ use std::any::{Any, TypeId};
 use std::borrow::Cow;
 
 use super::CodecError;
+use crate::sys;
+
+/// A decoded vector this big asks for huge pages (see [`sys::prefer_huge_pages`]).
+const HUGE_PAGES_FROM: usize = 8 << 20;
 
 /// Numbers whose every bit pattern is a value and whose memory is their little-endian
 /// encoding on this machine.
@@ -113,6 +117,9 @@ fn read<E: Plain>(bytes: &[u8]) -> Result<Vec<E>, CodecError> {
     }
     let count = count as usize;
     let mut v = Vec::<E>::with_capacity(count);
+    if words.len() >= HUGE_PAGES_FROM {
+        sys::prefer_huge_pages(v.as_mut_ptr().cast(), words.len());
+    }
     // SAFETY: the vector has room for `count` elements, which are exactly `words.len()`
     // bytes; every bit pattern is a valid E.
     unsafe {

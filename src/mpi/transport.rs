@@ -18,11 +18,11 @@ use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use ::mpi::ffi;
-use ::mpi::point_to_point::MatchedReceiveVec;
-use ::mpi::raw::AsRaw;
+use ::mpi::raw::{AsRaw, AsRawMut};
 use ::mpi::topology::SimpleCommunicator;
 use ::mpi::traits::{Communicator, Equivalence, Source};
 
+use crate::buffers;
 use crate::error::{Error, Result};
 use crate::protocol::{self, Frame, LEN_PREFIX};
 use crate::transport::FrameOut;
@@ -81,8 +81,14 @@ struct Sends {
 
 /// A posted send and the buffer it reads from (kept alive until the send completes).
 struct InFlight {
-    _frame: Vec<u8>,
+    frame: Vec<u8>,
     request: ffi::MPI_Request,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        buffers::give(std::mem::take(&mut self.frame)); // sent: a big one serves the next
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,7 +162,14 @@ impl Shared {
                 (r.deliver)(status.source_rank(), Err(error));
                 continue;
             }
-            let (body, _) = (message, status).matched_receive_vec::<u8>();
+            let mut message = message;
+            let mut body = buffers::take(len).unwrap_or_else(|| Vec::with_capacity(len));
+            // SAFETY: MPI writes the probed message, `len` bytes, into the buffer's room; the
+            // message handle is null afterwards (received), as its Drop expects.
+            unsafe {
+                ffi::MPI_Mrecv(body.as_mut_ptr().cast(), len as i32, ffi::RSMPI_UINT8_T, message.as_raw_mut(), ffi::RSMPI_STATUS_IGNORE);
+                body.set_len(len);
+            }
             (r.deliver)(status.source_rank(), Frame::from_body(body));
         }
         got
@@ -175,7 +188,7 @@ impl Shared {
         let mut sent = unsafe {
             let mut request: ffi::MPI_Request = std::mem::zeroed();
             ffi::MPI_Isend(body.as_ptr().cast(), body.len() as i32, ffi::RSMPI_UINT8_T, rank, TAG, self.comm.as_raw(), &mut request);
-            InFlight { _frame: frame, request }
+            InFlight { frame, request }
         };
         if send_done(&mut sent) {
             return Ok(true);
