@@ -1,9 +1,11 @@
-//! Benchmarks: worker start-up, no-op round trip, 64 MiB fetch, pmap throughput, and scale
-//! (1024 and 4096 local workers: start-up, one `everywhere` round, the master's threads and
-//! memory).
+//! Benchmarks: worker start-up, no-op round trip (pinned, and all on one CPU), 64 MiB and
+//! 512 MiB fetches, peak memory over the payload, pmap throughput, and scale (1024 and 4096
+//! local workers: start-up, one `everywhere` round, the master's threads and memory). Under
+//! `mpirun -np 2 bench --mpi-rtt [--busy]`: the MPI transport's round trip, bulk transfers and
+//! idle CPU.
 //!
-//! Run: `cargo run --release --example bench` (or `scripts/bench.sh`, which also writes
-//! `BENCHMARKS.md`).
+//! Run: `cargo run --release --example bench` (or `scripts/bench.sh`, which also runs the MPI
+//! figures and `cman_transport`, and writes `BENCHMARKS.md`).
 //!
 //! Every figure is printed as one line
 //!
@@ -40,6 +42,9 @@ const RTT_WARMUP: usize = 2_000;
 /// The bulk transfer: 64 MiB, `FETCH_REPS` times after one warm-up.
 const FETCH_BYTES: usize = 64 << 20;
 const FETCH_REPS: usize = 5;
+/// The big transfer: 512 MiB of `u8`, `BIG_FETCH_REPS` times after one warm-up.
+const BIG_FETCH_BYTES: usize = 512 << 20;
+const BIG_FETCH_REPS: usize = 3;
 
 // ---- remote functions -------------------------------------------------------------------
 
@@ -53,13 +58,14 @@ fn identity_u64(x: u64) -> u64 {
     x
 }
 
-/// A `bytes`-long result of `u8`s. It borrows a vector built once per worker, so a fetch
-/// times clusterman (encode, transfer, decode into a new owned vector on the master) and not
-/// a copy inside the function. `Cow` encodes like the slice and arrives as `Cow::Owned(Vec)`.
+/// A `bytes`-long result of `u8`s (at most [`BIG_FETCH_BYTES`]). It borrows a vector built
+/// once per worker, so a fetch times clusterman (encode, transfer, decode into a new owned
+/// vector on the master) and not a copy inside the function. `Cow` encodes like the slice
+/// and arrives as `Cow::Owned(Vec)`.
 #[remote]
 fn blob_u8(bytes: usize) -> Cow<'static, [u8]> {
     static DATA: OnceLock<Vec<u8>> = OnceLock::new();
-    Cow::Borrowed(DATA.get_or_init(|| vec![0xa5; bytes]))
+    Cow::Borrowed(&DATA.get_or_init(|| vec![0xa5; BIG_FETCH_BYTES])[..bytes])
 }
 
 /// The same number of bytes as `f64`s.
@@ -83,6 +89,9 @@ fn main() -> clusterman::Result<()> {
     if args.get(1).map(String::as_str) == Some("--scale") {
         let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1024);
         return scale::run(n, args.get(3).map(String::as_str) != Some("--no-baseline")); // the scale figures alone
+    }
+    if args.get(1).map(String::as_str) == Some("--peak") {
+        return peak::run(); // a fresh process for the peak memory figures
     }
     if args.get(1).map(String::as_str) == Some("--mpi-rtt") {
         // every process is an MPI rank: `mpirun -np 2 bench --mpi-rtt [--busy]`
@@ -117,6 +126,7 @@ fn main() -> clusterman::Result<()> {
     }
 
     pmap_throughput()?;
+    peak::in_fresh_process();
     scale::run(1024, true)?;
     scale::run(4096, false)
 }
@@ -217,22 +227,34 @@ fn latency_and_bandwidth(pins: Option<(usize, usize)>) -> clusterman::Result<()>
     );
     bench("fetch_64mib_u8", mb_per_s(u8_time), "MB/s", Some(mb_per_s(fresh)));
     bench("fetch_64mib_f64", mb_per_s(f64_time), "MB/s", Some(mb_per_s(fresh)));
+
+    // 512 MiB of u8, beside the raw socket into a fresh buffer, alternating
+    let big_mb_per_s = |d: Duration| BIG_FETCH_BYTES as f64 / d.as_secs_f64() / 1e6;
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for round in 0..=BIG_FETCH_REPS {
+        let t = Instant::now();
+        let v = cluster.remote_call_fetch(*pid, blob_u8, (BIG_FETCH_BYTES,))?;
+        let elapsed = t.elapsed();
+        assert_eq!(v.len(), BIG_FETCH_BYTES);
+        drop(v);
+        let raw_time = raw.stream_fresh(BIG_FETCH_BYTES);
+        if round > 0 {
+            ours.push(elapsed);
+            base.push(raw_time);
+        }
+    }
+    println!("# fetch_512mib_u8: median of {BIG_FETCH_REPS} alternating rounds after one, beside raw TCP into a fresh buffer");
+    bench("fetch_512mib_u8", big_mb_per_s(Summary::of(ours).median), "MB/s", Some(big_mb_per_s(Summary::of(base).median)));
     pair.stop()
 }
 
-/// A note with the round trip when master, worker and echo child all share `cpu`.
+/// `rtt_noop_one_cpu_*`: the round trip when master, worker and echo child all share `cpu`.
 fn same_cpu_rtt(cpu: usize) -> clusterman::Result<()> {
     let mut pair = Pair::start(Some((cpu, cpu)))?;
     let (ours, base) = pair.rtt()?;
-    println!(
-        "# rtt with master, worker and echo child all on CPU {cpu}: median {:.1} us (raw {:.1} us, ratio {:.2}), p99 {:.1} us (raw {:.1} us, ratio {:.2})",
-        us(ours.median),
-        us(base.median),
-        ours.median.as_secs_f64() / base.median.as_secs_f64(),
-        us(ours.p99),
-        us(base.p99),
-        ours.p99.as_secs_f64() / base.p99.as_secs_f64()
-    );
+    println!("# rtt_noop_one_cpu_*: the same round trips with master, worker and echo child all on CPU {cpu}");
+    bench("rtt_noop_one_cpu_median", us(ours.median), "us", Some(us(base.median)));
+    bench("rtt_noop_one_cpu_p99", us(ours.p99), "us", Some(us(base.p99)));
     pair.stop()
 }
 
@@ -278,6 +300,78 @@ fn workers_ready() -> clusterman::Result<()> {
     Ok(())
 }
 
+// ---- peak memory ------------------------------------------------------------------------
+
+/// `peak_*_over_payload`: a fresh master fetches one 64 MiB `Vec<u8>` that a fresh worker
+/// makes in the call. Each side's highest resident memory during the transfer, above what it
+/// held before, over the payload: the receiver's result and the sender's value count, so 1.0
+/// is the least possible.
+mod peak {
+    use clusterman::prelude::*;
+
+    use super::{FETCH_BYTES, bench};
+
+    /// Makes a vector in the call: the sender's value is part of its peak.
+    #[remote]
+    fn fresh_u8(bytes: usize) -> Vec<u8> {
+        vec![0xa5; bytes]
+    }
+
+    /// [`reset_peak_here`] on a worker.
+    #[remote]
+    fn reset_peak() -> u64 {
+        reset_peak_here()
+    }
+
+    /// [`peak_kib_here`] on a worker.
+    #[remote]
+    fn peak_kib() -> u64 {
+        peak_kib_here()
+    }
+
+    /// Resets this process's peak resident memory; returns the resident memory now (KiB).
+    fn reset_peak_here() -> u64 {
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        status_kib("VmRSS:")
+    }
+
+    /// This process's peak resident memory since the last reset (KiB).
+    fn peak_kib_here() -> u64 {
+        status_kib("VmHWM:")
+    }
+
+    fn status_kib(field: &str) -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
+    }
+
+    /// Runs `--peak` as a child and passes its lines on.
+    pub fn in_fresh_process() {
+        let exe = std::env::current_exe().expect("own executable");
+        match std::process::Command::new(exe).arg("--peak").output() {
+            Ok(out) => print!("{}", String::from_utf8_lossy(&out.stdout)),
+            Err(e) => println!("# peak memory: could not run --peak: {e}"),
+        }
+    }
+
+    pub fn run() -> clusterman::Result<()> {
+        let cluster = Cluster::new()?;
+        let pid = cluster.add_procs(LocalManager::new(1))?[0];
+        cluster.remote_call_fetch(pid, fresh_u8, (1,))?; // warm the call path
+        let worker_before = cluster.remote_call_fetch(pid, reset_peak, ())?;
+        let master_before = reset_peak_here();
+        let v = cluster.remote_call_fetch(pid, fresh_u8, (FETCH_BYTES,))?;
+        let master_peak = peak_kib_here();
+        assert_eq!(v.len(), FETCH_BYTES);
+        let worker_peak = cluster.remote_call_fetch(pid, peak_kib, ())?;
+        let over = |peak: u64, before: u64| peak.saturating_sub(before) as f64 * 1024.0 / FETCH_BYTES as f64;
+        println!("# peak_*_over_payload: one 64 MiB Vec<u8> made in the call, fresh processes; peak resident memory (VmHWM after a reset) above what each held before, over the payload");
+        bench("peak_receive_over_payload", over(master_peak, master_before), "x", None);
+        bench("peak_send_over_payload", over(worker_peak, worker_before), "x", None);
+        cluster.shutdown()
+    }
+}
+
 // ---- the MPI transport ------------------------------------------------------------------
 
 /// No-op round trip over the MPI transport (mode 3) beside a raw MPI ping-pong of the same
@@ -288,7 +382,7 @@ mod mpi_rtt {
     use clusterman::mpi::rsmpi::traits::{Communicator, Destination, Source};
     use clusterman::mpi::{Comm, Transport, start_main_loop};
 
-    use super::{FETCH_BYTES, FETCH_REPS, MSG, RTT_ITERS, RTT_WARMUP, Summary, bench, blob_f64, blob_u8, noop, us};
+    use super::{BIG_FETCH_BYTES, BIG_FETCH_REPS, FETCH_BYTES, FETCH_REPS, MSG, RTT_ITERS, RTT_WARMUP, Summary, bench, blob_f64, blob_u8, noop, us};
 
     /// `busy`: another process keeps a core busy meanwhile (`scripts/bench.sh` starts one), and
     /// the figures are named `mpi_rtt_noop_busy_*`; quiet, the idle CPU figure follows.
@@ -326,39 +420,40 @@ mod mpi_rtt {
         mgr.shutdown()
     }
 
-    /// `mpi_fetch_64mib_*`: 64 MiB results over the MPI transport, beside a raw MPI transfer
-    /// of as many bytes between the same ranks into a reused buffer.
+    /// `mpi_fetch_*`: 64 MiB results (u8 and f64) and a 512 MiB one (u8) over the MPI
+    /// transport, each beside a raw MPI transfer of as many bytes between the same ranks into
+    /// a reused buffer.
     fn bulk(mgr: &clusterman::mpi::MpiManager, worker: clusterman::Pid) -> clusterman::Result<()> {
         let cluster = mgr.cluster().expect("rank 0 owns the cluster");
-        let raw = clusterman::mpido!(mgr, |comm| raw_bulk(comm))?;
-        let raw = Summary::of(raw[0].clone().expect("rank 0 measures").into_iter().map(std::time::Duration::from_nanos).collect()).median;
-        let mut u8_times = Vec::new();
-        let mut f64_times = Vec::new();
-        for round in 0..=FETCH_REPS {
+        let raw = |bytes: usize| -> clusterman::Result<std::time::Duration> {
+            let times = clusterman::mpido!(mgr, |comm, bytes: usize| raw_bulk(comm, bytes))?;
+            Ok(Summary::of(times[0].clone().expect("rank 0 measures").into_iter().map(std::time::Duration::from_nanos).collect()).median)
+        };
+        let fetch = |bytes: usize, f64s: bool| -> clusterman::Result<std::time::Duration> {
             let t = Instant::now();
-            let v = cluster.remote_call_fetch(worker, blob_u8, (FETCH_BYTES,))?;
-            let u8_time = t.elapsed();
-            assert_eq!(v.len(), FETCH_BYTES);
-            drop(v);
-            let t = Instant::now();
-            let v = cluster.remote_call_fetch(worker, blob_f64, (FETCH_BYTES,))?;
-            let f64_time = t.elapsed();
-            assert_eq!(v.len() * 8, FETCH_BYTES);
-            if round > 0 {
-                u8_times.push(u8_time);
-                f64_times.push(f64_time);
-            }
-        }
-        let mb_per_s = |d: std::time::Duration| FETCH_BYTES as f64 / d.as_secs_f64() / 1e6;
-        println!("# mpi_fetch_64mib_*: median of {FETCH_REPS} after one; raw = MPI_Send of 64 MiB from rank 1 into a reused buffer on rank 0 (MPI_Recv), after a 1-byte request");
-        bench("mpi_fetch_64mib_u8", mb_per_s(Summary::of(u8_times).median), "MB/s", Some(mb_per_s(raw)));
-        bench("mpi_fetch_64mib_f64", mb_per_s(Summary::of(f64_times).median), "MB/s", Some(mb_per_s(raw)));
+            let len = if f64s { cluster.remote_call_fetch(worker, blob_f64, (bytes,))?.len() * 8 } else { cluster.remote_call_fetch(worker, blob_u8, (bytes,))?.len() };
+            let elapsed = t.elapsed();
+            assert_eq!(len, bytes);
+            Ok(elapsed)
+        };
+        let median = |bytes: usize, f64s: bool, reps: usize| -> clusterman::Result<std::time::Duration> {
+            fetch(bytes, f64s)?;
+            let times = (0..reps).map(|_| fetch(bytes, f64s)).collect::<clusterman::Result<Vec<_>>>()?;
+            Ok(Summary::of(times).median)
+        };
+        let mb_per_s = |bytes: usize, d: std::time::Duration| bytes as f64 / d.as_secs_f64() / 1e6;
+        println!("# mpi_fetch_*: median of {FETCH_REPS} (512 MiB: {BIG_FETCH_REPS}) after one; raw = MPI_Send from rank 1 into a reused buffer on rank 0 (MPI_Recv), after a 1-byte request");
+        let raw_64 = raw(FETCH_BYTES)?;
+        bench("mpi_fetch_64mib_u8", mb_per_s(FETCH_BYTES, median(FETCH_BYTES, false, FETCH_REPS)?), "MB/s", Some(mb_per_s(FETCH_BYTES, raw_64)));
+        bench("mpi_fetch_64mib_f64", mb_per_s(FETCH_BYTES, median(FETCH_BYTES, true, FETCH_REPS)?), "MB/s", Some(mb_per_s(FETCH_BYTES, raw_64)));
+        let raw_512 = raw(BIG_FETCH_BYTES)?;
+        bench("mpi_fetch_512mib_u8", mb_per_s(BIG_FETCH_BYTES, median(BIG_FETCH_BYTES, false, BIG_FETCH_REPS)?), "MB/s", Some(mb_per_s(BIG_FETCH_BYTES, raw_512)));
         Ok(())
     }
 
-    /// Rank 0 asks with one byte, rank 1 sends 64 MiB; rank 0 returns the times in ns.
-    fn raw_bulk(comm: &Comm) -> Option<Vec<u64>> {
-        let mut data = vec![0xa5u8; FETCH_BYTES];
+    /// Rank 0 asks with one byte, rank 1 sends `bytes`; rank 0 returns the times in ns.
+    fn raw_bulk(comm: &Comm, bytes: usize) -> Option<Vec<u64>> {
+        let mut data = vec![0xa5u8; bytes];
         let mut ask = [0u8; 1];
         let (zero, one) = (comm.process_at_rank(0), comm.process_at_rank(1));
         let mut times = Vec::new();

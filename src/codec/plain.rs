@@ -11,7 +11,7 @@ use super::CodecError;
 use crate::sys;
 
 /// A decoded vector this big asks for huge pages (see [`sys::prefer_huge_pages`]).
-const HUGE_PAGES_FROM: usize = 8 << 20;
+const HUGE_PAGES_FROM: usize = 4 << 20;
 
 /// Numbers whose every bit pattern is a value and whose memory is their little-endian
 /// encoding on this machine.

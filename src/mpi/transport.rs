@@ -7,7 +7,7 @@
 //! thread per process does the rest: it completes sends that did not finish at once and
 //! receives when nobody else polls. MPI offers nothing a thread could sleep on until a
 //! message comes (Open MPI's blocking calls poll), so that thread sleeps in short pauses:
-//! at most 100 µs while this process waits for a reply, growing to 1 ms when it waits for
+//! at most 100 µs while this process waits for a reply, growing to 2 ms when it waits for
 //! nothing, so an idle rank spends next to no CPU. User code — `mpido!` bodies with their
 //! collectives — runs on other threads at the same time, which is why this mode needs
 //! `MPI_THREAD_MULTIPLE`.
@@ -35,7 +35,7 @@ const MIN_PAUSE: Duration = Duration::from_micros(20);
 /// Longest pause while this process waits for a reply.
 const ALERT_PAUSE: Duration = Duration::from_micros(100);
 /// Longest pause of an idle progress thread.
-const MAX_PAUSE: Duration = Duration::from_millis(1);
+const MAX_PAUSE: Duration = Duration::from_millis(2);
 /// How long the stop waits for queued sends to complete (a dead peer must not hang it).
 const DRAIN: Duration = Duration::from_secs(5);
 
