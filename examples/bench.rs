@@ -204,16 +204,7 @@ fn latency_and_bandwidth(pins: Option<(usize, usize)>) -> clusterman::Result<()>
     // rounds alternate between the four, so the machine's drift hits them alike
     let mut times: [Vec<Duration>; 4] = Default::default();
     for round in 0..=FETCH_REPS {
-        let t = Instant::now();
-        let v = cluster.remote_call_fetch(*pid, blob_u8, (FETCH_BYTES,))?;
-        let u8_time = t.elapsed();
-        assert_eq!(v.len(), FETCH_BYTES);
-        drop(v);
-        let t = Instant::now();
-        let v = cluster.remote_call_fetch(*pid, blob_f64, (FETCH_BYTES,))?;
-        let f64_time = t.elapsed();
-        assert_eq!(v.len() * 8, FETCH_BYTES);
-        drop(v);
+        let (u8_time, f64_time) = (timed_fetch(cluster, *pid, FETCH_BYTES, false)?, timed_fetch(cluster, *pid, FETCH_BYTES, true)?);
         let round_times = [raw.stream_fresh(FETCH_BYTES), raw.stream(FETCH_BYTES), u8_time, f64_time];
         if round > 0 {
             times.iter_mut().zip(round_times).for_each(|(all, t)| all.push(t));
@@ -232,11 +223,7 @@ fn latency_and_bandwidth(pins: Option<(usize, usize)>) -> clusterman::Result<()>
     let big_mb_per_s = |d: Duration| BIG_FETCH_BYTES as f64 / d.as_secs_f64() / 1e6;
     let (mut ours, mut base) = (Vec::new(), Vec::new());
     for round in 0..=BIG_FETCH_REPS {
-        let t = Instant::now();
-        let v = cluster.remote_call_fetch(*pid, blob_u8, (BIG_FETCH_BYTES,))?;
-        let elapsed = t.elapsed();
-        assert_eq!(v.len(), BIG_FETCH_BYTES);
-        drop(v);
+        let elapsed = timed_fetch(cluster, *pid, BIG_FETCH_BYTES, false)?;
         let raw_time = raw.stream_fresh(BIG_FETCH_BYTES);
         if round > 0 {
             ours.push(elapsed);
@@ -246,6 +233,21 @@ fn latency_and_bandwidth(pins: Option<(usize, usize)>) -> clusterman::Result<()>
     println!("# fetch_512mib_u8: median of {BIG_FETCH_REPS} alternating rounds after one, beside raw TCP into a fresh buffer");
     bench("fetch_512mib_u8", big_mb_per_s(Summary::of(ours).median), "MB/s", Some(big_mb_per_s(Summary::of(base).median)));
     pair.stop()
+}
+
+/// Fetches `bytes` from `pid` as `u8`s or as `f64`s; the time it took (the result dropped
+/// after the clock stops, as a user would keep it).
+fn timed_fetch(cluster: &Cluster, pid: Pid, bytes: usize, f64s: bool) -> clusterman::Result<Duration> {
+    let t = Instant::now();
+    let (elapsed, len) = if f64s {
+        let v = cluster.remote_call_fetch(pid, blob_f64, (bytes,))?;
+        (t.elapsed(), v.len() * 8)
+    } else {
+        let v = cluster.remote_call_fetch(pid, blob_u8, (bytes,))?;
+        (t.elapsed(), v.len())
+    };
+    assert_eq!(len, bytes);
+    Ok(elapsed)
 }
 
 /// `rtt_noop_one_cpu_*`: the round trip when master, worker and echo child all share `cpu`.
@@ -382,7 +384,7 @@ mod mpi_rtt {
     use clusterman::mpi::rsmpi::traits::{Communicator, Destination, Source};
     use clusterman::mpi::{Comm, Transport, start_main_loop};
 
-    use super::{BIG_FETCH_BYTES, BIG_FETCH_REPS, FETCH_BYTES, FETCH_REPS, MSG, RTT_ITERS, RTT_WARMUP, Summary, bench, blob_f64, blob_u8, noop, us};
+    use super::{BIG_FETCH_BYTES, BIG_FETCH_REPS, FETCH_BYTES, FETCH_REPS, MSG, RTT_ITERS, RTT_WARMUP, Summary, bench, noop, timed_fetch, us};
 
     /// `busy`: another process keeps a core busy meanwhile (`scripts/bench.sh` starts one), and
     /// the figures are named `mpi_rtt_noop_busy_*`; quiet, the idle CPU figure follows.
@@ -429,16 +431,9 @@ mod mpi_rtt {
             let times = clusterman::mpido!(mgr, |comm, bytes: usize| raw_bulk(comm, bytes))?;
             Ok(Summary::of(times[0].clone().expect("rank 0 measures").into_iter().map(std::time::Duration::from_nanos).collect()).median)
         };
-        let fetch = |bytes: usize, f64s: bool| -> clusterman::Result<std::time::Duration> {
-            let t = Instant::now();
-            let len = if f64s { cluster.remote_call_fetch(worker, blob_f64, (bytes,))?.len() * 8 } else { cluster.remote_call_fetch(worker, blob_u8, (bytes,))?.len() };
-            let elapsed = t.elapsed();
-            assert_eq!(len, bytes);
-            Ok(elapsed)
-        };
         let median = |bytes: usize, f64s: bool, reps: usize| -> clusterman::Result<std::time::Duration> {
-            fetch(bytes, f64s)?;
-            let times = (0..reps).map(|_| fetch(bytes, f64s)).collect::<clusterman::Result<Vec<_>>>()?;
+            timed_fetch(&cluster, worker, bytes, f64s)?;
+            let times = (0..reps).map(|_| timed_fetch(&cluster, worker, bytes, f64s)).collect::<clusterman::Result<Vec<_>>>()?;
             Ok(Summary::of(times).median)
         };
         let mb_per_s = |bytes: usize, d: std::time::Duration| bytes as f64 / d.as_secs_f64() / 1e6;
