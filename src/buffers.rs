@@ -3,14 +3,18 @@
 //! times the copy itself), so the buffers that carry big payloads through this process (an
 //! encoded result, a frame read from a socket or from MPI) are reused rather than freed.
 //! Only buffers of at least [`MIN_KEPT`] bytes are kept, at most [`MAX_KEPT`] of them and
-//! [`MAX_KEPT_BYTES`] in all, so the memory held back is bounded.
+//! [`MAX_KEPT_BYTES`] in all, and none for longer than [`KEPT_FOR`] unused (the I/O thread
+//! calls [`release_idle`]), so the memory held back is bounded in size and in time.
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Smaller buffers are cheap to allocate: not worth keeping.
 pub(crate) const MIN_KEPT: usize = 1 << 20;
 const MAX_KEPT: usize = 4;
 const MAX_KEPT_BYTES: usize = 1 << 30;
+/// A buffer unused this long is freed.
+pub(crate) const KEPT_FOR: Duration = Duration::from_secs(10);
 
 /// The buffers this process keeps.
 static KEPT: Pool = Pool(Mutex::new(Vec::new()));
@@ -33,11 +37,21 @@ pub(crate) fn reserve(buffer: &mut Vec<u8>, additional: usize) {
     KEPT.reserve(buffer, additional)
 }
 
-struct Pool(Mutex<Vec<Vec<u8>>>);
+/// Frees the buffers kept unused for [`KEPT_FOR`].
+pub(crate) fn release_idle() {
+    KEPT.release_idle(Instant::now())
+}
+
+/// Kept buffers, biggest first, each with when it was given back.
+struct Pool(Mutex<Vec<(Vec<u8>, Instant)>>);
 
 impl Pool {
-    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<(Vec<u8>, Instant)>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn release_idle(&self, now: Instant) {
+        self.kept().retain(|(_, since)| now.saturating_duration_since(*since) < KEPT_FOR);
     }
 
     fn take(&self, capacity: usize) -> Option<Vec<u8>> {
@@ -45,8 +59,8 @@ impl Pool {
             return None;
         }
         let mut kept = self.kept();
-        let best = kept.iter().enumerate().filter(|(_, b)| b.capacity() >= capacity).min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i)?;
-        Some(kept.swap_remove(best))
+        let best = kept.iter().enumerate().filter(|(_, (b, _))| b.capacity() >= capacity).min_by_key(|(_, (b, _))| b.capacity()).map(|(i, _)| i)?;
+        Some(kept.remove(best).0)
     }
 
     fn give(&self, mut buffer: Vec<u8>) {
@@ -55,10 +69,10 @@ impl Pool {
         }
         buffer.clear();
         let mut kept = self.kept();
-        kept.push(buffer);
-        kept.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
+        kept.push((buffer, Instant::now()));
+        kept.sort_unstable_by_key(|(b, _)| std::cmp::Reverse(b.capacity()));
         let mut total = 0;
-        kept.retain(|b| {
+        kept.retain(|(b, _)| {
             total += b.capacity();
             total <= MAX_KEPT_BYTES
         });
@@ -101,8 +115,15 @@ mod tests {
         for _ in 0..10 {
             pool.give(Vec::with_capacity(300 << 20));
         }
-        let kept = pool.kept();
-        assert!(kept.len() <= MAX_KEPT && kept.iter().map(Vec::capacity).sum::<usize>() <= MAX_KEPT_BYTES);
-        assert_eq!(kept.len(), 3, "three of 300 MiB fit in 1 GiB");
+        {
+            let kept = pool.kept();
+            assert!(kept.len() <= MAX_KEPT && kept.iter().map(|(b, _)| b.capacity()).sum::<usize>() <= MAX_KEPT_BYTES);
+            assert_eq!(kept.len(), 3, "three of 300 MiB fit in 1 GiB");
+        }
+        let given = Instant::now();
+        pool.release_idle(given + KEPT_FOR / 2);
+        assert_eq!(pool.kept().len(), 3, "used recently: kept");
+        pool.release_idle(given + KEPT_FOR * 2);
+        assert!(pool.kept().is_empty(), "unused for longer than KEPT_FOR: freed");
     }
 }

@@ -1,11 +1,13 @@
 //! The process's I/O thread: one tokio runtime on one thread, started on first use. It drains
-//! send queues that sockets could not take at once, accepts and vets connections, and runs
-//! heartbeat timers. Nothing on it waits for user code.
+//! send queues that sockets could not take at once, accepts and vets connections, runs
+//! heartbeat timers, and frees big buffers kept unused. Nothing on it waits for user code.
 
 use std::future::Future;
 use std::sync::OnceLock;
 
 use tokio::runtime::{Builder, Handle};
+
+use crate::buffers;
 
 /// The I/O runtime's handle (the runtime and its thread start on first use).
 pub(crate) fn handle() -> &'static Handle {
@@ -17,6 +19,12 @@ pub(crate) fn handle() -> &'static Handle {
             .name("cman-io".into())
             .spawn(move || runtime.block_on(std::future::pending::<()>()))
             .expect("cannot start the I/O thread");
+        handle.spawn(async {
+            loop {
+                tokio::time::sleep(buffers::KEPT_FOR / 2).await;
+                buffers::release_idle();
+            }
+        });
         handle
     })
 }
