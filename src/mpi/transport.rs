@@ -13,7 +13,7 @@
 //! `MPI_THREAD_MULTIPLE`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,6 @@ pub(crate) type Awaiting = Box<dyn Fn() -> bool + Send + Sync>;
 /// The running transport of this process.
 pub(crate) struct MpiTransport {
     shared: Arc<Shared>,
-    thread: Thread,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -58,6 +57,8 @@ struct Shared {
     sends: Mutex<Sends>,
     stop: AtomicBool,
     awaiting: Awaiting,
+    /// The progress thread.
+    progress: OnceLock<Thread>,
 }
 
 // SAFETY: MPI was initialised with MPI_THREAD_MULTIPLE (checked by `start_main_loop`), so the
@@ -106,6 +107,7 @@ impl MpiTransport {
             sends: Mutex::new(Sends { posted: Vec::new(), closed: false }),
             stop: AtomicBool::new(false),
             awaiting,
+            progress: OnceLock::new(),
         });
         let handle = std::thread::Builder::new()
             .name("cman-mpi".into())
@@ -114,20 +116,21 @@ impl MpiTransport {
                 move || progress(&shared)
             })
             .map_err(|e| Error::io("starting the MPI progress thread", e))?;
+        let _ = shared.progress.set(handle.thread().clone());
         polled::install(shared.clone());
-        Ok(MpiTransport { shared, thread: handle.thread().clone(), handle: Some(handle) })
+        Ok(MpiTransport { shared, handle: Some(handle) })
     }
 
     /// A frame sink that sends to `rank`.
     pub(crate) fn out(&self, rank: i32) -> Box<dyn FrameOut> {
-        Box::new(MpiOut { rank, shared: self.shared.clone(), progress: self.thread.clone(), closed: AtomicBool::new(false) })
+        Box::new(MpiOut { rank, shared: self.shared.clone(), closed: AtomicBool::new(false) })
     }
 
     /// Waits for the posted sends to complete (bounded), then ends the transport: nothing is
     /// sent or received afterwards. Call before `MPI_Finalize`.
     pub(crate) fn stop(mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        self.thread.unpark();
+        self.shared.wake_progress();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
@@ -138,9 +141,19 @@ impl Polled for Shared {
     fn poll(&self) -> bool {
         self.receive()
     }
+
+    fn sleeping(&self) {
+        self.wake_progress(); // it may be in a long idle pause: it pauses briefly while a call waits
+    }
 }
 
 impl Shared {
+    fn wake_progress(&self) {
+        if let Some(progress) = self.progress.get() {
+            progress.unpark();
+        }
+    }
+
     /// Receives and delivers every message that has arrived, unless another thread does.
     fn receive(&self) -> bool {
         let mut r = match self.receiving.try_lock() {
@@ -208,7 +221,6 @@ impl Shared {
 struct MpiOut {
     rank: i32,
     shared: Arc<Shared>,
-    progress: Thread,
     closed: AtomicBool,
 }
 
@@ -221,7 +233,7 @@ impl FrameOut for MpiOut {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large for one MPI message (2 GiB)"));
         }
         if !self.shared.send(self.rank, frame)? {
-            self.progress.unpark();
+            self.shared.wake_progress(); // it completes the send
         }
         Ok(())
     }

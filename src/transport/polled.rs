@@ -12,6 +12,9 @@ pub(crate) trait Polled: Send + Sync {
     /// Receives and delivers what has arrived; true if anything was. Returns at once when
     /// another thread is polling.
     fn poll(&self) -> bool;
+    /// A thread stops polling and sleeps until its message is delivered: the transport's own
+    /// thread must now look out for it.
+    fn sleeping(&self);
 }
 
 /// How long a waiting thread polls before it sleeps: longer than a short call's round trip,
@@ -41,7 +44,11 @@ pub(crate) fn spin_until(mut done: impl FnMut() -> bool) -> bool {
         if !transport.poll() {
             let spun = start.elapsed();
             if spun >= SPIN {
-                return done();
+                let done = done();
+                if !done {
+                    transport.sleeping();
+                }
+                return done;
             }
             if spun < HOT {
                 std::hint::spin_loop();
