@@ -1,14 +1,16 @@
 //! Scyld through the fake CLI in `tests/fixtures/scyld`: `beomap` maps workers to nodes, `bpsh`
 //! runs each worker here (exec'ing it, environment intact) and logs its calls to
-//! `$FAKE_BPSH_LOG`, so the tests see which nodes were used and how workers were stopped.
+//! `$FAKE_BPSH_LOG`, so the tests see which nodes were used and how workers were stopped; the
+//! fake ClusterWare `mpirun` checks its `--map` and starts the ranks with this machine's MPI.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clusterman::launch::scheduler::JobOptions;
 use clusterman::launch::scheduler::scyld::ScyldManager;
+use clusterman::launch::scheduler::{JobOptions, Layout};
+use clusterman::mpido;
 use clusterman::prelude::*;
 
 clusterman::init_in_constructor!();
@@ -60,6 +62,37 @@ fn scyld_workers_run_on_beomap_nodes_and_leave_nothing() {
     cluster.shutdown().unwrap();
     assert!(os_pids.iter().all(|p| !common::process_alive(*p)), "workers (and their bpsh) gone after shutdown");
     assert_eq!(calls(&log).len(), 4, "workers that exit by themselves need no kill through bpsh");
+}
+
+#[test]
+fn scyld_mpi_world_is_one_mpirun_over_the_beomap_nodes() {
+    let mpirun = format!("FAKE_SCYLD_MPIRUN={}", common::mpi_launcher());
+    let (log, job) = setup("scyld-mpi", &["FAKE_SCYLD_NODES=4,7", &mpirun]);
+    let job = job.layout(Layout::Mpi).env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    let cluster = Cluster::new().unwrap();
+    let world = ScyldManager::new(3).job(job.env("CMAN_COLOUR", "green"));
+    let pids = cluster.add_procs(&world).unwrap();
+    let ranks: Vec<(i32, i32)> = mpido!(world, |comm| {
+        comm.barrier();
+        (comm.rank(), comm.size())
+    })
+    .unwrap();
+    assert_eq!(ranks, vec![(0, 3), (1, 3), (2, 3)], "one MPI world of 3");
+    let program = std::env::current_exe().unwrap().display().to_string();
+    assert_eq!(calls(&log), ["-1 beomap --no-local --np 3".to_string(), format!("mpirun --map 4:7:4 {program}")], "ClusterWare's mpirun over beomap's nodes, no bpsh per worker");
+    assert_eq!(cluster.remote_call_fetch(pids[2], scyld_view, ()).unwrap().1.as_deref(), Some("green"), "the environment reaches the ranks");
+    let os_pids: Vec<u32> = pids.iter().map(|p| cluster.worker_info(*p).unwrap().os_pid).collect();
+    cluster.shutdown().unwrap();
+    assert!(os_pids.iter().all(|p| !common::process_alive(*p)), "ranks gone after shutdown");
+}
+
+#[test]
+fn scyld_mpirun_refusing_a_node_fails_the_launch_with_its_words() {
+    // beomap maps onto nodes 0 and 1, but node 1 is down by the time mpirun runs
+    let (_, job) = setup("scyld-mpi-down", &["FAKE_SCYLD_NODES=0,1", "FAKE_SCYLD_DOWN=1"]);
+    let cluster = Cluster::new().unwrap();
+    let err = cluster.add_procs(ScyldManager::new(2).job(job.layout(Layout::Mpi))).unwrap_err().to_string();
+    assert!(err.contains("mpirun: node 1 is down"), "{err}");
 }
 
 #[test]

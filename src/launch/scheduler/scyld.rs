@@ -1,7 +1,8 @@
 //! Scyld ClusterWare (BProc): `bpsh -1 beomap --no-local --np N` picks the compute nodes,
-//! then one `bpsh <node> <program>` per worker runs here as a child process. bpsh carries the
+//! then one `bpsh <node> <program>` per worker runs here as a child process; or, for one MPI
+//! world, ClusterWare's `mpirun -np N --map <those nodes> <program>`. BProc carries the
 //! environment to the node — the master's address, the secret and the worker's index travel
-//! there, never on a command line. Stopping signals the workers through bpsh.
+//! there, never on a command line. Stopping signals the workers through bpsh (or ends mpirun).
 
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -9,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::{Cluster, WorkerInfo};
 use crate::error::{Error, Result};
-use crate::launch::{ClusterManager, Launch, LaunchContext, LaunchStatus};
+use crate::launch::process::RunningLauncher;
+use crate::launch::{ClusterManager, Launch, LaunchContext, LaunchStatus, MpiRanks, RankMap};
 use crate::sys;
 
-use super::{JobOptions, Layout, run};
+use super::{JobOptions, Layout, mpi_rank_env, run};
 
 /// The operating-system pids of one launch's workers, by index (filled in once they connect).
 type OsPids = Arc<Mutex<Vec<Option<u32>>>>;
@@ -28,28 +30,45 @@ type OsPids = Arc<Mutex<Vec<Option<u32>>>>;
 /// # Ok(()) }
 /// ```
 ///
-/// Its workers are independent processes, not an MPI world: [`Layout::Mpi`] is refused with
-/// what to use instead. Of [`JobOptions`] it uses the working directory (where the bpsh clients start), the extra
-/// environment, the launch timeout and the command prefix (for `bpsh` and `beomap`; the
-/// prefix must pass the environment on, as `env` does and `ssh` does not). At shutdown,
-/// workers that do not exit when told (a call still running) get `bpsh <node> kill -TERM
-/// <pid>`, then `-KILL`, on their node.
+/// Its workers are independent processes unless [`JobOptions::layout`] asks for
+/// [`Layout::Mpi`]: then ClusterWare's own `mpirun` (BeoMPI, or [`JobOptions::launcher`])
+/// starts them as the ranks of one world, on the nodes `beomap` chose (`--map 4:7:4`), and
+/// `mpido!` runs on them:
+///
+/// ```no_run
+/// # use clusterman::prelude::*;
+/// # use clusterman::launch::scheduler::{JobOptions, Layout, scyld::ScyldManager};
+/// # fn main() -> clusterman::Result<()> {
+/// # let cluster = Cluster::new()?;
+/// let world = ScyldManager::new(4).job(JobOptions::new().layout(Layout::Mpi));
+/// cluster.add_procs(&world)?;
+/// let sizes: Vec<i32> = mpido!(world, |comm| comm.size())?;
+/// # Ok(()) }
+/// ```
+///
+/// Of [`JobOptions`] it uses the layout and launcher, the working directory (where the bpsh
+/// clients or mpirun start), the extra environment, the launch timeout and the command prefix
+/// (for `bpsh`, `beomap` and `mpirun`; the prefix must pass the environment on, as `env` does
+/// and `ssh` does not). At shutdown, workers that do not exit when told (a call still running)
+/// get `bpsh <node> kill -TERM <pid>`, then `-KILL`, on their node; an MPI world's `mpirun`
+/// is ended instead, and its ranks with it.
 #[derive(Debug, Clone)]
 pub struct ScyldManager {
     np: usize,
     job: JobOptions,
     /// The pids of the launch that is waiting for its workers (`launch` → `added`).
     pending: Arc<Mutex<Option<OsPids>>>,
+    ranks: RankMap,
 }
 
 impl ScyldManager {
     /// `np` workers.
     pub fn new(np: usize) -> Self {
-        ScyldManager { np, job: JobOptions::default(), pending: Arc::default() }
+        ScyldManager { np, job: JobOptions::default(), pending: Arc::default(), ranks: RankMap::default() }
     }
 
-    /// Working directory, environment, launch timeout and command prefix (other options do
-    /// not apply to bpsh).
+    /// Layout, launcher, working directory, environment, launch timeout and command prefix
+    /// (other options do not apply to bpsh).
     pub fn job(mut self, options: JobOptions) -> Self {
         self.job = options.with_defaults(&self.job);
         self
@@ -80,6 +99,34 @@ impl ScyldManager {
     fn bpsh(&self, node: i32, args: impl IntoIterator<Item = String>) -> Vec<String> {
         self.job.command_prefix.iter().cloned().chain(["bpsh".to_string(), node.to_string()]).chain(args).collect()
     }
+
+    /// The command that starts an MPI world on `nodes`, behind the command prefix:
+    /// ClusterWare's `mpirun` places rank i on the i-th node of `--map`.
+    fn mpirun(&self, nodes: &[i32], program: &str) -> Vec<String> {
+        let map: Vec<String> = nodes.iter().map(i32::to_string).collect();
+        let launcher = self.job.launcher.as_deref().unwrap_or("mpirun").split_whitespace().map(String::from);
+        self.job.command_prefix.iter().cloned().chain(launcher).chain(["-np".to_string(), nodes.len().to_string(), "--map".into(), map.join(":"), program.into()]).collect()
+    }
+
+    /// Starts the workers as one MPI world: a single `mpirun` child, its ranks told to
+    /// initialise MPI and to take their index from their rank.
+    fn launch_world(&self, ctx: &LaunchContext, nodes: &[i32]) -> Result<Box<dyn Launch>> {
+        let argv = self.mpirun(nodes, &ctx.program().display().to_string());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]).envs(ctx.env_by_rank(&ctx.master_address())).envs([mpi_rank_env()]).envs(self.job.env.iter().cloned());
+        if let Some(dir) = &self.job.workdir {
+            cmd.current_dir(dir);
+        }
+        tracing::info!("starting {} ranks on Scyld nodes: {}", self.np, argv.join(" "));
+        let name = &argv[self.job.command_prefix.len()]; // the launcher, not the prefix
+        Ok(Box::new(RunningLauncher::start(cmd, name, Default::default())?))
+    }
+}
+
+impl MpiRanks for ScyldManager {
+    fn ranks(&self) -> &RankMap {
+        &self.ranks
+    }
 }
 
 impl ClusterManager for ScyldManager {
@@ -92,12 +139,10 @@ impl ClusterManager for ScyldManager {
     }
 
     fn launch(&self, ctx: &LaunchContext) -> Result<Box<dyn Launch>> {
-        if self.job.layout_asked() == Some(Layout::Mpi) {
-            return Err(Error::Launch(
-                "ScyldManager starts one independent worker per node with bpsh: they form no MPI world. For mpido!, start the ranks with your site's MPI from the master node (MpiManager::new(n).launcher(...)), or run the program under it with start_main_loop".into(),
-            ));
-        }
         let nodes = self.nodes()?;
+        if self.job.layout_asked() == Some(Layout::Mpi) {
+            return self.launch_world(ctx, &nodes);
+        }
         let os_pids: OsPids = Arc::new(Mutex::new(vec![None; self.np]));
         *self.pending.lock().expect("pending lock") = Some(os_pids.clone());
         let mut launch = ScyldLaunch { options: self.job.clone(), workers: Vec::new(), os_pids };
@@ -121,7 +166,10 @@ impl ClusterManager for ScyldManager {
         self.job.launch_timeout
     }
 
-    fn added(&self, _cluster: &Cluster, workers: &[WorkerInfo]) -> Result<()> {
+    fn added(&self, cluster: &Cluster, workers: &[WorkerInfo]) -> Result<()> {
+        if self.job.layout_asked() == Some(Layout::Mpi) {
+            return self.ranks.record(cluster, workers, self.np);
+        }
         // every worker is needed (no min_workers), so index = position in pid order
         if let Some(slots) = self.pending.lock().expect("pending lock").take() {
             let mut slots = slots.lock().expect("os pids lock");
@@ -256,10 +304,11 @@ mod tests {
     }
 
     #[test]
-    fn an_mpi_world_is_refused_naming_what_to_use() {
-        let ctx = LaunchContext::new(1, 2, "127.0.0.1:1".parse().unwrap(), "127.0.0.1".parse().unwrap(), crate::protocol::Secret::random(), "/bin/true".into());
-        let err = ScyldManager::new(2).job(JobOptions::new().layout(Layout::Mpi)).launch(&ctx).err().expect("refused").to_string();
-        assert!(err.contains("no MPI world") && err.contains("MpiManager"), "{err}");
+    fn an_mpi_world_is_one_mpirun_over_the_beomap_nodes() {
+        let m = ScyldManager::new(3).job(JobOptions::new().command_prefix(["env"]).layout(Layout::Mpi));
+        assert_eq!(m.mpirun(&[4, 7, 4], "/bin/prog"), ["env", "mpirun", "-np", "3", "--map", "4:7:4", "/bin/prog"]);
+        let m = m.job(JobOptions::new().launcher("/opt/beompi/bin/mpirun --all_cpus"));
+        assert_eq!(m.mpirun(&[0], "/bin/prog"), ["env", "/opt/beompi/bin/mpirun", "--all_cpus", "-np", "1", "--map", "0", "/bin/prog"]);
     }
 
     #[test]
