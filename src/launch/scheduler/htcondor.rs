@@ -1,18 +1,20 @@
-//! HTCondor: a submit description (vanilla universe, one queued proc per worker) given to
-//! `condor_submit` on stdin. State from `condor_q <cluster> -af ProcId JobStatus HoldReason`,
-//! cancel with `condor_rm <cluster>`; procs that never started are removed alone
+//! HTCondor: a submit description (vanilla universe, one queued proc per worker; or, for an
+//! MPI world, one parallel-universe job over N machines) given to `condor_submit` on stdin.
+//! State from `condor_q <cluster> -af ProcId JobStatus HoldReason`, cancel with
+//! `condor_rm <cluster>`; procs that never started are removed alone
 //! (`condor_rm <cluster>.<proc>`). Workers dial in by themselves: no telnet, no port range.
 //!
 //! Each proc learns its worker index from `$(Process)`, which `condor_submit` expands in the
 //! `environment` line (HTCondor sets no task-id variable of its own), so the worker needs no
 //! HTCondor-specific code and the index is the proc id that `condor_q` and `condor_rm` use.
+//! The ranks of a parallel job take their index from their MPI rank.
 
 use crate::protocol::env::{ENV_LAUNCH, ENV_SECRET_FILE};
 use crate::error::{Error, Result};
 
 use super::{BatchManager, CommandResult, Job, JobOptions, JobSpec, JobState, Layout, Scheduler, shell_quote};
 
-/// Workers started through HTCondor, one queued proc each.
+/// Workers started through HTCondor: one queued proc each, or one parallel-universe job.
 ///
 /// ```no_run
 /// use clusterman::prelude::*;
@@ -27,15 +29,36 @@ use super::{BatchManager, CommandResult, Job, JobOptions, JobSpec, JobState, Lay
 /// # Ok(()) }
 /// ```
 ///
-/// The vanilla universe has no MPI world, so the layout is [`Layout::Array`]: `new` sets it,
-/// and [`JobOptions`] of your own given to [`job`](BatchManager::job) must set it too
-/// (`JobOptions::new().layout(Layout::Array)`); [`Layout::Mpi`] is refused with that advice.
+/// By default each worker is one proc of the vanilla universe ([`Layout::Array`]: `new` sets
+/// it). For one MPI world, on which `mpido!` runs, ask for [`Layout::Mpi`]: the job goes to
+/// HTCondor's **parallel universe** as its manual describes for MPI, `machine_count = N`
+/// machines running an mpirun wrapper script whose argument is the program. The wrapper is
+/// HTCondor's `openmpiscript` (copy it from `$(condor_config_val RELEASE_DIR)/etc/examples` into
+/// the working directory) unless [`JobOptions::launcher`] names another; on the job's first
+/// machine it runs mpirun over all of them.
+///
+/// ```no_run
+/// # use clusterman::prelude::*;
+/// # use clusterman::launch::scheduler::{JobOptions, Layout, htcondor::HtCondorManager};
+/// # fn main() -> clusterman::Result<()> {
+/// # let cluster = Cluster::new()?;
+/// let world = HtCondorManager::new(4).job(JobOptions::new().layout(Layout::Mpi));
+/// cluster.add_procs(&world)?;
+/// let ranks: Vec<i32> = mpido!(world, |comm| comm.rank())?;
+/// # Ok(()) }
+/// ```
+///
 /// Nothing needs to be shared with the execute nodes: the program (the master's own binary)
 /// and the file holding the secret go with the job into its scratch directory, which only
 /// the job can enter; its environment names that file by a relative path, so the job ad
 /// holds no secret and no path of the submit host. With [`JobOptions::prologue`] lines,
-/// `/bin/sh -c` runs them first and then the transferred program.
+/// `/bin/sh -c` runs them first and then the transferred program (vanilla universe only: in
+/// the parallel universe, the wrapper script is where such lines go).
 pub type HtCondorManager = BatchManager<HtCondor>;
+
+/// The mpirun wrapper of a parallel-universe job unless [`JobOptions::launcher`] names another:
+/// HTCondor's own, from its examples directory, relative to the working directory.
+const MPI_WRAPPER: &str = "openmpiscript";
 
 /// The HTCondor dialect: extra submit-description lines and input files.
 #[derive(Debug, Clone, Default)]
@@ -72,10 +95,9 @@ impl Scheduler for HtCondor {
 
     fn job(&self, spec: &JobSpec<'_>) -> Result<Job> {
         let o = spec.options;
-        if o.layout_or_default() == Layout::Mpi {
-            return Err(Error::Launch(
-                "HTCondor's vanilla universe starts no MPI world (its parallel universe is not supported): use JobOptions::new().layout(Layout::Array) (each queued proc is one worker; HtCondorManager::new sets it), and for mpido! an MPI launcher elsewhere (MpiManager, or a Slurm/Grid Engine/PBS/LSF job)".into(),
-            ));
+        let parallel = o.layout_or_default() == Layout::Mpi;
+        if parallel && !o.prologue.is_empty() {
+            return Err(Error::Launch("JobOptions::prologue is for the vanilla universe: in HTCondor's parallel universe (Layout::Mpi) put those lines in the mpirun wrapper script (JobOptions::launcher)".into()));
         }
         if let Some(queue) = &o.queue {
             return Err(Error::Launch(format!("HTCondor has no queues (JobOptions::queue({queue:?})): choose machines with HtCondorManager::extra(\"requirements = ...\")")));
@@ -92,8 +114,15 @@ impl Scheduler for HtCondor {
                 *value = file_name(value);
             }
         }
-        let mut d = vec!["universe = vanilla".to_string(), format!("batch_name = {}", o.name)];
-        if o.prologue.is_empty() {
+        let mut d = vec![format!("universe = {}", if parallel { "parallel" } else { "vanilla" }), format!("batch_name = {}", o.name)];
+        if parallel {
+            // HTCondor's recipe for MPI: the wrapper runs on every machine of the job and, on
+            // the first, starts mpirun over all of them with the program (an input file)
+            d.push(format!("executable = {}", o.launcher.as_deref().unwrap_or(MPI_WRAPPER)));
+            d.push(format!("arguments = \"{}\"", condor_quote(&file_name(&spec.program))));
+            d.push(format!("machine_count = {}", spec.workers));
+            inputs.push(spec.program.clone());
+        } else if o.prologue.is_empty() {
             // transferred by HTCondor (transfer_executable defaults to true)
             d.push(format!("executable = {}", spec.program));
         } else {
@@ -111,8 +140,10 @@ impl Scheduler for HtCondor {
         }
         d.push(format!("environment = \"{}\"", environment(&exports)?));
         d.push(format!("initialdir = {wd}"));
-        d.push(format!("output = {logs}/{}.$(Cluster).$(Process).out", o.name));
-        d.push(format!("error = {logs}/{}.$(Cluster).$(Process).err", o.name));
+        // one file per proc, or per machine of a parallel job
+        let part = if parallel { "$(Node)" } else { "$(Process)" };
+        d.push(format!("output = {logs}/{}.$(Cluster).{part}.out", o.name));
+        d.push(format!("error = {logs}/{}.$(Cluster).{part}.err", o.name));
         d.push(format!("log = {logs}/{}.$(Cluster).log", o.name));
         d.extend(o.cpus_per_worker.map(|c| format!("request_cpus = {c}")));
         // a bare number is MiB; HTCondor refuses Gi-style units
@@ -127,7 +158,7 @@ impl Scheduler for HtCondor {
             d.push(format!("transfer_input_files = {}", inputs.join(",")));
         }
         let mut script: String = o.directives(d).into_iter().chain(self.extra.iter().cloned()).map(|l| l + "\n").collect();
-        script.push_str(&format!("queue {}\n", spec.workers));
+        script.push_str(&if parallel { "queue\n".to_string() } else { format!("queue {}\n", spec.workers) });
         // `-` reads the description from stdin (which alone would imply -verbose, printing
         // every job ad, environment and secret included); -terse prints just the id range
         Ok(Job { submit: ["condor_submit", "-terse", "-"].map(String::from).to_vec(), script })
@@ -308,9 +339,37 @@ queue 3
     }
 
     #[test]
-    fn mpi_layout_and_queues_are_clear_errors() {
-        let err = HtCondor::default().job(&spec(&JobOptions::new())).unwrap_err().to_string();
-        assert!(err.contains("no MPI world") && err.contains("layout(Layout::Array)"), "{err}");
+    fn golden_parallel_universe_runs_the_mpi_wrapper_over_n_machines() {
+        let o = JobOptions::new().name("sim").workdir("/w").layout(Layout::Mpi).cpus_per_worker(2);
+        let exports = vec![("CLUSTERMAN_LAUNCH".to_string(), "77:rank".to_string()), (ENV_SECRET_FILE.to_string(), "/w/.clusterman/secret-77".to_string())];
+        let job = HtCondor::default().job(&JobSpec::new(&o, 4, "/opt/app/bin/sim", exports.clone())).unwrap();
+        assert_eq!(
+            job.script,
+            r#"universe = parallel
+batch_name = sim
+executable = openmpiscript
+arguments = "sim"
+machine_count = 4
+environment = "CLUSTERMAN_LAUNCH=77:rank CLUSTERMAN_SECRET_FILE=secret-77"
+initialdir = /w
+output = /w/clusterman-logs/sim.$(Cluster).$(Node).out
+error = /w/clusterman-logs/sim.$(Cluster).$(Node).err
+log = /w/clusterman-logs/sim.$(Cluster).log
+request_cpus = 2
+should_transfer_files = YES
+when_to_transfer_output = ON_EXIT
+transfer_input_files = /w/.clusterman/secret-77,/opt/app/bin/sim
+queue
+"#
+        );
+        let own = o.clone().launcher("/site/mpich-wrapper");
+        assert!(HtCondor::default().job(&JobSpec::new(&own, 4, "/opt/app/bin/sim", exports)).unwrap().script.contains("executable = /site/mpich-wrapper\n"));
+    }
+
+    #[test]
+    fn prologues_in_the_parallel_universe_and_queues_are_clear_errors() {
+        let err = HtCondor::default().job(&spec(&JobOptions::new().prologue("module load mpi"))).unwrap_err().to_string();
+        assert!(err.contains("parallel universe") && err.contains("wrapper script"), "{err}");
         let err = HtCondor::default().job(&spec(&JobOptions::new().layout(Layout::Array).queue("long"))).unwrap_err().to_string();
         assert!(err.contains("no queues") && err.contains("requirements"), "{err}");
     }

@@ -416,6 +416,9 @@ impl Launch for BatchJob {
     }
 
     fn trim(&mut self, missing: &[u32]) {
+        if self.options.layout_or_default() == Layout::Mpi {
+            return; // the ranks of one MPI world are one job: none leaves it alone
+        }
         if let Some(command) = self.scheduler.trim_command(&self.id, missing) {
             match run(&self.options, &command, None) {
                 Ok(out) if out.status.success() => tracing::info!("removed the workers {missing:?} that did not start"),
