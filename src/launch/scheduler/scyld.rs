@@ -307,7 +307,7 @@ mod tests {
     fn an_mpi_world_is_one_mpirun_over_the_beomap_nodes() {
         let m = ScyldManager::new(3).job(JobOptions::new().command_prefix(["env"]).layout(Layout::Mpi));
         assert_eq!(m.mpirun(&[4, 7, 4], "/bin/prog"), ["env", "mpirun", "-np", "3", "--map", "4:7:4", "/bin/prog"]);
-        let m = m.job(JobOptions::new().launcher("/opt/beompi/bin/mpirun --all_cpus"));
+        let m = m.job(JobOptions::new().command_prefix(["env"]).launcher("/opt/beompi/bin/mpirun --all_cpus"));
         assert_eq!(m.mpirun(&[0], "/bin/prog"), ["env", "/opt/beompi/bin/mpirun", "--all_cpus", "-np", "1", "--map", "0", "/bin/prog"]);
     }
 
