@@ -44,7 +44,7 @@ use super::{BatchManager, CommandResult, Job, JobOptions, JobSpec, JobState, Lay
 /// # let cluster = Cluster::new()?;
 /// let world = HtCondorManager::new(4).job(JobOptions::new().layout(Layout::Mpi));
 /// cluster.add_procs(&world)?;
-/// let ranks: Vec<i32> = mpido!(world, |comm| comm.rank())?;
+/// let ranks: Vec<i32> = clusterman::mpido!(world, |comm| comm.rank())?;
 /// # Ok(()) }
 /// ```
 ///

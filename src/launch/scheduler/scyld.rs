@@ -42,7 +42,7 @@ type OsPids = Arc<Mutex<Vec<Option<u32>>>>;
 /// # let cluster = Cluster::new()?;
 /// let world = ScyldManager::new(4).job(JobOptions::new().layout(Layout::Mpi));
 /// cluster.add_procs(&world)?;
-/// let sizes: Vec<i32> = mpido!(world, |comm| comm.size())?;
+/// let sizes: Vec<i32> = clusterman::mpido!(world, |comm| comm.size())?;
 /// # Ok(()) }
 /// ```
 ///
