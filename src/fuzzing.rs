@@ -63,7 +63,7 @@ pub fn sample_messages() -> Vec<Vec<u8>> {
         problem: None,
     };
     let frame = |kind: Kind, payload: &[u8]| {
-        let mut f = FrameBuf::new(Header { kind, src: 3, dst: 1, req: 9, func: 0xfeed });
+        let mut f = FrameBuf::new(Header { kind, src: 3, dst: 1, req: 9, func: 0xfeed, words: 0 });
         f.payload().extend_from_slice(payload);
         f.finish().expect("small frame")
     };

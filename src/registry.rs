@@ -59,6 +59,9 @@ pub struct RemoteEntry {
     pub signature: &'static str,
     /// Decodes one argument tuple, runs, appends the encoded result to the output buffer.
     pub call: fn(&[u8], &mut Vec<u8>) -> Result<(), CallError>,
+    /// The element size of the result when it is a vector of plain numbers, written as one
+    /// block of words (see `codec::words_of`), else 0.
+    pub result_words: fn() -> usize,
     /// Decodes a `Vec` of argument tuples, runs each, appends a `Vec<Result<Output, CallError>>`.
     pub batch: fn(&[u8], &mut Vec<u8>) -> Result<(), CallError>,
     /// Decodes a `Vec` of argument tuples, runs each and folds the results in order with the
@@ -71,7 +74,7 @@ pub type FoldFn = fn(&[u8], &RemoteEntry, &mut Vec<u8>) -> Result<(), CallError>
 
 /// Builds the registry entry of `F` (used by `#[remote]`).
 pub const fn entry<F: RemoteFn>(signature: &'static str) -> RemoteEntry {
-    RemoteEntry { name: F::NAME, signature, call: run_call::<F>, batch: run_batch::<F>, fold: run_fold::<F> }
+    RemoteEntry { name: F::NAME, signature, call: run_call::<F>, result_words: codec::words_of::<F::Output>, batch: run_batch::<F>, fold: run_fold::<F> }
 }
 
 #[linkme::distributed_slice]

@@ -282,6 +282,25 @@ pub(crate) fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     Ok(sent)
 }
 
+/// Receives at most `len` bytes into `ptr` (a socket that would block returns `WouldBlock`
+/// when it is non-blocking); interrupted calls are repeated.
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes.
+pub(crate) unsafe fn recv_into(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize> {
+    loop {
+        // SAFETY: the caller gives `len` writable bytes at `ptr`.
+        let n = unsafe { libc::recv(fd, ptr.cast(), len, 0) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Raises this process's soft limit on open files to the hard limit (a master needs about
 /// two descriptors per worker); returns the limit now in force.
 pub(crate) fn raise_open_files_limit() -> u64 {

@@ -209,6 +209,15 @@ fn all_rank_checks(transport: Transport) {
     assert_eq!(cluster.remote_call_fetch(2, call_other, (last,)).unwrap(), (last, last as i32 - 1));
     let squares = cluster.pmap(square, (0..100u64).map(|x| (x,))).unwrap();
     assert_eq!(squares, (0..100u64).map(|x| x * x).collect::<Vec<_>>());
+    // big vectors come back as they were: straight from rank `last`, and from it through
+    // rank 0 to another worker and back (their words travel apart from their frames)
+    for n in [0, 3, 300_000] {
+        let expected: Vec<f64> = (0..n).map(|i| i as f64 * 0.25).collect();
+        assert_eq!(cluster.remote_call_fetch(last, quarters, (n,)).unwrap(), expected, "{n} f64 from pid {last}");
+        assert_eq!(cluster.remote_call_fetch(2, quarters_of, (last, n)).unwrap(), expected, "{n} f64 routed");
+    }
+    let bytes = cluster.remote_call_fetch(last, byte_ramp, (3 << 20,)).unwrap();
+    assert!(bytes.len() == 3 << 20 && bytes.iter().enumerate().all(|(i, b)| *b == i as u8), "3 MiB of u8");
     mgr.shutdown().unwrap();
     println!("CHECKED world={size}");
 }
@@ -216,6 +225,21 @@ fn all_rank_checks(transport: Transport) {
 #[remote]
 fn square(x: u64) -> u64 {
     x * x
+}
+
+#[remote]
+fn quarters(n: usize) -> Vec<f64> {
+    (0..n).map(|i| i as f64 * 0.25).collect()
+}
+
+#[remote]
+fn quarters_of(pid: Pid, n: usize) -> clusterman::Result<Vec<f64>> {
+    Cluster::current().unwrap().remote_call_fetch(pid, quarters, (n,))
+}
+
+#[remote]
+fn byte_ramp(n: usize) -> Vec<u8> {
+    (0..n).map(|i| i as u8).collect()
 }
 
 #[remote]

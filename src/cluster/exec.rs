@@ -12,14 +12,18 @@ use crate::protocol::failure::Failure;
 /// back, or `None` for a `Cast` (whose failure is logged here, as nobody waits for it).
 pub(crate) fn execute(me: Pid, frame: &Frame) -> Option<Vec<u8>> {
     let h = frame.header;
-    let mut out = FrameBuf::new(Header { kind: Kind::Reply, src: me, dst: h.src, req: h.req, func: 0 });
+    let mut out = FrameBuf::new(Header { kind: Kind::Reply, src: me, dst: h.src, req: h.req, func: 0, words: 0 });
     let result = match registry::lookup(h.func) {
         None => Err(Failure::UnknownFunction { pid: me, id: h.func }),
         Some(entry) => {
             let run = if h.kind == Kind::Batch { entry.batch } else { entry.call };
-            run(frame.payload(), out.payload()).map_err(|e| {
+            let ran = run(frame.payload(), out.payload()).map_err(|e| {
                 Failure::Remote(RemoteError { pid: me, function: entry.name.to_string(), message: e.message, location: e.location })
-            })
+            });
+            if h.kind == Kind::Call && ran.is_ok() {
+                out.mark_words((entry.result_words)()); // a big vector's words go apart
+            }
+            ran
         }
     };
     if h.kind == Kind::Cast {
@@ -40,7 +44,7 @@ pub(crate) fn execute(me: Pid, frame: &Frame) -> Option<Vec<u8>> {
         },
         Err(f) => f,
     };
-    let mut out = FrameBuf::new(Header { kind: Kind::Failure, src: me, dst: h.src, req: h.req, func: 0 });
+    let mut out = FrameBuf::new(Header { kind: Kind::Failure, src: me, dst: h.src, req: h.req, func: 0, words: 0 });
     codec::encode_into(&failure, out.payload()).expect("failures always encode");
     Some(out.finish().expect("failure frames are small"))
 }

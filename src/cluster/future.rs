@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use crate::ids::Pid;
-use crate::codec;
 use crate::error::{Error, Result};
 use crate::protocol::{Frame, Kind};
 
@@ -21,8 +20,8 @@ use super::slot::Slot;
 pub(crate) fn decode_reply<R: DeserializeOwned + 'static>(frame: Result<Frame>) -> Result<R> {
     let frame = frame?;
     match frame.header.kind {
-        Kind::Reply => codec::decode(frame.payload()),
-        Kind::Failure => Err(codec::decode::<Failure>(frame.payload())?.into()),
+        Kind::Reply => frame.decode(),
+        Kind::Failure => Err(frame.decode::<Failure>()?.into()),
         other => Err(Error::Protocol(format!("expected a reply, got a {other:?} frame"))),
     }
 }

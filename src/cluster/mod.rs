@@ -471,7 +471,7 @@ impl Cluster {
     /// Sends one call frame to `pid`; the payload is written by `encode`. Returns what to do
     /// if the caller stops waiting (forget the call, so its reply is dropped).
     pub(crate) fn send(&self, kind: Kind, pid: Pid, func: u64, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<Forget> {
-        let header = Header { kind, src: self.inner.me, dst: pid, req: 0, func };
+        let header = Header { kind, src: self.inner.me, dst: pid, req: 0, func, words: 0 };
         if self.inner.master.is_some() {
             let req = master::call(&self.inner, header, hint, encode, waiter)?;
             let inner = Arc::downgrade(&self.inner);

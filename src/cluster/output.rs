@@ -109,7 +109,7 @@ pub(crate) fn flush() {
 }
 
 fn send_lines(link: &Link, me: Pid, text: &[u8], patience: Duration) {
-    let mut frame = FrameBuf::with_capacity(Header { kind: Kind::Output, src: me, dst: 1, req: 0, func: 0 }, text.len());
+    let mut frame = FrameBuf::with_capacity(Header { kind: Kind::Output, src: me, dst: 1, req: 0, func: 0, words: 0 }, text.len());
     frame.payload().extend_from_slice(text);
     if let Ok(bytes) = frame.finish() {
         let _ = link.send_patiently(bytes, Instant::now() + patience);

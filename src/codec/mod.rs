@@ -18,6 +18,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::buffers;
 use crate::error::{Error, Result};
 
+pub use plain::Bulk;
+
 /// Why a value could not be encoded or decoded.
 #[derive(Debug)]
 pub(crate) struct CodecError(String);
@@ -65,6 +67,18 @@ pub fn encode_value_into<T: Serialize + Any>(value: &T, out: &mut Vec<u8>) -> Re
         }
         None => encode_into(value, out),
     }
+}
+
+/// The size of one element when `T` is a vector of plain numbers (which [`encode_value_into`]
+/// writes as one block), 0 for every other type.
+pub fn words_of<T: Any>() -> usize {
+    plain::type_element_size::<T>()
+}
+
+/// `T` made of a block of words received apart and the `count` its encoding announced,
+/// without a copy, if `T` is a vector of plain numbers; the block back for any other type.
+pub fn from_bulk<T: Any>(count: u64, bulk: Bulk) -> std::result::Result<Result<T>, Bulk> {
+    plain::from_bulk::<T>(count, bulk).map(|decoded| decoded.map_err(|e| Error::Codec(e.0)))
 }
 
 /// Encodes `value` into a fresh vector.

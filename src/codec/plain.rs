@@ -96,6 +96,38 @@ pub(super) fn decode<T: Any>(bytes: &[u8]) -> Option<Result<T, CodecError>> {
     None
 }
 
+/// `T` made of `bulk` and the `count` its encoding announced, without a copy, if `T` is a
+/// vector of plain numbers; the block back for every other type.
+pub(super) fn from_bulk<T: Any>(count: u64, bulk: Bulk) -> Result<Result<T, CodecError>, Bulk> {
+    if cfg!(target_endian = "big") {
+        return Err(bulk);
+    }
+    let is = |id: TypeId| TypeId::of::<T>() == id;
+    macro_rules! find {
+        ($e:ty) => {
+            if is(TypeId::of::<Vec<$e>>()) || is(TypeId::of::<Box<[$e]>>()) || is(TypeId::of::<Cow<'static, [$e]>>()) || is(TypeId::of::<(Vec<$e>,)>()) {
+                let v = match bulk.into_vec::<$e>() {
+                    Ok(v) if v.len() as u64 == count => v,
+                    Ok(v) => return Ok(Err(CodecError::new(format!("{count} elements announced, {} received", v.len())))),
+                    Err(bulk) => return Ok(Err(CodecError::new(format!("{} bytes of elements of {} bytes cannot be {} elements of {} bytes", bulk.len(), bulk.element_size(), count, std::mem::size_of::<$e>())))),
+                };
+                if is(TypeId::of::<Vec<$e>>()) {
+                    return Ok(Ok(cast(v)));
+                }
+                if is(TypeId::of::<Box<[$e]>>()) {
+                    return Ok(Ok(cast(v.into_boxed_slice())));
+                }
+                if is(TypeId::of::<Cow<'static, [$e]>>()) {
+                    return Ok(Ok(cast(Cow::<'static, [$e]>::Owned(v))));
+                }
+                return Ok(Ok(cast((v,))));
+            }
+        };
+    }
+    each_plain!(find);
+    Err(bulk)
+}
+
 /// A value of type `A` that is known to be of type `B` (same `TypeId`), as a `B`.
 fn cast<A: Any, B: Any>(value: A) -> B {
     let mut slot = Some(value);
@@ -127,4 +159,144 @@ fn read<E: Plain>(bytes: &[u8]) -> Result<Vec<E>, CodecError> {
         v.set_len(count);
     }
     Ok(v)
+}
+
+/// The element size of `T` if it is a vector of plain numbers (as [`numbers`] knows them),
+/// else 0.
+pub(super) fn type_element_size<T: Any>() -> usize {
+    if cfg!(target_endian = "big") {
+        return 0;
+    }
+    let is = |id: TypeId| TypeId::of::<T>() == id;
+    macro_rules! find {
+        ($e:ty) => {
+            if is(TypeId::of::<Vec<$e>>()) || is(TypeId::of::<Box<[$e]>>()) || is(TypeId::of::<Cow<'static, [$e]>>()) || is(TypeId::of::<(Vec<$e>,)>()) {
+                return std::mem::size_of::<$e>();
+            }
+        };
+    }
+    each_plain!(find);
+    0
+}
+
+/// The words of a plain-number vector received straight into an allocation of their own
+/// (a big reply's data, apart from its frame), which becomes the decoded vector as it is:
+/// no copy, no second buffer. Stored as unsigned words of the element's size, whose memory
+/// layout (size and alignment) every plain type of that size shares.
+#[derive(Debug)]
+pub struct Bulk {
+    words: Words,
+    /// Bytes received so far (possibly ending inside a word).
+    filled: usize,
+}
+
+#[derive(Debug)]
+enum Words {
+    W1(Vec<u8>),
+    W2(Vec<u16>),
+    W4(Vec<u32>),
+    W8(Vec<u64>),
+    W16(Vec<u128>),
+}
+
+/// Calls `$body` with `$v` bound to the vector inside `$words`, whatever its word.
+macro_rules! with_words {
+    ($words:expr, $v:ident => $body:expr) => {
+        match $words {
+            Words::W1($v) => $body,
+            Words::W2($v) => $body,
+            Words::W4($v) => $body,
+            Words::W8($v) => $body,
+            Words::W16($v) => $body,
+        }
+    };
+}
+
+impl Bulk {
+    /// An empty block of elements of `size` bytes (1, 2, 4, 8 or 16; `None` otherwise).
+    pub fn new(size: usize) -> Option<Bulk> {
+        let words = match size {
+            1 => Words::W1(Vec::new()),
+            2 => Words::W2(Vec::new()),
+            4 => Words::W4(Vec::new()),
+            8 => Words::W8(Vec::new()),
+            16 => Words::W16(Vec::new()),
+            _ => return None,
+        };
+        Some(Bulk { words, filled: 0 })
+    }
+
+    /// Bytes of one element.
+    pub fn element_size(&self) -> usize {
+        with_words!(&self.words, v => word_size(v))
+    }
+
+    /// Bytes received.
+    pub fn len(&self) -> usize {
+        self.filled
+    }
+
+    /// Room for at least `bytes` more bytes; returns where they go and how many fit. A block
+    /// of 4 MiB or more asks for huge pages (see [`sys::prefer_huge_pages`]).
+    pub fn room(&mut self, bytes: usize) -> (*mut u8, usize) {
+        let filled = self.filled;
+        with_words!(&mut self.words, v => {
+            let size = word_size(v);
+            let need = (filled + bytes).div_ceil(size);
+            if need > v.capacity() {
+                v.reserve_exact(need); // len is 0: reserves `need` words in all
+                if v.capacity() * size >= HUGE_PAGES_FROM {
+                    sys::prefer_huge_pages(v.as_mut_ptr().cast(), v.capacity() * size);
+                }
+            }
+            // SAFETY: `filled` bytes are inside the allocation (filled <= capacity * size).
+            (unsafe { v.as_mut_ptr().cast::<u8>().add(filled) }, v.capacity() * size - filled)
+        })
+    }
+
+    /// Counts `n` more bytes as received.
+    ///
+    /// # Safety
+    /// The `n` bytes after those received must have been written, inside the room that
+    /// [`room`](Bulk::room) returned.
+    pub unsafe fn advance(&mut self, n: usize) {
+        self.filled += n;
+    }
+
+    /// The bytes received.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the first `filled` bytes of the allocation were written (`advance`).
+        with_words!(&self.words, v => unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), self.filled) })
+    }
+
+    /// The block as a `Vec<E>` of its whole elements, if `E` has its element's layout.
+    fn into_vec<E: Plain>(self) -> Result<Vec<E>, Bulk> {
+        let (size, align) = with_words!(&self.words, v => (word_size(v), word_align(v)));
+        if size != std::mem::size_of::<E>() || align != std::mem::align_of::<E>() || self.filled % size != 0 {
+            return Err(self);
+        }
+        let count = self.filled / size;
+        // SAFETY: E and the word have the same size and alignment, so the allocation's layout
+        // is that of a Vec<E> of the same capacity; its first `count` elements were written,
+        // and every bit pattern is a valid E.
+        Ok(with_words!(self.words, v => unsafe { reuse::<_, E>(v, count) }))
+    }
+}
+
+/// `v`'s allocation as a `Vec<E>` of `count` elements.
+///
+/// # Safety
+/// `E` must have `W`'s size and alignment, and the first `count` elements must be written.
+unsafe fn reuse<W, E>(v: Vec<W>, count: usize) -> Vec<E> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: as the caller promises.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<E>(), count, v.capacity()) }
+}
+
+fn word_size<W>(_: &Vec<W>) -> usize {
+    std::mem::size_of::<W>()
+}
+
+fn word_align<W>(_: &Vec<W>) -> usize {
+    std::mem::align_of::<W>()
 }

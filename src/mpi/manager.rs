@@ -280,7 +280,7 @@ where
 {
     assert!(std::mem::size_of::<C>() == 0, "an mpido! body cannot capture variables: pass them as `|comm, name: Type|` parameters");
     std::mem::forget(body);
-    RemoteEntry { name, signature: "mpido!", call: run_body::<C, A, T>, batch: no_batch, fold: no_fold }
+    RemoteEntry { name, signature: "mpido!", call: run_body::<C, A, T>, result_words: codec::words_of::<T>, batch: no_batch, fold: no_fold }
 }
 
 fn run_body<C, A, T>(payload: &[u8], out: &mut Vec<u8>) -> std::result::Result<(), CallError>

@@ -11,6 +11,9 @@
 //! nothing, so an idle rank spends next to no CPU. User code — `mpido!` bodies with their
 //! collectives — runs on other threads at the same time, which is why this mode needs
 //! `MPI_THREAD_MULTIPLE`.
+//!
+//! A big reply's words (see `Header::words`) go as a second message from the same buffer,
+//! which the receiver takes straight into a block of their own: the caller's vector.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
@@ -23,13 +26,18 @@ use ::mpi::topology::SimpleCommunicator;
 use ::mpi::traits::{Communicator, Equivalence, Source};
 
 use crate::buffers;
+use crate::codec::Bulk;
 use crate::error::{Error, Result};
-use crate::protocol::{self, Frame, LEN_PREFIX};
+use crate::protocol::{self, Frame, LEN_PREFIX, WORDS_HEAD, words_apart};
 use crate::transport::FrameOut;
 use crate::transport::polled::{self, Polled};
 
 /// Tag of every frame on the transport communicator.
 const TAG: i32 = 7001;
+/// Tag of the message holding a big reply's words, right after its frame from that rank.
+const WORDS_TAG: i32 = 7002;
+/// How long the words of a reply whose frame came may take to follow it.
+const WORDS_WITHIN: Duration = Duration::from_secs(30);
 /// First pause of the progress thread after activity.
 const MIN_PAUSE: Duration = Duration::from_micros(20);
 /// Longest pause while this process waits for a reply.
@@ -80,10 +88,11 @@ struct Sends {
     closed: bool,
 }
 
-/// A posted send and the buffer it reads from (kept alive until the send completes).
+/// A posted send and the buffer it reads from (kept alive until the send completes): one
+/// message, or a big reply's two (its frame and its words).
 struct InFlight {
     frame: Vec<u8>,
-    request: ffi::MPI_Request,
+    requests: Vec<ffi::MPI_Request>,
 }
 
 impl Drop for InFlight {
@@ -183,9 +192,51 @@ impl Shared {
                 ffi::MPI_Mrecv(body.as_mut_ptr().cast(), len as i32, ffi::RSMPI_UINT8_T, message.as_raw_mut(), ffi::RSMPI_STATUS_IGNORE);
                 body.set_len(len);
             }
-            (r.deliver)(status.source_rank(), Frame::from_body(body));
+            let source = status.source_rank();
+            let marked = protocol::Header::parse(&body).is_ok_and(|h| h.kind == protocol::Kind::Reply && h.words != 0);
+            let frame = if len == WORDS_HEAD && marked {
+                self.receive_words(source, body, r.max_frame)
+            } else {
+                Frame::from_body(body)
+            };
+            (r.deliver)(source, frame);
         }
         got
+    }
+
+    /// The words that follow a reply's frame `head` from `source`, if the frame announces
+    /// some (an empty vector announces none), received into a block of their own.
+    fn receive_words(&self, source: i32, head: Vec<u8>, max_frame: usize) -> Result<Frame> {
+        let count = u64::from_le_bytes(head[WORDS_HEAD - 8..].try_into().expect("8 bytes"));
+        if count == 0 {
+            return Frame::from_body(head);
+        }
+        let deadline = Instant::now() + WORDS_WITHIN;
+        let (mut message, status) = loop {
+            // posted right after the frame: it is on its way
+            if let Some(found) = self.comm.process_at_rank(source).immediate_matched_probe_with_tag(WORDS_TAG) {
+                break found;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Protocol(format!("the words of a reply from rank {source} did not follow its frame within {WORDS_WITHIN:?}")));
+            }
+            std::thread::yield_now();
+        };
+        let len = status.count(u8::equivalent_datatype()) as usize;
+        let size = words_apart(&head, WORDS_HEAD + len).filter(|_| WORDS_HEAD + len <= max_frame);
+        let Some(mut words) = size.and_then(Bulk::new) else {
+            std::mem::forget(message); // not received: that rank's link is cut off
+            return Err(Error::Protocol(format!("{len} bytes of words from rank {source} do not match the reply they follow (or exceed max_frame)")));
+        };
+        let (at, room) = words.room(len);
+        debug_assert!(room >= len);
+        // SAFETY: MPI writes the probed message, `len` bytes, into the block's room; the
+        // message handle is null afterwards (received), as its Drop expects.
+        unsafe {
+            ffi::MPI_Mrecv(at.cast(), len as i32, ffi::RSMPI_UINT8_T, message.as_raw_mut(), ffi::RSMPI_STATUS_IGNORE);
+            words.advance(len);
+        }
+        Frame::from_parts(head, words)
     }
 
     /// Posts a send of `frame` to `rank`; false when it did not complete at once (the
@@ -196,13 +247,23 @@ impl Shared {
             return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the MPI transport has stopped"));
         }
         let body = &frame[LEN_PREFIX..]; // MPI keeps message bounds: no length prefix
-        // SAFETY: `request` is written by MPI_Isend; the buffer is owned by the InFlight,
-        // which lives until MPI_Test reports the send complete.
-        let mut sent = unsafe {
-            let mut request: ffi::MPI_Request = std::mem::zeroed();
-            ffi::MPI_Isend(body.as_ptr().cast(), body.len() as i32, ffi::RSMPI_UINT8_T, rank, TAG, self.comm.as_raw(), &mut request);
-            InFlight { frame, request }
+        // a big reply's words go as a message of their own, posted at once after its frame
+        // (under the lock: no other frame to that rank comes between them)
+        let parts: Vec<(&[u8], i32)> = match body.get(..WORDS_HEAD).and_then(|head| words_apart(head, body.len())) {
+            Some(_) => vec![(&body[..WORDS_HEAD], TAG), (&body[WORDS_HEAD..], WORDS_TAG)],
+            None => vec![(body, TAG)],
         };
+        // SAFETY: each request is written by MPI_Isend; the buffer is owned by the InFlight,
+        // which lives until MPI_Test reports every send complete.
+        let requests = parts
+            .into_iter()
+            .map(|(part, tag)| unsafe {
+                let mut request: ffi::MPI_Request = std::mem::zeroed();
+                ffi::MPI_Isend(part.as_ptr().cast(), part.len() as i32, ffi::RSMPI_UINT8_T, rank, tag, self.comm.as_raw(), &mut request);
+                request
+            })
+            .collect();
+        let mut sent = InFlight { frame, requests };
         if send_done(&mut sent) {
             return Ok(true);
         }
@@ -278,8 +339,11 @@ fn progress(shared: &Shared) {
 }
 
 fn send_done(s: &mut InFlight) -> bool {
-    let mut flag = 0;
-    // SAFETY: testing a request we posted and have not completed yet.
-    unsafe { ffi::MPI_Test(&mut s.request, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
-    flag != 0
+    s.requests.retain_mut(|request| {
+        let mut flag = 0;
+        // SAFETY: testing a request we posted and have not completed yet.
+        unsafe { ffi::MPI_Test(request, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
+        flag == 0
+    });
+    s.requests.is_empty()
 }

@@ -32,7 +32,7 @@ impl From<Failure> for Error {
 
 /// A failure frame from `src` to `dst` for request `req`.
 pub(crate) fn failure_frame(src: Pid, dst: Pid, req: u64, failure: &Failure) -> Result<Vec<u8>> {
-    let mut frame = FrameBuf::new(Header { kind: Kind::Failure, src, dst, req, func: 0 });
+    let mut frame = FrameBuf::new(Header { kind: Kind::Failure, src, dst, req, func: 0, words: 0 });
     codec::encode_into(failure, frame.payload())?;
     frame.finish()
 }

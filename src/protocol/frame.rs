@@ -1,13 +1,23 @@
 //! Frame layout and parsing.
 
+use std::any::Any;
+
+use serde::de::DeserializeOwned;
+
 use crate::buffers;
+use crate::codec::{self, Bulk};
 use crate::error::{Error, Result};
 use crate::ids::Pid;
 
 /// Bytes of the length prefix.
 pub const LEN_PREFIX: usize = 4;
 /// Bytes of the fixed header at the start of every body.
-pub const HEADER_LEN: usize = 1 + 4 + 4 + 8 + 8;
+pub const HEADER_LEN: usize = 1 + 4 + 4 + 8 + 8 + 1;
+/// Bytes of a reply's payload before the words it carries as one block: their count.
+const WORDS_AT: usize = 8;
+/// A reply whose words are at least this many bytes is received into an allocation of their
+/// own, which becomes the caller's vector (smaller ones are copied out of the frame).
+pub const BULK_FROM: usize = 1 << 20;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +70,10 @@ pub struct Header {
     pub req: u64,
     /// Registered function id (calls) or 0.
     pub func: u64,
+    /// For a reply whose payload is a vector of plain numbers (a `u64` count, then the
+    /// words): the size of one word (1, 2, 4, 8 or 16), so a receiver can take the words
+    /// into a vector of their own; 0 for every other frame.
+    pub words: u8,
 }
 
 impl Header {
@@ -70,6 +84,7 @@ impl Header {
         out[5..9].copy_from_slice(&self.dst.to_le_bytes());
         out[9..17].copy_from_slice(&self.req.to_le_bytes());
         out[17..25].copy_from_slice(&self.func.to_le_bytes());
+        out[25] = self.words;
     }
 
     /// Parses the header at the start of a frame body.
@@ -80,13 +95,29 @@ impl Header {
         let kind = Kind::from_u8(body[0]).ok_or_else(|| Error::Protocol(format!("unknown frame kind {}", body[0])))?;
         let u32_at = |i: usize| u32::from_le_bytes(body[i..i + 4].try_into().expect("4 bytes"));
         let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
-        Ok(Header { kind, src: u32_at(1), dst: u32_at(5), req: u64_at(9), func: u64_at(17) })
+        Ok(Header { kind, src: u32_at(1), dst: u32_at(5), req: u64_at(9), func: u64_at(17), words: body[25] })
     }
+}
+
+/// Bytes of a body up to a big reply's words: header, count.
+pub const WORDS_HEAD: usize = HEADER_LEN + WORDS_AT;
+
+/// The word size of a reply whose words go apart, from the start of its body (at least
+/// [`WORDS_HEAD`] bytes) and the length of the whole body: when its header marks words (see
+/// [`Header::words`]), its count of them adds up to the body, and they are big enough to be
+/// worth a block of their own. `None` for every other frame.
+pub fn words_apart(head: &[u8], body_len: usize) -> Option<usize> {
+    let header = Header::parse(head).ok()?;
+    let count = u64::from_le_bytes(head.get(HEADER_LEN..WORDS_HEAD)?.try_into().ok()?);
+    let size = header.words as usize;
+    let data = body_len.checked_sub(WORDS_HEAD)?;
+    let adds_up = usize::try_from(count).ok().and_then(|c| c.checked_mul(size)) == Some(data);
+    (header.kind == Kind::Reply && size != 0 && data >= BULK_FROM && adds_up).then_some(size)
 }
 
 /// A frame without payload (heartbeats, shutdown), ready to send.
 pub fn bare(kind: Kind, src: Pid, dst: Pid) -> Vec<u8> {
-    FrameBuf::new(Header { kind, src, dst, req: 0, func: 0 }).finish().expect("a bare frame fits")
+    FrameBuf::new(Header { kind, src, dst, req: 0, func: 0, words: 0 }).finish().expect("a bare frame fits")
 }
 
 /// The length prefix of a message of `len` bytes. Frames, the hello and the welcome are all
@@ -158,6 +189,12 @@ impl FrameBuf {
         &mut self.buf
     }
 
+    /// Marks the payload as a vector of plain numbers of `size` bytes each (see
+    /// [`Header::words`]).
+    pub fn mark_words(&mut self, size: usize) {
+        self.buf[LEN_PREFIX + 25] = size as u8;
+    }
+
     /// Patches the length prefix and returns the bytes to write. Fails if the body does not
     /// fit the `u32` prefix.
     pub fn finish(mut self) -> Result<Vec<u8>> {
@@ -181,7 +218,7 @@ pub fn call_frame(header: Header, hint: usize, encode: impl FnOnce(&mut Vec<u8>)
 }
 
 /// A received frame: its bytes (as they came: with the length prefix from a stream, without
-/// it from MPI) and the parsed header.
+/// it from MPI) and the parsed header; a big reply's words apart, in a block of their own.
 #[derive(Debug)]
 pub struct Frame {
     /// Parsed header.
@@ -189,31 +226,57 @@ pub struct Frame {
     bytes: Vec<u8>,
     /// Where the body starts in `bytes` (after the prefix, if there is one).
     body_at: usize,
+    /// The words of a big reply (see [`Header::words`]), which follow `bytes` on the wire.
+    bulk: Option<Bulk>,
 }
 
 impl Frame {
     /// A frame from its body (a message that has its own bounds, such as an MPI message).
     #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     pub fn from_body(body: Vec<u8>) -> Result<Frame> {
-        Ok(Frame { header: Header::parse(&body)?, bytes: body, body_at: 0 })
+        Ok(Frame { header: Header::parse(&body)?, bytes: body, body_at: 0, bulk: None })
+    }
+
+    /// A frame from its body without its words, and the words (a message and the one
+    /// after it, as an MPI transport sends a big reply).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    pub fn from_parts(head: Vec<u8>, words: Bulk) -> Result<Frame> {
+        Ok(Frame { header: Header::parse(&head)?, bytes: head, body_at: 0, bulk: Some(words) })
     }
 
     /// A frame from its bytes on a stream: length prefix, then body.
-    fn from_wire(wire: Vec<u8>) -> Result<Frame> {
-        Ok(Frame { header: Header::parse(&wire[LEN_PREFIX..])?, bytes: wire, body_at: LEN_PREFIX })
+    fn from_wire(wire: Vec<u8>, bulk: Option<Bulk>) -> Result<Frame> {
+        Ok(Frame { header: Header::parse(&wire[LEN_PREFIX..])?, bytes: wire, body_at: LEN_PREFIX, bulk })
     }
 
-    /// The payload bytes.
+    /// The payload bytes. For a big reply whose words came apart ([`Frame::decode`] takes
+    /// them), only what precedes them: decode replies with [`Frame::decode`].
     pub fn payload(&self) -> &[u8] {
         &self.bytes[self.body_at + HEADER_LEN..]
     }
 
-    /// The frame as a stream carries it, prefix included (no copy when it came that way).
-    pub fn into_wire(mut self) -> Vec<u8> {
-        if self.body_at == LEN_PREFIX {
-            return std::mem::take(&mut self.bytes);
+    /// The payload decoded as a `T`; the words of a big reply become a vector without a
+    /// copy when `T` is one of their type.
+    pub fn decode<T: DeserializeOwned + Any>(mut self) -> Result<T> {
+        let Some(words) = self.bulk.take() else { return codec::decode(self.payload()) };
+        let count = u64::from_le_bytes(self.payload()[..WORDS_AT].try_into().expect("a count precedes the words"));
+        match codec::from_bulk::<T>(count, words) {
+            Ok(decoded) => decoded,
+            Err(words) => {
+                self.bytes.extend_from_slice(words.bytes());
+                codec::decode(self.payload())
+            }
         }
-        prefixed(&self.bytes).expect("a received frame's length fits its prefix")
+    }
+
+    /// The frame as a stream carries it, prefix included (no copy when it came that way,
+    /// except for the words of a big reply, which join the rest).
+    pub fn into_wire(mut self) -> Vec<u8> {
+        let mut wire = if self.body_at == LEN_PREFIX { std::mem::take(&mut self.bytes) } else { prefixed(&self.bytes).expect("a received frame's length fits its prefix") };
+        if let Some(words) = self.bulk.take() {
+            wire.extend_from_slice(words.bytes());
+        }
+        wire
     }
 }
 
@@ -223,24 +286,36 @@ impl Drop for Frame {
     }
 }
 
-/// Cuts a byte stream into frames without doing I/O: the caller appends what it read to
-/// [`buffer`](FrameReader::buffer) and takes the complete frames from
-/// [`next_frame`](FrameReader::next_frame). The buffer grows only as bytes arrive (at most
-/// doubling what is there), so a lying length prefix costs nothing; an idle connection holds
-/// at most a few KiB.
+/// Cuts a byte stream into frames without doing I/O: the caller appends what it read with
+/// [`extend`](FrameReader::extend), or reads straight into [`room`](FrameReader::room), and
+/// takes the complete frames from [`next_frame`](FrameReader::next_frame). Memory grows
+/// only as bytes arrive (at most doubling what is there), so a lying length prefix costs
+/// nothing; an idle connection holds at most a few KiB. The words of a big reply (see
+/// [`Header::words`]) go into a block of their own as they come.
 #[derive(Debug)]
 pub struct FrameReader {
     buf: Vec<u8>,
     max: usize,
+    /// The words of the reply under way; `buf` then holds its head only.
+    words: Option<Bulk>,
+    /// Bytes that came after the reply under way, while its words were read.
+    after: Vec<u8>,
 }
 
 /// What a read straight into the buffer has room for at least.
 const READ_ROOM: usize = 64 * 1024;
+/// Bytes of a reply up to its words on a stream: prefix, header, count.
+const HEAD: usize = LEN_PREFIX + WORDS_HEAD;
 
 impl FrameReader {
     /// A reader that refuses frames longer than `max`.
     pub fn new(max: usize) -> FrameReader {
-        FrameReader { buf: Vec::new(), max }
+        FrameReader { buf: Vec::new(), max, words: None, after: Vec::new() }
+    }
+
+    /// Bytes of the frame under way that are here.
+    fn received(&self) -> usize {
+        self.buf.len() + self.words.as_ref().map_or(0, Bulk::len)
     }
 
     /// Bytes the frame under way still needs; 0 while its length is not known yet.
@@ -248,17 +323,28 @@ impl FrameReader {
         match self.buf.get(..LEN_PREFIX) {
             Some(prefix) => {
                 let len = prefix_len(prefix.try_into().expect("4 bytes"));
-                (LEN_PREFIX + len.min(self.max)).saturating_sub(self.buf.len())
+                (LEN_PREFIX + len.min(self.max)).saturating_sub(self.received())
             }
             None => 0,
         }
     }
 
-    /// The buffer to read the rest of a big frame straight into, with room reserved: what it
-    /// still needs, but at most as much again as is already there (so memory follows the
-    /// bytes that really arrive), and at least a few KiB.
-    pub fn buffer(&mut self) -> &mut Vec<u8> {
+    /// Whether the next read should go straight into [`room`](FrameReader::room) rather than
+    /// through a scratch buffer of `scratch` bytes: inside a big frame.
+    pub fn reads_direct(&self, scratch: usize) -> bool {
+        self.words.is_some() || self.missing() > scratch
+    }
+
+    /// Where to read the rest of a big frame straight into, and how many bytes may go there
+    /// (at most what the frame still needs). Room is reserved as bytes arrive: at most as
+    /// much again as is already there, and at least a few KiB. Call
+    /// [`advance`](FrameReader::advance) with what was read.
+    pub fn room(&mut self) -> (*mut u8, usize) {
         let missing = self.missing();
+        if let Some(words) = &mut self.words {
+            let (at, room) = words.room(missing.min(words.len().max(READ_ROOM)).max(READ_ROOM));
+            return (at, room.min(missing));
+        }
         if self.buf.capacity() - self.buf.len() < missing {
             // a kept buffer that holds the whole frame is no new memory: read into it
             if let Some(mut kept) = buffers::take(self.buf.len() + missing) {
@@ -266,20 +352,85 @@ impl FrameReader {
                 self.buf = kept;
             }
         }
-        let room = missing.min(self.buf.len().max(READ_ROOM)).max(READ_ROOM);
-        self.buf.reserve(room);
-        &mut self.buf
+        let want = missing.min(self.buf.len().max(READ_ROOM)).max(READ_ROOM);
+        self.buf.reserve(want);
+        let room = (self.buf.capacity() - self.buf.len()).min(missing.max(1));
+        // SAFETY: `len` is inside the allocation.
+        (unsafe { self.buf.as_mut_ptr().add(self.buf.len()) }, room)
+    }
+
+    /// Counts `n` bytes read into [`room`](FrameReader::room).
+    ///
+    /// # Safety
+    /// The `n` bytes at the room's start must have been written, `n` at most its size.
+    pub unsafe fn advance(&mut self, n: usize) {
+        match &mut self.words {
+            // SAFETY: as the caller promises.
+            Some(words) => unsafe { words.advance(n) },
+            None => {
+                // SAFETY: as the caller promises: written, inside the capacity.
+                unsafe { self.buf.set_len(self.buf.len() + n) };
+                self.split_words();
+            }
+        }
     }
 
     /// Appends bytes read elsewhere (small reads go through a shared scratch buffer, so an
     /// idle connection holds no buffer of its own).
     pub fn extend(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        let missing = self.missing();
+        match &mut self.words {
+            Some(words) => {
+                let (now, later) = bytes.split_at(bytes.len().min(missing));
+                let (at, _) = words.room(now.len());
+                // SAFETY: the room holds at least `now.len()` bytes, which are written here.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(now.as_ptr(), at, now.len());
+                    words.advance(now.len());
+                }
+                self.after.extend_from_slice(later);
+            }
+            None => {
+                self.buf.extend_from_slice(bytes);
+                self.split_words();
+            }
+        }
+    }
+
+    /// Once the head of a big reply is here, moves its words into a block of their own (see
+    /// [`Header::words`]); anything that does not add up stays as it is, for `next_frame`.
+    fn split_words(&mut self) {
+        if self.words.is_some() || self.buf.len() < HEAD {
+            return;
+        }
+        let Ok(len) = check_len(self.buf[..LEN_PREFIX].try_into().expect("4 bytes"), self.max) else { return };
+        let Some(mut words) = words_apart(&self.buf[LEN_PREFIX..HEAD], len).and_then(Bulk::new) else { return };
+        let data = LEN_PREFIX + len - HEAD;
+        let here = self.buf.len() - HEAD; // less than a read's room: all of them this frame's
+        let (at, room) = words.room(here.min(data));
+        let now = here.min(data).min(room);
+        // SAFETY: the room holds `now` bytes, copied here from the buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.buf[HEAD..].as_ptr(), at, now);
+            words.advance(now);
+        }
+        self.after.extend_from_slice(&self.buf[HEAD + now..]);
+        self.buf.truncate(HEAD);
+        self.words = Some(words);
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed. An oversized length or
     /// a bad header is an error (the stream cannot be trusted after it).
     pub fn next_frame(&mut self) -> Result<Option<Frame>> {
+        if self.words.is_some() {
+            if self.missing() > 0 {
+                return Ok(None);
+            }
+            let head = std::mem::replace(&mut self.buf, std::mem::take(&mut self.after));
+            let frame = Frame::from_wire(head, self.words.take());
+            self.split_words();
+            return frame.map(Some);
+        }
         let Some(prefix) = self.buf.get(..LEN_PREFIX) else { return Ok(None) };
         let len = check_len(prefix.try_into().expect("4 bytes"), self.max)?;
         let end = LEN_PREFIX + len;
@@ -292,7 +443,8 @@ impl FrameReader {
             let rest = self.buf.split_off(end);
             std::mem::replace(&mut self.buf, rest)
         };
-        Frame::from_wire(wire).map(Some)
+        self.split_words();
+        Frame::from_wire(wire, None).map(Some)
     }
 
     /// True when a whole frame (or a length already refused) is buffered: no need to read.
@@ -303,12 +455,12 @@ impl FrameReader {
     /// Bytes received that are not part of a complete frame yet.
     #[cfg(test)]
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.received() + self.after.len()
     }
 
     /// The stream ended: fine between frames, an error inside one.
     pub fn end_of_stream(&self) -> Result<()> {
-        match self.buf.len() {
+        match self.received() + self.after.len() {
             0 => Ok(()),
             n => Err(Error::Protocol(format!("the connection closed inside a frame ({n} bytes of it had come)"))),
         }
@@ -320,7 +472,7 @@ mod tests {
     use super::*;
 
     fn header() -> Header {
-        Header { kind: Kind::Call, src: 1, dst: 7, req: 42, func: 0xdead_beef }
+        Header { kind: Kind::Call, src: 1, dst: 7, req: 42, func: 0xdead_beef, words: 0 }
     }
 
     /// The first frame of a whole stream, as a connection's reader would see it.
@@ -411,10 +563,83 @@ mod tests {
         reader.extend(&[1u8; 30]);
         assert!(reader.next_frame().unwrap().is_none(), "waits for the rest");
         assert_eq!(reader.missing(), 900_000_000 - 30);
-        assert!(reader.buffer().capacity() <= 1 << 17, "reserved {} bytes for 34 present", reader.buffer().capacity());
+        let (_, room) = reader.room();
+        assert!(room <= 1 << 17, "reserved {room} bytes for 34 present");
         let mut reader = FrameReader::new(1024);
         reader.extend(&(2000u32).to_le_bytes());
         assert!(reader.next_frame().unwrap_err().to_string().contains("exceeds the maximum of 1024"));
+    }
+
+    /// A reply carrying `values` as one block of words, marked as such when `mark`.
+    fn reply_of(values: &Vec<f64>, mark: bool) -> Vec<u8> {
+        let mut f = FrameBuf::new(Header { kind: Kind::Reply, src: 2, dst: 1, req: 5, func: 0, words: 0 });
+        codec::encode_value_into(values, f.payload()).unwrap();
+        if mark {
+            f.mark_words(8);
+        }
+        f.finish().unwrap()
+    }
+
+    #[test]
+    fn a_big_replys_words_come_apart_and_become_the_vector_however_the_stream_is_cut() {
+        let values: Vec<f64> = (0..300_000).map(|i| i as f64 * 0.5).collect(); // 2.4 MB of words
+        let reply = reply_of(&values, true);
+        let small = FrameBuf::new(Header { kind: Kind::Heartbeat, src: 2, dst: 1, req: 0, func: 0, words: 0 }).finish().unwrap();
+        let stream = [small.clone(), reply.clone(), small.clone(), reply.clone()].concat();
+        for chunk in [7, 4096, 65_536, 1 << 20, stream.len()] {
+            let mut reader = FrameReader::new(1 << 30);
+            let mut got = Vec::new();
+            let mut at = 0;
+            while at < stream.len() {
+                if reader.reads_direct(65_536) {
+                    // as a socket would: straight into the room, at most what it offers
+                    let (ptr, room) = reader.room();
+                    let n = room.min(chunk).min(stream.len() - at);
+                    // SAFETY: `n` bytes fit the room; they are written before `advance`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(stream[at..].as_ptr(), ptr, n);
+                        reader.advance(n);
+                    }
+                    at += n;
+                } else {
+                    let n = chunk.min(stream.len() - at);
+                    reader.extend(&stream[at..at + n]);
+                    at += n;
+                }
+                while let Some(frame) = reader.next_frame().unwrap() {
+                    got.push(frame);
+                }
+            }
+            assert_eq!(reader.pending(), 0, "chunks of {chunk}");
+            let kinds: Vec<Kind> = got.iter().map(|f| f.header.kind).collect();
+            assert_eq!(kinds, [Kind::Heartbeat, Kind::Reply, Kind::Heartbeat, Kind::Reply], "chunks of {chunk}");
+            let mut replies = got.into_iter().filter(|f| f.header.kind == Kind::Reply);
+            let first = replies.next().unwrap();
+            assert!(first.bulk.is_some(), "the words came apart (chunks of {chunk})");
+            assert_eq!(first.into_wire(), reply, "forwarded as received");
+            assert_eq!(replies.next().unwrap().decode::<Vec<f64>>().unwrap(), values, "chunks of {chunk}");
+        }
+    }
+
+    #[test]
+    fn words_that_do_not_add_up_stay_in_the_frame() {
+        let values: Vec<f64> = vec![1.5; 200_000];
+        let unmarked = reply_of(&values, false);
+        let frame = read_frame(&unmarked, 1 << 30).unwrap().unwrap();
+        assert!(frame.bulk.is_none());
+        assert_eq!(frame.decode::<Vec<f64>>().unwrap(), values);
+        // a count that disagrees with the length: no block, and decoding says what is wrong
+        let mut lying = reply_of(&values, true);
+        lying[HEAD - WORDS_AT..HEAD].copy_from_slice(&7u64.to_le_bytes());
+        let frame = read_frame(&lying, 1 << 30).unwrap().unwrap();
+        assert!(frame.bulk.is_none());
+        assert!(frame.decode::<Vec<f64>>().is_err());
+        // decoded as another type than its words: joined again, decoded the usual way
+        let frame = read_frame(&reply_of(&values, true), 1 << 30).unwrap().unwrap();
+        assert!(frame.bulk.is_some());
+        assert_eq!(frame.decode::<Vec<u64>>().unwrap(), vec![1.5f64.to_bits(); 200_000]);
+        let frame = read_frame(&reply_of(&values, true), 1 << 30).unwrap().unwrap();
+        assert!(frame.decode::<Vec<u32>>().unwrap_err().to_string().contains("elements of 8 bytes"));
     }
 
     #[test]

@@ -30,13 +30,13 @@ fn frame(bytes: Vec<u8>) -> Frame {
 }
 
 fn call_frame(src: Pid, dst: Pid, req: u64, func: u64) -> Vec<u8> {
-    let mut f = FrameBuf::new(Header { kind: Kind::Call, src, dst, req, func });
+    let mut f = FrameBuf::new(Header { kind: Kind::Call, src, dst, req, func, words: 0 });
     codec::encode_into(&(req,), f.payload()).unwrap();
     f.finish().unwrap()
 }
 
 fn reply_frame(src: Pid, dst: Pid, req: u64, value: u64) -> Vec<u8> {
-    let mut f = FrameBuf::new(Header { kind: Kind::Reply, src, dst, req, func: 0 });
+    let mut f = FrameBuf::new(Header { kind: Kind::Reply, src, dst, req, func: 0, words: 0 });
     codec::encode_into(&value, f.payload()).unwrap();
     f.finish().unwrap()
 }

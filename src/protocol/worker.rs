@@ -200,7 +200,7 @@ mod tests {
 
     fn reply(src: Pid, req: u64) -> Frame {
         let mut reader = FrameReader::new(1 << 10);
-        reader.extend(&FrameBuf::new(Header { kind: Kind::Reply, src, dst: 2, req, func: 0 }).finish().unwrap());
+        reader.extend(&FrameBuf::new(Header { kind: Kind::Reply, src, dst: 2, req, func: 0, words: 0 }).finish().unwrap());
         reader.next_frame().unwrap().unwrap()
     }
 

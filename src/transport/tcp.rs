@@ -309,9 +309,10 @@ impl FrameStream {
             if let Some(frame) = self.frames.next_frame()? {
                 return Ok(Some(frame));
             }
-            let missing = self.frames.missing();
-            let read = if missing > SCRATCH {
-                (&mut self.stream).take(missing as u64).read_to_end(self.frames.buffer())
+            let read = if self.frames.reads_direct(SCRATCH) {
+                let (at, room) = self.frames.room();
+                // SAFETY: the reader's room holds `room` bytes; `advance` counts what came.
+                unsafe { sys::recv_into(self.stream.as_raw_fd(), at, room).inspect(|&n| self.frames.advance(n)) }
             } else {
                 self.stream.read(&mut self.scratch).inspect(|&n| self.frames.extend(&self.scratch[..n]))
             };
@@ -334,14 +335,16 @@ thread_local! {
     static SCRATCH_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SCRATCH]);
 }
 
-/// One read: the rest of a big frame straight into its buffer, anything else through the
-/// scratch buffer. A read that did not fill its room emptied the socket: the readiness is
+/// One read: the rest of a big frame straight into its buffer (a big reply's words into
+/// their own), anything else through the scratch buffer. A read that did not fill its room emptied the socket: the readiness is
 /// cleared then, sparing the read that would only say "would block".
 fn read_some(stream: &tokio::net::TcpStream, reader: &mut FrameReader) -> io::Result<usize> {
-    let (n, room) = if reader.missing() > SCRATCH {
-        let buf = reader.buffer();
-        let room = buf.capacity() - buf.len();
-        (stream.try_read_buf(buf)?, room)
+    let (n, room) = if reader.reads_direct(SCRATCH) {
+        let (at, room) = reader.room();
+        // SAFETY: the reader's room holds `room` bytes; `advance` counts what came.
+        let n = stream.try_io(Interest::READABLE, || unsafe { sys::recv_into(stream.as_raw_fd(), at, room) })?;
+        unsafe { reader.advance(n) };
+        (n, room)
     } else {
         SCRATCH_BUF.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
