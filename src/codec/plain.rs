@@ -236,8 +236,10 @@ impl Bulk {
         self.filled
     }
 
-    /// Room for at least `bytes` more bytes; returns where they go and how many fit. A block
-    /// of 4 MiB or more asks for huge pages (see [`sys::prefer_huge_pages`]).
+    /// Room for at least `bytes` more bytes; returns where they go and how many fit. The room
+    /// is address space taken at once, not grown by copies (which would touch every byte
+    /// again): its pages become memory only as bytes land in them. A block of 4 MiB or more
+    /// asks for huge pages (see [`sys::prefer_huge_pages`]).
     pub fn room(&mut self, bytes: usize) -> (*mut u8, usize) {
         let filled = self.filled;
         with_words!(&mut self.words, v => {

@@ -291,7 +291,8 @@ impl Drop for Frame {
 /// takes the complete frames from [`next_frame`](FrameReader::next_frame). Memory grows
 /// only as bytes arrive (at most doubling what is there), so a lying length prefix costs
 /// nothing; an idle connection holds at most a few KiB. The words of a big reply (see
-/// [`Header::words`]) go into a block of their own as they come.
+/// [`Header::words`]) go into a block of their own as they come: its address space is taken
+/// at once (at most `max`), its memory still only as they come.
 #[derive(Debug)]
 pub struct FrameReader {
     buf: Vec<u8>,
@@ -342,7 +343,7 @@ impl FrameReader {
     pub fn room(&mut self) -> (*mut u8, usize) {
         let missing = self.missing();
         if let Some(words) = &mut self.words {
-            let (at, room) = words.room(missing.min(words.len().max(READ_ROOM)).max(READ_ROOM));
+            let (at, room) = words.room(missing);
             return (at, room.min(missing));
         }
         if self.buf.capacity() - self.buf.len() < missing {
@@ -407,7 +408,7 @@ impl FrameReader {
         let Some(mut words) = words_apart(&self.buf[LEN_PREFIX..HEAD], len).and_then(Bulk::new) else { return };
         let data = LEN_PREFIX + len - HEAD;
         let here = self.buf.len() - HEAD; // less than a read's room: all of them this frame's
-        let (at, room) = words.room(here.min(data));
+        let (at, room) = words.room(data); // all of them: see `Bulk::room`
         let now = here.min(data).min(room);
         // SAFETY: the room holds `now` bytes, copied here from the buffer.
         unsafe {
