@@ -6,12 +6,13 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::codec;
+use crate::codec::{self, HeldWords};
 
 /// A function that can be run on another process. Implemented by `#[remote]`; use the
 /// generated unit struct (it has the function's name) wherever a `RemoteFn` is asked for.
@@ -57,11 +58,9 @@ pub struct RemoteEntry {
     pub name: &'static str,
     /// Argument and result types as written, e.g. `fn(u64, u32) -> f64`.
     pub signature: &'static str,
-    /// Decodes one argument tuple, runs, appends the encoded result to the output buffer.
-    pub call: fn(&[u8], &mut Vec<u8>) -> Result<(), CallError>,
-    /// The element size of the result when it is a vector of plain numbers, written as one
-    /// block of words (see `codec::words_of`), else 0.
-    pub result_words: fn() -> usize,
+    /// Decodes one argument tuple, runs, appends the encoded result to the output buffer;
+    /// a big vector of plain numbers leaves its words where they are (see [`encode_result`]).
+    pub call: fn(&[u8], &mut Vec<u8>) -> Result<Option<HeldWords>, CallError>,
     /// Decodes a `Vec` of argument tuples, runs each, appends a `Vec<Result<Output, CallError>>`.
     pub batch: fn(&[u8], &mut Vec<u8>) -> Result<(), CallError>,
     /// Decodes a `Vec` of argument tuples, runs each and folds the results in order with the
@@ -74,7 +73,7 @@ pub type FoldFn = fn(&[u8], &RemoteEntry, &mut Vec<u8>) -> Result<(), CallError>
 
 /// Builds the registry entry of `F` (used by `#[remote]`).
 pub const fn entry<F: RemoteFn>(signature: &'static str) -> RemoteEntry {
-    RemoteEntry { name: F::NAME, signature, call: run_call::<F>, result_words: codec::words_of::<F::Output>, batch: run_batch::<F>, fold: run_fold::<F> }
+    RemoteEntry { name: F::NAME, signature, call: run_call::<F>, batch: run_batch::<F>, fold: run_fold::<F> }
 }
 
 #[linkme::distributed_slice]
@@ -181,10 +180,16 @@ fn install_panic_hook() {
     });
 }
 
-fn run_call<F: RemoteFn>(payload: &[u8], out: &mut Vec<u8>) -> Result<(), CallError> {
+fn run_call<F: RemoteFn>(payload: &[u8], out: &mut Vec<u8>) -> Result<Option<HeldWords>, CallError> {
     let args: F::Args = codec::decode(payload).map_err(|e| CallError { message: format!("cannot decode the arguments: {e}"), location: None })?;
-    let value = catch(|| F::invoke(args))?;
-    codec::encode_value_into(&value, out).map_err(|e| CallError { message: format!("cannot encode the result: {e}"), location: None })
+    encode_result(catch(|| F::invoke(args))?, out)
+}
+
+/// Encodes a call's result into `out`, except the words of a vector of plain numbers big
+/// enough to travel apart (see `Header::words`): those are sent from where the value holds
+/// them.
+pub fn encode_result<T: Serialize + Any>(value: T, out: &mut Vec<u8>) -> Result<Option<HeldWords>, CallError> {
+    codec::encode_held_into(value, out, codec::BULK_FROM).map_err(|e| CallError { message: format!("cannot encode the result: {e}"), location: None })
 }
 
 fn run_batch<F: RemoteFn>(payload: &[u8], out: &mut Vec<u8>) -> Result<(), CallError> {

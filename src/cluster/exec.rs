@@ -3,27 +3,24 @@
 use crate::ids::Pid;
 use crate::codec;
 use crate::error::RemoteError;
-use crate::protocol::{Frame, FrameBuf, Header, Kind};
+use crate::protocol::{Frame, FrameBuf, Header, Kind, Outgoing};
 use crate::registry;
 
 use crate::protocol::failure::Failure;
 
 /// Runs a `Call`, `Cast` or `Batch` frame addressed to `me`. Returns the reply frame to send
 /// back, or `None` for a `Cast` (whose failure is logged here, as nobody waits for it).
-pub(crate) fn execute(me: Pid, frame: &Frame) -> Option<Vec<u8>> {
+pub(crate) fn execute(me: Pid, frame: &Frame) -> Option<Outgoing> {
     let h = frame.header;
     let mut out = FrameBuf::new(Header { kind: Kind::Reply, src: me, dst: h.src, req: h.req, func: 0, words: 0 });
     let result = match registry::lookup(h.func) {
         None => Err(Failure::UnknownFunction { pid: me, id: h.func }),
         Some(entry) => {
-            let run = if h.kind == Kind::Batch { entry.batch } else { entry.call };
-            let ran = run(frame.payload(), out.payload()).map_err(|e| {
-                Failure::Remote(RemoteError { pid: me, function: entry.name.to_string(), message: e.message, location: e.location })
-            });
-            if h.kind == Kind::Call && ran.is_ok() {
-                out.mark_words((entry.result_words)()); // a big vector's words go apart
-            }
-            ran
+            let ran = match h.kind {
+                Kind::Batch => (entry.batch)(frame.payload(), out.payload()).map(|()| None),
+                _ => (entry.call)(frame.payload(), out.payload()),
+            };
+            ran.map_err(|e| Failure::Remote(RemoteError { pid: me, function: entry.name.to_string(), message: e.message, location: e.location }))
         }
     };
     if h.kind == Kind::Cast {
@@ -32,9 +29,9 @@ pub(crate) fn execute(me: Pid, frame: &Frame) -> Option<Vec<u8>> {
         }
         return None;
     }
-    let failure = match result.map(|_| ()) {
-        Ok(()) => match out.finish() {
-            Ok(bytes) => return Some(bytes),
+    let failure = match result {
+        Ok(words) => match out.finish_held(words) {
+            Ok(reply) => return Some(reply),
             Err(e) => Failure::Remote(RemoteError {
                 pid: me,
                 function: function_name(h.func),
@@ -46,7 +43,7 @@ pub(crate) fn execute(me: Pid, frame: &Frame) -> Option<Vec<u8>> {
     };
     let mut out = FrameBuf::new(Header { kind: Kind::Failure, src: me, dst: h.src, req: h.req, func: 0, words: 0 });
     codec::encode_into(&failure, out.payload()).expect("failures always encode");
-    Some(out.finish().expect("failure frames are small"))
+    Some(out.finish().expect("failure frames are small").into())
 }
 
 /// The registered name of function `id` (`?` if unknown), for error messages.

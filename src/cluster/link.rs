@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::ids::Pid;
 use crate::protocol::worker::{Incoming, LinkId, WorkerCore, link_error};
-use crate::protocol::{Frame, Header, Health, call_frame};
+use crate::protocol::{Frame, Header, Health, Outgoing, call_frame};
 use crate::transport::FrameOut;
 
 use super::slot::Waiter;
@@ -52,13 +52,13 @@ impl Link {
     /// Sends one finished frame (prefix included) without waiting: a peer whose connection
     /// has too much unread data makes this fail with [`Error::Busy`].
     pub(crate) fn send(&self, frame: Vec<u8>) -> Result<()> {
-        self.out.send(frame, None).map_err(|e| self.send_error(e))
+        self.out.send(frame.into(), None).map_err(|e| self.send_error(e))
     }
 
     /// Sends one frame, waiting (until `deadline`) for room if the connection is backed up:
     /// for a worker's replies and output, which must not be dropped.
-    pub(crate) fn send_patiently(&self, frame: Vec<u8>, deadline: Instant) -> Result<()> {
-        self.out.send(frame, Some(deadline)).map_err(|e| self.send_error(e))
+    pub(crate) fn send_patiently(&self, frame: impl Into<Outgoing>, deadline: Instant) -> Result<()> {
+        self.out.send(frame.into(), Some(deadline)).map_err(|e| self.send_error(e))
     }
 
     fn send_error(&self, e: std::io::Error) -> Error {

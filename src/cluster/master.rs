@@ -325,11 +325,11 @@ fn drive(inner: &Arc<Inner>, from: Option<&Arc<WorkerEntry>>) {
         }
         for t in transmits {
             let failed = match m.worker(t.to) {
-                Some(entry) => entry.out.send(t.bytes, None).err().map(|e| send_error(t.to, e)),
+                Some(entry) => entry.out.send(t.frame, None).err().map(|e| send_error(t.to, e)),
                 None => Some(Error::NoSuchWorker(t.to)),
             };
             if let Some(error) = failed.filter(|_| t.routed.is_some()) {
-                m.core.lock().expect("core lock").transmit_failed(Transmit { to: t.to, bytes: Vec::new(), routed: t.routed }, &error);
+                m.core.lock().expect("core lock").transmit_failed(Transmit { to: t.to, frame: Vec::new().into(), routed: t.routed }, &error);
             }
         }
         for event in events {
@@ -445,7 +445,7 @@ pub(crate) fn call(inner: &Arc<Inner>, header: Header, hint: usize, encode: impl
     let dst = header.dst;
     let entry = m.worker(dst).ok_or(Error::NoSuchWorker(dst))?;
     let req = m.core.lock().expect("core lock").begin_call(dst, waiter)?;
-    let sent = call_frame(Header { req, ..header }, hint, encode, m.max_frame).and_then(|bytes| entry.out.send(bytes, None).map_err(|e| send_error(dst, e)));
+    let sent = call_frame(Header { req, ..header }, hint, encode, m.max_frame).and_then(|bytes| entry.out.send(bytes.into(), None).map_err(|e| send_error(dst, e)));
     if let Err(e) = sent {
         if m.core.lock().expect("core lock").cancel(dst, req).is_some() {
             return Err(e);
@@ -472,7 +472,7 @@ fn run_here(inner: &Arc<Inner>, entry: Arc<WorkerEntry>, frame: Frame) {
             tracing::warn!("a call from worker {} to the master was refused: {reason}", h.src);
             if h.kind != Kind::Cast {
                 if let Ok(bytes) = failure_frame(1, h.src, h.req, &Failure::Busy { pid: 1, reason }) {
-                    let _ = refused_to.out.send(bytes, None);
+                    let _ = refused_to.out.send(bytes.into(), None);
                 }
             }
         }),

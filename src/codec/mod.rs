@@ -18,7 +18,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::buffers;
 use crate::error::{Error, Result};
 
-pub use plain::Bulk;
+pub use plain::{Bulk, HeldWords};
 
 /// Why a value could not be encoded or decoded.
 #[derive(Debug)]
@@ -69,10 +69,25 @@ pub fn encode_value_into<T: Serialize + Any>(value: &T, out: &mut Vec<u8>) -> Re
     }
 }
 
-/// The size of one element when `T` is a vector of plain numbers (which [`encode_value_into`]
-/// writes as one block), 0 for every other type.
-pub fn words_of<T: Any>() -> usize {
-    plain::type_element_size::<T>()
+/// Words of a vector of plain numbers from which a result travels apart from its frame: sent
+/// from where the value holds them, received into the vector the caller gets (smaller ones
+/// are copied into and out of the frame).
+pub const BULK_FROM: usize = 1 << 20;
+
+/// [`encode_value_into`] for a value given away, except that the words of a vector of plain
+/// numbers of at least `apart_from` bytes are not copied: only their count goes into `out`,
+/// and the words are returned as the value holds them, to be sent from there.
+pub fn encode_held_into<T: Serialize + Any>(value: T, out: &mut Vec<u8>, apart_from: usize) -> Result<Option<HeldWords>> {
+    match plain::numbers(&value) {
+        Some((_, bytes)) if bytes.len() >= apart_from => match plain::into_words(value) {
+            Ok(words) => {
+                out.extend_from_slice(&words.count().to_le_bytes());
+                Ok(Some(words))
+            }
+            Err(value) => encode_value_into(&value, out).map(|()| None),
+        },
+        _ => encode_value_into(&value, out).map(|()| None),
+    }
 }
 
 /// `T` made of a block of words received apart and the `count` its encoding announced,
@@ -196,6 +211,30 @@ mod tests {
         same((vec![1.0f64, 2.0],));
         // everything else goes element by element
         assert!(plain::numbers(&vec![true]).is_none() && plain::numbers(&(vec![1u8], 2u8)).is_none());
+    }
+
+    #[test]
+    fn big_vectors_given_away_keep_their_words_where_they_are() {
+        /// The count written, the held words and their first byte's address, or `None`.
+        fn held<T: Serialize + Any>(value: T, apart_from: usize) -> Option<(Vec<u8>, Vec<u8>, usize)> {
+            let mut out = Vec::new();
+            let words = encode_held_into(value, &mut out, apart_from).unwrap();
+            words.map(|w| (out, w.bytes().to_vec(), w.bytes().as_ptr() as usize))
+        }
+        static STATIC: [u32; 3] = [1, 2, 3];
+        for value in [vec![1.5f64, 2.5], vec![]] {
+            let (expected, at) = (encode(&value).unwrap(), value.as_ptr() as usize);
+            let (count, words, ptr) = held(value, 0).unwrap();
+            assert_eq!([count, words].concat(), expected, "the same bytes as the encoding");
+            assert_eq!(ptr, at, "not copied");
+        }
+        let (count, words, ptr) = held(std::borrow::Cow::<'static, [u32]>::Borrowed(&STATIC), 12).unwrap();
+        assert_eq!((count, words.len(), ptr), (3u64.to_le_bytes().to_vec(), 12, STATIC.as_ptr() as usize), "a borrowed static slice is sent from where it is");
+        assert!(held(vec![7i16; 9].into_boxed_slice(), 18).is_some() && held((vec![7u8; 5],), 5).is_some());
+        assert!(held(vec![1u8; 5], 6).is_none(), "smaller than apart_from: in the frame");
+        let mut out = Vec::new();
+        assert!(encode_held_into((vec![1u8], 2u8), &mut out, 0).unwrap().is_none(), "not a plain vector: encoded");
+        assert_eq!(out, encode(&(vec![1u8], 2u8)).unwrap());
     }
 
     #[test]

@@ -161,24 +161,6 @@ fn read<E: Plain>(bytes: &[u8]) -> Result<Vec<E>, CodecError> {
     Ok(v)
 }
 
-/// The element size of `T` if it is a vector of plain numbers (as [`numbers`] knows them),
-/// else 0.
-pub(super) fn type_element_size<T: Any>() -> usize {
-    if cfg!(target_endian = "big") {
-        return 0;
-    }
-    let is = |id: TypeId| TypeId::of::<T>() == id;
-    macro_rules! find {
-        ($e:ty) => {
-            if is(TypeId::of::<Vec<$e>>()) || is(TypeId::of::<Box<[$e]>>()) || is(TypeId::of::<Cow<'static, [$e]>>()) || is(TypeId::of::<(Vec<$e>,)>()) {
-                return std::mem::size_of::<$e>();
-            }
-        };
-    }
-    each_plain!(find);
-    0
-}
-
 /// The words of a plain-number vector received straight into an allocation of their own
 /// (a big reply's data, apart from its frame), which becomes the decoded vector as it is:
 /// no copy, no second buffer. Stored as unsigned words of the element's size, whose memory
@@ -301,4 +283,104 @@ fn word_size<W>(_: &Vec<W>) -> usize {
 
 fn word_align<W>(_: &Vec<W>) -> usize {
     std::mem::align_of::<W>()
+}
+
+/// A vector of plain numbers, seen as its bytes.
+trait AsBytes: Send + Sync {
+    fn bytes(&self) -> &[u8];
+}
+
+impl<E: Plain + Send + Sync> AsBytes for Vec<E> {
+    fn bytes(&self) -> &[u8] {
+        bytes_of(self)
+    }
+}
+
+impl<E: Plain + Send + Sync> AsBytes for Box<[E]> {
+    fn bytes(&self) -> &[u8] {
+        bytes_of(self)
+    }
+}
+
+impl<E: Plain + Send + Sync> AsBytes for &'static [E] {
+    fn bytes(&self) -> &[u8] {
+        bytes_of(self)
+    }
+}
+
+impl AsBytes for Bulk {
+    fn bytes(&self) -> &[u8] {
+        Bulk::bytes(self)
+    }
+}
+
+/// The words of a big result where the value holds them (its own allocation, or the static
+/// slice it borrowed), so they are sent from there: no copy into a frame, no second buffer.
+pub struct HeldWords {
+    data: Box<dyn AsBytes>,
+    element_size: usize,
+}
+
+impl std::fmt::Debug for HeldWords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HeldWords({} bytes of {}-byte words)", self.data.bytes().len(), self.element_size)
+    }
+}
+
+impl HeldWords {
+    fn new<E: Plain + Send + Sync>(data: impl AsBytes + 'static) -> HeldWords {
+        HeldWords { data: Box::new(data), element_size: std::mem::size_of::<E>() }
+    }
+
+    /// The words' bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.data.bytes()
+    }
+
+    /// Bytes of one element.
+    pub fn element_size(&self) -> usize {
+        self.element_size
+    }
+
+    /// The number of elements.
+    pub fn count(&self) -> u64 {
+        (self.bytes().len() / self.element_size) as u64
+    }
+}
+
+impl From<Bulk> for HeldWords {
+    fn from(bulk: Bulk) -> HeldWords {
+        let element_size = bulk.element_size();
+        HeldWords { data: Box::new(bulk), element_size }
+    }
+}
+
+/// `value`'s words as it holds them, if it is a vector of plain numbers (as [`numbers`]
+/// knows them); the value back for every other type.
+pub(super) fn into_words<T: Any>(value: T) -> Result<HeldWords, T> {
+    if cfg!(target_endian = "big") {
+        return Err(value);
+    }
+    let is = |id: TypeId| TypeId::of::<T>() == id;
+    macro_rules! find {
+        ($e:ty) => {
+            if is(TypeId::of::<Vec<$e>>()) {
+                return Ok(HeldWords::new::<$e>(cast::<T, Vec<$e>>(value)));
+            }
+            if is(TypeId::of::<Box<[$e]>>()) {
+                return Ok(HeldWords::new::<$e>(cast::<T, Box<[$e]>>(value)));
+            }
+            if is(TypeId::of::<Cow<'static, [$e]>>()) {
+                return Ok(match cast::<T, Cow<'static, [$e]>>(value) {
+                    Cow::Owned(v) => HeldWords::new::<$e>(v),
+                    Cow::Borrowed(s) => HeldWords::new::<$e>(s),
+                });
+            }
+            if is(TypeId::of::<(Vec<$e>,)>()) {
+                return Ok(HeldWords::new::<$e>(cast::<T, (Vec<$e>,)>(value).0));
+            }
+        };
+    }
+    each_plain!(find);
+    Err(value)
 }

@@ -14,7 +14,8 @@ use crate::cluster::{Cluster, WorkerInfo};
 use crate::codec;
 use crate::error::{Error, RemoteError, Result};
 use crate::launch::{ClusterManager, Launch, LaunchContext, MpiRanks, RankMap};
-use crate::registry::{CallError, RemoteEntry, catch, fn_id};
+use crate::codec::HeldWords;
+use crate::registry::{CallError, RemoteEntry, catch, encode_result, fn_id};
 
 use super::launcher;
 use crate::launch::process::RunningLauncher;
@@ -280,10 +281,10 @@ where
 {
     assert!(std::mem::size_of::<C>() == 0, "an mpido! body cannot capture variables: pass them as `|comm, name: Type|` parameters");
     std::mem::forget(body);
-    RemoteEntry { name, signature: "mpido!", call: run_body::<C, A, T>, result_words: codec::words_of::<T>, batch: no_batch, fold: no_fold }
+    RemoteEntry { name, signature: "mpido!", call: run_body::<C, A, T>, batch: no_batch, fold: no_fold }
 }
 
-fn run_body<C, A, T>(payload: &[u8], out: &mut Vec<u8>) -> std::result::Result<(), CallError>
+fn run_body<C, A, T>(payload: &[u8], out: &mut Vec<u8>) -> std::result::Result<Option<HeldWords>, CallError>
 where
     C: Fn(&Comm, A) -> T + 'static,
     A: DeserializeOwned + 'static,
@@ -296,7 +297,7 @@ where
     let args: A = codec::decode(payload).map_err(|e| fail(format!("cannot decode the mpido! arguments: {e}")))?;
     let comm = env::world().map_err(|e| fail(e.to_string()))?;
     let value = catch(|| Ok(body(&comm, args)))?;
-    codec::encode_value_into(&value, out).map_err(|e| fail(format!("cannot encode the mpido! result: {e}")))
+    encode_result(value, out)
 }
 
 fn no_batch(_: &[u8], _: &mut Vec<u8>) -> std::result::Result<(), CallError> {
@@ -330,7 +331,10 @@ where
         let mut out = Vec::new();
         let local = (entry.call)(&payload, &mut out)
             .map_err(|e| Error::Remote(RemoteError { pid: me, function: "mpido!".into(), message: e.message, location: e.location }))
-            .and_then(|()| codec::decode::<T>(&out));
+            .and_then(|words| {
+                out.extend_from_slice(words.as_ref().map_or(&[][..], HeldWords::bytes)); // here, the words join their count
+                codec::decode::<T>(&out)
+            });
         results.push((rank, local));
     }
     for (rank, fut) in pending {

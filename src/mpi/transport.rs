@@ -28,7 +28,7 @@ use ::mpi::traits::{Communicator, Equivalence, Source};
 use crate::buffers;
 use crate::codec::Bulk;
 use crate::error::{Error, Result};
-use crate::protocol::{self, Frame, LEN_PREFIX, WORDS_HEAD, words_apart};
+use crate::protocol::{self, Frame, LEN_PREFIX, Outgoing, WORDS_HEAD, words_apart};
 use crate::transport::FrameOut;
 use crate::transport::polled::{self, Polled};
 
@@ -91,13 +91,13 @@ struct Sends {
 /// A posted send and the buffer it reads from (kept alive until the send completes): one
 /// message, or a big reply's two (its frame and its words).
 struct InFlight {
-    frame: Vec<u8>,
+    frame: Outgoing,
     requests: Vec<ffi::MPI_Request>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        buffers::give(std::mem::take(&mut self.frame)); // sent: a big one serves the next
+        buffers::give(std::mem::take(&mut self.frame.bytes)); // sent: a big one serves the next
     }
 }
 
@@ -241,18 +241,16 @@ impl Shared {
 
     /// Posts a send of `frame` to `rank`; false when it did not complete at once (the
     /// progress thread then completes it).
-    fn send(&self, rank: i32, frame: Vec<u8>) -> std::io::Result<bool> {
+    fn send(&self, rank: i32, frame: Outgoing) -> std::io::Result<bool> {
         let mut sends = lock(&self.sends);
         if sends.closed {
             return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the MPI transport has stopped"));
         }
-        let body = &frame[LEN_PREFIX..]; // MPI keeps message bounds: no length prefix
-        // a big reply's words go as a message of their own, posted at once after its frame
-        // (under the lock: no other frame to that rank comes between them)
-        let parts: Vec<(&[u8], i32)> = match body.get(..WORDS_HEAD).and_then(|head| words_apart(head, body.len())) {
-            Some(_) => vec![(&body[..WORDS_HEAD], TAG), (&body[WORDS_HEAD..], WORDS_TAG)],
-            None => vec![(body, TAG)],
-        };
+        // MPI keeps message bounds: no length prefix. A big reply's words go from where they
+        // are held as a message of their own, posted at once after its frame (under the
+        // lock: no other frame to that rank comes between them).
+        let mut parts = vec![(&frame.bytes[LEN_PREFIX..], TAG)];
+        parts.extend(frame.words.as_ref().map(|words| (words.bytes(), WORDS_TAG)));
         // SAFETY: each request is written by MPI_Isend; the buffer is owned by the InFlight,
         // which lives until MPI_Test reports every send complete.
         let requests = parts
@@ -286,7 +284,7 @@ struct MpiOut {
 }
 
 impl FrameOut for MpiOut {
-    fn send(&self, frame: Vec<u8>, _wait_until: Option<Instant>) -> std::io::Result<()> {
+    fn send(&self, frame: Outgoing, _wait_until: Option<Instant>) -> std::io::Result<()> {
         if self.closed.load(Ordering::Relaxed) {
             return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the MPI link is closed"));
         }

@@ -5,7 +5,7 @@ use std::any::Any;
 use serde::de::DeserializeOwned;
 
 use crate::buffers;
-use crate::codec::{self, Bulk};
+use crate::codec::{self, BULK_FROM, Bulk, HeldWords};
 use crate::error::{Error, Result};
 use crate::ids::Pid;
 
@@ -15,9 +15,6 @@ pub const LEN_PREFIX: usize = 4;
 pub const HEADER_LEN: usize = 1 + 4 + 4 + 8 + 8 + 1;
 /// Bytes of a reply's payload before the words it carries as one block: their count.
 const WORDS_AT: usize = 8;
-/// A reply whose words are at least this many bytes is received into an allocation of their
-/// own, which becomes the caller's vector (smaller ones are copied out of the frame).
-pub const BULK_FROM: usize = 1 << 20;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,18 +186,63 @@ impl FrameBuf {
         &mut self.buf
     }
 
-    /// Marks the payload as a vector of plain numbers of `size` bytes each (see
-    /// [`Header::words`]).
-    pub fn mark_words(&mut self, size: usize) {
-        self.buf[LEN_PREFIX + 25] = size as u8;
-    }
-
     /// Patches the length prefix and returns the bytes to write. Fails if the body does not
     /// fit the `u32` prefix.
     pub fn finish(mut self) -> Result<Vec<u8>> {
         let prefix = len_prefix(self.buf.len() - LEN_PREFIX)?;
         self.buf[..LEN_PREFIX].copy_from_slice(&prefix);
         Ok(self.buf)
+    }
+
+    /// [`finish`](FrameBuf::finish) for a reply whose payload so far is the count of `words`,
+    /// which follow it on the wire from where the result holds them (see [`Header::words`]).
+    pub fn finish_held(mut self, words: Option<HeldWords>) -> Result<Outgoing> {
+        let Some(words) = words else { return self.finish().map(Outgoing::from) };
+        self.buf[LEN_PREFIX + 25] = words.element_size() as u8;
+        let prefix = len_prefix(self.buf.len() - LEN_PREFIX + words.bytes().len())?;
+        self.buf[..LEN_PREFIX].copy_from_slice(&prefix);
+        Ok(Outgoing { bytes: self.buf, words: Some(words) })
+    }
+}
+
+/// A frame to send: its bytes (length prefix included), then, for a big reply, its words
+/// where they are held (see [`Header::words`]): in the result that was computed, or in the
+/// block a forwarded reply was received into.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The frame up to its words (all of it when it has none).
+    pub bytes: Vec<u8>,
+    /// The words that follow on the wire.
+    pub words: Option<HeldWords>,
+}
+
+impl Outgoing {
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.bytes.len() + self.words.as_ref().map_or(0, |w| w.bytes().len())
+    }
+
+    /// The wire bytes from `at` on, up to the end of the bytes or of the words.
+    pub fn rest(&self, at: usize) -> &[u8] {
+        match at.checked_sub(self.bytes.len()) {
+            None => &self.bytes[at..],
+            Some(at) => self.words.as_ref().map_or(&[][..], |w| &w.bytes()[at..]),
+        }
+    }
+
+    /// The wire bytes in one vector (copying the words, if any).
+    #[cfg(test)]
+    pub fn joined(mut self) -> Vec<u8> {
+        if let Some(words) = self.words.take() {
+            self.bytes.extend_from_slice(words.bytes());
+        }
+        std::mem::take(&mut self.bytes)
+    }
+}
+
+impl From<Vec<u8>> for Outgoing {
+    fn from(bytes: Vec<u8>) -> Outgoing {
+        Outgoing { bytes, words: None }
     }
 }
 
@@ -269,14 +311,20 @@ impl Frame {
         }
     }
 
-    /// The frame as a stream carries it, prefix included (no copy when it came that way,
-    /// except for the words of a big reply, which join the rest).
-    pub fn into_wire(mut self) -> Vec<u8> {
-        let mut wire = if self.body_at == LEN_PREFIX { std::mem::take(&mut self.bytes) } else { prefixed(&self.bytes).expect("a received frame's length fits its prefix") };
-        if let Some(words) = self.bulk.take() {
-            wire.extend_from_slice(words.bytes());
-        }
-        wire
+    /// The frame to send on as it came, prefix included (no copy when it came that way; a
+    /// big reply's words stay in their block).
+    pub fn into_wire(mut self) -> Outgoing {
+        let words = self.bulk.take();
+        let words_len = words.as_ref().map_or(0, Bulk::len);
+        let bytes = if self.body_at == LEN_PREFIX {
+            std::mem::take(&mut self.bytes)
+        } else {
+            let mut bytes = Vec::with_capacity(LEN_PREFIX + self.bytes.len());
+            bytes.extend_from_slice(&len_prefix(self.bytes.len() + words_len).expect("a received frame's length fits its prefix"));
+            bytes.extend_from_slice(&self.bytes);
+            bytes
+        };
+        Outgoing { bytes, words: words.map(HeldWords::from) }
     }
 }
 
@@ -552,7 +600,7 @@ mod tests {
             for (i, frame) in got.into_iter().enumerate() {
                 assert_eq!(frame.header.req, i as u64);
                 assert_eq!(frame.payload().len(), 1000 * i);
-                assert_eq!(frame.into_wire(), frames[i], "forwarded as received");
+                assert_eq!(frame.into_wire().joined(), frames[i], "forwarded as received");
             }
         }
     }
@@ -574,11 +622,13 @@ mod tests {
     /// A reply carrying `values` as one block of words, marked as such when `mark`.
     fn reply_of(values: &Vec<f64>, mark: bool) -> Vec<u8> {
         let mut f = FrameBuf::new(Header { kind: Kind::Reply, src: 2, dst: 1, req: 5, func: 0, words: 0 });
-        codec::encode_value_into(values, f.payload()).unwrap();
-        if mark {
-            f.mark_words(8);
+        if !mark {
+            codec::encode_value_into(values, f.payload()).unwrap();
+            return f.finish().unwrap();
         }
-        f.finish().unwrap()
+        let words = codec::encode_held_into(values.clone(), f.payload(), 0).unwrap();
+        assert!(words.is_some(), "a Vec<f64> is held apart");
+        f.finish_held(words).unwrap().joined()
     }
 
     #[test]
@@ -617,7 +667,7 @@ mod tests {
             let mut replies = got.into_iter().filter(|f| f.header.kind == Kind::Reply);
             let first = replies.next().unwrap();
             assert!(first.bulk.is_some(), "the words came apart (chunks of {chunk})");
-            assert_eq!(first.into_wire(), reply, "forwarded as received");
+            assert_eq!(first.into_wire().joined(), reply, "forwarded as received");
             assert_eq!(replies.next().unwrap().decode::<Vec<f64>>().unwrap(), values, "chunks of {chunk}");
         }
     }

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::ids::Pid;
 
 use super::failure::{Failure, failure_frame};
-use super::frame::{Frame, Kind, bare};
+use super::frame::{Frame, Kind, Outgoing, bare};
 use super::liveness::Liveness;
 
 /// What a worker's conversation ended with when it said goodbye.
@@ -24,7 +24,7 @@ pub struct Transmit {
     /// The worker.
     pub to: Pid,
     /// The frame, length prefix included.
-    pub bytes: Vec<u8>,
+    pub frame: Outgoing,
     /// The routed call it carries (caller, request id): if it cannot be sent, report it with
     /// [`MasterCore::transmit_failed`], and the caller is told.
     pub routed: Option<(Pid, u64)>,
@@ -129,7 +129,7 @@ impl<W> MasterCore<W> {
     /// Asks worker `pid` to finish and exit.
     pub fn stop(&mut self, pid: Pid) {
         if self.peers.contains_key(&pid) {
-            self.transmits.push_back(Transmit { to: pid, bytes: bare(Kind::Shutdown, 1, pid), routed: None });
+            self.transmits.push_back(Transmit { to: pid, frame: bare(Kind::Shutdown, 1, pid).into(), routed: None });
         }
     }
 
@@ -170,7 +170,7 @@ impl<W> MasterCore<W> {
             Kind::Reply | Kind::Failure => {
                 peer.routed.remove(&(h.dst, h.req));
                 if self.peers.contains_key(&h.dst) {
-                    self.transmits.push_back(Transmit { to: h.dst, bytes: frame.into_wire(), routed: None });
+                    self.transmits.push_back(Transmit { to: h.dst, frame: frame.into_wire(), routed: None });
                 }
             }
             Kind::Call | Kind::Cast | Kind::Batch if h.dst == 1 => self.events.push_back(Event::RunHere(from, frame)),
@@ -183,7 +183,7 @@ impl<W> MasterCore<W> {
                             target.routed.insert((from, h.req));
                         }
                         let routed = expects_reply.then_some((from, h.req));
-                        self.transmits.push_back(Transmit { to: h.dst, bytes: frame.into_wire(), routed });
+                        self.transmits.push_back(Transmit { to: h.dst, frame: frame.into_wire(), routed });
                     }
                     None if expects_reply => self.fail_for(from, h.dst, h.req, Failure::NoSuchWorker(h.dst)),
                     None => {}
@@ -213,7 +213,7 @@ impl<W> MasterCore<W> {
     fn fail_for(&mut self, caller: Pid, to: Pid, req: u64, failure: Failure) {
         if self.peers.contains_key(&caller) {
             if let Ok(bytes) = failure_frame(to, caller, req, &failure) {
-                self.transmits.push_back(Transmit { to: caller, bytes, routed: None });
+                self.transmits.push_back(Transmit { to: caller, frame: bytes.into(), routed: None });
             }
         }
     }
@@ -246,7 +246,7 @@ impl<W> MasterCore<W> {
         }
         let mut silent = Vec::new();
         for (&pid, peer) in &self.peers {
-            self.transmits.push_back(Transmit { to: pid, bytes: bare(Kind::Heartbeat, 1, pid), routed: None });
+            self.transmits.push_back(Transmit { to: pid, frame: bare(Kind::Heartbeat, 1, pid).into(), routed: None });
             let silence = now.saturating_duration_since(peer.heard);
             if silence >= self.liveness.timeout && peer.given_up.is_none() {
                 silent.push((pid, silence));

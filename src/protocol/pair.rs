@@ -85,7 +85,7 @@ impl SimWorker {
                     return vec![call_frame(me, (h.func - RELAY_TO) as Pid, req, 0)];
                 }
                 let answer = if h.func == 1 { vec![0; 4096] } else { reply_frame(me, h.src, h.req, h.req * 2) };
-                vec![self.core.answer(h, answer, || "big".into()).unwrap()]
+                vec![self.core.answer(h, answer.into(), || "big".into()).unwrap().joined()]
             }
             Incoming::Resolved(token, answer) => {
                 self.ended.push((token, Ok(answer.header.kind)));
@@ -182,7 +182,7 @@ impl Pair {
         loop {
             if let Some(t) = self.core.poll_transmit() {
                 if !self.workers[&t.to].closed {
-                    self.to_worker.get_mut(&t.to).unwrap().push_back(t.bytes);
+                    self.to_worker.get_mut(&t.to).unwrap().push_back(t.frame.joined());
                 }
                 continue;
             }

@@ -13,7 +13,7 @@ use crate::ids::Pid;
 use crate::sys::TcpPulse;
 
 use super::failure::{Failure, failure_frame};
-use super::frame::{Frame, Header, Kind, LEN_PREFIX};
+use super::frame::{Frame, Header, Kind, LEN_PREFIX, Outgoing};
 use super::handshake::Terms;
 use super::liveness::Health;
 
@@ -162,14 +162,14 @@ impl<W> WorkerCore<W> {
 
     /// The frame that answers `call`: `reply` as it is, or, when it is larger than the
     /// cluster accepts, a failure that says so (`function` names the call).
-    pub(crate) fn answer(&self, call: Header, reply: Vec<u8>, function: impl FnOnce() -> String) -> Result<Vec<u8>> {
+    pub(crate) fn answer(&self, call: Header, reply: Outgoing, function: impl FnOnce() -> String) -> Result<Outgoing> {
         let max = self.terms.max_frame;
         if reply.len() <= max + LEN_PREFIX {
             return Ok(reply);
         }
         let message = format!("its result of {} bytes exceeds the cluster's max_frame of {max}; raise ClusterBuilder::max_frame", reply.len());
         let failure = Failure::Remote(RemoteError { pid: self.terms.pid, function: function(), message, location: None });
-        failure_frame(self.terms.pid, call.src, call.req, &failure)
+        failure_frame(self.terms.pid, call.src, call.req, &failure).map(Outgoing::from)
     }
 
     /// Marks every link dead with `reason`; returns the waiters of every call.

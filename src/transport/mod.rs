@@ -11,12 +11,14 @@ pub(crate) mod tcp;
 
 use std::time::Instant;
 
+use crate::protocol::Outgoing;
+
 /// Where a link's outgoing frames go: a socket, or the MPI progress thread.
 pub(crate) trait FrameOut: Send + Sync {
     /// Sends one whole frame (length prefix included; MPI drops it, messages have bounds).
     /// Never blocks on the peer: with `wait_until` it may wait for queue space until then;
     /// without, a full queue is an error of kind `WouldBlock`.
-    fn send(&self, frame: Vec<u8>, wait_until: Option<Instant>) -> std::io::Result<()>;
+    fn send(&self, frame: Outgoing, wait_until: Option<Instant>) -> std::io::Result<()>;
     /// Stops the connection so that the reading side sees its end.
     fn close(&self);
     /// What the kernel knows about the connection's liveness (TCP only).

@@ -21,7 +21,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::buffers;
 use crate::error::{Error, Result};
-use crate::protocol::{Frame, FrameReader, Hello, LEN_PREFIX, MAX_HANDSHAKE, Welcome, announced_len};
+use crate::protocol::{Frame, FrameReader, Hello, LEN_PREFIX, MAX_HANDSHAKE, Outgoing, Welcome, announced_len};
 use crate::sys;
 
 use super::{FrameOut, io as runtime};
@@ -59,7 +59,7 @@ impl Socket {
 
 #[derive(Default)]
 struct Queue {
-    frames: VecDeque<Vec<u8>>,
+    frames: VecDeque<Outgoing>,
     /// Bytes of the front frame already written.
     written: usize,
     /// Bytes waiting, all frames.
@@ -74,14 +74,19 @@ impl Queue {
     /// Writes queued bytes until done or the socket is full. `Ok(true)`: nothing left.
     fn write_out(&mut self, fd: i32) -> io::Result<bool> {
         while let Some(front) = self.frames.front() {
-            let n = sys::send_nonblocking(fd, &front[self.written..])?;
+            // a big reply's words are written from where its result holds them
+            let part = front.rest(self.written);
+            let n = sys::send_nonblocking(fd, part)?;
             self.written += n;
             self.bytes -= n;
             if self.written < front.len() {
-                return Ok(false);
+                if n < part.len() {
+                    return Ok(false);
+                }
+                continue; // on to the words
             }
             if let Some(sent) = self.frames.pop_front() {
-                buffers::give(sent);
+                buffers::give(sent.bytes);
             }
             self.written = 0;
         }
@@ -110,7 +115,7 @@ fn closed_error(failed: &(ErrorKind, String)) -> io::Error {
 }
 
 impl FrameOut for TcpOut {
-    fn send(&self, frame: Vec<u8>, wait_until: Option<Instant>) -> io::Result<()> {
+    fn send(&self, frame: Outgoing, wait_until: Option<Instant>) -> io::Result<()> {
         let out = &self.0;
         let mut q = out.state.lock().expect("send queue lock");
         loop {
@@ -466,7 +471,7 @@ mod tests {
         let started = Instant::now();
         let mut queued = 0usize;
         let err = loop {
-            match out.send(vec![7u8; 1 << 20], None) {
+            match out.send(vec![7u8; 1 << 20].into(), None) {
                 Ok(()) => queued += 1,
                 Err(e) => break e,
             }
@@ -477,19 +482,27 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(queued >= SEND_QUEUE_LIMIT >> 20, "{queued} MiB queued");
         let waited = Instant::now();
-        let err = out.send(vec![1; 1 << 20], Some(Instant::now() + Duration::from_millis(200))).unwrap_err();
+        let err = out.send(vec![1; 1 << 20].into(), Some(Instant::now() + Duration::from_millis(200))).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::WouldBlock);
         assert!(waited.elapsed() >= Duration::from_millis(190), "waits for room until the deadline");
         out.close();
-        assert!(out.send(vec![1], None).is_err(), "a closed connection takes nothing");
+        assert!(out.send(vec![1].into(), None).is_err(), "a closed connection takes nothing");
     }
 
     #[test]
     fn queued_frames_arrive_whole_and_in_order() {
         let (a, mut b) = pair();
         let out = TcpOut::boxed(a);
-        let frames: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 300_000]).collect();
-        let expected: Vec<u8> = frames.concat();
+        // every third frame carries words held apart, as a big reply does: they follow its bytes
+        let frames: Vec<Outgoing> = (0..40u8)
+            .map(|i| {
+                let mut bytes = vec![i; 300_000];
+                let words = if i % 3 == 0 { crate::codec::encode_held_into(vec![u16::from(i) * 257; 150_000], &mut bytes, 0).unwrap() } else { None };
+                Outgoing { bytes, words }
+            })
+            .collect();
+        let expected: Vec<u8> = frames.iter().flat_map(|f| [f.rest(0), f.rest(f.bytes.len())].concat()).collect();
+        assert_eq!(expected.len(), 40 * 300_000 + 14 * (8 + 300_000));
         let reader = std::thread::spawn(move || {
             let mut got = vec![0u8; expected.len()];
             b.read_exact(&mut got).unwrap();
