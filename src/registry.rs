@@ -60,7 +60,7 @@ pub struct RemoteEntry {
     pub signature: &'static str,
     /// Decodes one argument tuple, runs, appends the encoded result to the output buffer;
     /// a big vector of plain numbers leaves its words where they are (see [`encode_result`]).
-    pub call: fn(&[u8], &mut Vec<u8>) -> Result<Option<HeldWords>, CallError>,
+    pub call: CallFn,
     /// Decodes a `Vec` of argument tuples, runs each, appends a `Vec<Result<Output, CallError>>`.
     pub batch: fn(&[u8], &mut Vec<u8>) -> Result<(), CallError>,
     /// Decodes a `Vec` of argument tuples, runs each and folds the results in order with the
@@ -70,6 +70,9 @@ pub struct RemoteEntry {
 
 /// How a registered function maps a batch and folds it with another registered function.
 pub type FoldFn = fn(&[u8], &RemoteEntry, &mut Vec<u8>) -> Result<(), CallError>;
+
+/// The `call` of a [`RemoteEntry`].
+pub type CallFn = fn(&[u8], &mut Vec<u8>) -> Result<Option<HeldWords>, CallError>;
 
 /// Builds the registry entry of `F` (used by `#[remote]`).
 pub const fn entry<F: RemoteFn>(signature: &'static str) -> RemoteEntry {

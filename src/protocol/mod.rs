@@ -26,7 +26,9 @@ pub(crate) mod plan;
 pub(crate) mod watch;
 pub(crate) mod worker;
 
-pub use frame::{Frame, FrameBuf, FrameReader, Header, Kind, LEN_PREFIX, Outgoing, WORDS_HEAD, announced_len, bare, call_frame, words_apart};
+pub use frame::{Frame, FrameBuf, FrameReader, Header, Kind, LEN_PREFIX, Outgoing, announced_len, bare, call_frame};
+#[cfg(feature = "mpi")]
+pub use frame::{WORDS_HEAD, words_apart};
 #[cfg(feature = "mpi")]
 pub use frame::too_long;
 pub use handshake::{MAGIC, PROTOCOL_VERSION};
