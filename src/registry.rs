@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::codec::{self, HeldWords};
+use crate::codec::{self, Bulk, HeldWords};
 
 /// A function that can be run on another process. Implemented by `#[remote]`; use the
 /// generated unit struct (it has the function's name) wherever a `RemoteFn` is asked for.
@@ -58,8 +58,9 @@ pub struct RemoteEntry {
     pub name: &'static str,
     /// Argument and result types as written, e.g. `fn(u64, u32) -> f64`.
     pub signature: &'static str,
-    /// Decodes one argument tuple, runs, appends the encoded result to the output buffer;
-    /// a big vector of plain numbers leaves its words where they are (see [`encode_result`]).
+    /// Decodes one argument tuple (its payload, and the words of a big argument that came
+    /// apart), runs, appends the encoded result to the output buffer; a big vector of plain
+    /// numbers leaves its words where they are (see [`encode_result`]).
     pub call: CallFn,
     /// Decodes a `Vec` of argument tuples, runs each, appends a `Vec<Result<Output, CallError>>`.
     pub batch: fn(&[u8], &mut Vec<u8>) -> Result<(), CallError>,
@@ -72,7 +73,7 @@ pub struct RemoteEntry {
 pub type FoldFn = fn(&[u8], &RemoteEntry, &mut Vec<u8>) -> Result<(), CallError>;
 
 /// The `call` of a [`RemoteEntry`].
-pub type CallFn = fn(&[u8], &mut Vec<u8>) -> Result<Option<HeldWords>, CallError>;
+pub type CallFn = fn(&[u8], Option<Bulk>, &mut Vec<u8>) -> Result<Option<HeldWords>, CallError>;
 
 /// Builds the registry entry of `F` (used by `#[remote]`).
 pub const fn entry<F: RemoteFn>(signature: &'static str) -> RemoteEntry {
@@ -183,8 +184,8 @@ fn install_panic_hook() {
     });
 }
 
-fn run_call<F: RemoteFn>(payload: &[u8], out: &mut Vec<u8>) -> Result<Option<HeldWords>, CallError> {
-    let args: F::Args = codec::decode(payload).map_err(|e| CallError { message: format!("cannot decode the arguments: {e}"), location: None })?;
+fn run_call<F: RemoteFn>(payload: &[u8], words: Option<Bulk>, out: &mut Vec<u8>) -> Result<Option<HeldWords>, CallError> {
+    let args: F::Args = codec::decode_with(payload, words).map_err(|e| CallError { message: format!("cannot decode the arguments: {e}"), location: None })?;
     encode_result(catch(|| F::invoke(args))?, out)
 }
 
@@ -215,7 +216,9 @@ fn run_fold<F: RemoteFn>(payload: &[u8], op: &RemoteEntry, out: &mut Vec<u8>) ->
                 pair.clear();
                 folded.clear();
                 codec::encode_into(&(left, value), &mut pair).map_err(|e| codec_error("encode two results", e))?;
-                (op.call)(&pair, &mut folded)?;
+                if let Some(words) = (op.call)(&pair, None, &mut folded)? {
+                    words.append_to(&mut folded);
+                }
                 codec::decode(&folded).map_err(|e| codec_error("decode a folded result", e))?
             }
         });

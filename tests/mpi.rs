@@ -218,6 +218,11 @@ fn all_rank_checks(transport: Transport) {
     }
     let bytes = cluster.remote_call_fetch(last, byte_ramp, (3 << 20,)).unwrap();
     assert!(bytes.len() == 3 << 20 && bytes.iter().enumerate().all(|(i, b)| *b == i as u8), "3 MiB of u8");
+    // big arguments too: to rank `last`, and from another worker to it
+    let sent: Vec<f64> = (0..300_000).map(|i| i as f64 * 0.25).collect();
+    let expected = (sent.len(), sent.iter().sum::<f64>());
+    assert_eq!(cluster.remote_call_fetch(last, count_and_sum, (sent,)).unwrap(), expected, "a big argument");
+    assert_eq!(cluster.remote_call_fetch(2, count_and_sum_on, (last, 300_000)).unwrap(), expected, "a big argument from a worker");
     mgr.shutdown().unwrap();
     println!("CHECKED world={size}");
 }
@@ -235,6 +240,16 @@ fn quarters(n: usize) -> Vec<f64> {
 #[remote]
 fn quarters_of(pid: Pid, n: usize) -> clusterman::Result<Vec<f64>> {
     Cluster::current().unwrap().remote_call_fetch(pid, quarters, (n,))
+}
+
+#[remote]
+fn count_and_sum(values: Vec<f64>) -> (usize, f64) {
+    (values.len(), values.iter().sum())
+}
+
+#[remote]
+fn count_and_sum_on(pid: Pid, n: usize) -> clusterman::Result<(usize, f64)> {
+    Cluster::current().unwrap().remote_call_fetch(pid, count_and_sum, ((0..n).map(|i| i as f64 * 0.25).collect(),))
 }
 
 #[remote]

@@ -189,7 +189,7 @@ fn misbehave(cluster: &Cluster, pids: &[Pid], bytes: Vec<u8>, expected_reason: &
 fn a_garbage_frame_closes_that_worker_only() {
     let cluster = Cluster::new().unwrap();
     let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
-    misbehave(&cluster, &pids, frame(25, &[99u8; 25]), "unknown frame kind 99");
+    misbehave(&cluster, &pids, frame(26, &[99u8; 26]), "unknown frame kind 99"); // a header's length
 }
 
 #[test]
@@ -207,7 +207,7 @@ fn a_frame_that_lies_about_its_sender_closes_that_worker() {
     let mut body = vec![6u8];
     body.extend_from_slice(&77u32.to_le_bytes());
     body.extend_from_slice(&[1, 0, 0, 0]);
-    body.extend_from_slice(&[0u8; 16]);
+    body.extend_from_slice(&[0u8; 17]); // request, function, words
     misbehave(&cluster, &pids, frame(body.len() as u32, &body), "claiming to be from pid 77");
 }
 

@@ -10,7 +10,7 @@ use crate::protocol::failure::Failure;
 
 /// Runs a `Call`, `Cast` or `Batch` frame addressed to `me`. Returns the reply frame to send
 /// back, or `None` for a `Cast` (whose failure is logged here, as nobody waits for it).
-pub(crate) fn execute(me: Pid, frame: &Frame) -> Option<Outgoing> {
+pub(crate) fn execute(me: Pid, frame: &mut Frame) -> Option<Outgoing> {
     let h = frame.header;
     let mut out = FrameBuf::new(Header { kind: Kind::Reply, src: me, dst: h.src, req: h.req, func: 0, words: 0 });
     let result = match registry::lookup(h.func) {
@@ -18,7 +18,10 @@ pub(crate) fn execute(me: Pid, frame: &Frame) -> Option<Outgoing> {
         Some(entry) => {
             let ran = match h.kind {
                 Kind::Batch => (entry.batch)(frame.payload(), out.payload()).map(|()| None),
-                _ => (entry.call)(frame.payload(), out.payload()),
+                _ => {
+                    let (payload, words) = frame.payload_and_words();
+                    (entry.call)(payload, words, out.payload())
+                }
             };
             ran.map_err(|e| Failure::Remote(RemoteError { pid: me, function: entry.name.to_string(), message: e.message, location: e.location }))
         }

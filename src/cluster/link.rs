@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::ids::Pid;
 use crate::protocol::worker::{Incoming, LinkId, WorkerCore, link_error};
+use crate::codec::HeldWords;
 use crate::protocol::{Frame, Header, Health, Outgoing, call_frame};
 use crate::transport::FrameOut;
 
@@ -70,12 +71,12 @@ impl Link {
 
     /// Sends a call (`header.req` is filled in here) whose payload `encode` writes,
     /// registering `waiter` first so a fast reply cannot overtake it. Returns the request id.
-    pub(crate) fn call(&self, header: Header, payload_hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<u64> {
+    pub(crate) fn call(&self, header: Header, payload_hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<Option<HeldWords>>, waiter: Option<Waiter>) -> Result<u64> {
         let (req, max_frame) = {
             let mut core = self.core();
             (core.begin_call(self.id, waiter)?, core.terms().max_frame)
         };
-        let sent = call_frame(Header { req, ..header }, payload_hint, encode, max_frame).and_then(|bytes| self.send(bytes));
+        let sent = call_frame(Header { req, ..header }, payload_hint, encode, max_frame).and_then(|frame| self.out.send(frame, None).map_err(|e| self.send_error(e)));
         if let Err(e) = sent {
             self.forget(req);
             return Err(e);

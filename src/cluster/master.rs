@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::ids::Pid;
+use crate::codec::HeldWords;
 use crate::protocol::admission::{Admission, Seat};
 use crate::protocol::failure::{Failure, failure_frame};
 use crate::protocol::master::{Event as CoreEvent, MasterCore, STOPPED, Transmit};
@@ -440,12 +441,12 @@ pub(crate) fn start_events(inner: Weak<Inner>, events: crossbeam_channel::Receiv
 
 /// Sends a call (or a cast, without `waiter`) to worker `dst`; the payload is written by
 /// `encode`. Returns the request id.
-pub(crate) fn call(inner: &Arc<Inner>, header: Header, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<u64> {
+pub(crate) fn call(inner: &Arc<Inner>, header: Header, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<Option<HeldWords>>, waiter: Option<Waiter>) -> Result<u64> {
     let m = inner.master();
     let dst = header.dst;
     let entry = m.worker(dst).ok_or(Error::NoSuchWorker(dst))?;
     let req = m.core.lock().expect("core lock").begin_call(dst, waiter)?;
-    let sent = call_frame(Header { req, ..header }, hint, encode, m.max_frame).and_then(|bytes| entry.out.send(bytes.into(), None).map_err(|e| send_error(dst, e)));
+    let sent = call_frame(Header { req, ..header }, hint, encode, m.max_frame).and_then(|frame| entry.out.send(frame, None).map_err(|e| send_error(dst, e)));
     if let Err(e) = sent {
         if m.core.lock().expect("core lock").cancel(dst, req).is_some() {
             return Err(e);
@@ -457,14 +458,14 @@ pub(crate) fn call(inner: &Arc<Inner>, header: Header, hint: usize, encode: impl
 
 /// Runs a call addressed to the master on the pool (the I/O thread must keep reading);
 /// a call the pool cannot take fails now.
-fn run_here(inner: &Arc<Inner>, entry: Arc<WorkerEntry>, frame: Frame) {
+fn run_here(inner: &Arc<Inner>, entry: Arc<WorkerEntry>, mut frame: Frame) {
     let cluster = Cluster::handle(inner.clone());
     let h = frame.header;
     let patience = inner.master().liveness.timeout;
     let refused_to = entry.clone();
     inner.master().pool.submit(Job {
         run: Box::new(move || {
-            if let Some(reply) = super::with_current(&cluster, || exec::execute(1, &frame)) {
+            if let Some(reply) = super::with_current(&cluster, || exec::execute(1, &mut frame)) {
                 let _ = entry.out.send(reply, Some(Instant::now() + patience));
             }
         }),

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::ids::Pid;
-use crate::codec;
+use crate::codec::{self, HeldWords};
 use crate::error::{Error, RemoteError, Result};
 use launcher::{ClusterManager, Launch, LaunchContext};
 use crate::protocol::watch::{LaunchWatch, Verdict};
@@ -470,7 +470,7 @@ impl Cluster {
 
     /// Sends one call frame to `pid`; the payload is written by `encode`. Returns what to do
     /// if the caller stops waiting (forget the call, so its reply is dropped).
-    pub(crate) fn send(&self, kind: Kind, pid: Pid, func: u64, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, waiter: Option<Waiter>) -> Result<Forget> {
+    pub(crate) fn send(&self, kind: Kind, pid: Pid, func: u64, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<Option<HeldWords>>, waiter: Option<Waiter>) -> Result<Forget> {
         let header = Header { kind, src: self.inner.me, dst: pid, req: 0, func, words: 0 };
         if self.inner.master.is_some() {
             let req = master::call(&self.inner, header, hint, encode, waiter)?;
@@ -507,7 +507,7 @@ impl Cluster {
             return Ok(RemoteFuture::ready(pid, run_here::<F>(pid, args)));
         }
         let slot = Arc::new(slot::Slot::default());
-        let forget = self.send(Kind::Call, pid, F::ID, 64, |buf| codec::encode_value_into(&args, buf), Some(Waiter::Slot(slot.clone())))?;
+        let forget = self.send(Kind::Call, pid, F::ID, 64, |buf| codec::encode_held_into(args, buf, codec::BULK_FROM), Some(Waiter::Slot(slot.clone())))?;
         Ok(RemoteFuture::pending(pid, slot, forget))
     }
 
@@ -525,7 +525,7 @@ impl Cluster {
             }
             return Ok(());
         }
-        self.send(Kind::Cast, pid, F::ID, 64, |buf| codec::encode_value_into(&args, buf), None).map(|_| ())
+        self.send(Kind::Cast, pid, F::ID, 64, |buf| codec::encode_held_into(args, buf, codec::BULK_FROM), None).map(|_| ())
     }
 
     /// Calls function `func` on `pid` with an already encoded argument tuple.
@@ -533,7 +533,7 @@ impl Cluster {
         let slot = Arc::new(slot::Slot::default());
         let copy = |buf: &mut Vec<u8>| {
             buf.extend_from_slice(payload);
-            Ok(())
+            Ok(None)
         };
         let forget = self.send(Kind::Call, pid, func, payload.len(), copy, Some(Waiter::Slot(slot.clone())))?;
         Ok(RemoteFuture::pending(pid, slot, forget))

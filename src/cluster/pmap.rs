@@ -104,7 +104,7 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
             scratch.clear();
             scratch.extend(batch.items.iter().map(|&i| &items[i]));
             let waiter = Waiter::Queue { tx: tx.clone(), tag: batch.tag, bell: bell.as_ref().map(|(ring, _)| ring.clone()) };
-            match cluster.send(Kind::Batch, batch.pid, F::ID, 16 * scratch.len(), |buf| codec::encode_into(&scratch, buf), Some(waiter)) {
+            match cluster.send(Kind::Batch, batch.pid, F::ID, 16 * scratch.len(), |buf| codec::encode_into(&scratch, buf).map(|()| None), Some(waiter)) {
                 Ok(_) => {}
                 Err(Error::WorkerDied { .. } | Error::NoSuchWorker(_) | Error::Busy { .. }) => {
                     plan.drop_worker(batch.pid);

@@ -475,9 +475,9 @@ fn pump_once(deadline: Option<Instant>, woken: &Receiver<()>) -> Result<()> {
     });
     let Some((received, from)) = next? else { return Ok(()) }; // a wake-up: the caller looks again
     match received {
-        Received::Run(frame) => {
+        Received::Run(mut frame) => {
             let me = my_id();
-            if let Some(reply) = exec::execute(me, &frame) {
+            if let Some(reply) = exec::execute(me, &mut frame) {
                 let (reply, patience) = {
                     let core = from.core();
                     (core.answer(frame.header, reply, || exec::function_name(frame.header.func))?, core.terms().liveness.timeout)

@@ -96,6 +96,21 @@ pub fn from_bulk<T: Any>(count: u64, bulk: Bulk) -> std::result::Result<Result<T
     plain::from_bulk::<T>(count, bulk).map(|decoded| decoded.map_err(|e| Error::Codec(e.0)))
 }
 
+/// Decodes a whole `T` from `bytes` and, for a big vector of plain numbers whose words came
+/// apart from its frame, those `words` (then `bytes` is their count): they become the vector
+/// without a copy when `T` is one of their type.
+pub fn decode_with<T: DeserializeOwned + Any>(bytes: &[u8], words: Option<Bulk>) -> Result<T> {
+    let Some(words) = words else { return decode(bytes) };
+    let count = match bytes.try_into() {
+        Ok(count) => u64::from_le_bytes(count),
+        Err(_) => return Err(Error::Codec(format!("{} bytes where a count of the words that follow was expected", bytes.len()))),
+    };
+    match from_bulk::<T>(count, words) {
+        Ok(decoded) => decoded,
+        Err(words) => decode(&[bytes, words.bytes()].concat()), // not a vector of them: as one
+    }
+}
+
 /// Encodes `value` into a fresh vector.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
     let mut out = Vec::new();

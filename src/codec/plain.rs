@@ -162,7 +162,7 @@ fn read<E: Plain>(bytes: &[u8]) -> Result<Vec<E>, CodecError> {
 }
 
 /// The words of a plain-number vector received straight into an allocation of their own
-/// (a big reply's data, apart from its frame), which becomes the decoded vector as it is:
+/// (a big argument or result, apart from its frame), which becomes the decoded vector as it is:
 /// no copy, no second buffer. Stored as unsigned words of the element's size, whose memory
 /// layout (size and alignment) every plain type of that size shares.
 #[derive(Debug)]
@@ -345,6 +345,12 @@ impl HeldWords {
     /// The number of elements.
     pub fn count(&self) -> u64 {
         (self.bytes().len() / self.element_size) as u64
+    }
+
+    /// Appends the words to their count in `out`: the whole encoding in one buffer, for a
+    /// value that is decoded where it was made.
+    pub fn append_to(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.bytes());
     }
 }
 

@@ -14,7 +14,7 @@ use crate::cluster::{Cluster, WorkerInfo};
 use crate::codec;
 use crate::error::{Error, RemoteError, Result};
 use crate::launch::{ClusterManager, Launch, LaunchContext, MpiRanks, RankMap};
-use crate::codec::HeldWords;
+use crate::codec::{Bulk, HeldWords};
 use crate::registry::{CallError, RemoteEntry, catch, encode_result, fn_id};
 
 use super::launcher;
@@ -284,7 +284,7 @@ where
     RemoteEntry { name, signature: "mpido!", call: run_body::<C, A, T>, batch: no_batch, fold: no_fold }
 }
 
-fn run_body<C, A, T>(payload: &[u8], out: &mut Vec<u8>) -> std::result::Result<Option<HeldWords>, CallError>
+fn run_body<C, A, T>(payload: &[u8], words: Option<Bulk>, out: &mut Vec<u8>) -> std::result::Result<Option<HeldWords>, CallError>
 where
     C: Fn(&Comm, A) -> T + 'static,
     A: DeserializeOwned + 'static,
@@ -294,7 +294,7 @@ where
     // captures nothing, so a value of it carries no data that could be invalid.
     let body: C = unsafe { std::mem::zeroed() };
     let fail = |message: String| CallError { message, location: None };
-    let args: A = codec::decode(payload).map_err(|e| fail(format!("cannot decode the mpido! arguments: {e}")))?;
+    let args: A = codec::decode_with(payload, words).map_err(|e| fail(format!("cannot decode the mpido! arguments: {e}")))?;
     let comm = env::world().map_err(|e| fail(e.to_string()))?;
     let value = catch(|| Ok(body(&comm, args)))?;
     encode_result(value, out)
@@ -329,10 +329,12 @@ where
     let mut results: Vec<(i32, Result<T>)> = Vec::with_capacity(ranks.len());
     if let Some(&(rank, _)) = ranks.iter().find(|(_, p)| *p == me) {
         let mut out = Vec::new();
-        let local = (entry.call)(&payload, &mut out)
+        let local = (entry.call)(&payload, None, &mut out)
             .map_err(|e| Error::Remote(RemoteError { pid: me, function: "mpido!".into(), message: e.message, location: e.location }))
             .and_then(|words| {
-                out.extend_from_slice(words.as_ref().map_or(&[][..], HeldWords::bytes)); // here, the words join their count
+                if let Some(words) = words {
+                    words.append_to(&mut out);
+                }
                 codec::decode::<T>(&out)
             });
         results.push((rank, local));

@@ -12,8 +12,9 @@
 //! collectives — runs on other threads at the same time, which is why this mode needs
 //! `MPI_THREAD_MULTIPLE`.
 //!
-//! A big reply's words (see `Header::words`) go as a second message from the same buffer,
-//! which the receiver takes straight into a block of their own: the caller's vector.
+//! The words of a big argument or result (see `Header::words`) go as a second message, from
+//! where the value holds them, which the receiver takes straight into a block of their own:
+//! the vector it decodes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
@@ -34,9 +35,9 @@ use crate::transport::polled::{self, Polled};
 
 /// Tag of every frame on the transport communicator.
 const TAG: i32 = 7001;
-/// Tag of the message holding a big reply's words, right after its frame from that rank.
+/// Tag of the message holding a big value's words, right after its frame from that rank.
 const WORDS_TAG: i32 = 7002;
-/// How long the words of a reply whose frame came may take to follow it.
+/// How long the words of a frame that came may take to follow it.
 const WORDS_WITHIN: Duration = Duration::from_secs(30);
 /// First pause of the progress thread after activity.
 const MIN_PAUSE: Duration = Duration::from_micros(20);
@@ -89,7 +90,7 @@ struct Sends {
 }
 
 /// A posted send and the buffer it reads from (kept alive until the send completes): one
-/// message, or a big reply's two (its frame and its words).
+/// message, or a big value's two (its frame and its words).
 struct InFlight {
     frame: Outgoing,
     requests: Vec<ffi::MPI_Request>,
@@ -193,7 +194,7 @@ impl Shared {
                 body.set_len(len);
             }
             let source = status.source_rank();
-            let marked = protocol::Header::parse(&body).is_ok_and(|h| h.kind == protocol::Kind::Reply && h.words != 0);
+            let marked = protocol::Header::parse(&body).is_ok_and(|h| h.words != 0);
             let frame = if len == WORDS_HEAD && marked {
                 self.receive_words(source, body, r.max_frame)
             } else {
@@ -204,7 +205,7 @@ impl Shared {
         got
     }
 
-    /// The words that follow a reply's frame `head` from `source`, if the frame announces
+    /// The words that follow the frame `head` from `source`, if the frame announces
     /// some (an empty vector announces none), received into a block of their own.
     fn receive_words(&self, source: i32, head: Vec<u8>, max_frame: usize) -> Result<Frame> {
         let count = u64::from_le_bytes(head[WORDS_HEAD - 8..].try_into().expect("8 bytes"));
@@ -218,7 +219,7 @@ impl Shared {
                 break found;
             }
             if Instant::now() > deadline {
-                return Err(Error::Protocol(format!("the words of a reply from rank {source} did not follow its frame within {WORDS_WITHIN:?}")));
+                return Err(Error::Protocol(format!("the words of a frame from rank {source} did not follow it within {WORDS_WITHIN:?}")));
             }
             std::thread::yield_now();
         };
@@ -226,7 +227,7 @@ impl Shared {
         let size = words_apart(&head, WORDS_HEAD + len).filter(|_| WORDS_HEAD + len <= max_frame);
         let Some(mut words) = size.and_then(Bulk::new) else {
             std::mem::forget(message); // not received: that rank's link is cut off
-            return Err(Error::Protocol(format!("{len} bytes of words from rank {source} do not match the reply they follow (or exceed max_frame)")));
+            return Err(Error::Protocol(format!("{len} bytes of words from rank {source} do not match the frame they follow (or exceed max_frame)")));
         };
         let (at, room) = words.room(len);
         debug_assert!(room >= len);
@@ -246,7 +247,7 @@ impl Shared {
         if sends.closed {
             return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the MPI transport has stopped"));
         }
-        // MPI keeps message bounds: no length prefix. A big reply's words go from where they
+        // MPI keeps message bounds: no length prefix. A big value's words go from where they
         // are held as a message of their own, posted at once after its frame (under the
         // lock: no other frame to that rank comes between them).
         let mut parts = vec![(&frame.bytes[LEN_PREFIX..], TAG)];

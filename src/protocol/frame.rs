@@ -13,7 +13,7 @@ use crate::ids::Pid;
 pub const LEN_PREFIX: usize = 4;
 /// Bytes of the fixed header at the start of every body.
 pub const HEADER_LEN: usize = 1 + 4 + 4 + 8 + 8 + 1;
-/// Bytes of a reply's payload before the words it carries as one block: their count.
+/// Bytes of a payload before the words it carries as one block: their count.
 const WORDS_AT: usize = 8;
 
 /// What a frame carries.
@@ -67,9 +67,10 @@ pub struct Header {
     pub req: u64,
     /// Registered function id (calls) or 0.
     pub func: u64,
-    /// For a reply whose payload is a vector of plain numbers (a `u64` count, then the
-    /// words): the size of one word (1, 2, 4, 8 or 16), so a receiver can take the words
-    /// into a vector of their own; 0 for every other frame.
+    /// For a call or reply whose payload is a big vector of plain numbers (a `u64` count,
+    /// then the words): the size of one word (1, 2, 4, 8 or 16). The sender writes the words
+    /// from where its value holds them, the receiver takes them into a vector of their own
+    /// (see [`codec::BULK_FROM`]); 0 for every other frame.
     pub words: u8,
 }
 
@@ -96,10 +97,10 @@ impl Header {
     }
 }
 
-/// Bytes of a body up to a big reply's words: header, count.
+/// Bytes of a body up to a big value's words: header, count.
 pub const WORDS_HEAD: usize = HEADER_LEN + WORDS_AT;
 
-/// The word size of a reply whose words go apart, from the start of its body (at least
+/// The word size of a call or reply whose words go apart, from the start of its body (at least
 /// [`WORDS_HEAD`] bytes) and the length of the whole body: when its header marks words (see
 /// [`Header::words`]), its count of them adds up to the body, and they are big enough to be
 /// worth a block of their own. `None` for every other frame.
@@ -109,7 +110,8 @@ pub fn words_apart(head: &[u8], body_len: usize) -> Option<usize> {
     let size = header.words as usize;
     let data = body_len.checked_sub(WORDS_HEAD)?;
     let adds_up = usize::try_from(count).ok().and_then(|c| c.checked_mul(size)) == Some(data);
-    (header.kind == Kind::Reply && size != 0 && data >= BULK_FROM && adds_up).then_some(size)
+    let kind = matches!(header.kind, Kind::Call | Kind::Cast | Kind::Reply);
+    (kind && size != 0 && data >= BULK_FROM && adds_up).then_some(size)
 }
 
 /// A frame without payload (heartbeats, shutdown), ready to send.
@@ -194,8 +196,8 @@ impl FrameBuf {
         Ok(self.buf)
     }
 
-    /// [`finish`](FrameBuf::finish) for a reply whose payload so far is the count of `words`,
-    /// which follow it on the wire from where the result holds them (see [`Header::words`]).
+    /// [`finish`](FrameBuf::finish) for a frame whose payload so far is the count of `words`,
+    /// which follow it on the wire from where the value holds them (see [`Header::words`]).
     pub fn finish_held(mut self, words: Option<HeldWords>) -> Result<Outgoing> {
         let Some(words) = words else { return self.finish().map(Outgoing::from) };
         self.buf[LEN_PREFIX + 25] = words.element_size() as u8;
@@ -205,9 +207,9 @@ impl FrameBuf {
     }
 }
 
-/// A frame to send: its bytes (length prefix included), then, for a big reply, its words
-/// where they are held (see [`Header::words`]): in the result that was computed, or in the
-/// block a forwarded reply was received into.
+/// A frame to send: its bytes (length prefix included), then, for a big value, its words
+/// where they are held (see [`Header::words`]): in the arguments or result themselves, or
+/// in the block a forwarded frame was received into.
 #[derive(Debug)]
 pub struct Outgoing {
     /// The frame up to its words (all of it when it has none).
@@ -248,10 +250,11 @@ impl From<Vec<u8>> for Outgoing {
 
 /// A call frame with room for `hint` payload bytes, which `encode` writes. The other side
 /// accepts at most `max_frame` bytes: a larger call fails here, saying how to allow it.
-pub fn call_frame(header: Header, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<()>, max_frame: usize) -> Result<Vec<u8>> {
+/// `encode` may leave the words of a big argument where they are (see [`Header::words`]).
+pub fn call_frame(header: Header, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<Option<HeldWords>>, max_frame: usize) -> Result<Outgoing> {
     let mut frame = FrameBuf::with_capacity(header, hint);
-    encode(frame.payload())?;
-    let bytes = frame.finish()?;
+    let words = encode(frame.payload())?;
+    let bytes = frame.finish_held(words)?;
     let len = bytes.len() - LEN_PREFIX;
     if len > max_frame {
         return Err(Error::Protocol(format!("a call of {len} bytes exceeds the cluster's max_frame of {max_frame} bytes; raise ClusterBuilder::max_frame")));
@@ -260,7 +263,7 @@ pub fn call_frame(header: Header, hint: usize, encode: impl FnOnce(&mut Vec<u8>)
 }
 
 /// A received frame: its bytes (as they came: with the length prefix from a stream, without
-/// it from MPI) and the parsed header; a big reply's words apart, in a block of their own.
+/// it from MPI) and the parsed header; a big value's words apart, in a block of their own.
 #[derive(Debug)]
 pub struct Frame {
     /// Parsed header.
@@ -268,7 +271,7 @@ pub struct Frame {
     bytes: Vec<u8>,
     /// Where the body starts in `bytes` (after the prefix, if there is one).
     body_at: usize,
-    /// The words of a big reply (see [`Header::words`]), which follow `bytes` on the wire.
+    /// The words of a big value (see [`Header::words`]), which follow `bytes` on the wire.
     bulk: Option<Bulk>,
 }
 
@@ -280,7 +283,7 @@ impl Frame {
     }
 
     /// A frame from its body without its words, and the words (a message and the one
-    /// after it, as an MPI transport sends a big reply).
+    /// after it, as the MPI transport sends a big value).
     #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     pub fn from_parts(head: Vec<u8>, words: Bulk) -> Result<Frame> {
         Ok(Frame { header: Header::parse(&head)?, bytes: head, body_at: 0, bulk: Some(words) })
@@ -291,28 +294,28 @@ impl Frame {
         Ok(Frame { header: Header::parse(&wire[LEN_PREFIX..])?, bytes: wire, body_at: LEN_PREFIX, bulk })
     }
 
-    /// The payload bytes. For a big reply whose words came apart ([`Frame::decode`] takes
+    /// The payload bytes. For a big value whose words came apart ([`Frame::decode`] takes
     /// them), only what precedes them: decode replies with [`Frame::decode`].
     pub fn payload(&self) -> &[u8] {
         &self.bytes[self.body_at + HEADER_LEN..]
     }
 
-    /// The payload decoded as a `T`; the words of a big reply become a vector without a
+    /// The payload decoded as a `T`; the words of a big value become a vector without a
     /// copy when `T` is one of their type.
     pub fn decode<T: DeserializeOwned + Any>(mut self) -> Result<T> {
-        let Some(words) = self.bulk.take() else { return codec::decode(self.payload()) };
-        let count = u64::from_le_bytes(self.payload()[..WORDS_AT].try_into().expect("a count precedes the words"));
-        match codec::from_bulk::<T>(count, words) {
-            Ok(decoded) => decoded,
-            Err(words) => {
-                self.bytes.extend_from_slice(words.bytes());
-                codec::decode(self.payload())
-            }
-        }
+        let words = self.bulk.take();
+        codec::decode_with(self.payload(), words)
+    }
+
+    /// The payload, and the words of a big value that came apart (taken: decode both with
+    /// `codec::decode_with`).
+    pub fn payload_and_words(&mut self) -> (&[u8], Option<Bulk>) {
+        let words = self.bulk.take();
+        (self.payload(), words)
     }
 
     /// The frame to send on as it came, prefix included (no copy when it came that way; a
-    /// big reply's words stay in their block).
+    /// big value's words stay in their block).
     pub fn into_wire(mut self) -> Outgoing {
         let words = self.bulk.take();
         let words_len = words.as_ref().map_or(0, Bulk::len);
@@ -338,22 +341,22 @@ impl Drop for Frame {
 /// [`extend`](FrameReader::extend), or reads straight into [`room`](FrameReader::room), and
 /// takes the complete frames from [`next_frame`](FrameReader::next_frame). Memory grows
 /// only as bytes arrive (at most doubling what is there), so a lying length prefix costs
-/// nothing; an idle connection holds at most a few KiB. The words of a big reply (see
+/// nothing; an idle connection holds at most a few KiB. The words of a big value (see
 /// [`Header::words`]) go into a block of their own as they come: its address space is taken
 /// at once (at most `max`), its memory still only as they come.
 #[derive(Debug)]
 pub struct FrameReader {
     buf: Vec<u8>,
     max: usize,
-    /// The words of the reply under way; `buf` then holds its head only.
+    /// The words of the frame under way; `buf` then holds its head only.
     words: Option<Bulk>,
-    /// Bytes that came after the reply under way, while its words were read.
+    /// Bytes that came after the frame under way, while its words were read.
     after: Vec<u8>,
 }
 
 /// What a read straight into the buffer has room for at least.
 const READ_ROOM: usize = 64 * 1024;
-/// Bytes of a reply up to its words on a stream: prefix, header, count.
+/// Bytes of a frame up to its words on a stream: prefix, header, count.
 const HEAD: usize = LEN_PREFIX + WORDS_HEAD;
 
 impl FrameReader {
@@ -446,7 +449,7 @@ impl FrameReader {
         }
     }
 
-    /// Once the head of a big reply is here, moves its words into a block of their own (see
+    /// Once the head of a big value is here, moves its words into a block of their own (see
     /// [`Header::words`]); anything that does not add up stays as it is, for `next_frame`.
     fn split_words(&mut self) {
         if self.words.is_some() || self.buf.len() < HEAD {

@@ -74,7 +74,7 @@ impl Queue {
     /// Writes queued bytes until done or the socket is full. `Ok(true)`: nothing left.
     fn write_out(&mut self, fd: i32) -> io::Result<bool> {
         while let Some(front) = self.frames.front() {
-            // a big reply's words are written from where its result holds them
+            // a big value's words are written from where it holds them
             let part = front.rest(self.written);
             let n = sys::send_nonblocking(fd, part)?;
             self.written += n;
@@ -340,7 +340,7 @@ thread_local! {
     static SCRATCH_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SCRATCH]);
 }
 
-/// One read: the rest of a big frame straight into its buffer (a big reply's words into
+/// One read: the rest of a big frame straight into its buffer (a big value's words into
 /// their own), anything else through the scratch buffer. A read that did not fill its room emptied the socket: the readiness is
 /// cleared then, sparing the read that would only say "would block".
 fn read_some(stream: &tokio::net::TcpStream, reader: &mut FrameReader) -> io::Result<usize> {
@@ -493,7 +493,7 @@ mod tests {
     fn queued_frames_arrive_whole_and_in_order() {
         let (a, mut b) = pair();
         let out = TcpOut::boxed(a);
-        // every third frame carries words held apart, as a big reply does: they follow its bytes
+        // every third frame carries words held apart, as a big value does: they follow its bytes
         let frames: Vec<Outgoing> = (0..40u8)
             .map(|i| {
                 let mut bytes = vec![i; 300_000];
