@@ -122,7 +122,7 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
         }
 
         let Some((tag, reply)) = next_completion(&rx, bell.as_ref().map(|(_, rung)| rung), plan.wake_at(), plan.outstanding() > 0)? else { continue };
-        let Some(batch) = plan.take(tag) else { continue };
+        let Some(batch) = plan.came_back(tag, Instant::now()) else { continue };
         let outcome: Result<Vec<Result<F::Output, CallError>>> = reply.and_then(|frame| match frame.header.kind {
             Kind::Reply => frame.decode(),
             _ => Err(frame.decode::<Failure>()?.into()),

@@ -2,8 +2,11 @@
 //! which batch, when a failed item or a lost batch is tried again, and when the map is done.
 //! The driver sends what it is told, reports what came back, and keeps the values.
 //!
-//! Items travel in batches; each worker has up to [`IN_FLIGHT`] batches out, so it never
-//! waits for the next one. A failed item is retried alone after the next of the retry
+//! Items travel in batches; each worker has [`IN_FLIGHT`] batches out, so it never waits for
+//! the next one, and more while its batches come back quickly: as many as it finishes in
+//! [`QUEUE_AHEAD`] (at most [`MAX_IN_FLIGHT`]). Cheap items then hide the round trip, while
+//! a worker never holds more than about that much work that another could have taken. A
+//! failed item is retried alone after the next of the retry
 //! delays; when the delays run out, the driver decides (an `on_error` value, or the map
 //! fails). A batch lost with its worker is no fault of its items: it goes whole to the
 //! others at once, up to [`MAX_LOSSES`] times (a batch that kills every worker it meets
@@ -14,8 +17,14 @@ use std::time::{Duration, Instant};
 
 use crate::ids::Pid;
 
-/// Batches out per worker: one running, one queued behind it.
+/// Batches out per worker at least: one running, one queued behind it.
 pub const IN_FLIGHT: usize = 2;
+
+/// Batches out per worker at most, however quickly they come back.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// How much work (in time, as measured) a worker may have queued ahead of what it runs.
+pub const QUEUE_AHEAD: Duration = Duration::from_millis(1);
 
 /// Workers a batch may lose (die while holding it) before its loss counts as its failure.
 pub const MAX_LOSSES: usize = 3;
@@ -26,6 +35,35 @@ struct Job {
     attempts: usize,
     losses: usize,
     not_before: Instant,
+}
+
+/// How fast a worker goes through its batches.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pace {
+    /// When its last batch came back.
+    last_return: Option<Instant>,
+    /// Time per batch, smoothed: from its last return to this one while it was kept busy
+    /// (its batches' own work), from send to return otherwise.
+    per_batch: Option<Duration>,
+}
+
+impl Pace {
+    /// Batches this worker may have out.
+    fn depth(&self) -> usize {
+        match self.per_batch {
+            Some(t) if !t.is_zero() => ((QUEUE_AHEAD.as_nanos() / t.as_nanos()) as usize).clamp(IN_FLIGHT, MAX_IN_FLIGHT),
+            Some(_) => MAX_IN_FLIGHT,
+            None => IN_FLIGHT,
+        }
+    }
+
+    /// A batch sent at `sent` came back at `now`.
+    fn returned(&mut self, sent: Instant, now: Instant) {
+        let start = self.last_return.map_or(sent, |last| last.max(sent));
+        let sample = now.saturating_duration_since(start);
+        self.per_batch = Some(self.per_batch.map_or(sample, |old| (old * 3 + sample) / 4));
+        self.last_return = Some(now);
+    }
 }
 
 /// A batch to send now.
@@ -57,9 +95,11 @@ pub struct Returned {
 pub struct PmapPlan {
     pool: Vec<Pid>,
     load: HashMap<Pid, usize>,
+    pace: HashMap<Pid, Pace>,
     queue: VecDeque<Job>,
     delayed: Vec<Job>,
-    out: HashMap<u64, (Pid, Job)>,
+    /// Batches out: their worker, their job, when they were sent.
+    out: HashMap<u64, (Pid, Job, Instant)>,
     next_tag: u64,
     retry_delays: Vec<Duration>,
 }
@@ -71,28 +111,40 @@ impl PmapPlan {
         let batch = if batch == 0 { n.div_ceil(pool.len().max(1) * 8).clamp(1, 1024) } else { batch };
         let queue = (0..n).step_by(batch).map(|s| Job { items: (s..(s + batch).min(n)).collect(), attempts: 0, losses: 0, not_before: now }).collect();
         let load = pool.iter().map(|p| (*p, 0)).collect();
-        PmapPlan { pool, load, queue, delayed: Vec::new(), out: HashMap::new(), next_tag: 0, retry_delays }
+        PmapPlan { pool, load, pace: HashMap::new(), queue, delayed: Vec::new(), out: HashMap::new(), next_tag: 0, retry_delays }
     }
 
-    /// The next batch to send at `now`, to the least loaded worker with room; `None` when
-    /// nothing can go now.
+    /// The next batch to send at `now`, to the least loaded worker with room (see
+    /// [`QUEUE_AHEAD`]); `None` when nothing can go now.
     pub fn next_batch(&mut self, now: Instant) -> Option<Batch> {
         let (ready, later): (Vec<Job>, Vec<Job>) = std::mem::take(&mut self.delayed).into_iter().partition(|j| j.not_before <= now);
         self.queue.extend(ready);
         self.delayed = later;
-        let pid = *self.pool.iter().filter(|p| self.load[p] < IN_FLIGHT).min_by_key(|p| self.load[p])?;
+        let depth = |p: &Pid| self.pace.get(p).map_or(IN_FLIGHT, Pace::depth);
+        let pid = *self.pool.iter().filter(|p| self.load[p] < depth(p)).min_by_key(|p| self.load[p])?;
         let job = self.queue.pop_front()?;
         let tag = self.next_tag;
         self.next_tag += 1;
         *self.load.get_mut(&pid).expect("pid in pool") += 1;
         let items = job.items.clone();
-        self.out.insert(tag, (pid, job));
+        self.out.insert(tag, (pid, job, now));
         Some(Batch { tag, pid, items })
     }
 
-    /// The batch `tag` came back or was lost: out of the plan. `None` if unknown (taken).
+    /// The batch `tag` came back at `now`: out of the plan, its time counted in its worker's
+    /// pace. `None` if unknown (taken).
+    pub fn came_back(&mut self, tag: u64, now: Instant) -> Option<Returned> {
+        let sent = self.out.get(&tag)?.2;
+        let returned = self.take(tag)?;
+        if self.load.contains_key(&returned.pid) {
+            self.pace.entry(returned.pid).or_default().returned(sent, now);
+        }
+        Some(returned)
+    }
+
+    /// The batch `tag` was not sent or was lost: out of the plan. `None` if unknown (taken).
     pub fn take(&mut self, tag: u64) -> Option<Returned> {
-        let (pid, job) = self.out.remove(&tag)?;
+        let (pid, job, _) = self.out.remove(&tag)?;
         if let Some(load) = self.load.get_mut(&pid) {
             *load -= 1;
         }
@@ -103,6 +155,7 @@ impl PmapPlan {
     pub fn drop_worker(&mut self, pid: Pid) {
         self.pool.retain(|p| *p != pid);
         self.load.remove(&pid);
+        self.pace.remove(&pid);
     }
 
     /// Puts a batch whose send failed at once back at the front, to go elsewhere now.
@@ -174,6 +227,33 @@ mod tests {
             plan.take(b.tag).unwrap();
         }
         assert!(plan.finished());
+    }
+
+    /// Keeps `pid` (alone in the plan) fed for `rounds` returns of `per_batch` each, as a
+    /// worker that runs its batches one after the other; returns the most it had out.
+    fn run_at_pace(plan: &mut PmapPlan, per_batch: Duration, rounds: usize, t0: Instant) -> usize {
+        let (mut now, mut out, mut most) = (t0, VecDeque::new(), 0);
+        for _ in 0..rounds {
+            out.extend(all_sends(plan, now).into_iter().map(|b| b.tag));
+            most = most.max(out.len());
+            now += per_batch;
+            plan.came_back(out.pop_front().expect("work out"), now).unwrap();
+        }
+        most
+    }
+
+    #[test]
+    fn cheap_batches_fill_a_deeper_pipeline_and_slow_ones_keep_two() {
+        let t0 = Instant::now();
+        let mut cheap = PmapPlan::new(100_000, vec![2], 1, vec![], t0);
+        assert_eq!(all_sends(&mut cheap, t0).len(), IN_FLIGHT, "before any pace is known");
+        let mut cheap = PmapPlan::new(100_000, vec![2], 1, vec![], t0);
+        assert_eq!(run_at_pace(&mut cheap, Duration::from_micros(5), 500, t0), MAX_IN_FLIGHT, "5 us per batch: as deep as allowed");
+        let mut medium = PmapPlan::new(100_000, vec![2], 1, vec![], t0);
+        let most = run_at_pace(&mut medium, Duration::from_micros(100), 500, t0);
+        assert!((9..=11).contains(&most), "100 us per batch: about QUEUE_AHEAD of work out, got {most}");
+        let mut slow = PmapPlan::new(1000, vec![2], 1, vec![], t0);
+        assert_eq!(run_at_pace(&mut slow, Duration::from_millis(10), 100, t0), IN_FLIGHT, "10 ms per batch: one running, one waiting");
     }
 
     #[test]
