@@ -20,9 +20,6 @@ pub(crate) trait Polled: Send + Sync {
 /// How long a waiting thread polls before it sleeps: longer than a short call's round trip,
 /// short enough that a thread waiting for a long call spends little CPU on it.
 const SPIN: Duration = Duration::from_micros(200);
-/// After this, a polling thread yields between polls (a busy or oversubscribed machine may
-/// need its core for the very process that is to answer).
-const HOT: Duration = Duration::from_micros(20);
 
 static POLLED: OnceLock<Arc<dyn Polled>> = OnceLock::new();
 
@@ -50,11 +47,9 @@ pub(crate) fn spin_until(mut done: impl FnMut() -> bool) -> bool {
                 }
                 return done;
             }
-            if spun < HOT {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+            // no yield: on a busy machine it hands the core to a process that keeps it for
+            // a whole time slice (milliseconds); the spin is short and then the thread sleeps
+            std::hint::spin_loop();
         }
     }
 }
