@@ -129,9 +129,21 @@ fn main() -> clusterman::Result<()> {
     }
 
     pmap_throughput()?;
-    peak::in_fresh_process();
-    scale::run(1024, true)?;
-    scale::run(4096, false)
+    in_fresh_process(&["--peak"]);
+    in_fresh_process(&["--scale", "1024"]);
+    in_fresh_process(&["--scale", "4096", "--no-baseline"]);
+    Ok(())
+}
+
+/// Runs this program with `args` in a fresh process and shows its output: figures that read
+/// the process's memory must not see what earlier figures left (or free meanwhile).
+fn in_fresh_process(args: &[&str]) {
+    let exe = std::env::current_exe().expect("own executable");
+    match std::process::Command::new(exe).args(args).output() {
+        Ok(out) if out.status.success() => print!("{}", String::from_utf8_lossy(&out.stdout)),
+        Ok(out) => println!("# {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+        Err(e) => println!("# could not run {args:?}: {e}"),
+    }
 }
 
 /// Everything the latency and bandwidth figures need: a cluster with one worker and the raw
@@ -351,14 +363,6 @@ mod peak {
     }
 
     /// Runs `--peak` as a child and passes its lines on.
-    pub fn in_fresh_process() {
-        let exe = std::env::current_exe().expect("own executable");
-        match std::process::Command::new(exe).arg("--peak").output() {
-            Ok(out) => print!("{}", String::from_utf8_lossy(&out.stdout)),
-            Err(e) => println!("# peak memory: could not run --peak: {e}"),
-        }
-    }
-
     pub fn run() -> clusterman::Result<()> {
         let cluster = Cluster::new()?;
         let pid = cluster.add_procs(LocalManager::new(1))?[0];
