@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use clusterman::launch::scheduler::{JobOptions, Layout, Memory};
 use clusterman::launch::scheduler::htcondor::HtCondorManager;
-use clusterman::mpido;
 use clusterman::prelude::*;
 
 clusterman::init_in_constructor!();
@@ -112,18 +111,13 @@ fn htcondor_parallel_universe_forms_one_mpi_world_through_the_mpi_wrapper() {
     let (state, workdir, job) = setup("condor-mpi", &[]);
     // as HTCondor's manual says: its openmpiscript, copied next to the job
     std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/htcondor/openmpiscript"), workdir.join("openmpiscript")).unwrap();
-    let job = job.layout(Layout::Mpi).env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    let job = common::open_mpi_here(job.layout(Layout::Mpi));
     let world = HtCondorManager::new(3).job(job.env("CMAN_GREETING", "parallel"));
     let script = world.job_script().unwrap();
     assert!(script.starts_with("universe = parallel\n") && script.contains("executable = openmpiscript\n") && script.contains("machine_count = 3\n") && script.ends_with("\nqueue\n"), "{script}");
     let cluster = Cluster::new().unwrap();
     let pids = cluster.add_procs(&world).unwrap();
-    let ranks: Vec<(i32, i32)> = mpido!(world, |comm| {
-        comm.barrier();
-        (comm.rank(), comm.size())
-    })
-    .unwrap();
-    assert_eq!(ranks, vec![(0, 3), (1, 3), (2, 3)], "one MPI world of 3");
+    common::assert_one_world(&world, 3);
     assert_eq!(procs(&state), [("1.0".to_string(), "2".to_string())], "one parallel job, running");
     let (batch, greet, cwd, scratch, _) = cluster.remote_call_fetch(pids[2], condor_view, ()).unwrap();
     assert_eq!((batch.as_deref(), greet.as_deref()), (Some("HTCondor"), Some("parallel")));

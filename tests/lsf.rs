@@ -14,7 +14,7 @@ use std::time::Duration;
 use clusterman::launch::scheduler::lsf::LsfManager;
 use clusterman::launch::scheduler::{JobOptions, Layout, LimitsUnit, Memory};
 use clusterman::prelude::*;
-use clusterman::{Error, mpido};
+use clusterman::Error;
 
 clusterman::init_in_constructor!();
 
@@ -110,12 +110,7 @@ fn lsf_mpi_job_runs_mpirun_and_mpido() {
     let script = manager.job_script().unwrap();
     assert!(script.contains("#BSUB -n 2\n") && script.contains(&format!("exec {} \"$@\" -np 2 -hostfile ", common::mpi_launcher())), "{script}");
     let pids = cluster.add_procs(&manager).unwrap();
-    let world: Vec<(i32, i32)> = mpido!(manager, |comm| {
-        comm.barrier();
-        (comm.rank(), comm.size())
-    })
-    .unwrap();
-    assert_eq!(world, vec![(0, 2), (1, 2)]);
+    common::assert_one_world(&manager, 2);
     let hosts = cluster.remote_call_fetch(pids[0], mpirun_hosts, ()).unwrap();
     assert_eq!(hosts, Some(vec!["localhost".to_string(), "127.0.0.1".to_string()]), "mpirun reads the job's hosts (LSB_DJOB_HOSTFILE)");
     assert_eq!(cluster.pmap(square, (0..10u64).map(|x| (x,))).unwrap()[9], 81);

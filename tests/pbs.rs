@@ -14,7 +14,7 @@ use std::time::Duration;
 use clusterman::launch::scheduler::pbs::{PbsDialect, PbsManager};
 use clusterman::launch::scheduler::{JobOptions, Layout, Memory};
 use clusterman::prelude::*;
-use clusterman::{Error, mpido};
+use clusterman::Error;
 
 clusterman::init_in_constructor!();
 
@@ -159,12 +159,7 @@ fn mpi_job(dialect: PbsDialect, fake: &str, cpus: u32, resources: &str, finished
     let script = manager.job_script().unwrap();
     assert!(script.contains(resources) && script.contains(&format!("exec {} \"$@\" -np 2 -hostfile ", common::mpi_launcher())), "{script}");
     let pids = cluster.add_procs(&manager).unwrap();
-    let world: Vec<(i32, i32)> = mpido!(manager, |comm| {
-        comm.barrier();
-        (comm.rank(), comm.size())
-    })
-    .unwrap();
-    assert_eq!(world, vec![(0, 2), (1, 2)]);
+    common::assert_one_world(&manager, 2);
     let nodes = Some(vec!["localhost".to_string(), "127.0.0.1".to_string()]);
     assert_eq!(cluster.remote_call_fetch(pids[0], mpirun_hosts, ()).unwrap(), nodes, "mpirun's hostfile: one line per worker, on the job's nodes");
     assert_eq!(cluster.pmap(square, (0..10u64).map(|x| (x,))).unwrap()[9], 81);

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use clusterman::launch::scheduler::scyld::ScyldManager;
 use clusterman::launch::scheduler::{JobOptions, Layout};
-use clusterman::mpido;
 use clusterman::prelude::*;
 
 clusterman::init_in_constructor!();
@@ -68,16 +67,11 @@ fn scyld_workers_run_on_beomap_nodes_and_leave_nothing() {
 fn scyld_mpi_world_is_one_mpirun_over_the_beomap_nodes() {
     let mpirun = format!("FAKE_SCYLD_MPIRUN={}", common::mpi_launcher());
     let (log, job) = setup("scyld-mpi", &["FAKE_SCYLD_NODES=4,7", &mpirun]);
-    let job = job.layout(Layout::Mpi).env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    let job = common::open_mpi_here(job.layout(Layout::Mpi));
     let cluster = Cluster::new().unwrap();
     let world = ScyldManager::new(3).job(job.env("CMAN_COLOUR", "green"));
     let pids = cluster.add_procs(&world).unwrap();
-    let ranks: Vec<(i32, i32)> = mpido!(world, |comm| {
-        comm.barrier();
-        (comm.rank(), comm.size())
-    })
-    .unwrap();
-    assert_eq!(ranks, vec![(0, 3), (1, 3), (2, 3)], "one MPI world of 3");
+    common::assert_one_world(&world, 3);
     let program = std::env::current_exe().unwrap().display().to_string();
     assert_eq!(calls(&log), ["-1 beomap --no-local --np 3".to_string(), format!("mpirun --map 4:7:4 {program}")], "ClusterWare's mpirun over beomap's nodes, no bpsh per worker");
     assert_eq!(cluster.remote_call_fetch(pids[2], scyld_view, ()).unwrap().1.as_deref(), Some("green"), "the environment reaches the ranks");

@@ -120,15 +120,26 @@ pub fn fixtures_prefix(dir: &str) -> Vec<String> {
 }
 
 /// Job options for a scheduler test: a unique name, a scratch working directory, a 60 s
-/// launch timeout, and the variables Open MPI needs to run as root (CI runs as root).
+/// launch timeout, and the variables Open MPI needs here (see [`open_mpi_here`]).
 pub fn test_job(tag: &str) -> clusterman::launch::scheduler::JobOptions {
-    clusterman::launch::scheduler::JobOptions::new()
-        .name(format!("cman-{tag}-{}", std::process::id()))
-        .workdir(temp_dir(tag))
-        .launch_timeout(Duration::from_secs(60))
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+    open_mpi_here(clusterman::launch::scheduler::JobOptions::new().name(format!("cman-{tag}-{}", std::process::id())).workdir(temp_dir(tag)).launch_timeout(Duration::from_secs(60)))
+}
+
+/// `job` with the variables Open MPI needs to run as root (CI runs as root) and with more
+/// ranks than cores.
+pub fn open_mpi_here(job: clusterman::launch::scheduler::JobOptions) -> clusterman::launch::scheduler::JobOptions {
+    job.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+}
+
+/// Asserts that `world`'s ranks are one MPI world of `n`: after a barrier, each reports its
+/// rank and the world's size.
+pub fn assert_one_world<M: clusterman::MpiRanks + ?Sized>(world: &M, n: i32) {
+    let ranks: Vec<(i32, i32)> = clusterman::mpido!(*world, |comm| {
+        comm.barrier();
+        (comm.rank(), comm.size())
+    })
+    .unwrap();
+    assert_eq!(ranks, (0..n).map(|r| (r, n)).collect::<Vec<_>>(), "one MPI world of {n}");
 }
 
 /// The OS pids of these workers.
