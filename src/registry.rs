@@ -196,10 +196,59 @@ pub fn encode_result<T: Serialize + Any>(value: T, out: &mut Vec<u8>) -> Result<
     codec::encode_held_into(value, out, codec::BULK_FROM).map_err(|e| CallError { message: format!("cannot encode the result: {e}"), location: None })
 }
 
+/// The first byte of a batch's reply when every item succeeded: the values follow as one
+/// vector (one block, for plain numbers).
+const ALL_OK: u8 = 0;
+/// The first byte of a batch's reply when some item failed: every item's result follows.
+const EACH: u8 = 1;
+
+/// A batch's results as its reply carries them.
+#[derive(Debug)]
+pub enum BatchResults<T> {
+    /// Every item succeeded: the values, in order.
+    AllOk(Vec<T>),
+    /// Some failed: every item's result, in order.
+    Each(Vec<Result<T, CallError>>),
+}
+
+impl<T: DeserializeOwned + Any> BatchResults<T> {
+    /// Decodes a batch's reply.
+    pub fn decode(payload: &[u8]) -> crate::error::Result<BatchResults<T>> {
+        match payload.split_first() {
+            Some((&ALL_OK, values)) => codec::decode(values).map(BatchResults::AllOk),
+            Some((&EACH, results)) => codec::decode(results).map(BatchResults::Each),
+            _ => Err(crate::error::Error::Codec("a batch reply must start with 0 or 1".into())),
+        }
+    }
+
+    /// Items in the batch.
+    pub fn len(&self) -> usize {
+        match self {
+            BatchResults::AllOk(values) => values.len(),
+            BatchResults::Each(results) => results.len(),
+        }
+    }
+}
+
 fn run_batch<F: RemoteFn>(payload: &[u8], out: &mut Vec<u8>) -> Result<(), CallError> {
     let items: Vec<F::Args> = codec::decode(payload).map_err(|e| CallError { message: format!("cannot decode the batch: {e}"), location: None })?;
-    let results: Vec<Result<F::Output, CallError>> = items.into_iter().map(|args| catch(|| F::invoke(args))).collect();
-    codec::encode_into(&results, out).map_err(|e| CallError { message: format!("cannot encode the results: {e}"), location: None })
+    let encode_error = |e| CallError { message: format!("cannot encode the results: {e}"), location: None };
+    let mut values = Vec::with_capacity(items.len());
+    let mut items = items.into_iter();
+    while let Some(args) = items.next() {
+        match catch(|| F::invoke(args)) {
+            Ok(value) => values.push(value),
+            Err(e) => {
+                let mut results: Vec<Result<F::Output, CallError>> = values.into_iter().map(Ok).collect();
+                results.push(Err(e));
+                results.extend(items.map(|args| catch(|| F::invoke(args))));
+                out.push(EACH);
+                return codec::encode_into(&results, out).map_err(encode_error);
+            }
+        }
+    }
+    out.push(ALL_OK);
+    codec::encode_value_into(&values, out).map_err(encode_error)
 }
 
 fn run_fold<F: RemoteFn>(payload: &[u8], op: &RemoteEntry, out: &mut Vec<u8>) -> Result<(), CallError> {

@@ -9,7 +9,7 @@ use crate::codec;
 use crate::error::{Error, RemoteError, Result};
 use crate::protocol::plan::{PmapPlan, Returned};
 use crate::protocol::{Frame, Kind};
-use crate::registry::{self, CallError, RemoteFn};
+use crate::registry::{self, BatchResults, RemoteFn};
 
 use crate::protocol::failure::Failure;
 use super::slot::{self, Waiter};
@@ -123,15 +123,20 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
 
         let Some((tag, reply)) = next_completion(&rx, bell.as_ref().map(|(_, rung)| rung), plan.wake_at(), plan.outstanding() > 0)? else { continue };
         let Some(batch) = plan.came_back(tag, Instant::now()) else { continue };
-        let outcome: Result<Vec<Result<F::Output, CallError>>> = reply.and_then(|frame| match frame.header.kind {
-            Kind::Reply => frame.decode(),
+        let outcome: Result<BatchResults<F::Output>> = reply.and_then(|frame| match frame.header.kind {
+            Kind::Reply => BatchResults::decode(frame.payload()),
             _ => Err(frame.decode::<Failure>()?.into()),
         });
         match outcome {
-            Ok(values) => {
-                if values.len() != batch.items.len() {
-                    return Err(Error::Protocol(format!("worker {} returned {} results for a batch of {}", batch.pid, values.len(), batch.items.len())));
+            Ok(returned) if returned.len() != batch.items.len() => {
+                return Err(Error::Protocol(format!("worker {} returned {} results for a batch of {}", batch.pid, returned.len(), batch.items.len())));
+            }
+            Ok(BatchResults::AllOk(values)) => {
+                for (index, value) in batch.items.iter().copied().zip(values) {
+                    results[index] = Some(value);
                 }
+            }
+            Ok(BatchResults::Each(values)) => {
                 for (index, value) in batch.items.iter().copied().zip(values) {
                     match value {
                         Ok(v) => results[index] = Some(v),
