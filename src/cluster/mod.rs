@@ -8,6 +8,7 @@ pub(crate) mod link;
 pub(crate) mod master;
 pub(crate) mod output;
 mod peers;
+mod placed;
 pub(crate) mod pmap;
 mod pool;
 mod refusals;

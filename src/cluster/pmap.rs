@@ -12,6 +12,7 @@ use crate::protocol::{Frame, Kind};
 use crate::registry::{self, BatchResults, RemoteFn};
 
 use crate::protocol::failure::Failure;
+use super::placed::Placed;
 use super::slot::{self, Waiter};
 use super::{Cluster, run_here};
 
@@ -93,7 +94,7 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
         return items.into_iter().map(|a| run_here::<F>(cluster.my_id(), a)).collect();
     }
     let mut plan = PmapPlan::new(n, pool, options.batch_size.unwrap_or(0), options.retry_delays.clone(), Instant::now());
-    let mut results: Vec<Option<F::Output>> = (0..n).map(|_| None).collect();
+    let mut results = Placed::new(n);
     let (tx, rx) = crossbeam_channel::unbounded::<(u64, Result<Frame>)>();
     // on a serving thread, replies that other threads read ring this while it serves
     let bell = slot::pumping().map(|_| crossbeam_channel::bounded::<()>(1));
@@ -118,7 +119,7 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
             break;
         }
         if plan.stranded() {
-            return Err(Error::Launch(format!("pmap: every worker died with {} items unfinished; add workers and run it again", results.iter().filter(|r| r.is_none()).count())));
+            return Err(Error::Launch(format!("pmap: every worker died with {} items unfinished; add workers and run it again", results.missing())));
         }
 
         let Some((tag, reply)) = next_completion(&rx, bell.as_ref().map(|(_, rung)| rung), plan.wake_at(), plan.outstanding() > 0)? else { continue };
@@ -133,13 +134,13 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
             }
             Ok(BatchResults::AllOk(values)) => {
                 for (index, value) in batch.items.iter().copied().zip(values) {
-                    results[index] = Some(value);
+                    results.put(index, value);
                 }
             }
             Ok(BatchResults::Each(values)) => {
                 for (index, value) in batch.items.iter().copied().zip(values) {
                     match value {
-                        Ok(v) => results[index] = Some(v),
+                        Ok(v) => results.put(index, v),
                         Err(e) => {
                             let error = Error::Remote(RemoteError { pid: batch.pid, function: F::NAME.into(), message: e.message, location: e.location });
                             let alone = Returned { items: vec![index], ..batch.clone() };
@@ -160,18 +161,18 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
             }
         }
     }
-    Ok(results.into_iter().map(|r| r.expect("every item has a result")).collect())
+    Ok(results.into_vec())
 }
 
 /// Schedules a retry, or applies `on_error`, or fails the map.
-fn failed<R>(plan: &mut PmapPlan, batch: Returned, error: Error, options: &PmapOptions<R>, results: &mut [Option<R>]) -> Result<()> {
+fn failed<R>(plan: &mut PmapPlan, batch: Returned, error: Error, options: &PmapOptions<R>, results: &mut Placed<R>) -> Result<()> {
     if plan.retry(batch.items.clone(), batch.attempts, Instant::now()) {
         return Ok(());
     }
     match &options.on_error {
         Some(handler) => {
             for i in batch.items {
-                results[i] = Some(handler(&error));
+                results.put(i, handler(&error));
             }
             Ok(())
         }
