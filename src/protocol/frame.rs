@@ -15,6 +15,8 @@ pub const LEN_PREFIX: usize = 4;
 pub const HEADER_LEN: usize = 1 + 4 + 4 + 8 + 8 + 1;
 /// Bytes of a payload before the words it carries as one block: their count.
 const WORDS_AT: usize = 8;
+/// Where the header keeps [`Header::words`].
+const WORDS_BYTE: usize = 25;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +84,7 @@ impl Header {
         out[5..9].copy_from_slice(&self.dst.to_le_bytes());
         out[9..17].copy_from_slice(&self.req.to_le_bytes());
         out[17..25].copy_from_slice(&self.func.to_le_bytes());
-        out[25] = self.words;
+        out[WORDS_BYTE] = self.words;
     }
 
     /// Parses the header at the start of a frame body.
@@ -93,7 +95,7 @@ impl Header {
         let kind = Kind::from_u8(body[0]).ok_or_else(|| Error::Protocol(format!("unknown frame kind {}", body[0])))?;
         let u32_at = |i: usize| u32::from_le_bytes(body[i..i + 4].try_into().expect("4 bytes"));
         let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
-        Ok(Header { kind, src: u32_at(1), dst: u32_at(5), req: u64_at(9), func: u64_at(17), words: body[25] })
+        Ok(Header { kind, src: u32_at(1), dst: u32_at(5), req: u64_at(9), func: u64_at(17), words: body[WORDS_BYTE] })
     }
 }
 
@@ -200,7 +202,7 @@ impl FrameBuf {
     /// which follow it on the wire from where the value holds them (see [`Header::words`]).
     pub fn finish_held(mut self, words: Option<HeldWords>) -> Result<Outgoing> {
         let Some(words) = words else { return self.finish().map(Outgoing::from) };
-        self.buf[LEN_PREFIX + 25] = words.element_size() as u8;
+        self.buf[LEN_PREFIX + WORDS_BYTE] = words.element_size() as u8;
         let prefix = len_prefix(self.buf.len() - LEN_PREFIX + words.bytes().len())?;
         self.buf[..LEN_PREFIX].copy_from_slice(&prefix);
         Ok(Outgoing { bytes: self.buf, words: Some(words) })
@@ -295,7 +297,7 @@ impl Frame {
     }
 
     /// The payload bytes. For a big value whose words came apart ([`Frame::decode`] takes
-    /// them), only what precedes them: decode replies with [`Frame::decode`].
+    /// them), only what precedes them: decode it with [`Frame::decode`].
     pub fn payload(&self) -> &[u8] {
         &self.bytes[self.body_at + HEADER_LEN..]
     }
