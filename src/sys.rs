@@ -260,26 +260,27 @@ pub(crate) fn first_non_loopback_ipv4() -> Option<std::net::Ipv4Addr> {
     }
 }
 
-/// Sends as much of `buf` as the socket takes now, without waiting and without SIGPIPE;
-/// returns how many bytes went (0 when the send buffer is full).
-pub(crate) fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    let mut sent = 0;
-    while sent < buf.len() {
-        let rest = &buf[sent..];
-        // SAFETY: send(2) reads at most rest.len() bytes from a valid slice.
-        let n = unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+/// Sends as much of `parts`, in order, as the socket takes now with one call, without waiting
+/// and without SIGPIPE; returns how many bytes went (0 when the send buffer is full).
+pub(crate) fn send_vectored_nonblocking(fd: RawFd, parts: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: a zeroed msghdr is valid (no address, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is ABI-compatible with iovec; sendmsg only reads them
+    msg.msg_iov = parts.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = parts.len() as _;
+    loop {
+        // SAFETY: sendmsg(2) reads the `parts` slices, which outlive the call.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
         if n >= 0 {
-            sent += n as usize;
-            continue;
+            return Ok(n as usize);
         }
         let e = io::Error::last_os_error();
         match e.kind() {
             io::ErrorKind::Interrupted => {}
-            io::ErrorKind::WouldBlock => break,
+            io::ErrorKind::WouldBlock => return Ok(0),
             _ => return Err(e),
         }
     }
-    Ok(sent)
 }
 
 /// Receives at most `len` bytes into `ptr` (a socket that would block returns `WouldBlock`

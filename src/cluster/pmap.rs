@@ -2,13 +2,17 @@
 //! when it is done) is [`PmapPlan`]'s; this drives it: sends its batches, places the results
 //! by index, and applies `on_error` to items that failed for good.
 
+use std::any::Any;
 use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
 
 use crate::ids::Pid;
 use crate::codec;
 use crate::error::{Error, RemoteError, Result};
 use crate::protocol::plan::{PmapPlan, Returned};
 use crate::protocol::{Frame, Kind};
+use crate::transport::tcp::corked;
 use crate::registry::{self, BatchResults, RemoteFn};
 
 use crate::protocol::failure::Failure;
@@ -101,20 +105,24 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
     let mut scratch = Vec::new();
 
     loop {
-        while let Some(batch) = plan.next_batch(Instant::now()) {
-            scratch.clear();
-            scratch.extend(batch.items.iter().map(|&i| &items[i]));
-            let waiter = Waiter::Queue { tx: tx.clone(), tag: batch.tag, bell: bell.as_ref().map(|(ring, _)| ring.clone()) };
-            match cluster.send(Kind::Batch, batch.pid, F::ID, 16 * scratch.len(), |buf| codec::encode_into(&scratch, buf).map(|()| None), Some(waiter)) {
-                Ok(_) => {}
-                Err(Error::WorkerDied { .. } | Error::NoSuchWorker(_) | Error::Busy { .. }) => {
-                    plan.drop_worker(batch.pid);
-                    let unsent = plan.take(batch.tag).expect("just planned");
-                    plan.unsent(unsent, Instant::now());
+        // the batches there is room for, several to a write
+        corked(|| -> Result<()> {
+            while let Some(batch) = plan.next_batch(Instant::now()) {
+                scratch.clear();
+                scratch.extend(batch.items.iter().map(|&i| &items[i]));
+                let waiter = Waiter::Queue { tx: tx.clone(), tag: batch.tag, bell: bell.as_ref().map(|(ring, _)| ring.clone()) };
+                match cluster.send(Kind::Batch, batch.pid, F::ID, 16 * scratch.len(), |buf| codec::encode_into(&scratch, buf).map(|()| None), Some(waiter)) {
+                    Ok(_) => {}
+                    Err(Error::WorkerDied { .. } | Error::NoSuchWorker(_) | Error::Busy { .. }) => {
+                        plan.drop_worker(batch.pid);
+                        let unsent = plan.take(batch.tag).expect("just planned");
+                        plan.unsent(unsent, Instant::now());
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
-        }
+            Ok(())
+        })?;
         if plan.finished() {
             break;
         }
@@ -122,46 +130,58 @@ pub(crate) fn run<F: RemoteFn>(cluster: &Cluster, _f: F, items: Vec<F::Args>, op
             return Err(Error::Launch(format!("pmap: every worker died with {} items unfinished; add workers and run it again", results.missing())));
         }
 
-        let Some((tag, reply)) = next_completion(&rx, bell.as_ref().map(|(_, rung)| rung), plan.wake_at(), plan.outstanding() > 0)? else { continue };
-        let Some(batch) = plan.came_back(tag, Instant::now()) else { continue };
-        let outcome: Result<BatchResults<F::Output>> = reply.and_then(|frame| match frame.header.kind {
-            Kind::Reply => BatchResults::decode(frame.payload()),
-            _ => Err(frame.decode::<Failure>()?.into()),
-        });
-        match outcome {
-            Ok(returned) if returned.len() != batch.items.len() => {
-                return Err(Error::Protocol(format!("worker {} returned {} results for a batch of {}", batch.pid, returned.len(), batch.items.len())));
-            }
-            Ok(BatchResults::AllOk(values)) => {
-                for (index, value) in batch.items.iter().copied().zip(values) {
-                    results.put(index, value);
-                }
-            }
-            Ok(BatchResults::Each(values)) => {
-                for (index, value) in batch.items.iter().copied().zip(values) {
-                    match value {
-                        Ok(v) => results.put(index, v),
-                        Err(e) => {
-                            let error = Error::Remote(RemoteError { pid: batch.pid, function: F::NAME.into(), message: e.message, location: e.location });
-                            let alone = Returned { items: vec![index], ..batch.clone() };
-                            failed(&mut plan, alone, error, &options, &mut results)?;
-                        }
-                    }
-                }
-            }
-            Err(error) => {
-                if matches!(error, Error::WorkerDied { .. }) {
-                    tracing::warn!("pmap: worker {} died with a batch of {} items: {error}; they go to the others", batch.pid, batch.items.len());
-                    plan.drop_worker(batch.pid);
-                    if plan.lost(batch.clone(), Instant::now()) {
-                        continue;
-                    }
-                }
-                failed(&mut plan, batch, error, &options, &mut results)?;
+        let Some(first) = next_completion(&rx, bell.as_ref().map(|(_, rung)| rung), plan.wake_at(), plan.outstanding() > 0)? else { continue };
+        // every reply that is here already, before the batches they make room for
+        for (tag, reply) in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            if let Some(batch) = plan.came_back(tag, Instant::now()) {
+                settle(&mut plan, batch, reply, F::NAME, &options, &mut results)?;
             }
         }
     }
     Ok(results.into_vec())
+}
+
+/// Takes the reply to `batch` (or the error instead of it): places its values; failed items
+/// and lost batches go to the plan, `on_error` or the caller.
+fn settle<T: DeserializeOwned + Any>(plan: &mut PmapPlan, batch: Returned, reply: Result<Frame>, function: &str, options: &PmapOptions<T>, results: &mut Placed<T>) -> Result<()> {
+    let outcome: Result<BatchResults<T>> = reply.and_then(|frame| match frame.header.kind {
+        Kind::Reply => BatchResults::decode(frame.payload()),
+        _ => Err(frame.decode::<Failure>()?.into()),
+    });
+    match outcome {
+        Ok(returned) if returned.len() != batch.items.len() => {
+            Err(Error::Protocol(format!("worker {} returned {} results for a batch of {}", batch.pid, returned.len(), batch.items.len())))
+        }
+        Ok(BatchResults::AllOk(values)) => {
+            for (index, value) in batch.items.iter().copied().zip(values) {
+                results.put(index, value);
+            }
+            Ok(())
+        }
+        Ok(BatchResults::Each(values)) => {
+            for (index, value) in batch.items.iter().copied().zip(values) {
+                match value {
+                    Ok(v) => results.put(index, v),
+                    Err(e) => {
+                        let error = Error::Remote(RemoteError { pid: batch.pid, function: function.into(), message: e.message, location: e.location });
+                        let alone = Returned { items: vec![index], ..batch.clone() };
+                        failed(plan, alone, error, options, results)?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        Err(error) => {
+            if matches!(error, Error::WorkerDied { .. }) {
+                tracing::warn!("pmap: worker {} died with a batch of {} items: {error}; they go to the others", batch.pid, batch.items.len());
+                plan.drop_worker(batch.pid);
+                if plan.lost(batch.clone(), Instant::now()) {
+                    return Ok(());
+                }
+            }
+            failed(plan, batch, error, options, results)
+        }
+    }
 }
 
 /// Schedules a retry, or applies `on_error`, or fails the map.

@@ -107,6 +107,7 @@ impl Slot {
     /// serving while it waits (it may be the only reader of the reply's connection); a pool
     /// thread on the master runs queued calls.
     pub(crate) fn wait(&self, deadline: Option<Instant>) -> Option<Result<Frame>> {
+        crate::transport::tcp::flush_corked(); // what this thread sent corked goes now
         let pump = pumping();
         let helping = pool::helping_queue();
         // a thread that works while it waits is told on a channel it selects on; others park

@@ -9,6 +9,7 @@
 //! *blocking*, read by a thread of its own (a worker's, whose serving thread reads its
 //! master's socket directly, which makes a call cheapest).
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -29,6 +30,12 @@ use super::{FrameOut, io as runtime};
 /// Bytes that may wait for a peer that does not read, beyond the frame being written: past
 /// this, sends fail at once (`WouldBlock`) instead of growing memory without bound.
 pub(crate) const SEND_QUEUE_LIMIT: usize = 64 << 20;
+
+/// Bytes a corked queue may hold before a send writes them out anyway.
+const CORK_BYTES: usize = 64 << 10;
+
+/// Slices one write takes at most (a frame is one or two: its bytes, a big value's words).
+const WRITE_PARTS: usize = 64;
 
 /// The sending half of a TCP connection.
 pub(crate) struct TcpOut(Arc<Outbox>);
@@ -71,24 +78,42 @@ struct Queue {
 }
 
 impl Queue {
-    /// Writes queued bytes until done or the socket is full. `Ok(true)`: nothing left.
+    /// Writes queued bytes until done or the socket is full, several frames per call (a
+    /// big value's words from where it holds them). `Ok(true)`: nothing left.
     fn write_out(&mut self, fd: i32) -> io::Result<bool> {
-        while let Some(front) = self.frames.front() {
-            // a big value's words are written from where it holds them
-            let part = front.rest(self.written);
-            let n = sys::send_nonblocking(fd, part)?;
-            self.written += n;
-            self.bytes -= n;
-            if self.written < front.len() {
-                if n < part.len() {
-                    return Ok(false);
+        while !self.frames.is_empty() {
+            let mut parts = Vec::with_capacity(WRITE_PARTS);
+            let mut at = self.written;
+            'gather: for frame in &self.frames {
+                while at < frame.len() {
+                    if parts.len() == WRITE_PARTS {
+                        break 'gather;
+                    }
+                    let part = frame.rest(at);
+                    at += part.len();
+                    parts.push(io::IoSlice::new(part));
                 }
-                continue; // on to the words
+                at = 0;
             }
-            if let Some(sent) = self.frames.pop_front() {
-                buffers::give(sent.bytes);
+            let offered: usize = parts.iter().map(|p| p.len()).sum();
+            let sent = sys::send_vectored_nonblocking(fd, &parts)?;
+            self.bytes -= sent;
+            let mut n = sent;
+            while let Some(front) = self.frames.front().filter(|_| n > 0) {
+                let left = front.len() - self.written;
+                if n < left {
+                    self.written += n;
+                    break;
+                }
+                n -= left;
+                self.written = 0;
+                if let Some(done) = self.frames.pop_front() {
+                    buffers::give(done.bytes);
+                }
             }
-            self.written = 0;
+            if sent < offered {
+                return Ok(false); // the socket is full
+            }
         }
         Ok(true)
     }
@@ -107,6 +132,66 @@ impl TcpOut {
 
     fn over(socket: Socket) -> Box<dyn FrameOut> {
         Box::new(TcpOut(Arc::new(Outbox { socket, state: Mutex::default(), room: Condvar::new() })))
+    }
+}
+
+thread_local! {
+    /// While this thread runs [`corked`]: the connections whose queues hold frames it sent.
+    static CORKED: RefCell<Option<Vec<Arc<Outbox>>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f`; the frames it sends over TCP wait in their queues until it returns (or waits for
+/// something, see [`flush_corked`]), then go several to a write: one system call, and one
+/// wake-up of the peer, for a burst of small frames.
+pub(crate) fn corked<R>(f: impl FnOnce() -> R) -> R {
+    if CORKED.with(|c| c.borrow().is_some()) {
+        return f(); // already corked further up
+    }
+    CORKED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    let result = f();
+    flush_corked();
+    CORKED.with(|c| c.borrow_mut().take());
+    result
+}
+
+/// Writes what this thread's cork holds now: a thread about to wait for a reply must have
+/// sent what it asked.
+pub(crate) fn flush_corked() {
+    let corked = CORKED.with(|c| c.borrow_mut().as_mut().map(std::mem::take)).unwrap_or_default();
+    for out in corked {
+        let mut q = out.state.lock().expect("send queue lock");
+        if !q.draining && q.failed.is_none() {
+            let _ = write_now(&out, &mut q); // a failure ends the connection, which its reader reports
+        }
+    }
+}
+
+/// Whether this thread is corked; if so, `out` is written when it uncorks.
+fn cork(out: &Arc<Outbox>) -> bool {
+    CORKED.with(|c| match c.borrow_mut().as_mut() {
+        Some(corked) => {
+            if !corked.iter().any(|o| Arc::ptr_eq(o, out)) {
+                corked.push(out.clone());
+            }
+            true
+        }
+        None => false,
+    })
+}
+
+/// Writes the queue now; what the socket does not take, the I/O thread writes as it drains.
+fn write_now(out: &Arc<Outbox>, q: &mut Queue) -> io::Result<()> {
+    match q.write_out(out.socket.fd()) {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            q.draining = true;
+            runtime::spawn(drain(out.clone()));
+            Ok(())
+        }
+        Err(e) => {
+            fail(out, q, &e);
+            Err(e)
+        }
     }
 }
 
@@ -132,21 +217,10 @@ impl FrameOut for TcpOut {
         }
         q.bytes += frame.len();
         q.frames.push_back(frame);
-        if q.draining {
-            return Ok(()); // the I/O thread sends it in turn
+        if q.draining || (q.bytes <= CORK_BYTES && cork(&self.0)) {
+            return Ok(()); // the I/O thread, or the end of `corked`, sends it in turn
         }
-        match q.write_out(out.socket.fd()) {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                q.draining = true;
-                runtime::spawn(drain(self.0.clone()));
-                Ok(())
-            }
-            Err(e) => {
-                fail(out, &mut q, &e);
-                Err(e)
-            }
-        }
+        write_now(&self.0, &mut q)
     }
 
     fn close(&self) {
@@ -462,6 +536,28 @@ mod tests {
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (b, _) = l.accept().unwrap();
         (a, b)
+    }
+
+    #[test]
+    fn corked_frames_wait_for_the_end_or_a_flush_and_arrive_in_order() {
+        let (a, mut b) = pair();
+        b.set_nonblocking(true).unwrap();
+        let out = TcpOut::boxed(a);
+        let nothing_yet = |b: &mut TcpStream| matches!(b.read(&mut [0; 8]), Err(e) if e.kind() == ErrorKind::WouldBlock);
+        corked(|| {
+            for i in 0..3u8 {
+                out.send(vec![i; 100].into(), None).unwrap();
+            }
+            assert!(nothing_yet(&mut b), "corked: nothing written yet");
+            flush_corked(); // as a thread about to wait does
+            out.send(vec![3; 100].into(), None).unwrap();
+        });
+        out.send(vec![4; 70_000].into(), None).unwrap(); // uncorked: at once
+        b.set_nonblocking(false).unwrap();
+        let mut got = vec![0u8; 400 + 70_000];
+        b.read_exact(&mut got).unwrap();
+        let expected: Vec<u8> = (0..4u8).flat_map(|i| [i; 100]).chain(std::iter::repeat_n(4, 70_000)).collect();
+        assert!(got == expected, "every frame, in order");
     }
 
     #[test]
