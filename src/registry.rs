@@ -60,7 +60,7 @@ pub struct RemoteEntry {
     pub signature: &'static str,
     /// Decodes one argument tuple (its payload, and the words of a big argument that came
     /// apart), runs, appends the encoded result to the output buffer; a big vector of plain
-    /// numbers leaves its words where they are (see [`encode_result`]).
+    /// numbers leaves its words where they are (see `encode_result`).
     pub call: CallFn,
     /// Decodes a `Vec` of argument tuples, runs each, appends a `Vec<Result<Output, CallError>>`.
     pub batch: fn(&[u8], &mut Vec<u8>) -> Result<(), CallError>,
