@@ -218,17 +218,22 @@ impl Bulk {
         self.filled
     }
 
-    /// Room for at least `bytes` more bytes; returns where they go and how many fit. The room
-    /// is address space taken at once, not grown by copies (which would touch every byte
-    /// again): its pages become memory only as bytes land in them. A block of 4 MiB or more
-    /// asks for huge pages (see [`sys::prefer_huge_pages`]).
+    /// Room for `bytes` more bytes; returns where they go and how many fit. The room is
+    /// address space taken at once, not grown by copies (which would touch every byte again):
+    /// its pages become memory only as bytes land in them. Where the system refuses that
+    /// much address space (strict overcommit), the room is only as much again as is here, at
+    /// least 1 MiB: then fewer than `bytes` may fit. A block of 4 MiB or more asks for huge
+    /// pages (see [`sys::prefer_huge_pages`]).
     pub fn room(&mut self, bytes: usize) -> (*mut u8, usize) {
         let filled = self.filled;
         with_words!(&mut self.words, v => {
             let size = word_size(v);
             let need = (filled + bytes).div_ceil(size);
             if need > v.capacity() {
-                v.reserve_exact(need); // len is 0: reserves `need` words in all
+                // len is 0: a reservation counts words in all
+                if v.try_reserve_exact(need).is_err() {
+                    v.reserve_exact(need.min((2 * filled).max(filled + (1 << 20)).div_ceil(size)));
+                }
                 if v.capacity() * size >= HUGE_PAGES_FROM {
                     sys::prefer_huge_pages(v.as_mut_ptr().cast(), v.capacity() * size);
                 }

@@ -339,6 +339,22 @@ impl Drop for Frame {
     }
 }
 
+/// Appends `bytes` to `words`, which still miss `missing` bytes in all (room is asked for all
+/// of them at once: see `Bulk::room`).
+fn append_words(words: &mut Bulk, mut bytes: &[u8], mut missing: usize) {
+    while !bytes.is_empty() {
+        let (at, room) = words.room(missing);
+        let n = room.min(bytes.len());
+        // SAFETY: the room holds `n` bytes, copied here.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), at, n);
+            words.advance(n);
+        }
+        bytes = &bytes[n..];
+        missing -= n;
+    }
+}
+
 /// Cuts a byte stream into frames without doing I/O: the caller appends what it read with
 /// [`extend`](FrameReader::extend), or reads straight into [`room`](FrameReader::room), and
 /// takes the complete frames from [`next_frame`](FrameReader::next_frame). Memory grows
@@ -436,12 +452,7 @@ impl FrameReader {
         match &mut self.words {
             Some(words) => {
                 let (now, later) = bytes.split_at(bytes.len().min(missing));
-                let (at, _) = words.room(now.len());
-                // SAFETY: the room holds at least `now.len()` bytes, which are written here.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(now.as_ptr(), at, now.len());
-                    words.advance(now.len());
-                }
+                append_words(words, now, missing);
                 self.after.extend_from_slice(later);
             }
             None => {
@@ -460,15 +471,9 @@ impl FrameReader {
         let Ok(len) = check_len(self.buf[..LEN_PREFIX].try_into().expect("4 bytes"), self.max) else { return };
         let Some(mut words) = words_apart(&self.buf[LEN_PREFIX..HEAD], len).and_then(Bulk::new) else { return };
         let data = LEN_PREFIX + len - HEAD;
-        let here = self.buf.len() - HEAD; // less than a read's room: all of them this frame's
-        let (at, room) = words.room(data); // all of them: see `Bulk::room`
-        let now = here.min(data).min(room);
-        // SAFETY: the room holds `now` bytes, copied here from the buffer.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.buf[HEAD..].as_ptr(), at, now);
-            words.advance(now);
-        }
-        self.after.extend_from_slice(&self.buf[HEAD + now..]);
+        let present = (self.buf.len() - HEAD).min(data); // the rest is the next frames'
+        append_words(&mut words, &self.buf[HEAD..HEAD + present], data);
+        self.after.extend_from_slice(&self.buf[HEAD + present..]);
         self.buf.truncate(HEAD);
         self.words = Some(words);
     }
