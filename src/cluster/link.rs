@@ -52,7 +52,7 @@ impl Link {
 
     /// Sends one finished frame (prefix included) without waiting: a peer whose connection
     /// has too much unread data makes this fail with [`Error::Busy`].
-    pub(crate) fn send(&self, frame: Vec<u8>) -> Result<()> {
+    pub(crate) fn send(&self, frame: impl Into<Outgoing>) -> Result<()> {
         self.out.send(frame.into(), None).map_err(|e| self.send_error(e))
     }
 
@@ -76,7 +76,7 @@ impl Link {
             let mut core = self.core();
             (core.begin_call(self.id, waiter)?, core.terms().max_frame)
         };
-        let sent = call_frame(Header { req, ..header }, payload_hint, encode, max_frame).and_then(|frame| self.out.send(frame, None).map_err(|e| self.send_error(e)));
+        let sent = call_frame(Header { req, ..header }, payload_hint, encode, max_frame).and_then(|frame| self.send(frame));
         if let Err(e) = sent {
             self.forget(req);
             return Err(e);

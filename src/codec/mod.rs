@@ -69,9 +69,9 @@ pub fn encode_value_into<T: Serialize + Any>(value: &T, out: &mut Vec<u8>) -> Re
     }
 }
 
-/// Words of a vector of plain numbers from which a result travels apart from its frame: sent
-/// from where the value holds them, received into the vector the caller gets (smaller ones
-/// are copied into and out of the frame).
+/// Bytes of plain-number words from which a vector (a result, or a single argument) travels
+/// apart from its frame: sent from where the value holds them, received into the vector the
+/// other side gets (smaller ones are copied into and out of the frame).
 pub const BULK_FROM: usize = 1 << 20;
 
 /// [`encode_value_into`] for a value given away, except that the words of a vector of plain
@@ -90,12 +90,6 @@ pub fn encode_held_into<T: Serialize + Any>(value: T, out: &mut Vec<u8>, apart_f
     }
 }
 
-/// `T` made of a block of words received apart and the `count` its encoding announced,
-/// without a copy, if `T` is a vector of plain numbers; the block back for any other type.
-pub fn from_bulk<T: Any>(count: u64, bulk: Bulk) -> std::result::Result<Result<T>, Bulk> {
-    plain::from_bulk::<T>(count, bulk).map(|decoded| decoded.map_err(|e| Error::Codec(e.0)))
-}
-
 /// Decodes a whole `T` from `bytes` and, for a big vector of plain numbers whose words came
 /// apart from its frame, those `words` (then `bytes` is their count): they become the vector
 /// without a copy when `T` is one of their type.
@@ -105,8 +99,8 @@ pub fn decode_with<T: DeserializeOwned + Any>(bytes: &[u8], words: Option<Bulk>)
         Ok(count) => u64::from_le_bytes(count),
         Err(_) => return Err(Error::Codec(format!("{} bytes where a count of the words that follow was expected", bytes.len()))),
     };
-    match from_bulk::<T>(count, words) {
-        Ok(decoded) => decoded,
+    match plain::from_bulk::<T>(count, words) {
+        Ok(decoded) => decoded.map_err(|e| Error::Codec(e.0)),
         Err(words) => decode(&[bytes, words.bytes()].concat()), // not a vector of them: as one
     }
 }

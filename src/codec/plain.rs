@@ -69,26 +69,36 @@ pub(super) fn numbers<T: Any>(value: &T) -> Option<(usize, &[u8])> {
     None
 }
 
+/// Whether `T` is a vector of `E` in one of the shapes [`numbers`] knows.
+fn is_vector_of<E: Plain, T: Any>() -> bool {
+    let id = TypeId::of::<T>();
+    [TypeId::of::<Vec<E>>(), TypeId::of::<Box<[E]>>(), TypeId::of::<Cow<'static, [E]>>(), TypeId::of::<(Vec<E>,)>()].contains(&id)
+}
+
+/// `v` in the shape of `T`, a vector of `E` (see [`is_vector_of`]).
+fn shaped<E: Plain, T: Any>(v: Vec<E>) -> T {
+    let id = TypeId::of::<T>();
+    if id == TypeId::of::<Vec<E>>() {
+        cast(v)
+    } else if id == TypeId::of::<Box<[E]>>() {
+        cast(v.into_boxed_slice())
+    } else if id == TypeId::of::<Cow<'static, [E]>>() {
+        cast(Cow::<'static, [E]>::Owned(v))
+    } else {
+        cast((v,))
+    }
+}
+
 /// Decodes `bytes` as a `T` in one copy, if `T` is a vector of plain numbers (as
 /// [`numbers`] knows them); `None` for every other type.
 pub(super) fn decode<T: Any>(bytes: &[u8]) -> Option<Result<T, CodecError>> {
     if cfg!(target_endian = "big") {
         return None;
     }
-    let is = |id: TypeId| TypeId::of::<T>() == id;
     macro_rules! find {
         ($e:ty) => {
-            if is(TypeId::of::<Vec<$e>>()) {
-                return Some(read::<$e>(bytes).map(cast));
-            }
-            if is(TypeId::of::<Box<[$e]>>()) {
-                return Some(read::<$e>(bytes).map(|v| cast(v.into_boxed_slice())));
-            }
-            if is(TypeId::of::<Cow<'static, [$e]>>()) {
-                return Some(read::<$e>(bytes).map(|v| cast(Cow::<'static, [$e]>::Owned(v))));
-            }
-            if is(TypeId::of::<(Vec<$e>,)>()) {
-                return Some(read::<$e>(bytes).map(|v| cast((v,))));
+            if is_vector_of::<$e, T>() {
+                return Some(read::<$e>(bytes).map(shaped));
             }
         };
     }
@@ -102,25 +112,14 @@ pub(super) fn from_bulk<T: Any>(count: u64, bulk: Bulk) -> Result<Result<T, Code
     if cfg!(target_endian = "big") {
         return Err(bulk);
     }
-    let is = |id: TypeId| TypeId::of::<T>() == id;
     macro_rules! find {
         ($e:ty) => {
-            if is(TypeId::of::<Vec<$e>>()) || is(TypeId::of::<Box<[$e]>>()) || is(TypeId::of::<Cow<'static, [$e]>>()) || is(TypeId::of::<(Vec<$e>,)>()) {
-                let v = match bulk.into_vec::<$e>() {
-                    Ok(v) if v.len() as u64 == count => v,
-                    Ok(v) => return Ok(Err(CodecError::new(format!("{count} elements announced, {} received", v.len())))),
-                    Err(bulk) => return Ok(Err(CodecError::new(format!("{} bytes of elements of {} bytes cannot be {} elements of {} bytes", bulk.len(), bulk.element_size(), count, std::mem::size_of::<$e>())))),
-                };
-                if is(TypeId::of::<Vec<$e>>()) {
-                    return Ok(Ok(cast(v)));
-                }
-                if is(TypeId::of::<Box<[$e]>>()) {
-                    return Ok(Ok(cast(v.into_boxed_slice())));
-                }
-                if is(TypeId::of::<Cow<'static, [$e]>>()) {
-                    return Ok(Ok(cast(Cow::<'static, [$e]>::Owned(v))));
-                }
-                return Ok(Ok(cast((v,))));
+            if is_vector_of::<$e, T>() {
+                return Ok(match bulk.into_vec::<$e>() {
+                    Ok(v) if v.len() as u64 == count => Ok(shaped(v)),
+                    Ok(v) => Err(CodecError::new(format!("{count} elements announced, {} received", v.len()))),
+                    Err(bulk) => Err(CodecError::new(format!("{} bytes of elements of {} bytes cannot be {} elements of {} bytes", bulk.len(), bulk.element_size(), count, std::mem::size_of::<$e>()))),
+                });
             }
         };
     }

@@ -253,12 +253,11 @@ impl Shared {
         // MPI keeps message bounds: no length prefix. A big value's words go from where they
         // are held as a message of their own, posted at once after its frame (under the
         // lock: no other frame to that rank comes between them).
-        let mut parts = vec![(&frame.bytes[LEN_PREFIX..], TAG)];
-        parts.extend(frame.words.as_ref().map(|words| (words.bytes(), WORDS_TAG)));
+        let words = frame.words.as_ref().map(|words| (words.bytes(), WORDS_TAG));
         // SAFETY: each request is written by MPI_Isend; the buffer is owned by the InFlight,
         // which lives until MPI_Test reports every send complete.
-        let requests = parts
-            .into_iter()
+        let requests = std::iter::once((&frame.bytes[LEN_PREFIX..], TAG))
+            .chain(words)
             .map(|(part, tag)| unsafe {
                 let mut request: ffi::MPI_Request = std::mem::zeroed();
                 ffi::MPI_Isend(part.as_ptr().cast(), part.len() as i32, ffi::RSMPI_UINT8_T, rank, tag, self.comm.as_raw(), &mut request);

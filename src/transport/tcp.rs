@@ -82,21 +82,23 @@ impl Queue {
     /// big value's words from where it holds them). `Ok(true)`: nothing left.
     fn write_out(&mut self, fd: i32) -> io::Result<bool> {
         while !self.frames.is_empty() {
-            let mut parts = Vec::with_capacity(WRITE_PARTS);
-            let mut at = self.written;
+            let mut parts = [io::IoSlice::new(&[]); WRITE_PARTS]; // on the stack: no allocation per send
+            let (mut count, mut at) = (0, self.written);
             'gather: for frame in &self.frames {
                 while at < frame.len() {
-                    if parts.len() == WRITE_PARTS {
+                    if count == WRITE_PARTS {
                         break 'gather;
                     }
                     let part = frame.rest(at);
                     at += part.len();
-                    parts.push(io::IoSlice::new(part));
+                    parts[count] = io::IoSlice::new(part);
+                    count += 1;
                 }
                 at = 0;
             }
+            let parts = &parts[..count];
             let offered: usize = parts.iter().map(|p| p.len()).sum();
-            let sent = sys::send_vectored_nonblocking(fd, &parts)?;
+            let sent = sys::send_vectored_nonblocking(fd, parts)?;
             self.bytes -= sent;
             let mut n = sent;
             while let Some(front) = self.frames.front().filter(|_| n > 0) {
@@ -415,8 +417,9 @@ thread_local! {
 }
 
 /// One read: the rest of a big frame straight into its buffer (a big value's words into
-/// their own), anything else through the scratch buffer. A read that did not fill its room emptied the socket: the readiness is
-/// cleared then, sparing the read that would only say "would block".
+/// their own), anything else through the scratch buffer. A read that did not fill its room
+/// emptied the socket: the readiness is cleared then, sparing the read that would only say
+/// "would block".
 fn read_some(stream: &tokio::net::TcpStream, reader: &mut FrameReader) -> io::Result<usize> {
     let (n, room) = if reader.reads_direct(SCRATCH) {
         let (at, room) = reader.room();
