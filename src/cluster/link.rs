@@ -4,7 +4,7 @@
 //! [`FrameOut`]). (The master keeps its calls in its own core.)
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::ids::Pid;
@@ -56,10 +56,10 @@ impl Link {
         self.out.send(frame.into(), None).map_err(|e| self.send_error(e))
     }
 
-    /// Sends one frame, waiting (until `deadline`) for room if the connection is backed up:
+    /// Sends one frame, waiting up to `patience` for room if the connection is backed up:
     /// for a worker's replies and output, which must not be dropped.
-    pub(crate) fn send_patiently(&self, frame: impl Into<Outgoing>, deadline: Instant) -> Result<()> {
-        self.out.send(frame.into(), Some(deadline)).map_err(|e| self.send_error(e))
+    pub(crate) fn send_patiently(&self, frame: impl Into<Outgoing>, patience: Duration) -> Result<()> {
+        self.out.send(frame.into(), Some(patience)).map_err(|e| self.send_error(e))
     }
 
     fn send_error(&self, e: std::io::Error) -> Error {

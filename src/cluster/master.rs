@@ -466,7 +466,7 @@ fn run_here(inner: &Arc<Inner>, entry: Arc<WorkerEntry>, mut frame: Frame) {
     inner.master().pool.submit(Job {
         run: Box::new(move || {
             if let Some(reply) = super::with_current(&cluster, || exec::execute(1, &mut frame)) {
-                let _ = entry.out.send(reply, Some(Instant::now() + patience));
+                let _ = entry.out.send(reply, Some(patience));
             }
         }),
         refuse: Box::new(move |reason| {

@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::ids::Pid;
 use crate::protocol::{FrameBuf, Header, Kind};
@@ -112,7 +112,7 @@ fn send_lines(link: &Link, me: Pid, text: &[u8], patience: Duration) {
     let mut frame = FrameBuf::with_capacity(Header { kind: Kind::Output, src: me, dst: 1, req: 0, func: 0, words: 0 }, text.len());
     frame.payload().extend_from_slice(text);
     if let Ok(bytes) = frame.finish() {
-        let _ = link.send_patiently(bytes, Instant::now() + patience);
+        let _ = link.send_patiently(bytes, patience);
     }
 }
 

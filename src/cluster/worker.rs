@@ -295,7 +295,7 @@ pub(crate) fn serve(link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) ->
     SERVING.with(|s| *s.borrow_mut() = None);
     output::finish_forwarding();
     if outcome.is_ok() {
-        let _ = link.send_patiently(bare(Kind::Shutdown, pid, 1), Instant::now() + terms.liveness.timeout);
+        let _ = link.send_patiently(bare(Kind::Shutdown, pid, 1), terms.liveness.timeout);
     }
     outcome
 }
@@ -483,7 +483,7 @@ fn pump_once(deadline: Option<Instant>, woken: &Receiver<()>) -> Result<()> {
                     (core.answer(frame.header, reply, || exec::function_name(frame.header.func))?, core.terms().liveness.timeout)
                 };
                 output::flush();
-                from.send_patiently(reply, Instant::now() + patience)?;
+                from.send_patiently(reply, patience)?;
             }
             Ok(())
         }

@@ -287,7 +287,7 @@ struct MpiOut {
 }
 
 impl FrameOut for MpiOut {
-    fn send(&self, frame: Outgoing, _wait_until: Option<Instant>) -> std::io::Result<()> {
+    fn send(&self, frame: Outgoing, _patience: Option<Duration>) -> std::io::Result<()> {
         if self.closed.load(Ordering::Relaxed) {
             return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the MPI link is closed"));
         }

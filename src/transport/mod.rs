@@ -9,16 +9,16 @@ pub(crate) mod listener;
 pub(crate) mod polled;
 pub(crate) mod tcp;
 
-use std::time::Instant;
+use std::time::Duration;
 
 use crate::protocol::Outgoing;
 
 /// Where a link's outgoing frames go: a socket, or the MPI progress thread.
 pub(crate) trait FrameOut: Send + Sync {
     /// Sends one whole frame (length prefix included; MPI drops it, messages have bounds).
-    /// Never blocks on the peer: with `wait_until` it may wait for queue space until then;
-    /// without, a full queue is an error of kind `WouldBlock`.
-    fn send(&self, frame: Outgoing, wait_until: Option<Instant>) -> std::io::Result<()>;
+    /// Never blocks on the peer: with `patience` it may wait that long for queue space (the
+    /// clock is read only then); without, a full queue is an error of kind `WouldBlock`.
+    fn send(&self, frame: Outgoing, patience: Option<Duration>) -> std::io::Result<()>;
     /// Stops the connection so that the reading side sees its end.
     fn close(&self);
     /// What the kernel knows about the connection's liveness (TCP only).

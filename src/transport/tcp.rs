@@ -202,9 +202,10 @@ fn closed_error(failed: &(ErrorKind, String)) -> io::Error {
 }
 
 impl FrameOut for TcpOut {
-    fn send(&self, frame: Outgoing, wait_until: Option<Instant>) -> io::Result<()> {
+    fn send(&self, frame: Outgoing, patience: Option<Duration>) -> io::Result<()> {
         let out = &self.0;
         let mut q = out.state.lock().expect("send queue lock");
+        let mut wait_until = None;
         loop {
             if let Some(failed) = &q.failed {
                 return Err(closed_error(failed));
@@ -212,7 +213,8 @@ impl FrameOut for TcpOut {
             if q.frames.is_empty() || q.bytes + frame.len() <= SEND_QUEUE_LIMIT {
                 break;
             }
-            let Some(deadline) = wait_until.filter(|d| *d > Instant::now()) else {
+            let deadline = *wait_until.get_or_insert_with(|| patience.map(|p| Instant::now() + p));
+            let Some(deadline) = deadline.filter(|d| *d > Instant::now()) else {
                 return Err(io::Error::new(ErrorKind::WouldBlock, format!("{} MiB already wait for a peer that is not reading", q.bytes >> 20)));
             };
             q = out.room.wait_timeout(q, deadline - Instant::now()).expect("send queue lock").0;
@@ -581,7 +583,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(queued >= SEND_QUEUE_LIMIT >> 20, "{queued} MiB queued");
         let waited = Instant::now();
-        let err = out.send(vec![1; 1 << 20].into(), Some(Instant::now() + Duration::from_millis(200))).unwrap_err();
+        let err = out.send(vec![1; 1 << 20].into(), Some(Duration::from_millis(200))).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::WouldBlock);
         assert!(waited.elapsed() >= Duration::from_millis(190), "waits for room until the deadline");
         out.close();
@@ -608,7 +610,7 @@ mod tests {
             assert!(got == expected, "bytes arrive in order");
         });
         for f in frames {
-            out.send(f, Some(Instant::now() + Duration::from_secs(10))).unwrap();
+            out.send(f, Some(Duration::from_secs(10))).unwrap();
         }
         reader.join().unwrap();
     }
