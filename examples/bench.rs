@@ -71,8 +71,38 @@ fn blob_u8(bytes: usize) -> Cow<'static, [u8]> {
 /// The same number of bytes as `f64`s.
 #[remote]
 fn blob_f64(bytes: usize) -> Cow<'static, [f64]> {
+    Cow::Borrowed(f64_data(bytes))
+}
+
+/// `bytes` of `f64`s, built once per worker.
+fn f64_data(bytes: usize) -> &'static [f64] {
     static DATA: OnceLock<Vec<f64>> = OnceLock::new();
-    Cow::Borrowed(DATA.get_or_init(|| vec![std::f64::consts::PI; bytes / 8]))
+    &DATA.get_or_init(|| vec![std::f64::consts::PI; FETCH_BYTES / 8])[..bytes / 8]
+}
+
+/// A struct holding a vector, which serde hands over one element at a time.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Series {
+    label: u32,
+    values: Cow<'static, [f64]>,
+}
+
+/// The same struct with its vector marked `clusterman::bulk`: one block.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BulkSeries {
+    label: u32,
+    #[serde(with = "clusterman::bulk")]
+    values: Cow<'static, [f64]>,
+}
+
+#[remote]
+fn series(bytes: usize) -> Series {
+    Series { label: 1, values: Cow::Borrowed(f64_data(bytes)) }
+}
+
+#[remote]
+fn bulk_series(bytes: usize) -> BulkSeries {
+    BulkSeries { label: 1, values: Cow::Borrowed(f64_data(bytes)) }
 }
 
 // ---- main -------------------------------------------------------------------------------
@@ -216,16 +246,25 @@ fn latency_and_bandwidth(pins: Option<(usize, usize)>) -> clusterman::Result<()>
     // into a fresh one (as a result must be: its own new allocation)
     let mb_per_s = |d: Duration| FETCH_BYTES as f64 / d.as_secs_f64() / 1e6;
     let Pair { cluster, pid, raw } = &mut pair;
-    // rounds alternate between the four, so the machine's drift hits them alike
-    let mut times: [Vec<Duration>; 4] = Default::default();
+    // rounds alternate between them all, so the machine's drift hits them alike
+    let timed = |f: &dyn Fn() -> clusterman::Result<usize>| -> clusterman::Result<Duration> {
+        let t = Instant::now();
+        let len = f()?;
+        let elapsed = t.elapsed();
+        assert_eq!(len, FETCH_BYTES / 8);
+        Ok(elapsed)
+    };
+    let mut times: [Vec<Duration>; 6] = Default::default();
     for round in 0..=FETCH_REPS {
         let (u8_time, f64_time) = (timed_fetch(cluster, *pid, FETCH_BYTES, false)?, timed_fetch(cluster, *pid, FETCH_BYTES, true)?);
-        let round_times = [raw.stream_fresh(FETCH_BYTES), raw.stream(FETCH_BYTES), u8_time, f64_time];
+        let struct_time = timed(&|| Ok(cluster.remote_call_fetch(*pid, series, (FETCH_BYTES,))?.values.len()))?;
+        let bulk_time = timed(&|| Ok(cluster.remote_call_fetch(*pid, bulk_series, (FETCH_BYTES,))?.values.len()))?;
+        let round_times = [raw.stream_fresh(FETCH_BYTES), raw.stream(FETCH_BYTES), u8_time, f64_time, struct_time, bulk_time];
         if round > 0 {
             times.iter_mut().zip(round_times).for_each(|(all, t)| all.push(t));
         }
     }
-    let [fresh, reused, u8_time, f64_time] = times.map(|t| Summary::of(t).median);
+    let [fresh, reused, u8_time, f64_time, struct_time, bulk_time] = times.map(|t| Summary::of(t).median);
     println!(
         "# fetch_64mib_*: median of {FETCH_REPS} alternating rounds after one; the remote fn returns a borrowed slice (no copy in it), the master gets an owned Vec. Raw: 64 MiB streamed by the echo child, into a fresh buffer (the baseline) {:.0} MB/s, into a reused one {:.0} MB/s",
         mb_per_s(fresh),
@@ -233,6 +272,9 @@ fn latency_and_bandwidth(pins: Option<(usize, usize)>) -> clusterman::Result<()>
     );
     bench("fetch_64mib_u8", mb_per_s(u8_time), "MB/s", Some(mb_per_s(fresh)));
     bench("fetch_64mib_f64", mb_per_s(f64_time), "MB/s", Some(mb_per_s(fresh)));
+    println!("# fetch_64mib_struct_f64*: the f64s inside a struct, element by element (serde's way) and marked #[serde(with = \"clusterman::bulk\")]");
+    bench("fetch_64mib_struct_f64", mb_per_s(struct_time), "MB/s", Some(mb_per_s(fresh)));
+    bench("fetch_64mib_struct_f64_bulk", mb_per_s(bulk_time), "MB/s", Some(mb_per_s(fresh)));
 
     // 512 MiB of u8, beside the raw socket into a fresh buffer, alternating
     let big_mb_per_s = |d: Duration| BIG_FETCH_BYTES as f64 / d.as_secs_f64() / 1e6;

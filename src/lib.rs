@@ -91,6 +91,7 @@ mod transport;
 
 pub use clusterman_macros::remote;
 pub use cluster::worker::my_id;
+pub use codec::bulk;
 pub use protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECRET_FILE};
 pub use cluster::{Cluster, ClusterBuilder, OutputSink, PmapOptions, RemoteFuture, Topology, WorkerInfo, print_sink};
 pub use cluster::pmap::exponential_backoff;

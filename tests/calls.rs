@@ -151,6 +151,31 @@ fn big_vectors_arrive_exact_both_ways_again_and_again() {
     assert!(shares[&pids[0]].iter().all(|v| *v == 3.0));
 }
 
+/// A struct whose vectors travel as one block each (`clusterman::bulk`).
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
+struct Samples {
+    channel: u32,
+    #[serde(with = "clusterman::bulk")]
+    values: Vec<f64>,
+    #[serde(with = "clusterman::bulk")]
+    flags: Vec<u8>,
+}
+
+#[remote]
+fn shifted(samples: Samples, by: f64) -> Samples {
+    Samples { channel: samples.channel + 1, values: samples.values.iter().map(|v| v + by).collect(), flags: samples.flags.iter().map(|f| !f).collect() }
+}
+
+#[test]
+fn struct_fields_marked_bulk_arrive_exact_both_ways() {
+    let (cluster, pids) = cluster_with(1);
+    let samples = Samples { channel: 3, values: (0..400_000).map(|i| f64::from(i) / 3.0).collect(), flags: (0..1_000_001u32).map(|i| (i % 251) as u8).collect() };
+    let back = cluster.remote_call_fetch(pids[0], shifted, (samples.clone(), 0.5)).unwrap();
+    assert_eq!(back.channel, 4);
+    assert!(back.values.iter().zip(&samples.values).all(|(b, v)| *b == v + 0.5));
+    assert!(back.flags.iter().zip(&samples.flags).all(|(b, f)| *b == !f) && back.flags.len() == samples.flags.len());
+}
+
 #[test]
 fn many_futures_in_flight_resolve_to_their_own_results() {
     let (cluster, pids) = cluster_with(2);

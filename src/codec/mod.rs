@@ -7,6 +7,7 @@
 //! are left is an error before anything is allocated, so a few lying bytes can never make a
 //! process reserve gigabytes; nesting depth and zero-sized elements are bounded too.
 
+pub mod bulk;
 mod de;
 mod plain;
 mod ser;

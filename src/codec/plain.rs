@@ -2,7 +2,8 @@
 //! bytes serde would write (a `u64` count, then the little-endian words), but copied in one
 //! `memcpy` instead of one call per element. Chosen by the value's type, so only for owned
 //! (`'static`) values at the top of an encoding: a remote function's result, its single
-//! argument, a pmap item. A vector inside a struct goes element by element.
+//! argument, a pmap item. A vector inside a struct goes element by element, unless its field
+//! says `#[serde(with = "clusterman::bulk")]` (see `bulk`).
 
 use std::any::{Any, TypeId};
 use std::borrow::Cow;
@@ -13,12 +14,17 @@ use crate::sys;
 /// A decoded vector this big asks for huge pages (see [`sys::prefer_huge_pages`]).
 const HUGE_PAGES_FROM: usize = 4 << 20;
 
-/// Numbers whose every bit pattern is a value and whose memory is their little-endian
-/// encoding on this machine.
-trait Plain: Copy + 'static {}
+/// A plain number (`u8` … `u128`, `i8` … `i128`, `f32`, `f64`): every bit pattern is a
+/// value, and its memory is its little-endian encoding on a little-endian machine. Sealed:
+/// implemented for those types only.
+pub trait Plain: sealed::Sealed + Copy + 'static {}
+
+mod sealed {
+    pub trait Sealed {}
+}
 
 macro_rules! plain {
-    ($($t:ty),*) => {$(impl Plain for $t {})*};
+    ($($t:ty),*) => {$(impl sealed::Sealed for $t {} impl Plain for $t {})*};
 }
 plain!(u8, i8, u16, i16, u32, i32, u64, i64, u128, i128, f32, f64);
 
@@ -40,7 +46,7 @@ macro_rules! each_plain {
     };
 }
 
-fn bytes_of<E: Plain>(v: &[E]) -> &[u8] {
+pub(super) fn bytes_of<E: Plain>(v: &[E]) -> &[u8] {
     // SAFETY: E is a plain number (no padding, no invalid bytes); the bytes live as long as `v`.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
@@ -146,7 +152,14 @@ fn read<E: Plain>(bytes: &[u8]) -> Result<Vec<E>, CodecError> {
         Some(size) if size < words.len() => return Err(CodecError::new(format!("{} trailing bytes after the value", words.len() - size))),
         _ => return Err(CodecError::new(format!("{count} elements exceed the {} bytes left", words.len()))),
     }
-    let count = count as usize;
+    Ok(copied(words))
+}
+
+/// A new vector of the `E`s whose memory is `words` (a whole number of them), in one copy; a
+/// big one asks for huge pages (fewer page faults as the copy first touches it).
+pub(super) fn copied<E: Plain>(words: &[u8]) -> Vec<E> {
+    let count = words.len() / std::mem::size_of::<E>();
+    debug_assert_eq!(count * std::mem::size_of::<E>(), words.len());
     let mut v = Vec::<E>::with_capacity(count);
     if words.len() >= HUGE_PAGES_FROM {
         sys::prefer_huge_pages(v.as_mut_ptr().cast(), words.len());
@@ -157,7 +170,7 @@ fn read<E: Plain>(bytes: &[u8]) -> Result<Vec<E>, CodecError> {
         std::ptr::copy_nonoverlapping(words.as_ptr(), v.as_mut_ptr().cast::<u8>(), words.len());
         v.set_len(count);
     }
-    Ok(v)
+    v
 }
 
 /// The words of a plain-number vector received straight into an allocation of their own

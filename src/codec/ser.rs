@@ -4,6 +4,7 @@
 use serde::ser::{self, Serialize};
 
 use super::CodecError;
+use crate::buffers;
 
 /// Writes values into a `Vec<u8>`.
 pub(super) struct Encoder<'a> {
@@ -59,6 +60,9 @@ impl<'a, 'b> ser::Serializer for &'a mut Encoder<'b> {
         self.serialize_bytes(v.as_bytes())
     }
     fn serialize_bytes(self, v: &[u8]) -> Result {
+        if v.len() >= buffers::MIN_KEPT {
+            buffers::reserve(self.out, 8 + v.len()); // a kept buffer rather than fresh memory
+        }
         self.len(v.len());
         self.out.extend_from_slice(v);
         Ok(())
