@@ -53,6 +53,38 @@ fn results_come_back_in_input_order_for_every_batch_size() {
     assert!(cluster.pmap(square, std::iter::empty()).unwrap().is_empty());
 }
 
+/// Does nothing; sent without a reply (`remote_do`), so a worker may find one right behind a
+/// pmap batch.
+#[remote]
+fn ignore(_x: u64) {}
+
+#[test]
+fn replies_held_for_the_next_batch_still_go_when_what_follows_is_no_batch() {
+    // A worker holds the reply to a quick batch while the next frame is already here. When
+    // that frame asks for no reply (a remote_do), the held replies must still go before the
+    // worker waits for more: else the map stalls until the next heartbeat (5 s) writes them.
+    let cluster = Cluster::new().unwrap();
+    let pid = cluster.add_procs(LocalManager::new(1)).unwrap()[0];
+    let mapping = AtomicBool::new(true);
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut i = 0;
+            while mapping.load(Ordering::Relaxed) {
+                cluster.remote_do(pid, ignore, (i,)).unwrap();
+                i += 1;
+                std::thread::sleep(Duration::from_micros(200)); // a steady trickle, not a flood
+            }
+        });
+        for round in 0..5u64 {
+            let got = cluster.pmap_with(square, (0..2_000u64).map(|x| (x + round,)), PmapOptions::new().batch_size(1)).unwrap();
+            assert!(got.iter().enumerate().all(|(i, v)| *v == (i as u64 + round).pow(2)), "round {round}");
+        }
+        mapping.store(false, Ordering::Relaxed);
+    });
+    assert!(started.elapsed() < Duration::from_secs(4), "5 maps of 2,000 quick items took {:?}", started.elapsed());
+}
+
 #[test]
 fn work_is_spread_over_all_workers() {
     let cluster = Cluster::new().unwrap();

@@ -19,7 +19,7 @@ use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECR
 use crate::protocol::worker::WorkerCore;
 use crate::protocol::{Frame, Health, Hello, Kind, Liveness, Secret, Terms, Welcome, bare};
 use crate::sys;
-use crate::transport::{self, polled, tcp::{FrameStream, TcpOut}};
+use crate::transport::{self, polled, tcp::{self, FrameStream, TcpOut}};
 
 use super::link::{Link, Received, SharedCore};
 use super::{Cluster, Peers, exec, output, slot};
@@ -186,6 +186,12 @@ pub(crate) fn init_with(mpi: Option<MpiInit>) {
     }
 }
 
+/// A pmap batch that ran for less than this may have its reply coalesced with the next ones.
+const COALESCE_BELOW: Duration = Duration::from_micros(20);
+/// Replies coalesced into one write at most: the master refills as they come, so holding
+/// them until the worker runs dry would leave it waiting a round trip for work.
+const COALESCE_AT_MOST: u32 = 8;
+
 /// Stack of a worker's serving thread.
 const SERVING_STACK: usize = 256 << 20;
 
@@ -291,6 +297,7 @@ pub(crate) fn serve(link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) ->
             Err(e) => break Err(e),
         }
     };
+    tcp::uncork(); // replies still waiting go before anything else
     slot::serve_while_waiting(None);
     SERVING.with(|s| *s.borrow_mut() = None);
     output::finish_forwarding();
@@ -390,6 +397,14 @@ pub(crate) enum Inbox {
 }
 
 impl Inbox {
+    /// True when the next frame is already here (read, not yet handled).
+    fn has_frame(&self) -> bool {
+        match self {
+            Inbox::Tcp(reader) => reader.has_frame(),
+            Inbox::Channel(_) => false,
+        }
+    }
+
     /// What the next frame leaves for the serving thread, and the link it came on; `None`
     /// when `woken` receives (a reply the thread waits for was delivered by another thread)
     /// or at `deadline`.
@@ -398,6 +413,10 @@ impl Inbox {
         match self {
             // the only connection, read by this thread: its replies are resolved right here
             Inbox::Tcp(reader) => {
+                if !reader.has_frame() {
+                    tcp::flush_corked(); // replies held for the frames that were here go before we wait
+                    HELD_REPLIES.set(0);
+                }
                 if let Some(d) = deadline {
                     let left = d.saturating_duration_since(Instant::now());
                     if !reader.wait_readable_for(left) {
@@ -461,6 +480,8 @@ struct Serving {
 
 thread_local! {
     static SERVING: RefCell<Option<Serving>> = const { RefCell::new(None) };
+    /// Replies the serving thread holds corked (see `pump_once`).
+    static HELD_REPLIES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 /// Reads and handles one frame on the serving thread (or returns when `woken` receives, or
@@ -477,13 +498,30 @@ fn pump_once(deadline: Option<Instant>, woken: &Receiver<()>) -> Result<()> {
     match received {
         Received::Run(mut frame) => {
             let me = my_id();
+            let batch_started = (frame.header.kind == Kind::Batch).then(Instant::now);
             if let Some(reply) = exec::execute(me, &mut frame) {
                 let (reply, patience) = {
                     let core = from.core();
                     (core.answer(frame.header, reply, || exec::function_name(frame.header.func))?, core.terms().liveness.timeout)
                 };
                 output::flush();
+                // The reply to a quick pmap batch is held (corked) while the next frame is
+                // already here, and goes with up to 7 replies after it in one write (a
+                // system call per item would cost more than the item). It waits for frames
+                // that were already sent: the master queues about a millisecond of work per
+                // worker. Replies to calls, and to batches that took longer, go at once.
+                let held = HELD_REPLIES.get();
+                let coalesce = held + 1 < COALESCE_AT_MOST
+                    && batch_started.is_some_and(|t| t.elapsed() < COALESCE_BELOW)
+                    && SERVING.with(|s| s.borrow().as_ref().is_some_and(|s| s.inbox.has_frame()));
+                if coalesce {
+                    tcp::cork();
+                }
                 from.send_patiently(reply, patience)?;
+                HELD_REPLIES.set(if coalesce { held + 1 } else { 0 });
+                if !coalesce {
+                    tcp::uncork();
+                }
             }
             Ok(())
         }

@@ -146,14 +146,28 @@ thread_local! {
 /// something, see [`flush_corked`]), then go several to a write: one system call, and one
 /// wake-up of the peer, for a burst of small frames.
 pub(crate) fn corked<R>(f: impl FnOnce() -> R) -> R {
-    if CORKED.with(|c| c.borrow().is_some()) {
+    if !cork() {
         return f(); // already corked further up
     }
-    CORKED.with(|c| *c.borrow_mut() = Some(Vec::new()));
     let result = f();
+    uncork();
+    result
+}
+
+/// Corks this thread's sends from now on, as inside [`corked`]; false if it already was.
+pub(crate) fn cork() -> bool {
+    CORKED.with(|c| {
+        let mut c = c.borrow_mut();
+        let was = c.is_some();
+        c.get_or_insert_with(Vec::new);
+        !was
+    })
+}
+
+/// Writes what this thread's cork holds and ends the cork (nothing if not corked).
+pub(crate) fn uncork() {
     flush_corked();
     CORKED.with(|c| c.borrow_mut().take());
-    result
 }
 
 /// Writes what this thread's cork holds now: a thread about to wait for a reply must have
@@ -169,7 +183,7 @@ pub(crate) fn flush_corked() {
 }
 
 /// Whether this thread is corked; if so, `out` is written when it uncorks.
-fn cork(out: &Arc<Outbox>) -> bool {
+fn corks(out: &Arc<Outbox>) -> bool {
     CORKED.with(|c| match c.borrow_mut().as_mut() {
         Some(corked) => {
             if !corked.iter().any(|o| Arc::ptr_eq(o, out)) {
@@ -221,7 +235,7 @@ impl FrameOut for TcpOut {
         }
         q.bytes += frame.len();
         q.frames.push_back(frame);
-        if q.draining || (q.bytes <= CORK_BYTES && cork(&self.0)) {
+        if q.draining || (q.bytes <= CORK_BYTES && corks(&self.0)) {
             return Ok(()); // the I/O thread, or the end of `corked`, sends it in turn
         }
         write_now(&self.0, &mut q)
@@ -379,6 +393,11 @@ impl FrameStream {
     /// Reads `stream`, refusing frames longer than `max_frame`.
     pub(crate) fn new(stream: TcpStream, max_frame: usize) -> FrameStream {
         FrameStream { stream, frames: FrameReader::new(max_frame), scratch: vec![0; SCRATCH].into_boxed_slice() }
+    }
+
+    /// True when a whole frame is already read and waiting: the next `next` needs no system call.
+    pub(crate) fn has_frame(&self) -> bool {
+        self.frames.has_frame()
     }
 
     /// Waits until there is something to read or `left` has passed; false at the timeout.
