@@ -20,8 +20,9 @@ use crate::ids::Pid;
 /// Batches out per worker at least: one running, one queued behind it.
 pub const IN_FLIGHT: usize = 2;
 
-/// Batches out per worker at most, however quickly they come back.
-pub const MAX_IN_FLIGHT: usize = 64;
+/// Batches out per worker at most, however quickly they come back (a round trip here can take
+/// a few hundred microseconds of wake-ups, over which items of a few microseconds must last).
+pub const MAX_IN_FLIGHT: usize = 256;
 
 /// How much work (in time, as measured) a worker may have queued ahead of what it runs.
 pub const QUEUE_AHEAD: Duration = Duration::from_millis(1);
@@ -248,7 +249,7 @@ mod tests {
         let mut cheap = PmapPlan::new(100_000, vec![2], 1, vec![], t0);
         assert_eq!(all_sends(&mut cheap, t0).len(), IN_FLIGHT, "before any pace is known");
         let mut cheap = PmapPlan::new(100_000, vec![2], 1, vec![], t0);
-        assert_eq!(run_at_pace(&mut cheap, Duration::from_micros(5), 500, t0), MAX_IN_FLIGHT, "5 us per batch: as deep as allowed");
+        assert_eq!(run_at_pace(&mut cheap, Duration::from_micros(2), 1000, t0), MAX_IN_FLIGHT, "2 us per batch: as deep as allowed");
         let mut medium = PmapPlan::new(100_000, vec![2], 1, vec![], t0);
         let most = run_at_pace(&mut medium, Duration::from_micros(100), 500, t0);
         assert!((9..=11).contains(&most), "100 us per batch: about QUEUE_AHEAD of work out, got {most}");
