@@ -55,7 +55,13 @@ fn a_calls_output_arrives_before_its_result() {
 fn output_printed_just_before_shutdown_is_not_lost() {
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let sink = seen.clone();
-    let cluster = Cluster::builder().output(move |_, line| sink.lock().unwrap().push(line.to_string())).build().unwrap();
+    // a slow sink (a terminal, a file on a busy disk): shutdown still returns only after it
+    // has had every line printed before the workers left
+    let slow_sink = move |_, line: &str| {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        sink.lock().unwrap().push(line.to_string());
+    };
+    let cluster = Cluster::builder().output(slow_sink).build().unwrap();
     let pids = cluster.add_procs(LocalManager::new(1)).unwrap();
     cluster.remote_do(pids[0], shout, (50,)).unwrap();
     cluster.shutdown().unwrap();

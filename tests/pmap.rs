@@ -70,7 +70,8 @@ fn replies_held_for_the_next_batch_still_go_when_what_follows_is_no_batch() {
     std::thread::scope(|s| {
         s.spawn(|| {
             let mut i = 0;
-            while mapping.load(Ordering::Relaxed) {
+            // (ends by itself too, should the maps below fail)
+            while mapping.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
                 cluster.remote_do(pid, ignore, (i,)).unwrap();
                 i += 1;
                 std::thread::sleep(Duration::from_micros(200)); // a steady trickle, not a flood

@@ -65,6 +65,8 @@ pub(crate) enum Event {
     Membership(Membership),
     /// End the process of a worker that stopped answering, where a launch of ours can.
     Kill(WorkerInfo),
+    /// Everything sent before has been handled: say so.
+    Barrier(crossbeam_channel::Sender<()>),
 }
 
 /// Bytes of worker output that may wait for the sink; past it, lines are dropped (counted).
@@ -433,6 +435,9 @@ pub(crate) fn start_events(inner: Weak<Inner>, events: crossbeam_channel::Receiv
                 Event::Resolve(waiter, result) => waiter.deliver(result),
                 Event::Membership(change) => m.membership.lock().expect("membership lock").iter().for_each(|hook| hook(change)),
                 Event::Kill(info) => m.kill(&info),
+                Event::Barrier(done) => {
+                    let _ = done.send(());
+                }
             }
         }
     })?;
@@ -499,6 +504,12 @@ pub(crate) fn shut_down(inner: &Arc<Inner>, grace: Duration) {
         core.workers()
     };
     finish_stopping(inner, &pids, grace);
+    // what the workers printed before they left reaches the sink before shutdown returns
+    // (bounded: the sink is user code)
+    let (done, handled) = crossbeam_channel::bounded(1);
+    if inner.master().events.send(Event::Barrier(done)).is_ok() {
+        let _ = handled.recv_timeout(Duration::from_secs(2));
+    }
 }
 
 /// Sends the stop requests, waits up to `grace`, cuts off what is left.
