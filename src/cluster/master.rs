@@ -416,10 +416,13 @@ fn gone(m: &Master, pid: Pid, reason: String) {
     let _ = m.events.send(Event::Membership(Membership::Left(pid)));
 }
 
+/// The name of the events thread.
+const EVENTS_THREAD: &str = "cman-events";
+
 /// Starts the events thread: the user's output sink and membership hooks run there, in the
 /// order things happened, and never on the I/O thread. Ends with the cluster.
 pub(crate) fn start_events(inner: Weak<Inner>, events: crossbeam_channel::Receiver<Event>) -> std::io::Result<()> {
-    std::thread::Builder::new().name("cman-events".into()).spawn(move || {
+    std::thread::Builder::new().name(EVENTS_THREAD.into()).spawn(move || {
         for event in events {
             let Some(inner) = inner.upgrade() else { return };
             let m = inner.master();
@@ -504,21 +507,27 @@ pub(crate) fn shut_down(inner: &Arc<Inner>, grace: Duration) {
         core.workers()
     };
     finish_stopping(inner, &pids, grace);
-    // what the workers printed before they left reaches the sink before shutdown returns
-    // (bounded: the sink is user code)
+}
+
+/// Sends the stop requests, waits up to `grace`, cuts off what is left; returns once what
+/// the workers printed before they left has reached the output sink.
+fn finish_stopping(inner: &Arc<Inner>, pids: &[Pid], grace: Duration) {
+    let m = inner.master();
+    drive(inner, None);
+    if !wait_gone(m, pids, Instant::now() + grace) {
+        cut_off(inner, pids, grace);
+    }
+    // a departure is seen on the I/O thread while the last lines may still wait for the
+    // events thread (bounded: the sink is user code; a hook that stops workers is that thread)
     let (done, handled) = crossbeam_channel::bounded(1);
-    if inner.master().events.send(Event::Barrier(done)).is_ok() {
+    if std::thread::current().name() != Some(EVENTS_THREAD) && m.events.send(Event::Barrier(done)).is_ok() {
         let _ = handled.recv_timeout(Duration::from_secs(2));
     }
 }
 
-/// Sends the stop requests, waits up to `grace`, cuts off what is left.
-fn finish_stopping(inner: &Arc<Inner>, pids: &[Pid], grace: Duration) {
+/// Cuts off the workers of `pids` still there after `grace`, and kills those we started.
+fn cut_off(inner: &Arc<Inner>, pids: &[Pid], grace: Duration) {
     let m = inner.master();
-    drive(inner, None);
-    if wait_gone(m, pids, Instant::now() + grace) {
-        return;
-    }
     let stuck: Vec<Arc<WorkerEntry>> = pids.iter().filter_map(|p| m.worker(*p)).collect();
     {
         let mut core = m.core.lock().expect("core lock");
