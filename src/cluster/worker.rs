@@ -297,7 +297,7 @@ pub(crate) fn serve(link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) ->
             Err(e) => break Err(e),
         }
     };
-    tcp::uncork(); // replies still waiting go before anything else
+    release_replies(); // replies still held go before anything else
     slot::serve_while_waiting(None);
     SERVING.with(|s| *s.borrow_mut() = None);
     output::finish_forwarding();
@@ -414,8 +414,7 @@ impl Inbox {
             // the only connection, read by this thread: its replies are resolved right here
             Inbox::Tcp(reader) => {
                 if !reader.has_frame() {
-                    tcp::flush_corked(); // replies held for the frames that were here go before we wait
-                    HELD_REPLIES.set(0);
+                    release_replies(); // held for the frames that were here: they go before we wait
                 }
                 if let Some(d) = deadline {
                     let left = d.saturating_duration_since(Instant::now());
@@ -480,8 +479,20 @@ struct Serving {
 
 thread_local! {
     static SERVING: RefCell<Option<Serving>> = const { RefCell::new(None) };
-    /// Replies the serving thread holds corked (see `pump_once`).
-    static HELD_REPLIES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// Replies the serving thread holds corked (see `pump_once`), and whether it corked the
+    /// thread for them (rather than finding it corked by a `pmap` further up its stack).
+    static HOLDING: std::cell::Cell<(u32, bool)> = const { std::cell::Cell::new((0, false)) };
+}
+
+/// Sends the replies the serving thread holds, and ends the cork it started for them (a
+/// cork it found stays, flushed: a thread about to wait must have sent what it has).
+fn release_replies() {
+    let (_, corked_here) = HOLDING.replace((0, false));
+    if corked_here {
+        tcp::uncork();
+    } else {
+        tcp::flush_corked();
+    }
 }
 
 /// Reads and handles one frame on the serving thread (or returns when `woken` receives, or
@@ -510,17 +521,16 @@ fn pump_once(deadline: Option<Instant>, woken: &Receiver<()>) -> Result<()> {
                 // system call per item would cost more than the item). It waits for frames
                 // that were already sent: the master queues about a millisecond of work per
                 // worker. Replies to calls, and to batches that took longer, go at once.
-                let held = HELD_REPLIES.get();
+                let (held, corked_here) = HOLDING.get();
                 let coalesce = held + 1 < COALESCE_AT_MOST
                     && batch_started.is_some_and(|t| t.elapsed() < COALESCE_BELOW)
                     && SERVING.with(|s| s.borrow().as_ref().is_some_and(|s| s.inbox.has_frame()));
                 if coalesce {
-                    tcp::cork();
+                    HOLDING.set((held + 1, corked_here || tcp::cork()));
                 }
                 from.send_patiently(reply, patience)?;
-                HELD_REPLIES.set(if coalesce { held + 1 } else { 0 });
                 if !coalesce {
-                    tcp::uncork();
+                    release_replies();
                 }
             }
             Ok(())

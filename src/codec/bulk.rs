@@ -64,7 +64,8 @@ impl<'de, E: Plain> Visitor<'de> for Words<E> {
         }
         let mut values = super::plain::copied::<E>(bytes);
         if cfg!(target_endian = "big") {
-            // SAFETY: as above; the bytes of each element are swapped in place.
+            // SAFETY: the vector's `bytes.len()` bytes are initialised; each element's bytes
+            // are swapped in place, and every bit pattern is a valid E.
             let raw = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), bytes.len()) };
             raw.chunks_exact_mut(size).for_each(<[u8]>::reverse);
         }
