@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::Result;
 use crate::protocol::Frame;
-use crate::transport::polled;
+use crate::transport::{io, polled};
 
 use super::pool;
 
@@ -141,6 +141,10 @@ impl Slot {
                     drop(s);
                     pool::help_once(queue, rx, deadline);
                 }
+                _ if io::can_drive() => {
+                    drop(s);
+                    return io::block_on(self.filled(deadline)); // reads its own reply
+                }
                 _ => {
                     s.wake = Some(Wake::Thread(std::thread::current()));
                     drop(s);
@@ -150,6 +154,15 @@ impl Slot {
                     }
                 }
             }
+        }
+    }
+
+    /// Filled, or `None` at the deadline.
+    async fn filled(&self, deadline: Option<Instant>) -> Option<Result<Frame>> {
+        let filled = std::future::poll_fn(|cx| self.poll(cx));
+        match deadline {
+            Some(d) => tokio::time::timeout_at(d.into(), filled).await.ok(),
+            None => Some(filled.await),
         }
     }
 

@@ -1,35 +1,209 @@
-//! The process's I/O thread: one tokio runtime on one thread, started on first use. It drains
-//! send queues that sockets could not take at once, accepts and vets connections, runs
-//! heartbeat timers, and frees big buffers kept unused. Nothing on it waits for user code.
+//! The process's I/O runtime: one tokio current-thread runtime, started on first use. It
+//! drains send queues that sockets could not take at once, reads the evented connections,
+//! accepts and vets connections, runs heartbeat timers, and frees big buffers kept unused.
+//! Nothing on it waits for user code.
+//!
+//! Whoever waits drives it. Its own thread (`cman-io`) drives it while no caller does; a
+//! thread that blocks for a reply drives it itself ([`block_on`]) and so reads its own reply:
+//! a round trip wakes the caller once, not an I/O thread that then wakes the caller. The I/O
+//! thread steps aside when a caller comes and takes the runtime back only once no caller has
+//! driven for a whole [`LINGER`], so a loop of calls does not wake it per call.
 
 use std::future::Future;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::Thread;
+use std::time::Duration;
 
-use tokio::runtime::{Builder, Handle};
+use tokio::runtime::{Builder, Handle, Runtime};
+use tokio::sync::Notify;
 
 use crate::buffers;
 
-/// The I/O runtime's handle (the runtime and its thread start on first use).
-pub(crate) fn handle() -> &'static Handle {
-    static HANDLE: OnceLock<Handle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
+/// How long the I/O thread leaves the runtime to callers before it checks whether one still
+/// drives it: the longest an event waits while callers run user code between calls. Long
+/// enough that sending a call to each of a thousand workers does not hand it back and forth.
+const LINGER: Duration = Duration::from_millis(5);
+
+/// The longest the I/O thread rests while a caller keeps driving (a long call): that caller
+/// wakes it when it leaves.
+const LONGEST_REST: Duration = Duration::from_millis(64);
+
+struct Io {
+    runtime: Runtime,
+    /// The I/O thread, woken when the last caller leaves after it rested long.
+    thread: Thread,
+    /// Told when a caller wants the runtime while the I/O thread drives it.
+    wanted: Notify,
+    /// The I/O thread drives the runtime.
+    io_drives: AtomicBool,
+    /// Callers driving the runtime or waiting to.
+    callers: AtomicUsize,
+    /// Callers that have left, ever: unchanged over a rest means none drove during it.
+    left: AtomicU64,
+    /// The I/O thread rests longer than [`LINGER`]: the last caller out must wake it.
+    resting_long: AtomicBool,
+}
+
+fn io() -> &'static Io {
+    static IO: OnceLock<Io> = OnceLock::new();
+    IO.get_or_init(|| {
         let runtime = Builder::new_current_thread().enable_io().enable_time().build().expect("cannot start the I/O runtime");
-        let handle = runtime.handle().clone();
-        std::thread::Builder::new()
-            .name("cman-io".into())
-            .spawn(move || runtime.block_on(std::future::pending::<()>()))
-            .expect("cannot start the I/O thread");
-        handle.spawn(async {
+        runtime.spawn(async {
             loop {
                 tokio::time::sleep(buffers::KEPT_FOR / 2).await;
                 buffers::release_idle();
             }
         });
-        handle
+        // the thread waits in `io()` until this initialisation is done
+        let thread = std::thread::Builder::new().name("cman-io".into()).spawn(|| io().serve()).expect("cannot start the I/O thread");
+        Io {
+            runtime,
+            thread: thread.thread().clone(),
+            wanted: Notify::new(),
+            io_drives: AtomicBool::new(false),
+            callers: AtomicUsize::new(0),
+            left: AtomicU64::new(0),
+            resting_long: AtomicBool::new(false),
+        }
     })
 }
 
-/// Runs `task` on the I/O thread.
+impl Io {
+    /// The I/O thread: drives the runtime until a caller wants it, rests while callers drive.
+    fn serve(&self) -> ! {
+        loop {
+            self.io_drives.store(true, Ordering::SeqCst);
+            if self.callers.load(Ordering::SeqCst) == 0 {
+                self.runtime.block_on(self.wanted.notified());
+            }
+            self.io_drives.store(false, Ordering::SeqCst);
+            self.rest();
+        }
+    }
+
+    /// Returns once no caller has driven the runtime for a whole rest.
+    fn rest(&self) {
+        let mut rest = LINGER;
+        loop {
+            let left = self.left.load(Ordering::SeqCst);
+            self.resting_long.store(rest > LINGER, Ordering::SeqCst);
+            if rest > LINGER && self.callers.load(Ordering::SeqCst) == 0 {
+                rest = LINGER; // the caller left before it could see it must wake us
+                continue;
+            }
+            std::thread::park_timeout(rest);
+            let driving = self.callers.load(Ordering::SeqCst) > 0;
+            if !driving && self.left.load(Ordering::SeqCst) == left {
+                break;
+            }
+            rest = if driving { (rest * 2).min(LONGEST_REST) } else { LINGER };
+        }
+        self.resting_long.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Counts a caller in while it drives the runtime (also when it unwinds).
+struct Driving(&'static Io);
+
+impl Drop for Driving {
+    fn drop(&mut self) {
+        let io = self.0;
+        io.left.fetch_add(1, Ordering::SeqCst);
+        if io.callers.fetch_sub(1, Ordering::SeqCst) == 1 && io.resting_long.load(Ordering::SeqCst) {
+            io.thread.unpark();
+        }
+    }
+}
+
+/// Whether this thread may drive the I/O runtime: not inside an async runtime (the caller's
+/// own, or this one), where blocking is the caller's affair.
+pub(crate) fn can_drive() -> bool {
+    Handle::try_current().is_err()
+}
+
+/// Runs `future` to completion on this thread, driving the I/O runtime meanwhile (reading
+/// sockets, running timers and tasks). Only where [`can_drive`].
+pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
+    let io = io();
+    io.callers.fetch_add(1, Ordering::SeqCst);
+    let _driving = Driving(io);
+    if io.io_drives.load(Ordering::SeqCst) {
+        io.wanted.notify_one(); // the I/O thread hands the runtime over
+    }
+    io.runtime.block_on(future)
+}
+
+/// The I/O runtime's handle (the runtime and its thread start on first use).
+pub(crate) fn handle() -> &'static Handle {
+    io().runtime.handle()
+}
+
+/// Runs `task` on the I/O runtime.
 pub(crate) fn spawn<F: Future<Output = ()> + Send + 'static>(task: F) -> tokio::task::JoinHandle<()> {
     handle().spawn(task)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::thread;
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn a_waiting_caller_comes_to_drive_the_runtime_itself() {
+        let me = thread::current().id();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let ran_here = block_on(async {
+            loop {
+                // tasks run on whichever thread drives: once the I/O thread stepped aside, this one
+                if tokio::spawn(async { thread::current().id() }).await.expect("task") == me {
+                    return true;
+                }
+                if Instant::now() > deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        assert!(ran_here, "the I/O thread never handed the runtime to a waiting caller");
+    }
+
+    #[test]
+    fn the_io_thread_takes_the_runtime_back_when_callers_leave() {
+        for _ in 0..20 {
+            block_on(tokio::task::yield_now()); // a caller drove, and left
+            let (tx, rx) = mpsc::channel();
+            spawn(async move {
+                let _ = tx.send(());
+            });
+            // nobody drives but the I/O thread, within a rest or two
+            assert!(rx.recv_timeout(Duration::from_secs(2)).is_ok(), "a task spawned after the callers left never ran");
+        }
+    }
+
+    #[test]
+    fn callers_on_many_threads_each_get_their_own_result() {
+        let threads: Vec<_> = (0..8u64)
+            .map(|i| {
+                thread::spawn(move || {
+                    (0..200u64).map(|j| block_on(async move { tokio::spawn(async move { i * 1000 + j }).await.expect("task") })).sum::<u64>()
+                })
+            })
+            .collect();
+        for (i, t) in threads.into_iter().enumerate() {
+            let i = i as u64;
+            assert_eq!(t.join().expect("caller thread"), (0..200).map(|j| i * 1000 + j).sum::<u64>());
+        }
+    }
+
+    #[test]
+    fn inside_an_async_runtime_a_caller_does_not_drive() {
+        assert!(can_drive());
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        assert!(!rt.block_on(async { can_drive() }));
+        assert!(!block_on(async { can_drive() }), "tasks of the I/O runtime must not drive it again");
+    }
 }

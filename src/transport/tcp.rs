@@ -182,9 +182,11 @@ pub(crate) fn flush_corked() {
     }
 }
 
-/// Whether this thread is corked; if so, `out` is written when it uncorks.
+/// Whether this thread is corked; if so, `out` is written when it uncorks. Tasks of the I/O
+/// runtime never cork, even on a corked thread that drives it while it waits.
 fn corks(out: &Arc<Outbox>) -> bool {
     CORKED.with(|c| match c.borrow_mut().as_mut() {
+        Some(_) if !runtime::can_drive() => false,
         Some(corked) => {
             if !corked.iter().any(|o| Arc::ptr_eq(o, out)) {
                 corked.push(out.clone());
