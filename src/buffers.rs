@@ -3,7 +3,7 @@
 //! times the copy itself), so the buffers that carry big payloads through this process (an
 //! encoded result, a frame read from a socket or from MPI) are reused rather than freed.
 //! Only buffers of at least [`MIN_KEPT`] bytes are kept, at most [`MAX_KEPT`] of them and
-//! [`MAX_KEPT_BYTES`] in all, and none for longer than [`KEPT_FOR`] unused (the I/O thread
+//! [`MAX_KEPT_BYTES`] in all, and none for longer than [`KEPT_FOR`] unused (the I/O runtime
 //! calls [`release_idle`]), so the memory held back is bounded in size and in time.
 
 use std::sync::Mutex;

@@ -38,8 +38,9 @@
 //! before anything is allocated.
 //!
 //! Calls run on the worker's serving thread, straight from the socket; on the master, one
-//! I/O thread reads every worker connection, so a no-op round trip costs two socket writes
-//! and one thread wake-up there, and the master's threads do not grow with its workers. Worker-to-worker calls go through
+//! I/O runtime reads every worker connection, driven by the thread that waits for a reply (or
+//! by its own thread while nobody waits), so a no-op round trip costs two socket writes and
+//! wakes only the caller there, and the master's threads do not grow with its workers. Worker-to-worker calls go through
 //! the master (one connection per worker, which also works where workers cannot reach each
 //! other). A worker's stdout and stderr are forwarded line by line (`From worker 3: ...`).
 //!
@@ -53,7 +54,7 @@
 //!   kept for reuse;
 //! - `codec`, `protocol`, `registry`: bytes, frames, the handshake, the environment a worker
 //!   is started with, the remote-function table (no I/O);
-//! - `transport`: the I/O thread, TCP connections whose senders never wait, the frame
+//! - `transport`: the I/O runtime, TCP connections whose senders never wait, the frame
 //!   reader, the listener;
 //! - `cluster`: the process table, calls and futures, `pmap`, heartbeats, the worker's
 //!   serving loop, and the traits a launcher implements ([`ClusterManager`], [`Launch`]);

@@ -1,10 +1,10 @@
 //! The master's driver: the connections to its workers and the launches waiting for them,
 //! around the protocol core ([`MasterCore`]: calls, routing, heartbeats; [`Admission`]: who
 //! may join as which pid), which it feeds
-//! every frame (on the I/O thread, which reads all connections), every connection end and
+//! every frame (on the I/O runtime, which reads all connections), every connection end and
 //! the time, and whose output it carries out: sending, running calls addressed to the
 //! master, resolving callers. The user's output sink and membership hooks run on an events
-//! thread, never on the I/O thread.
+//! thread, never on the I/O runtime.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -48,7 +48,7 @@ pub struct WorkerInfo {
 pub(crate) struct WorkerEntry {
     pub info: WorkerInfo,
     out: Box<dyn FrameOut>,
-    /// Read by the I/O thread, which reports its end; an MPI link has no end of its own.
+    /// Read by the I/O runtime, which reports its end; an MPI link has no end of its own.
     evented: bool,
     /// Output frames handed to the events thread and not printed yet: a reply that comes
     /// after them goes the same way, so a call's output is out before its result.
@@ -271,7 +271,7 @@ impl Admit for Door {
 }
 
 /// Puts a worker that passed the handshake on `stream` into the process table; the I/O
-/// thread reads its connection from now on. Runs on the I/O thread.
+/// thread reads its connection from now on. Runs on the I/O runtime.
 pub(crate) fn serve_connection(inner: &Arc<Inner>, pid: Pid, hello: Hello, stream: tokio::net::TcpStream) {
     let stream = Arc::new(stream);
     let info = WorkerInfo { pid, host: hello.host, os_pid: hello.os_pid, mpi: hello.mpi };
@@ -300,7 +300,7 @@ pub(crate) fn add_worker(inner: &Arc<Inner>, info: WorkerInfo, out: Box<dyn Fram
     entry
 }
 
-/// A frame from worker `entry` (on the I/O thread, or the MPI progress thread). `Err` ends
+/// A frame from worker `entry` (on the I/O runtime, or the MPI progress thread). `Err` ends
 /// the conversation with that worker: its goodbye ([`STOPPED`]), or a broken protocol.
 pub(crate) fn handle_frame(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, frame: Frame) -> std::result::Result<(), String> {
     inner.master().core.lock().expect("core lock").handle_frame(Instant::now(), entry.info.pid, frame)?;
@@ -420,7 +420,7 @@ fn gone(m: &Master, pid: Pid, reason: String) {
 const EVENTS_THREAD: &str = "cman-events";
 
 /// Starts the events thread: the user's output sink and membership hooks run there, in the
-/// order things happened, and never on the I/O thread. Ends with the cluster.
+/// order things happened, and never on the I/O runtime. Ends with the cluster.
 pub(crate) fn start_events(inner: Weak<Inner>, events: crossbeam_channel::Receiver<Event>) -> std::io::Result<()> {
     std::thread::Builder::new().name(EVENTS_THREAD.into()).spawn(move || {
         for event in events {
@@ -464,7 +464,7 @@ pub(crate) fn call(inner: &Arc<Inner>, header: Header, hint: usize, encode: impl
     Ok(req)
 }
 
-/// Runs a call addressed to the master on the pool (the I/O thread must keep reading);
+/// Runs a call addressed to the master on the pool (the I/O runtime must keep reading);
 /// a call the pool cannot take fails now.
 fn run_here(inner: &Arc<Inner>, entry: Arc<WorkerEntry>, mut frame: Frame) {
     let cluster = Cluster::handle(inner.clone());
@@ -517,7 +517,7 @@ fn finish_stopping(inner: &Arc<Inner>, pids: &[Pid], grace: Duration) {
     if !wait_gone(m, pids, Instant::now() + grace) {
         cut_off(inner, pids, grace);
     }
-    // a departure is seen on the I/O thread while the last lines may still wait for the
+    // a departure is seen on the I/O runtime while the last lines may still wait for the
     // events thread (bounded: the sink is user code; a hook that stops workers is that thread)
     let (done, handled) = crossbeam_channel::bounded(1);
     if std::thread::current().name() != Some(EVENTS_THREAD) && m.events.send(Event::Barrier(done)).is_ok() {
@@ -557,7 +557,7 @@ fn wait_gone(m: &Master, pids: &[Pid], deadline: Instant) -> bool {
     }
 }
 
-/// Starts the master's heartbeat on the I/O thread: the core says when; heartbeats go out
+/// Starts the master's heartbeat on the I/O runtime: the core says when; heartbeats go out
 /// and workers silent for the timeout are given up on. Ends with the cluster.
 pub(crate) fn watch_workers(inner: Weak<Inner>) {
     crate::transport::io::spawn(async move {

@@ -324,7 +324,7 @@ fn dial(config: &WorkerConfig) -> Result<(TcpStream, Terms)> {
     }
 }
 
-/// Watches the master from the I/O thread: sends this worker's heartbeats (also while a
+/// Watches the master from the I/O runtime: sends this worker's heartbeats (also while a
 /// long call runs on the serving thread) and ends the process when the master is gone —
 /// its connection closed, or no heartbeat from it for the timeout (a vanished host, a
 /// partition, a hung master). Direct links to peers are watched the same way.

@@ -2,7 +2,7 @@
 //! `Connection` is): the workers it talks to, the calls waiting for their replies, the calls
 //! it routes from one worker to another, and the heartbeats that tell a silent worker from a
 //! live one. It is fed frames, connection ends and the time; it is asked what to send, what
-//! happened, and when to wake next. The driver (one I/O thread, a lock around the core) does
+//! happened, and when to wake next. The driver (one I/O runtime, a lock around the core) does
 //! the sending, runs calls addressed to the master, and calls the user back.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};

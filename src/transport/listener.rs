@@ -1,4 +1,4 @@
-//! The dial-in listener. Connections are vetted on the I/O thread, as tasks, not threads: a
+//! The dial-in listener. Connections are vetted on the I/O runtime, as tasks, not threads: a
 //! connection still in its handshake costs a few hundred bytes and one descriptor; there are
 //! at most [`HandshakeLimits::max_pending`] of them (a new one past the cap drops the oldest,
 //! so a crowd of silent or trickling clients cannot keep real workers out), and each has one
@@ -25,9 +25,9 @@ pub(crate) trait Admit: Send + Sync + 'static {
     /// Where an admitted connection goes (the master's seat for a worker, a peer's pid).
     type Seat: Send;
     /// Reserves the worker's seat, or refuses it. Returns the welcome to send. Runs on the
-    /// I/O thread: it must not wait for anything.
+    /// I/O runtime: it must not wait for anything.
     fn admit(&self, hello: &Hello) -> std::result::Result<(Welcome, Self::Seat), Refusal>;
-    /// Starts serving an admitted worker (after it was told its pid). Runs on the I/O thread.
+    /// Starts serving an admitted worker (after it was told its pid). Runs on the I/O runtime.
     fn serve(&self, seat: Self::Seat, hello: Hello, stream: tokio::net::TcpStream);
     /// Records a refused connection.
     fn refused(&self, peer: SocketAddr, refusal: &Refusal);
@@ -62,7 +62,7 @@ pub(crate) struct Listener {
 }
 
 impl Listener {
-    /// Binds `bind` and starts accepting on the I/O thread.
+    /// Binds `bind` and starts accepting on the I/O runtime.
     pub(crate) fn start<A: Admit>(bind: SocketAddr, secret: Secret, admit: Arc<A>, limits: HandshakeLimits) -> Result<Listener> {
         let socket = std::net::TcpListener::bind(bind).map_err(|e| Error::io(format!("cannot listen on {bind}"), e))?;
         let addr = socket.local_addr().map_err(|e| Error::io("reading the listen address", e))?;

@@ -1,5 +1,6 @@
-//! Moving frames: the process's I/O thread (a tokio runtime that writes what sockets could not
-//! take at once, runs the listener and keeps the timers), TCP connections whose senders never
+//! Moving frames: the process's I/O runtime (tokio; it writes what sockets could not take at
+//! once, reads the evented connections, runs the listener and keeps the timers; driven by its
+//! own thread or by a thread that waits for a reply), TCP connections whose senders never
 //! wait on a peer, and the listener workers dial. The MPI transport implements the same
 //! [`FrameOut`] (see `mpi`), and waiting threads poll it ([`polled`]). Nothing here knows
 //! what a frame means.

@@ -1,11 +1,11 @@
 //! TCP connections: a sender that never blocks on its peer, a reader that runs on the I/O
-//! thread, and the worker side of the handshake (dial, hello, welcome) with one deadline for
+//! runtime, and the worker side of the handshake (dial, hello, welcome) with one deadline for
 //! all of it.
 //!
 //! A frame is written straight into the socket when it is free (`MSG_DONTWAIT`, no thread
-//! switch); what the socket cannot take at once waits in a bounded queue that the I/O thread
+//! switch); what the socket cannot take at once waits in a bounded queue that the I/O runtime
 //! drains as the peer reads. A connection is either *evented* — registered with the I/O
-//! thread, which also reads it (the master's connections: no thread per worker) — or
+//! runtime, which also reads it (the master's connections: no thread per worker) — or
 //! *blocking*, read by a thread of its own (a worker's, whose serving thread reads its
 //! master's socket directly, which makes a call cheapest).
 
@@ -51,7 +51,7 @@ struct Outbox {
 enum Socket {
     /// By a thread of its own, blocking (the descriptor stays blocking; sends do not wait).
     Blocking(TcpStream),
-    /// By the I/O thread, which has it registered.
+    /// By the I/O runtime, which has it registered.
     Evented(Arc<tokio::net::TcpStream>),
 }
 
@@ -71,7 +71,7 @@ struct Queue {
     written: usize,
     /// Bytes waiting, all frames.
     bytes: usize,
-    /// The I/O thread is draining the queue.
+    /// The I/O runtime is draining the queue.
     draining: bool,
     /// Why the connection can take no more.
     failed: Option<(ErrorKind, String)>,
@@ -127,7 +127,7 @@ impl TcpOut {
         Self::over(Socket::Blocking(stream))
     }
 
-    /// The sender of a connection the I/O thread reads ([`read_frames`]).
+    /// The sender of a connection the I/O runtime reads ([`read_frames`]).
     pub(crate) fn evented(stream: Arc<tokio::net::TcpStream>) -> Box<dyn FrameOut> {
         Self::over(Socket::Evented(stream))
     }
@@ -197,7 +197,7 @@ fn corks(out: &Arc<Outbox>) -> bool {
     })
 }
 
-/// Writes the queue now; what the socket does not take, the I/O thread writes as it drains.
+/// Writes the queue now; what the socket does not take, the I/O runtime writes as it drains.
 fn write_now(out: &Arc<Outbox>, q: &mut Queue) -> io::Result<()> {
     match q.write_out(out.socket.fd()) {
         Ok(true) => Ok(()),
@@ -238,7 +238,7 @@ impl FrameOut for TcpOut {
         q.bytes += frame.len();
         q.frames.push_back(frame);
         if q.draining || (q.bytes <= CORK_BYTES && corks(&self.0)) {
-            return Ok(()); // the I/O thread, or the end of `corked`, sends it in turn
+            return Ok(()); // the I/O runtime, or the end of `corked`, sends it in turn
         }
         write_now(&self.0, &mut q)
     }
@@ -267,7 +267,7 @@ fn fail(out: &Outbox, q: &mut Queue, e: &io::Error) {
     sys::shutdown(out.socket.fd());
 }
 
-/// Runs on the I/O thread: writes the queue out as the socket drains.
+/// Runs on the I/O runtime: writes the queue out as the socket drains.
 async fn drain(out: Arc<Outbox>) {
     let fd: OwnedFd = match &out.socket {
         Socket::Evented(stream) => return drain_evented(&out, stream).await,
@@ -279,7 +279,7 @@ async fn drain(out: Arc<Outbox>) {
     drain_blocking(&out, fd).await
 }
 
-/// Drains an evented connection: the I/O thread already watches it.
+/// Drains an evented connection: the I/O runtime already watches it.
 async fn drain_evented(out: &Outbox, stream: &tokio::net::TcpStream) {
     loop {
         if let Err(e) = stream.writable().await {
@@ -345,9 +345,9 @@ async fn drain_blocking(out: &Outbox, fd: OwnedFd) {
     }
 }
 
-/// Reads frames from an evented connection on the I/O thread until it ends: `on_frame`
+/// Reads frames from an evented connection on the I/O runtime until it ends: `on_frame`
 /// handles each (an `Err` ends the connection with that reason), then `on_end` gets the
-/// reason. `on_frame` runs on the I/O thread: it must not wait for anything.
+/// reason. `on_frame` runs on whichever thread drives the runtime: it must not wait for anything.
 pub(crate) fn read_frames(
     stream: Arc<tokio::net::TcpStream>,
     max_frame: usize,
@@ -430,14 +430,13 @@ impl FrameStream {
     }
 }
 
-/// Bytes read at once into the I/O thread's scratch buffer.
+/// Bytes read at once into the I/O runtime's scratch buffer.
 const SCRATCH: usize = 64 * 1024;
 
-thread_local! {
-    /// One scratch buffer for all connections of the I/O thread: an idle connection holds
-    /// no buffer of its own.
-    static SCRATCH_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SCRATCH]);
-}
+/// One scratch buffer for all connections of the I/O runtime: an idle connection holds no
+/// buffer of its own. Only the thread that drives the runtime runs its readers, so the lock
+/// is never contended.
+static SCRATCH_BUF: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 
 /// One read: the rest of a big frame straight into its buffer (a big value's words into
 /// their own), anything else through the scratch buffer. A read that did not fill its room
@@ -451,12 +450,13 @@ fn read_some(stream: &tokio::net::TcpStream, reader: &mut FrameReader) -> io::Re
         unsafe { reader.advance(n) };
         (n, room)
     } else {
-        SCRATCH_BUF.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            let n = stream.try_read(&mut scratch)?;
-            reader.extend(&scratch[..n]);
-            Ok::<_, io::Error>((n, scratch.len()))
-        })?
+        let mut scratch = SCRATCH_BUF.lock().unwrap_or_else(|p| p.into_inner());
+        if scratch.is_empty() {
+            scratch.resize(SCRATCH, 0);
+        }
+        let n = stream.try_read(&mut scratch)?;
+        reader.extend(&scratch[..n]);
+        (n, scratch.len())
     };
     if n > 0 && n < room {
         let _ = stream.try_io(Interest::READABLE, || Err::<(), _>(io::Error::from(ErrorKind::WouldBlock)));
