@@ -431,11 +431,16 @@ impl Inbox {
             Inbox::Channel(rx) => {
                 // over a polled transport (MPI) this thread reads what comes soon itself
                 polled::spin_until(|| !rx.is_empty() || !woken.is_empty() || deadline.is_some_and(|d| Instant::now() >= d));
-                let timeout = deadline.map_or(crossbeam_channel::never(), crossbeam_channel::at);
-                let got = select! {
-                    recv(rx) -> got => got.map_err(|_| Error::MasterGone("the transport stopped; exiting".into()))?,
-                    recv(woken) -> _ => return Ok(None),
-                    recv(timeout) -> _ => return Ok(None),
+                let got = match rx.try_recv() {
+                    Ok(got) => got, // it came while this thread polled: no select
+                    Err(_) => {
+                        let timeout = deadline.map_or(crossbeam_channel::never(), crossbeam_channel::at);
+                        select! {
+                            recv(rx) -> got => got.map_err(|_| Error::MasterGone("the transport stopped; exiting".into()))?,
+                            recv(woken) -> _ => return Ok(None),
+                            recv(timeout) -> _ => return Ok(None),
+                        }
+                    }
                 };
                 match got {
                     Delivery::Frame(frame) => from_master(frame),
