@@ -318,7 +318,8 @@ fn progress(shared: &Shared) {
         } else if sending {
             std::thread::yield_now(); // a large send needs MPI's progress to complete
         } else {
-            let longest = if (shared.awaiting)() { ALERT_PAUSE } else { MAX_PAUSE };
+            // a thread that waits and polls itself tells us when it stops (`sleeping`)
+            let longest = if (shared.awaiting)() && !polled::someone_polls() { ALERT_PAUSE } else { MAX_PAUSE };
             std::thread::park_timeout(pause.min(longest));
             pause = (pause * 2).min(longest);
         }

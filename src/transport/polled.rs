@@ -4,6 +4,7 @@
 //! delivered and picked up by the thread that waits for it, with no thread switch. The
 //! transport's own thread covers the rest.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,15 @@ const SPIN: Duration = Duration::from_micros(200);
 
 static POLLED: OnceLock<Arc<dyn Polled>> = OnceLock::new();
 
+/// Threads polling in [`spin_until`] now.
+static SPINNING: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether some thread polls the transport now: the transport's own thread need not, and
+/// waking it would only take a core from the one that does.
+pub(crate) fn someone_polls() -> bool {
+    SPINNING.load(Ordering::SeqCst) > 0
+}
+
 /// Makes `transport` the one waiting threads poll (a process has at most one).
 #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 pub(crate) fn install(transport: Arc<dyn Polled>) {
@@ -34,14 +44,17 @@ pub(crate) fn install(transport: Arc<dyn Polled>) {
 pub(crate) fn spin_until(mut done: impl FnMut() -> bool) -> bool {
     let Some(transport) = POLLED.get() else { return false };
     let start = Instant::now();
+    SPINNING.fetch_add(1, Ordering::SeqCst);
     loop {
         if done() {
+            SPINNING.fetch_sub(1, Ordering::SeqCst);
             return true;
         }
         if !transport.poll() {
             let spun = start.elapsed();
             if spun >= SPIN {
                 let done = done();
+                SPINNING.fetch_sub(1, Ordering::SeqCst);
                 if !done {
                     transport.sleeping();
                 }
