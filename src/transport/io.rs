@@ -122,6 +122,14 @@ pub(crate) fn can_drive() -> bool {
     Handle::try_current().is_err()
 }
 
+/// Keeps the I/O thread resting while this thread sends what it will then wait for (a call
+/// to each of many workers): it reads the replies itself when it waits.
+pub(crate) fn about_to_wait() -> impl Drop {
+    let io = io();
+    io.callers.fetch_add(1, Ordering::SeqCst);
+    Driving(io)
+}
+
 /// Runs `future` to completion on this thread, driving the I/O runtime meanwhile (reading
 /// sockets, running timers and tasks). Only where [`can_drive`].
 pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
@@ -182,6 +190,18 @@ mod tests {
             // nobody drives but the I/O thread, within a rest or two
             assert!(rx.recv_timeout(Duration::from_secs(2)).is_ok(), "a task spawned after the callers left never ran");
         }
+    }
+
+    #[test]
+    fn events_are_handled_again_once_a_sender_stops_holding_the_io_thread_back() {
+        block_on(tokio::task::yield_now()); // a caller drove: the I/O thread rests
+        let waiting = about_to_wait();
+        let (tx, rx) = mpsc::channel();
+        spawn(async move {
+            let _ = tx.send(());
+        });
+        drop(waiting); // it never waited: nobody drove, and the I/O thread takes over again
+        assert!(rx.recv_timeout(Duration::from_secs(2)).is_ok(), "a task spawned while a sender held the I/O thread back never ran");
     }
 
     #[test]
