@@ -117,9 +117,9 @@ impl Drop for Driving {
 }
 
 /// Whether this thread may drive the I/O runtime: not inside an async runtime (the caller's
-/// own, or this one), where blocking is the caller's affair.
+/// own, or this one), where blocking is the caller's affair, nor while the thread ends.
 pub(crate) fn can_drive() -> bool {
-    Handle::try_current().is_err()
+    Handle::try_current().is_err_and(|e| e.is_missing_context())
 }
 
 /// Keeps the I/O thread resting while this thread sends what it will then wait for (a call
