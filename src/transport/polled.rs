@@ -29,6 +29,7 @@ static SPINNING: AtomicUsize = AtomicUsize::new(0);
 
 /// Whether some thread polls the transport now: the transport's own thread need not, and
 /// waking it would only take a core from the one that does.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 pub(crate) fn someone_polls() -> bool {
     SPINNING.load(Ordering::SeqCst) > 0
 }
