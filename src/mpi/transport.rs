@@ -167,7 +167,8 @@ impl Shared {
         }
     }
 
-    /// Receives and delivers every message that has arrived, unless another thread does.
+    /// Receives and delivers the next message that has arrived, unless another thread polls:
+    /// one at a time, so that a waiting thread sees its reply before the next probe.
     fn receive(&self) -> bool {
         let mut r = match self.receiving.try_lock() {
             Ok(r) => r,
@@ -177,35 +178,31 @@ impl Shared {
         if r.closed {
             return false;
         }
-        let mut got = false;
-        while let Some((message, status)) = self.comm.any_process().immediate_matched_probe_with_tag(TAG) {
-            got = true;
-            let len = status.count(u8::equivalent_datatype()) as usize;
-            if len > r.max_frame {
-                // not received: that rank's link is cut off, its message stays with MPI
-                std::mem::forget(message);
-                let error = protocol::too_long(len, r.max_frame);
-                (r.deliver)(status.source_rank(), Err(error));
-                continue;
-            }
-            let mut message = message;
-            let mut body = buffers::take(len).unwrap_or_else(|| Vec::with_capacity(len));
-            // SAFETY: MPI writes the probed message, `len` bytes, into the buffer's room; the
-            // message handle is null afterwards (received), as its Drop expects.
-            unsafe {
-                ffi::MPI_Mrecv(body.as_mut_ptr().cast(), len as i32, ffi::RSMPI_UINT8_T, message.as_raw_mut(), ffi::RSMPI_STATUS_IGNORE);
-                body.set_len(len);
-            }
-            let source = status.source_rank();
-            let marked = protocol::Header::parse(&body).is_ok_and(|h| h.words != 0);
-            let frame = if len == WORDS_HEAD && marked {
-                self.receive_words(source, body, r.max_frame)
-            } else {
-                Frame::from_body(body)
-            };
-            (r.deliver)(source, frame);
+        let Some((mut message, status)) = self.comm.any_process().immediate_matched_probe_with_tag(TAG) else { return false };
+        let len = status.count(u8::equivalent_datatype()) as usize;
+        if len > r.max_frame {
+            // not received: that rank's link is cut off, its message stays with MPI
+            std::mem::forget(message);
+            let error = protocol::too_long(len, r.max_frame);
+            (r.deliver)(status.source_rank(), Err(error));
+            return true;
         }
-        got
+        let mut body = buffers::take(len).unwrap_or_else(|| Vec::with_capacity(len));
+        // SAFETY: MPI writes the probed message, `len` bytes, into the buffer's room; the
+        // message handle is null afterwards (received), as its Drop expects.
+        unsafe {
+            ffi::MPI_Mrecv(body.as_mut_ptr().cast(), len as i32, ffi::RSMPI_UINT8_T, message.as_raw_mut(), ffi::RSMPI_STATUS_IGNORE);
+            body.set_len(len);
+        }
+        let source = status.source_rank();
+        let marked = protocol::Header::parse(&body).is_ok_and(|h| h.words != 0);
+        let frame = if len == WORDS_HEAD && marked {
+            self.receive_words(source, body, r.max_frame)
+        } else {
+            Frame::from_body(body)
+        };
+        (r.deliver)(source, frame);
+        true
     }
 
     /// The words that follow the frame `head` from `source`, if the frame announces
