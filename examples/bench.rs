@@ -768,6 +768,12 @@ mod scale {
 
     use super::{MSG, bench, noop};
 
+    /// `everywhere` rounds timed, after [`WARM_UP`] untimed ones, for ours and raw alike: a
+    /// round takes tens of ms, and the first rounds after a start are up to a third slower
+    /// (a thousand fresh processes fault their pages in).
+    const ROUNDS: usize = 15;
+    const WARM_UP: usize = 5;
+
     fn status(field: &str) -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
@@ -777,7 +783,7 @@ mod scale {
         std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
     }
 
-    /// Raw: time until `n` children have connected, and the median of 5 rounds of one
+    /// Raw: time until `n` children have connected, and the median of [`ROUNDS`] rounds of one
     /// ping to each and every pong back.
     fn raw(n: usize) -> (Duration, Duration) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -807,7 +813,7 @@ mod scale {
             }
             t.elapsed()
         };
-        let mut rounds: Vec<Duration> = (0..6).map(|_| round()).skip(1).collect();
+        let mut rounds: Vec<Duration> = (0..WARM_UP + ROUNDS).map(|_| round()).skip(WARM_UP).collect();
         rounds.sort();
         drop(sockets); // the children exit at end of stream
         for c in &mut children {
@@ -825,19 +831,19 @@ mod scale {
         let ready = t.elapsed();
         assert_eq!(pids.len(), n);
         let mut rounds = Vec::new();
-        for _ in 0..6 {
+        for _ in 0..WARM_UP + ROUNDS {
             let t = Instant::now();
             let all = cluster.everywhere(noop, ())?;
             rounds.push(t.elapsed());
             assert_eq!(all.len(), n);
         }
-        rounds.remove(0);
+        rounds.drain(..WARM_UP);
         rounds.sort();
         let round = rounds[rounds.len() / 2];
         let (threads, rss, fds) = (status("Threads:"), status("VmRSS:"), open_fds());
         let kib_per_worker = rss.saturating_sub(rss_before) as f64 / n as f64;
         println!(
-            "# scale {n}: master threads {threads_before} -> {threads}, descriptors {fds_before} -> {fds}, RSS {rss_before} -> {rss} KiB; everywhere: median of 5 rounds after one"
+            "# scale {n}: master threads {threads_before} -> {threads}, descriptors {fds_before} -> {fds}, RSS {rss_before} -> {rss} KiB; everywhere: median of {ROUNDS} rounds after {WARM_UP}"
         );
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let base = |d: Duration| compare.then(|| ms(d));
