@@ -215,6 +215,7 @@ fn next_completion(rx: &crossbeam_channel::Receiver<(u64, Result<Frame>)>, bell:
             pump(wake_at, bell)?;
         }
     }
+    crate::transport::io::needed(); // the replies come through the I/O runtime
     let received = match wake_at {
         Some(t) => rx.recv_deadline(t).ok(),
         None => rx.recv().ok(),

@@ -148,6 +148,7 @@ impl Slot {
                 _ => {
                     s.wake = Some(Wake::Thread(std::thread::current()));
                     drop(s);
+                    io::needed();
                     match deadline {
                         Some(d) => std::thread::park_timeout(d.saturating_duration_since(Instant::now())),
                         None => std::thread::park(),
@@ -172,6 +173,8 @@ impl Slot {
             Some(r) => Poll::Ready(r),
             None => {
                 s.wake = Some(Wake::Task(cx.waker().clone()));
+                drop(s);
+                io::needed(); // a caller's executor waits: someone must read its reply
                 Poll::Pending
             }
         }
