@@ -90,6 +90,7 @@ impl LaunchWait {
     /// Waits up to `timeout` for more workers; returns how many are connected, or why the
     /// launch cannot complete (a worker was refused, the master ran out of descriptors).
     pub(crate) fn wait(&self, timeout: Duration) -> std::result::Result<usize, String> {
+        crate::transport::io::needed(); // workers are admitted on the I/O runtime
         let s = self.state.lock().expect("launch lock");
         let (s, _) = self.cv.wait_timeout_while(s, timeout, |s| s.connected.len() < self.n && s.failure.is_none()).expect("launch lock");
         match &s.failure {
@@ -544,6 +545,7 @@ fn cut_off(inner: &Arc<Inner>, pids: &[Pid], grace: Duration) {
 
 /// Waits until none of `pids` is a worker any more, or `deadline`; true if none is.
 fn wait_gone(m: &Master, pids: &[Pid], deadline: Instant) -> bool {
+    crate::transport::io::needed(); // departures are seen on the I/O runtime
     let mut guard = m.departed.0.lock().expect("departed lock");
     loop {
         if pids.iter().all(|p| m.worker(*p).is_none()) {
