@@ -187,6 +187,30 @@ fn many_futures_in_flight_resolve_to_their_own_results() {
 }
 
 #[test]
+fn calls_work_from_inside_a_users_tokio_runtime() {
+    let (cluster, pids) = cluster_with(2);
+    // a blocking call first: its thread drove the I/O runtime, whose own thread now rests
+    assert_eq!(cluster.remote_call_fetch(pids[0], add, (1, 2)).unwrap(), 3);
+    let (done, finished) = std::sync::mpsc::channel();
+    let user = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        runtime.block_on(async {
+            // blocking calls inside an async runtime: this thread cannot drive ours, it waits
+            assert_eq!(cluster.everywhere(add, (3, 3)).unwrap().into_values().collect::<Vec<_>>(), vec![6, 6]);
+            assert_eq!(cluster.remote_call_fetch(pids[1], add, (2, 2)).unwrap(), 4);
+            // and awaited ones, which a task of the user's runtime polls
+            let awaited = cluster.remote_call(pids[0], add, (4, 4)).unwrap().await.unwrap();
+            let timed = tokio::time::timeout(Duration::from_secs(10), cluster.remote_call(pids[1], add, (5, 5)).unwrap()).await;
+            assert_eq!((awaited, timed.expect("an awaited call answered").unwrap()), (8, 10));
+        });
+        let _ = done.send(());
+    });
+    let answered = finished.recv_timeout(Duration::from_secs(60));
+    assert!(user.is_finished() || answered.is_ok(), "calls made inside a tokio runtime hang");
+    user.join().expect("the calls inside the runtime");
+}
+
+#[test]
 fn remote_future_is_a_std_future() {
     let (cluster, pids) = cluster_with(1);
     let fut = cluster.remote_call(pids[0], add, (2, 3)).unwrap();

@@ -272,7 +272,7 @@ impl Admit for Door {
 }
 
 /// Puts a worker that passed the handshake on `stream` into the process table; the I/O
-/// thread reads its connection from now on. Runs on the I/O runtime.
+/// runtime reads its connection from now on. Runs on the I/O runtime.
 pub(crate) fn serve_connection(inner: &Arc<Inner>, pid: Pid, hello: Hello, stream: tokio::net::TcpStream) {
     let stream = Arc::new(stream);
     let info = WorkerInfo { pid, host: hello.host, os_pid: hello.os_pid, mpi: hello.mpi };
