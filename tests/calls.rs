@@ -210,6 +210,32 @@ fn calls_work_from_inside_a_users_tokio_runtime() {
     user.join().expect("the calls inside the runtime");
 }
 
+/// Runs on the master (pid 1), called by a worker: a call to every worker from the master's
+/// pool.
+#[remote]
+fn add_everywhere() -> usize {
+    Cluster::current().unwrap().everywhere(add, (1, 1)).unwrap().len()
+}
+
+#[remote]
+fn ask_the_master_to_add_everywhere() -> usize {
+    Cluster::current().unwrap().remote_call_fetch(1, add_everywhere, ()).unwrap()
+}
+
+#[test]
+fn everywhere_run_by_the_master_for_a_worker_answers_while_the_caller_cannot_read_replies() {
+    let (cluster, pids) = cluster_with(2);
+    assert_eq!(cluster.remote_call_fetch(pids[0], add, (1, 2)).unwrap(), 3); // the I/O thread rests now
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // inside an async runtime the caller cannot read replies itself: only the I/O thread can
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let _ = done.send(runtime.block_on(async { cluster.remote_call_fetch(pids[0], ask_the_master_to_add_everywhere, ()) }));
+    });
+    let reached = finished.recv_timeout(Duration::from_secs(60)).expect("the pool's everywhere hangs");
+    assert_eq!(reached.unwrap(), 2);
+}
+
 #[test]
 fn remote_future_is_a_std_future() {
     let (cluster, pids) = cluster_with(1);

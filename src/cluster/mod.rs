@@ -546,7 +546,8 @@ impl Cluster {
         let _ = f;
         let mut payload = Vec::new();
         codec::encode_value_into(&args, &mut payload)?;
-        let _waiting = crate::transport::io::about_to_wait();
+        // this thread reads the replies when it waits: the I/O thread need not meanwhile
+        let _waiting = slot::Slot::waits_driving().then(crate::transport::io::about_to_wait);
         let futures: Vec<_> = self.workers().into_iter().map(|pid| (pid, self.call_with_payload::<F::Output>(pid, F::ID, &payload))).collect();
         let mut results = BTreeMap::new();
         let mut first_error = None;

@@ -103,6 +103,12 @@ impl Slot {
         self.state.lock().expect("slot lock").result.is_some()
     }
 
+    /// Whether [`wait`](Slot::wait) on this thread drives the I/O runtime (and so reads the
+    /// replies itself), rather than serving, helping the pool or parking meanwhile.
+    pub(crate) fn waits_driving() -> bool {
+        pumping().is_none() && pool::helping_queue().is_none() && io::can_drive()
+    }
+
     /// Blocks until filled or `deadline` (then `None`). A worker's serving thread keeps
     /// serving while it waits (it may be the only reader of the reply's connection); a pool
     /// thread on the master runs queued calls.

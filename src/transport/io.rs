@@ -141,14 +141,12 @@ pub(crate) fn can_drive() -> bool {
 }
 
 /// Keeps the I/O thread resting while this thread sends what it will then wait for (a call
-/// to each of many workers): it reads the replies itself when it waits. Nothing where this
-/// thread cannot drive the runtime (it will not read the replies).
-pub(crate) fn about_to_wait() -> Option<impl Drop> {
-    can_drive().then(|| {
-        let io = io();
-        io.callers.fetch_add(1, Ordering::SeqCst);
-        Driving(io)
-    })
+/// to each of many workers): it reads the replies itself when it waits. Only for a thread
+/// whose next wait is a [`block_on`]: nobody else may be left to read the replies.
+pub(crate) fn about_to_wait() -> impl Drop {
+    let io = io();
+    io.callers.fetch_add(1, Ordering::SeqCst);
+    Driving(io)
 }
 
 /// Runs `future` to completion on this thread, driving the I/O runtime meanwhile (reading
