@@ -21,8 +21,9 @@ use tokio::sync::Notify;
 use crate::buffers;
 
 /// How long the I/O thread leaves the runtime to callers before it checks whether one still
-/// drives it: the longest an event waits while callers run user code between calls. Long
-/// enough that sending a call to each of a thousand workers does not hand it back and forth.
+/// drives it: long enough to span the user code between the calls of a loop, short enough
+/// for what only the runtime sees (a worker's output, a timer), which waits at most twice
+/// this while callers run user code and nobody else waits.
 const LINGER: Duration = Duration::from_millis(5);
 
 /// The longest the I/O thread rests while a caller keeps driving (a long call): that caller
