@@ -216,6 +216,13 @@ fn all_rank_checks(transport: Transport) {
         assert_eq!(cluster.remote_call_fetch(last, quarters, (n,)).unwrap(), expected, "{n} f64 from pid {last}");
         assert_eq!(cluster.remote_call_fetch(2, quarters_of, (last, n)).unwrap(), expected, "{n} f64 routed");
     }
+    // frames on both sides of the size that lands in the receive posted in advance (bigger
+    // ones are announced, then follow): to rank `last` and back, and routed through rank 0
+    for n in (8_120..8_200).chain([200_000]) {
+        let text = "x".repeat(n);
+        assert_eq!(cluster.remote_call_fetch(last, echo, (text.clone(),)).unwrap(), text, "{n} chars");
+        assert_eq!(cluster.remote_call_fetch(2, echo_via, (last, text.clone())).unwrap(), text, "{n} chars routed");
+    }
     let bytes = cluster.remote_call_fetch(last, byte_ramp, (3 << 20,)).unwrap();
     assert!(bytes.len() == 3 << 20 && bytes.iter().enumerate().all(|(i, b)| *b == i as u8), "3 MiB of u8");
     // big arguments too: to rank `last`, and from another worker to it
@@ -250,6 +257,16 @@ fn count_and_sum(values: Vec<f64>) -> (usize, f64) {
 #[remote]
 fn count_and_sum_on(pid: Pid, n: usize) -> clusterman::Result<(usize, f64)> {
     Cluster::current().unwrap().remote_call_fetch(pid, count_and_sum, ((0..n).map(|i| i as f64 * 0.25).collect(),))
+}
+
+#[remote]
+fn echo(text: String) -> String {
+    text
+}
+
+#[remote]
+fn echo_via(pid: Pid, text: String) -> clusterman::Result<String> {
+    Cluster::current().unwrap().remote_call_fetch(pid, echo, (text,))
 }
 
 #[remote]

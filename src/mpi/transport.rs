@@ -12,7 +12,10 @@
 //! collectives — runs on other threads at the same time, which is why this mode needs
 //! `MPI_THREAD_MULTIPLE`.
 //!
-//! The words of a big argument or result (see `Header::words`) go as a second message, from
+//! A frame of up to [`SMALL`] bytes lands in a receive posted in advance, which costs less than
+//! probing for it and then receiving it. A bigger frame is announced there by its length
+//! prefix and follows as a message of its own, received straight into a buffer of its size.
+//! The words of a big argument or result (see `Header::words`) go as a further message, from
 //! where the value holds them, which the receiver takes straight into a block of their own:
 //! the vector it decodes.
 
@@ -33,12 +36,17 @@ use crate::protocol::{self, Frame, LEN_PREFIX, Outgoing, WORDS_HEAD, words_apart
 use crate::transport::FrameOut;
 use crate::transport::polled::{self, Polled};
 
-/// Tag of every frame on the transport communicator.
+/// Tag of a frame of at most [`SMALL`] bytes, or of the length prefix announcing a bigger one.
 const TAG: i32 = 7001;
 /// Tag of the message holding a big value's words, right after its frame from that rank.
 const WORDS_TAG: i32 = 7002;
-/// How long the words of a frame that came may take to follow it.
-const WORDS_WITHIN: Duration = Duration::from_secs(30);
+/// Tag of a frame bigger than [`SMALL`], right after its announcement from that rank.
+const BIG_TAG: i32 = 7003;
+/// The largest frame that lands in the receive posted in advance (copied out of it: a
+/// frame this small costs less to copy than a buffer of its own would to allocate).
+const SMALL: usize = 8 * 1024;
+/// How long the rest of a message (a big frame, a value's words) may take to follow its start.
+const FOLLOWS_WITHIN: Duration = Duration::from_secs(30);
 /// First pause of the progress thread after activity.
 const MIN_PAUSE: Duration = Duration::from_micros(20);
 /// Longest pause while this process waits for a reply.
@@ -79,8 +87,12 @@ unsafe impl Sync for Shared {}
 struct Receiving {
     deliver: Deliver,
     max_frame: usize,
-    /// Set by the stop: MPI may be finalised, nothing more is probed.
+    /// Set by the stop: MPI may be finalised, nothing more is received.
     closed: bool,
+    /// The receive posted for the next message on [`TAG`] from any rank, and where it lands
+    /// (boxed: MPI writes there while this struct may move).
+    next: ffi::MPI_Request,
+    landing: Box<[u8]>,
 }
 
 struct Sends {
@@ -95,13 +107,26 @@ struct InFlight {
     frame: Outgoing,
     /// The first `posted` are ours (in place: no allocation per send). MPI sets a completed
     /// one to `MPI_REQUEST_NULL`, which tests complete again at once.
-    requests: [ffi::MPI_Request; 2],
+    requests: [ffi::MPI_Request; 3],
     posted: usize,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         buffers::give(std::mem::take(&mut self.frame.bytes)); // sent: a big one serves the next
+    }
+}
+
+impl Receiving {
+    /// Receives nothing more: cancels the posted receive and waits for the cancel (or for
+    /// the message it matched, dropped), so that MPI no longer writes into the landing.
+    fn close(&mut self) {
+        self.closed = true;
+        // SAFETY: cancelling and completing the receive we posted.
+        unsafe {
+            ffi::MPI_Cancel(&mut self.next);
+            ffi::MPI_Wait(&mut self.next, ffi::RSMPI_STATUS_IGNORE);
+        }
     }
 }
 
@@ -114,21 +139,28 @@ impl MpiTransport {
     /// handing every received frame to `deliver`; a message larger than `max_frame` is
     /// delivered as an error, not received. Waiting threads of this process poll it.
     pub(crate) fn start(comm: SimpleCommunicator, deliver: Deliver, max_frame: usize, awaiting: Awaiting) -> Result<MpiTransport> {
+        // SAFETY: MPI_REQUEST_NULL is a constant MPI defines.
+        let next = unsafe { ffi::RSMPI_REQUEST_NULL };
+        let receiving = Receiving { deliver, max_frame, closed: false, next, landing: vec![0; SMALL].into_boxed_slice() };
         let shared = Arc::new(Shared {
             comm,
-            receiving: Mutex::new(Receiving { deliver, max_frame, closed: false }),
+            receiving: Mutex::new(receiving),
             sends: Mutex::new(Sends { posted: Vec::new(), closed: false }),
             stop: AtomicBool::new(false),
             awaiting,
             progress: OnceLock::new(),
         });
+        shared.post(&mut lock(&shared.receiving));
         let handle = std::thread::Builder::new()
             .name("cman-mpi".into())
             .spawn({
                 let shared = shared.clone();
                 move || progress(&shared)
             })
-            .map_err(|e| Error::io("starting the MPI progress thread", e))?;
+            .map_err(|e| {
+                lock(&shared.receiving).close();
+                Error::io("starting the MPI progress thread", e)
+            })?;
         let _ = shared.progress.set(handle.thread().clone());
         polled::install(shared.clone());
         Ok(MpiTransport { shared, handle: Some(handle) })
@@ -167,8 +199,15 @@ impl Shared {
         }
     }
 
+    /// Posts the receive for the next message on [`TAG`].
+    fn post(&self, r: &mut Receiving) {
+        // SAFETY: the landing buffer is boxed and outlives the request: the request completes
+        // or is cancelled (`cancel`) before `Receiving` is dropped.
+        unsafe { ffi::MPI_Irecv(r.landing.as_mut_ptr().cast(), SMALL as i32, ffi::RSMPI_UINT8_T, ffi::RSMPI_ANY_SOURCE, TAG, self.comm.as_raw(), &mut r.next) };
+    }
+
     /// Receives and delivers the next message that has arrived, unless another thread polls:
-    /// one at a time, so that a waiting thread sees its reply before the next probe.
+    /// one at a time, so that a waiting thread sees its reply before the next test.
     fn receive(&self) -> bool {
         let mut r = match self.receiving.try_lock() {
             Ok(r) => r,
@@ -178,14 +217,57 @@ impl Shared {
         if r.closed {
             return false;
         }
-        let Some((mut message, status)) = self.comm.any_process().immediate_matched_probe_with_tag(TAG) else { return false };
-        let len = status.count(u8::equivalent_datatype()) as usize;
-        if len > r.max_frame {
-            // not received: that rank's link is cut off, its message stays with MPI
-            std::mem::forget(message);
-            let error = protocol::too_long(len, r.max_frame);
-            (r.deliver)(status.source_rank(), Err(error));
-            return true;
+        let (mut flag, mut count) = (0, 0);
+        // SAFETY: a status is plain data MPI fills in.
+        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        // SAFETY: testing the receive we posted; its count is read from the status MPI filled.
+        unsafe {
+            ffi::MPI_Test(&mut r.next, &mut flag, &mut status);
+            if flag == 0 {
+                return false;
+            }
+            ffi::MPI_Get_count(&status, ffi::RSMPI_UINT8_T, &mut count);
+        }
+        let (source, len) = (status.MPI_SOURCE, count as usize);
+        let start = r.landing[..len].to_vec();
+        self.post(&mut r); // the next message lands while this one is handled
+        let body = match <[u8; LEN_PREFIX]>::try_from(&start[..]) {
+            // no frame is this short: the length prefix of a bigger one, which follows
+            Ok(prefix) => protocol::check_len(prefix, r.max_frame).and_then(|len| self.receive_big(source, len)),
+            Err(_) if len > r.max_frame => Err(protocol::too_long(len, r.max_frame)),
+            Err(_) => Ok(start),
+        };
+        let frame = body.and_then(|body| {
+            let marked = protocol::Header::parse(&body).is_ok_and(|h| h.words != 0);
+            if body.len() == WORDS_HEAD && marked { self.receive_words(source, body, r.max_frame) } else { Frame::from_body(body) }
+        });
+        (r.deliver)(source, frame);
+        true
+    }
+
+    /// Waits for the message with `tag` that `source` sent right after the one just
+    /// received (`what` it holds, for the error).
+    fn follower(&self, source: i32, tag: i32, what: &str) -> Result<(::mpi::point_to_point::Message, ::mpi::point_to_point::Status)> {
+        let deadline = Instant::now() + FOLLOWS_WITHIN;
+        loop {
+            // posted right after the message before it: it is on its way
+            if let Some(found) = self.comm.process_at_rank(source).immediate_matched_probe_with_tag(tag) {
+                return Ok(found);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Protocol(format!("{what} from rank {source} did not follow within {FOLLOWS_WITHIN:?}")));
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// The frame of `len` bytes that `source` announced, received into a buffer of its size.
+    fn receive_big(&self, source: i32, len: usize) -> Result<Vec<u8>> {
+        let (mut message, status) = self.follower(source, BIG_TAG, "an announced frame")?;
+        let got = status.count(u8::equivalent_datatype()) as usize;
+        if got != len {
+            std::mem::forget(message); // not received: that rank's link is cut off
+            return Err(Error::Protocol(format!("a frame of {got} bytes from rank {source} where {len} were announced")));
         }
         let mut body = buffers::take(len).unwrap_or_else(|| Vec::with_capacity(len));
         // SAFETY: MPI writes the probed message, `len` bytes, into the buffer's room; the
@@ -194,15 +276,7 @@ impl Shared {
             ffi::MPI_Mrecv(body.as_mut_ptr().cast(), len as i32, ffi::RSMPI_UINT8_T, message.as_raw_mut(), ffi::RSMPI_STATUS_IGNORE);
             body.set_len(len);
         }
-        let source = status.source_rank();
-        let marked = protocol::Header::parse(&body).is_ok_and(|h| h.words != 0);
-        let frame = if len == WORDS_HEAD && marked {
-            self.receive_words(source, body, r.max_frame)
-        } else {
-            Frame::from_body(body)
-        };
-        (r.deliver)(source, frame);
-        true
+        Ok(body)
     }
 
     /// The words that follow the frame `head` from `source`, if the frame announces
@@ -212,17 +286,7 @@ impl Shared {
         if count == 0 {
             return Frame::from_body(head);
         }
-        let deadline = Instant::now() + WORDS_WITHIN;
-        let (mut message, status) = loop {
-            // posted right after the frame: it is on its way
-            if let Some(found) = self.comm.process_at_rank(source).immediate_matched_probe_with_tag(WORDS_TAG) {
-                break found;
-            }
-            if Instant::now() > deadline {
-                return Err(Error::Protocol(format!("the words of a frame from rank {source} did not follow it within {WORDS_WITHIN:?}")));
-            }
-            std::thread::yield_now();
-        };
+        let (mut message, status) = self.follower(source, WORDS_TAG, "the words of a frame")?;
         let len = status.count(u8::equivalent_datatype()) as usize;
         let size = words_apart(&head, WORDS_HEAD + len).filter(|_| WORDS_HEAD + len <= max_frame);
         let Some(mut words) = size.and_then(Bulk::new) else {
@@ -245,19 +309,28 @@ impl Shared {
 
     /// Posts a send of `frame` to `rank`; false when it did not complete at once (the
     /// progress thread then completes it).
-    fn send(&self, rank: i32, frame: Outgoing) -> std::io::Result<bool> {
+    fn send(&self, rank: i32, mut frame: Outgoing) -> std::io::Result<bool> {
         let mut sends = lock(&self.sends);
         if sends.closed {
             return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the MPI transport has stopped"));
         }
-        // MPI keeps message bounds: no length prefix. A big value's words go from where they
-        // are held as a message of their own, posted at once after its frame (under the
-        // lock: no other frame to that rank comes between them).
+        // MPI keeps message bounds: a small frame goes without its length prefix, a bigger
+        // one after it. A big value's words go from where they are held as a message of
+        // their own. All are posted at once, under the lock: nothing to that rank comes
+        // between them.
+        let body_len = frame.bytes.len() - LEN_PREFIX;
+        let big = body_len > SMALL;
+        if big {
+            let prefix = protocol::len_prefix(body_len).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+            frame.bytes[..LEN_PREFIX].copy_from_slice(&prefix);
+        }
+        let (prefix, body) = frame.bytes.split_at(LEN_PREFIX);
+        let parts = if big { [Some((prefix, TAG)), Some((body, BIG_TAG))] } else { [Some((body, TAG)), None] };
         let words = frame.words.as_ref().map(|words| (words.bytes(), WORDS_TAG));
         // SAFETY: MPI_REQUEST_NULL is a constant MPI defines.
-        let mut requests = [unsafe { ffi::RSMPI_REQUEST_NULL }; 2];
+        let mut requests = [unsafe { ffi::RSMPI_REQUEST_NULL }; 3];
         let mut posted = 0;
-        for (part, tag) in std::iter::once((&frame.bytes[LEN_PREFIX..], TAG)).chain(words) {
+        for (part, tag) in parts.into_iter().flatten().chain(words) {
             // SAFETY: the request is written by MPI_Isend; the buffer is owned by the
             // InFlight, which lives until MPI_Test reports every send complete.
             unsafe { ffi::MPI_Isend(part.as_ptr().cast(), part.len() as i32, ffi::RSMPI_UINT8_T, rank, tag, self.comm.as_raw(), &mut requests[posted]) };
@@ -307,7 +380,9 @@ impl FrameOut for MpiOut {
 fn progress(shared: &Shared) {
     let mut pause = MIN_PAUSE;
     loop {
-        let received = shared.receive();
+        // a thread that polls receives all the same, and a message this thread took would
+        // wake the poller's reply through it: leave the receiving to that thread
+        let received = !polled::someone_polls() && shared.receive();
         let sending = shared.complete_sends();
         if shared.stop.load(Ordering::SeqCst) {
             break;
@@ -336,7 +411,7 @@ fn progress(shared: &Shared) {
         std::mem::forget(std::mem::take(&mut sends.posted));
     }
     drop(sends);
-    lock(&shared.receiving).closed = true;
+    lock(&shared.receiving).close();
 }
 
 fn send_done(s: &mut InFlight) -> bool {

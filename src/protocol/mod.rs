@@ -30,7 +30,7 @@ pub use frame::{Frame, FrameBuf, FrameReader, Header, Kind, LEN_PREFIX, Outgoing
 #[cfg(feature = "mpi")]
 pub use frame::{WORDS_HEAD, words_apart};
 #[cfg(feature = "mpi")]
-pub use frame::too_long;
+pub use frame::{check_len, len_prefix, too_long};
 pub use handshake::{MAGIC, PROTOCOL_VERSION};
 pub use handshake::{Fingerprint, Hello, MAX_HANDSHAKE, Refusal, Secret, Terms, Welcome, check_hello};
 pub use liveness::{Health, Liveness};
