@@ -5,7 +5,6 @@
 //! handshake compares the table's hash anyway.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
@@ -85,7 +84,8 @@ pub const fn entry<F: RemoteFn>(signature: &'static str) -> RemoteEntry {
 pub static REMOTE_FUNCTIONS: [RemoteEntry];
 
 struct Table {
-    by_id: HashMap<u64, &'static RemoteEntry>,
+    /// Sorted by id (ids are hashes already: a binary search beats hashing them again).
+    by_id: Vec<(u64, &'static RemoteEntry)>,
     hash: u64,
 }
 
@@ -94,16 +94,17 @@ fn table() -> &'static Table {
     TABLE.get_or_init(|| {
         let mut entries: Vec<&'static RemoteEntry> = REMOTE_FUNCTIONS.iter().collect();
         entries.sort_by_key(|e| e.name);
-        let mut by_id = HashMap::with_capacity(entries.len());
         let mut hasher = Fnv::default();
-        for e in entries {
-            if let Some(prev) = by_id.insert(fn_id(e.name), e) {
-                panic!("two remote functions hash to the same id: {} and {}; rename one", prev.name, e.name);
-            }
+        for e in &entries {
             hasher.write(e.name.as_bytes());
             hasher.write(b"\0");
             hasher.write(e.signature.as_bytes());
             hasher.write(b"\0");
+        }
+        let mut by_id: Vec<_> = entries.into_iter().map(|e| (fn_id(e.name), e)).collect();
+        by_id.sort_by_key(|&(id, _)| id);
+        if let Some(pair) = by_id.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+            panic!("two remote functions hash to the same id: {} and {}; rename one", pair[0].1.name, pair[1].1.name);
         }
         Table { by_id, hash: hasher.0 }
     })
@@ -111,7 +112,8 @@ fn table() -> &'static Table {
 
 /// Looks a function up by id.
 pub fn lookup(id: u64) -> Option<&'static RemoteEntry> {
-    table().by_id.get(&id).copied()
+    let by_id = &table().by_id;
+    by_id.binary_search_by_key(&id, |&(id, _)| id).ok().map(|at| by_id[at].1)
 }
 
 /// Hash of the whole table (names and signatures), part of the build fingerprint.

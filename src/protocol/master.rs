@@ -5,13 +5,14 @@
 //! happened, and when to wake next. The driver (one I/O runtime, a lock around the core) does
 //! the sending, runs calls addressed to the master, and calls the user back.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::ids::Pid;
 
 use super::failure::{Failure, failure_frame};
+use super::id_map::IdMap;
 use super::frame::{Frame, Kind, Outgoing, bare};
 use super::liveness::Liveness;
 
@@ -60,7 +61,7 @@ struct Peer<W> {
     heard: Instant,
     next_req: u64,
     /// Our calls to it, by request id.
-    calls: HashMap<u64, W>,
+    calls: IdMap<W>,
     /// Calls other workers routed to it: (caller, their request id).
     routed: HashSet<(Pid, u64)>,
     /// Why we closed it, if we did (said instead of "connection closed").
@@ -86,7 +87,7 @@ impl<W> MasterCore<W> {
 
     /// A worker joined (its handshake is done).
     pub fn add_worker(&mut self, pid: Pid, now: Instant) {
-        self.peers.insert(pid, Peer { heard: now, next_req: 1, calls: HashMap::new(), routed: HashSet::new(), given_up: None });
+        self.peers.insert(pid, Peer { heard: now, next_req: 1, calls: IdMap::default(), routed: HashSet::new(), given_up: None });
     }
 
     /// The workers, ascending.

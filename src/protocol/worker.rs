@@ -5,7 +5,6 @@
 //! frames, link ends and the time; each input returns what to do. The driver (the serving
 //! thread and the links' readers, around one lock) runs calls, sends, and wakes callers.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use crate::error::{Error, RemoteError, Result};
@@ -13,6 +12,7 @@ use crate::ids::Pid;
 use crate::sys::TcpPulse;
 
 use super::failure::{Failure, failure_frame};
+use super::id_map::IdMap;
 use super::frame::{Frame, Header, Kind, LEN_PREFIX, Outgoing};
 use super::handshake::Terms;
 use super::liveness::Health;
@@ -40,7 +40,7 @@ struct LinkState<W> {
     heard: Instant,
     next_req: u64,
     /// Our calls on it, by request id.
-    calls: HashMap<u64, W>,
+    calls: IdMap<W>,
     /// Set once it is gone; new calls on it fail at once with this reason.
     dead: Option<String>,
     /// Why we gave up on the peer ourselves (no heartbeat), said instead of "closed".
@@ -50,7 +50,7 @@ struct LinkState<W> {
 /// A worker's protocol state.
 pub(crate) struct WorkerCore<W> {
     terms: Terms,
-    links: HashMap<LinkId, LinkState<W>>,
+    links: IdMap<LinkState<W>>,
     next_link: LinkId,
     stopping: bool,
 }
@@ -58,7 +58,7 @@ pub(crate) struct WorkerCore<W> {
 impl<W> WorkerCore<W> {
     /// A worker admitted on `terms`, with no links yet.
     pub(crate) fn new(terms: Terms) -> Self {
-        WorkerCore { terms, links: HashMap::new(), next_link: 0, stopping: false }
+        WorkerCore { terms, links: IdMap::default(), next_link: 0, stopping: false }
     }
 
     /// The terms it was admitted on.
@@ -70,7 +70,7 @@ impl<W> WorkerCore<W> {
     pub(crate) fn add_link(&mut self, peer: Pid, now: Instant) -> LinkId {
         let id = self.next_link;
         self.next_link += 1;
-        self.links.insert(id, LinkState { peer, heard: now, next_req: 1, calls: HashMap::new(), dead: None, given_up: None });
+        self.links.insert(id, LinkState { peer, heard: now, next_req: 1, calls: IdMap::default(), dead: None, given_up: None });
         id
     }
 
