@@ -202,7 +202,7 @@ impl Shared {
     /// Posts the receive for the next message on [`TAG`].
     fn post(&self, r: &mut Receiving) {
         // SAFETY: the landing buffer is boxed and outlives the request: the request completes
-        // or is cancelled (`cancel`) before `Receiving` is dropped.
+        // or is cancelled (`Receiving::close`) before `Receiving` is dropped.
         unsafe { ffi::MPI_Irecv(r.landing.as_mut_ptr().cast(), SMALL as i32, ffi::RSMPI_UINT8_T, ffi::RSMPI_ANY_SOURCE, TAG, self.comm.as_raw(), &mut r.next) };
     }
 
@@ -320,6 +320,7 @@ impl Shared {
         // between them.
         let body_len = frame.bytes.len() - LEN_PREFIX;
         let big = body_len > SMALL;
+        debug_assert!(!big || frame.words.is_none(), "a frame with words is only its head");
         if big {
             let prefix = protocol::len_prefix(body_len).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
             frame.bytes[..LEN_PREFIX].copy_from_slice(&prefix);
