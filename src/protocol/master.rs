@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 use crate::ids::Pid;
 
 use super::failure::{Failure, failure_frame};
-use super::id_map::IdMap;
 use super::frame::{Frame, Kind, Outgoing, bare};
+use super::id_map::IdMap;
 use super::liveness::Liveness;
 
 /// What a worker's conversation ended with when it said goodbye.

@@ -12,9 +12,9 @@ use crate::ids::Pid;
 use crate::sys::TcpPulse;
 
 use super::failure::{Failure, failure_frame};
-use super::id_map::IdMap;
 use super::frame::{Frame, Header, Kind, LEN_PREFIX, Outgoing};
 use super::handshake::Terms;
+use super::id_map::IdMap;
 use super::liveness::Health;
 
 /// What a frame asks of the worker.
