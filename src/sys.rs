@@ -426,6 +426,37 @@ pub(crate) fn wait_readable_for(fd: RawFd, timeout: std::time::Duration) -> bool
     unsafe { libc::poll(&mut p, 1, ms) > 0 }
 }
 
+/// A counter a thread can wait on beside a socket (an eventfd, non-blocking).
+pub(crate) fn bell() -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: eventfd makes a new descriptor, owned from here on.
+    unsafe { Ok(std::os::fd::OwnedFd::from_raw_fd(check(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))?)) }
+}
+
+/// Rings `bell`: whoever waits on it wakes.
+pub(crate) fn ring(bell: RawFd) {
+    let one = 1u64;
+    // SAFETY: writing 8 bytes to an eventfd; a full counter only means it rang already.
+    unsafe { libc::write(bell, (&raw const one).cast(), 8) };
+}
+
+/// Blocks until `fd` is readable, `bell` rang, or `timeout` passed: (readable, rang). A
+/// ring is taken (the bell is silent again).
+pub(crate) fn wait_readable_or_bell(fd: RawFd, bell: RawFd, timeout: std::time::Duration) -> (bool, bool) {
+    let mut p = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: bell, events: libc::POLLIN, revents: 0 }];
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int; // not 0 for 0.9 ms
+    // SAFETY: poll on two valid pollfds; an interrupted poll just returns early.
+    if unsafe { libc::poll(p.as_mut_ptr(), 2, ms) } <= 0 {
+        return (false, false);
+    }
+    let rang = p[1].revents != 0;
+    if rang {
+        let mut count = 0u64;
+        // SAFETY: reading an eventfd's 8-byte counter (non-blocking).
+        unsafe { libc::read(bell, (&raw mut count).cast(), 8) };
+    }
+    (p[0].revents != 0, rang)
+}
+
 /// True if process `pid` descends from process `ancestor` (walks the parent chain).
 pub(crate) fn descends_from(pid: u32, ancestor: u32) -> bool {
     let mut current = pid;

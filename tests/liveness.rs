@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clusterman::launch::{ElasticAddress, ElasticManager};
@@ -65,6 +66,35 @@ fn a_stopped_worker_fails_its_call_within_the_heartbeat_timeout_and_shutdown_ret
     let started = Instant::now();
     cluster.shutdown().unwrap();
     assert!(started.elapsed() < Duration::from_secs(10), "shutdown took {:?}", started.elapsed());
+}
+
+#[test]
+fn a_worker_stopped_while_another_thread_calls_back_to_back_is_still_found_dead() {
+    // a thread calling in a tight loop reads its own replies, bypassing the I/O runtime:
+    // the runtime must still turn for the heartbeats of the other workers
+    let cluster = quick_heartbeat();
+    let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
+    let os = cluster.worker_info(pids[1]).unwrap().os_pid;
+    let (stop, calls) = (AtomicBool::new(false), AtomicU64::new(0));
+    let (found, calls_meanwhile) = std::thread::scope(|s| {
+        let caller = s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                assert_eq!(cluster.remote_call_fetch(pids[0], square, (3,)).unwrap(), 9);
+                calls.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        assert!(common::wait_until(Duration::from_secs(10), || calls.load(Ordering::Relaxed) > 1000), "the calls did not get going");
+        signal(os, libc::SIGSTOP);
+        let before = calls.load(Ordering::Relaxed);
+        let found = common::wait_until(Duration::from_secs(8), || !cluster.workers().contains(&pids[1]));
+        let meanwhile = calls.load(Ordering::Relaxed) - before;
+        stop.store(true, Ordering::Relaxed);
+        caller.join().expect("the calling thread");
+        (found, meanwhile)
+    });
+    assert!(found, "a stopped worker was not declared dead while another thread called in a loop");
+    assert!(calls_meanwhile > 100, "the loop of calls stalled meanwhile ({calls_meanwhile} calls)");
+    assert_eq!(cluster.workers(), vec![pids[0]]);
 }
 
 #[test]

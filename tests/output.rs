@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +17,9 @@ fn shout(lines: u32) {
     }
     eprintln!("and one on stderr from {}", my_id());
 }
+
+#[remote]
+fn nothing() {}
 
 #[test]
 fn stdout_and_stderr_lines_arrive_with_the_pid() {
@@ -67,4 +71,34 @@ fn output_printed_just_before_shutdown_is_not_lost() {
     cluster.shutdown().unwrap();
     let seen = seen.lock().unwrap();
     assert!(seen.iter().any(|l| l == &format!("line 49 from {}", pids[0])), "last line missing: {} lines", seen.len());
+}
+
+#[test]
+fn output_arrives_while_another_thread_calls_back_to_back() {
+    // that thread reads its own replies, bypassing the I/O runtime, which must still turn
+    // for the other workers' connections
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = seen.clone();
+    let cluster = Cluster::builder().output(move |_, line| sink.lock().unwrap().push(line.to_string())).build().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
+    let expected = format!("line 0 from {}", pids[1]);
+    let (stop, calls) = (AtomicBool::new(false), AtomicU64::new(0));
+    let (arrived, still_calling) = std::thread::scope(|s| {
+        let caller = s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                cluster.remote_call_fetch(pids[0], nothing, ()).unwrap();
+                calls.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        assert!(common::wait_until(Duration::from_secs(10), || calls.load(Ordering::Relaxed) > 1000), "the calls did not get going");
+        cluster.remote_do(pids[1], shout, (1,)).unwrap();
+        // the runtime turns every few milliseconds while the calls go on: half a second is ample
+        let arrived = common::wait_until(Duration::from_millis(500), || seen.lock().unwrap().contains(&expected));
+        let still_calling = !caller.is_finished();
+        stop.store(true, Ordering::Relaxed);
+        caller.join().expect("the calling thread");
+        (arrived, still_calling)
+    });
+    assert!(still_calling, "the calling thread ended early");
+    assert!(arrived, "a line printed by another worker did not arrive within 0.5 s while the calls went on: {:?}", seen.lock().unwrap());
 }

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -21,7 +21,7 @@ use crate::protocol::master::{Event as CoreEvent, MasterCore, STOPPED, Transmit}
 use crate::protocol::{Frame, Header, Hello, Kind, Liveness, call_frame, Refusal, Secret, Terms, Welcome};
 use crate::transport::FrameOut;
 use crate::transport::listener::{Admit, Listener};
-use crate::transport::tcp::{TcpOut, read_frames};
+use crate::transport::tcp::{Reading, TcpOut, read_frames};
 
 use super::exec;
 use super::launcher::Launch;
@@ -50,6 +50,9 @@ pub(crate) struct WorkerEntry {
     out: Box<dyn FrameOut>,
     /// Read by the I/O runtime, which reports its end; an MPI link has no end of its own.
     evented: bool,
+    /// How its connection is read (evented connections): a caller waiting for a reply from
+    /// it may read it itself.
+    reading: OnceLock<Weak<Reading>>,
     /// Output frames handed to the events thread and not printed yet: a reply that comes
     /// after them goes the same way, so a call's output is out before its result.
     output_pending: AtomicUsize,
@@ -277,25 +280,26 @@ pub(crate) fn serve_connection(inner: &Arc<Inner>, pid: Pid, hello: Hello, strea
     let stream = Arc::new(stream);
     let info = WorkerInfo { pid, host: hello.host, os_pid: hello.os_pid, mpi: hello.mpi };
     let entry = add_worker(inner, info, TcpOut::evented(stream.clone()), true);
-    let (weak, reading) = (Arc::downgrade(inner), entry.clone());
+    let (weak, from) = (Arc::downgrade(inner), entry.clone());
     let on_frame = move |frame| match weak.upgrade() {
-        Some(inner) => handle_frame(&inner, &reading, frame),
+        Some(inner) => handle_frame(&inner, &from, frame),
         None => Err("the master is gone".to_string()),
     };
-    let (weak, ended) = (Arc::downgrade(inner), entry);
-    read_frames(stream, inner.master().max_frame, on_frame, move |reason| {
+    let (weak, ended) = (Arc::downgrade(inner), entry.clone());
+    let reading = read_frames(stream, inner.master().max_frame, on_frame, move |reason| {
         ended.out.close();
         if let Some(inner) = weak.upgrade() {
             closed(&inner, ended.info.pid, &reason);
         }
     });
+    let _ = entry.reading.set(Arc::downgrade(&reading));
 }
 
 /// Puts a worker into the process table, talking through `out`.
 pub(crate) fn add_worker(inner: &Arc<Inner>, info: WorkerInfo, out: Box<dyn FrameOut>, evented: bool) -> Arc<WorkerEntry> {
     let m = inner.master();
     let pid = info.pid;
-    let entry = Arc::new(WorkerEntry { info, out, evented, output_pending: AtomicUsize::new(0) });
+    let entry = Arc::new(WorkerEntry { info, out, evented, reading: OnceLock::new(), output_pending: AtomicUsize::new(0) });
     m.workers.write().expect("workers lock").insert(pid, entry.clone());
     m.core.lock().expect("core lock").add_worker(pid, Instant::now());
     entry
@@ -320,55 +324,63 @@ pub(crate) fn closed(inner: &Arc<Inner>, pid: Pid, reason: &str) {
 fn drive(inner: &Arc<Inner>, from: Option<&Arc<WorkerEntry>>) {
     let m = inner.master();
     loop {
-        let (transmits, events): (Vec<Transmit>, Vec<CoreEvent<Waiter>>) = {
+        // one at a time (no list to allocate per frame), every transmit before any event
+        let next = {
             let mut core = m.core.lock().expect("core lock");
-            (std::iter::from_fn(|| core.poll_transmit()).collect(), std::iter::from_fn(|| core.poll_event()).collect())
+            match core.poll_transmit() {
+                Some(t) => Ok(t),
+                None => Err(core.poll_event()),
+            }
         };
-        if transmits.is_empty() && events.is_empty() {
-            return;
+        match next {
+            Ok(t) => {
+                let failed = match m.worker(t.to) {
+                    Some(entry) => entry.out.send(t.frame, None).err().map(|e| send_error(t.to, e)),
+                    None => Some(Error::NoSuchWorker(t.to)),
+                };
+                if let Some(error) = failed.filter(|_| t.routed.is_some()) {
+                    m.core.lock().expect("core lock").transmit_failed(Transmit { to: t.to, frame: Vec::new().into(), routed: t.routed }, &error);
+                }
+            }
+            Err(Some(event)) => act_on(inner, from, event),
+            Err(None) => return,
         }
-        for t in transmits {
-            let failed = match m.worker(t.to) {
-                Some(entry) => entry.out.send(t.frame, None).err().map(|e| send_error(t.to, e)),
-                None => Some(Error::NoSuchWorker(t.to)),
-            };
-            if let Some(error) = failed.filter(|_| t.routed.is_some()) {
-                m.core.lock().expect("core lock").transmit_failed(Transmit { to: t.to, frame: Vec::new().into(), routed: t.routed }, &error);
+    }
+}
+
+/// Acts on one event of the core.
+fn act_on(inner: &Arc<Inner>, from: Option<&Arc<WorkerEntry>>, event: CoreEvent<Waiter>) {
+    let m = inner.master();
+    match event {
+        CoreEvent::Resolved(waiter, result) => match from {
+            // a reply must not overtake output of its worker that is still on its way
+            Some(entry) if entry.output_pending.load(Ordering::Acquire) > 0 => {
+                let _ = m.events.send(Event::Resolve(waiter, result));
+            }
+            _ => waiter.deliver(result),
+        },
+        CoreEvent::RunHere(pid, frame) => {
+            if let Some(entry) = m.worker(pid) {
+                run_here(inner, entry, frame);
             }
         }
-        for event in events {
-            match event {
-                CoreEvent::Resolved(waiter, result) => match from {
-                    // a reply must not overtake output of its worker that is still on its way
-                    Some(entry) if entry.output_pending.load(Ordering::Acquire) > 0 => {
-                        let _ = m.events.send(Event::Resolve(waiter, result));
-                    }
-                    _ => waiter.deliver(result),
-                },
-                CoreEvent::RunHere(pid, frame) => {
-                    if let Some(entry) = m.worker(pid) {
-                        run_here(inner, entry, frame);
-                    }
-                }
-                CoreEvent::Output(pid, frame) => {
-                    if let Some(entry) = m.worker(pid) {
-                        output(m, entry, frame);
-                    }
-                }
-                CoreEvent::Close { pid, kill } => {
-                    let Some(entry) = m.worker(pid) else { continue };
-                    entry.out.close();
-                    if kill {
-                        let _ = m.events.send(Event::Kill(entry.info.clone()));
-                    }
-                    if !entry.evented {
-                        // no reader to see the end: it ends here
-                        m.core.lock().expect("core lock").handle_closed(pid, "its link was closed");
-                    }
-                }
-                CoreEvent::Gone { pid, reason } => gone(m, pid, reason),
+        CoreEvent::Output(pid, frame) => {
+            if let Some(entry) = m.worker(pid) {
+                output(m, entry, frame);
             }
         }
+        CoreEvent::Close { pid, kill } => {
+            let Some(entry) = m.worker(pid) else { return };
+            entry.out.close();
+            if kill {
+                let _ = m.events.send(Event::Kill(entry.info.clone()));
+            }
+            if !entry.evented {
+                // no reader to see the end: it ends here
+                m.core.lock().expect("core lock").handle_closed(pid, "its link was closed");
+            }
+        }
+        CoreEvent::Gone { pid, reason } => gone(m, pid, reason),
     }
 }
 
@@ -454,6 +466,9 @@ pub(crate) fn call(inner: &Arc<Inner>, header: Header, hint: usize, encode: impl
     let m = inner.master();
     let dst = header.dst;
     let entry = m.worker(dst).ok_or(Error::NoSuchWorker(dst))?;
+    if let (Some(Waiter::Slot(slot)), Some(reading)) = (&waiter, entry.reading.get()) {
+        slot.comes_through(reading.clone());
+    }
     let req = m.core.lock().expect("core lock").begin_call(dst, waiter)?;
     let sent = call_frame(Header { req, ..header }, hint, encode, m.max_frame).and_then(|frame| entry.out.send(frame, None).map_err(|e| send_error(dst, e)));
     if let Err(e) = sent {

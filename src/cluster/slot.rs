@@ -4,15 +4,18 @@
 //! A thread that waits on several sources is told of its reply on a channel it selects on.
 
 use std::cell::Cell;
-use std::sync::{Arc, Mutex};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::thread::Thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::Result;
 use crate::protocol::Frame;
+use crate::sys;
+use crate::transport::tcp::Reading;
 use crate::transport::{io, polled};
 
 use super::pool;
@@ -24,7 +27,14 @@ pub(crate) type Pump = fn(Option<Instant>, &Receiver<()>) -> Result<()>;
 thread_local! {
     /// Set on a worker's serving thread: what to do while waiting instead of parking.
     static PUMP: Cell<Option<Pump>> = const { Cell::new(None) };
+    /// What wakes this thread while it waits on its reply's connection (`None`: no
+    /// descriptor could be had; it then never waits so).
+    static BELL: Option<OwnedFd> = sys::bell().ok();
 }
+
+/// How long a caller waits on its reply's connection alone before the I/O runtime takes
+/// over (a call that runs longer is waited for as any other).
+const READ_OWN_FOR: Duration = Duration::from_millis(1);
 
 /// Makes this thread serve with `pump` while it waits for replies (`None`: stop).
 pub(crate) fn serve_while_waiting(pump: Option<Pump>) {
@@ -65,6 +75,8 @@ impl Waiter {
 #[derive(Default)]
 pub(crate) struct Slot {
     state: Mutex<SlotState>,
+    /// The connection the reply comes on, if a caller may read it itself.
+    source: OnceLock<Weak<Reading>>,
 }
 
 #[derive(Default)]
@@ -77,6 +89,8 @@ enum Wake {
     Thread(Thread),
     Task(Waker),
     Channel(Sender<()>),
+    /// A caller waiting on its reply's connection, and on this bell beside it.
+    Bell(RawFd),
 }
 
 impl Slot {
@@ -95,8 +109,14 @@ impl Slot {
             Some(Wake::Channel(tx)) => {
                 let _ = tx.send(());
             }
+            Some(Wake::Bell(bell)) => sys::ring(bell),
             None => {}
         }
+    }
+
+    /// The reply comes on `reading`'s connection: a caller may read it itself.
+    pub(crate) fn comes_through(&self, reading: Weak<Reading>) {
+        let _ = self.source.set(reading);
     }
 
     pub(crate) fn is_filled(&self) -> bool {
@@ -149,6 +169,9 @@ impl Slot {
                 }
                 _ if io::can_drive() => {
                     drop(s);
+                    if let Some(result) = self.read_own_reply(deadline) {
+                        return result;
+                    }
                     return io::block_on(self.filled(deadline)); // reads its own reply
                 }
                 _ => {
@@ -160,6 +183,42 @@ impl Slot {
                         None => std::thread::park(),
                     }
                 }
+            }
+        }
+    }
+
+    /// Waits on the reply's connection alone and reads it on this thread, without a turn of
+    /// the I/O runtime, while nobody drives it ([`io::read_own`]): a quick call then costs
+    /// one wait and one read. `None` when the runtime must take over: the reply did not come
+    /// within [`READ_OWN_FOR`], or the connection is being read elsewhere. Whoever else
+    /// fills the slot meanwhile rings this thread's bell.
+    fn read_own_reply(&self, deadline: Option<Instant>) -> Option<Option<Result<Frame>>> {
+        let reading = self.source.get()?.upgrade()?;
+        let bell = BELL.with(|b| b.as_ref().map(AsRawFd::as_raw_fd))?;
+        let _reading_own = io::read_own()?;
+        let until = Instant::now() + deadline.map_or(READ_OWN_FOR, |d| d.saturating_duration_since(Instant::now()).min(READ_OWN_FOR));
+        let take = |wake: Option<Wake>| {
+            let mut s = self.state.lock().expect("slot lock");
+            s.wake = wake;
+            s.result.take()
+        };
+        loop {
+            if let Some(r) = take(Some(Wake::Bell(bell))) {
+                return Some(Some(r));
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            let (readable, rang) = sys::wait_readable_or_bell(reading.fd(), bell, left);
+            // no bell while this thread reads: it would ring only for itself
+            let mut result = take(None);
+            let read = result.is_none() && readable && reading.read_now();
+            if read {
+                result = take(None);
+            }
+            if let Some(r) = result {
+                return Some(Some(r));
+            }
+            if !(read || rang) || left.is_zero() {
+                return None;
             }
         }
     }

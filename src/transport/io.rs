@@ -8,12 +8,16 @@
 //! a round trip wakes the caller once, not an I/O thread that then wakes the caller. The I/O
 //! thread steps aside when a caller comes and takes the runtime back only once no caller has
 //! driven for a whole [`LINGER`], so a loop of calls does not wake it per call.
+//!
+//! While nobody drives it, a caller may even skip the runtime: it waits for its reply's
+//! connection alone and reads it itself ([`read_own`]), which spares a turn of the runtime
+//! per call. The runtime still turns at least every [`UNTURNED_AT_MOST`] while calls go on.
 
 use std::future::Future;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::Thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::{Builder, Handle, Runtime};
 use tokio::sync::Notify;
@@ -30,6 +34,10 @@ const LINGER: Duration = Duration::from_millis(5);
 /// wakes it when it leaves.
 const LONGEST_REST: Duration = Duration::from_millis(64);
 
+/// How long callers may read their own replies without the runtime turning: what only the
+/// runtime handles (the other connections, timers) waits at most about this long for it.
+const UNTURNED_AT_MOST: Duration = Duration::from_millis(2);
+
 struct Io {
     runtime: Runtime,
     /// The I/O thread, woken when the last caller leaves after it rested long.
@@ -40,6 +48,12 @@ struct Io {
     io_drives: AtomicBool,
     /// Callers driving the runtime or waiting to.
     callers: AtomicUsize,
+    /// Callers reading their own replies without the runtime ([`read_own`]).
+    reading_own: AtomicUsize,
+    /// When the runtime last turned (nanoseconds since `epoch`): a caller drove it, or the
+    /// I/O thread stopped driving it.
+    turned: AtomicU64,
+    epoch: Instant,
     /// Callers that have left, ever: unchanged over a rest means none drove during it.
     left: AtomicU64,
     /// The I/O thread rests longer than [`LINGER`]: the last caller out must wake it.
@@ -67,6 +81,9 @@ fn io() -> &'static Io {
             wanted: Notify::new(),
             io_drives: AtomicBool::new(false),
             callers: AtomicUsize::new(0),
+            reading_own: AtomicUsize::new(0),
+            turned: AtomicU64::new(0),
+            epoch: Instant::now(),
             left: AtomicU64::new(0),
             resting_long: AtomicBool::new(false),
             needed: AtomicBool::new(false),
@@ -83,8 +100,18 @@ impl Io {
                 self.runtime.block_on(self.wanted.notified());
             }
             self.io_drives.store(false, Ordering::SeqCst);
+            self.turned_now();
             self.rest();
         }
+    }
+
+    fn turned_now(&self) {
+        self.turned.store(self.epoch.elapsed().as_nanos() as u64, Ordering::SeqCst);
+    }
+
+    /// Callers drive the runtime or read their own replies.
+    fn busy(&self) -> bool {
+        self.callers.load(Ordering::SeqCst) > 0 || self.reading_own.load(Ordering::SeqCst) > 0
     }
 
     /// Returns once no caller has driven the runtime for a whole rest.
@@ -96,12 +123,12 @@ impl Io {
             }
             let left = self.left.load(Ordering::SeqCst);
             self.resting_long.store(rest > LINGER, Ordering::SeqCst);
-            if rest > LINGER && self.callers.load(Ordering::SeqCst) == 0 {
+            if rest > LINGER && !self.busy() {
                 rest = LINGER; // the caller left before it could see it must wake us
                 continue;
             }
             std::thread::park_timeout(rest);
-            let driving = self.callers.load(Ordering::SeqCst) > 0;
+            let driving = self.busy();
             if !driving && self.left.load(Ordering::SeqCst) == left {
                 break;
             }
@@ -111,14 +138,26 @@ impl Io {
     }
 }
 
-/// Counts a caller in while it drives the runtime (also when it unwinds).
-struct Driving(&'static Io);
+/// Counts a caller in while it drives the runtime, or (`own`) reads its own reply (also
+/// when it unwinds).
+struct Driving {
+    io: &'static Io,
+    own: bool,
+}
+
+impl Driving {
+    fn new(io: &'static Io, own: bool) -> Driving {
+        (if own { &io.reading_own } else { &io.callers }).fetch_add(1, Ordering::SeqCst);
+        Driving { io, own }
+    }
+}
 
 impl Drop for Driving {
     fn drop(&mut self) {
-        let io = self.0;
+        let io = self.io;
         io.left.fetch_add(1, Ordering::SeqCst);
-        if io.callers.fetch_sub(1, Ordering::SeqCst) == 1 && io.resting_long.load(Ordering::SeqCst) {
+        (if self.own { &io.reading_own } else { &io.callers }).fetch_sub(1, Ordering::SeqCst);
+        if !io.busy() && io.resting_long.load(Ordering::SeqCst) {
             io.thread.unpark();
         }
     }
@@ -145,21 +184,37 @@ pub(crate) fn can_drive() -> bool {
 /// to each of many workers): it reads the replies itself when it waits. Only for a thread
 /// whose next wait is a [`block_on`]: nobody else may be left to read the replies.
 pub(crate) fn about_to_wait() -> impl Drop {
-    let io = io();
-    io.callers.fetch_add(1, Ordering::SeqCst);
-    Driving(io)
+    Driving::new(io(), false)
+}
+
+/// Lets this thread wait for its reply without the runtime, polling the reply's connection
+/// and reading it itself, if nobody drives the runtime and it turned within
+/// [`UNTURNED_AT_MOST`]; `None` otherwise (then [`block_on`]). Only where [`can_drive`].
+pub(crate) fn read_own() -> Option<impl Drop> {
+    let io = IO.get()?;
+    let unturned = (io.epoch.elapsed().as_nanos() as u64).saturating_sub(io.turned.load(Ordering::SeqCst));
+    // tasks queued from outside (a send queue to drain): the runtime must run them first
+    let queued = io.runtime.handle().metrics().global_queue_depth() > 0;
+    if queued || io.io_drives.load(Ordering::SeqCst) || io.callers.load(Ordering::SeqCst) > 0 || unturned > UNTURNED_AT_MOST.as_nanos() as u64 {
+        return None;
+    }
+    let reading = Driving::new(io, true);
+    // should the I/O thread start driving all the same, both wait on the connection: no
+    // harm, whoever reads first handles the reply (and the runtime rings the caller's bell)
+    (!io.io_drives.load(Ordering::SeqCst)).then_some(reading)
 }
 
 /// Runs `future` to completion on this thread, driving the I/O runtime meanwhile (reading
 /// sockets, running timers and tasks). Only where [`can_drive`].
 pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
     let io = io();
-    io.callers.fetch_add(1, Ordering::SeqCst);
-    let _driving = Driving(io);
+    let _driving = Driving::new(io, false);
     if io.io_drives.load(Ordering::SeqCst) {
         io.wanted.notify_one(); // the I/O thread hands the runtime over
     }
-    io.runtime.block_on(future)
+    let output = io.runtime.block_on(future);
+    io.turned_now();
+    output
 }
 
 /// The I/O runtime's handle (the runtime and its thread start on first use).

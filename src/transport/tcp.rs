@@ -35,7 +35,7 @@ pub(crate) const SEND_QUEUE_LIMIT: usize = 64 << 20;
 const CORK_BYTES: usize = 64 << 10;
 
 /// Slices one write takes at most (a frame is one or two: its bytes, a big value's words).
-const WRITE_PARTS: usize = 64;
+const WRITE_PARTS: usize = 16;
 
 /// The sending half of a TCP connection.
 pub(crate) struct TcpOut(Arc<Outbox>);
@@ -347,39 +347,106 @@ async fn drain_blocking(out: &Outbox, fd: OwnedFd) {
 
 /// Reads frames from an evented connection on the I/O runtime until it ends: `on_frame`
 /// handles each (an `Err` ends the connection with that reason), then `on_end` gets the
-/// reason. `on_frame` runs on whichever thread drives the runtime: it must not wait for anything.
+/// reason. `on_frame` runs on whichever thread reads: it must not wait for anything. A
+/// thread waiting for a reply on this connection may read it itself ([`Reading::read_now`]).
 pub(crate) fn read_frames(
     stream: Arc<tokio::net::TcpStream>,
     max_frame: usize,
-    mut on_frame: impl FnMut(Frame) -> Result<(), String> + Send + 'static,
+    on_frame: impl FnMut(Frame) -> Result<(), String> + Send + 'static,
     on_end: impl FnOnce(String) + Send + 'static,
-) {
+) -> Arc<Reading> {
+    let reading = Arc::new(Reading {
+        stream,
+        state: Mutex::new(ReadState { frames: FrameReader::new(max_frame), on_frame: Box::new(on_frame), on_end: Some(Box::new(on_end)) }),
+    });
+    let task = reading.clone();
     runtime::spawn(async move {
-        let mut reader = FrameReader::new(max_frame);
-        let reason = 'reading: loop {
-            if let Err(e) = stream.readable().await {
-                break e.to_string();
+        loop {
+            if let Err(e) = task.stream.readable().await {
+                task.end(e.to_string());
+                return;
             }
-            match read_some(&stream, &mut reader) {
-                Ok(0) => break reader.end_of_stream().map_or_else(|e| e.to_string(), |()| "its connection closed".to_string()),
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                Err(e) => break e.to_string(),
+            if !task.read(false) {
+                return;
             }
-            loop {
-                match reader.next_frame() {
+        }
+    });
+    reading
+}
+
+/// How an evented connection is read: by its task on the I/O runtime when the runtime sees
+/// it readable, or by a thread that waits for a reply on it and reads it itself, one at a
+/// time; frames are handled in the order they came either way.
+pub(crate) struct Reading {
+    stream: Arc<tokio::net::TcpStream>,
+    state: Mutex<ReadState>,
+}
+
+struct ReadState {
+    frames: FrameReader,
+    on_frame: Box<dyn FnMut(Frame) -> Result<(), String> + Send>,
+    /// `None` once the connection ended (and this was called).
+    on_end: Option<Box<dyn FnOnce(String) + Send>>,
+}
+
+impl Reading {
+    /// The socket's descriptor (to wait until it is readable).
+    pub(crate) fn fd(&self) -> i32 {
+        self.stream.as_raw_fd()
+    }
+
+    /// Reads what the socket holds now and handles the frames, on this thread; false if
+    /// another thread is reading it (or it ended).
+    pub(crate) fn read_now(&self) -> bool {
+        match self.state.try_lock() {
+            Ok(state) => self.read_locked(state, true),
+            Err(_) => false,
+        }
+    }
+
+    /// One read, then the whole frames it completed; false once the connection ended.
+    /// `direct`: read the socket whatever the runtime last saw of it.
+    fn read(&self, direct: bool) -> bool {
+        self.read_locked(self.state.lock().unwrap_or_else(|p| p.into_inner()), direct)
+    }
+
+    fn read_locked(&self, mut guard: std::sync::MutexGuard<'_, ReadState>, direct: bool) -> bool {
+        let state = &mut *guard;
+        if state.on_end.is_none() {
+            return false;
+        }
+        let reason = match read_some(&self.stream, &mut state.frames, direct) {
+            Ok(0) => Some(state.frames.end_of_stream().map_or_else(|e| e.to_string(), |()| "its connection closed".to_string())),
+            Ok(_) => loop {
+                match state.frames.next_frame() {
                     Ok(Some(frame)) => {
-                        if let Err(reason) = on_frame(frame) {
-                            break 'reading reason;
+                        if let Err(reason) = (state.on_frame)(frame) {
+                            break Some(reason);
                         }
                     }
-                    Ok(None) => break,
-                    Err(e) => break 'reading e.to_string(),
+                    Ok(None) => break None,
+                    Err(e) => break Some(e.to_string()),
                 }
-            }
+            },
+            Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+            Err(e) => Some(e.to_string()),
         };
-        on_end(reason);
-    });
+        let Some(reason) = reason else { return true };
+        let end = state.on_end.take();
+        drop(guard);
+        if let Some(end) = end {
+            end(reason);
+        }
+        false
+    }
+
+    /// Ends the reading for `reason` (once).
+    fn end(&self, reason: String) {
+        let end = self.state.lock().unwrap_or_else(|p| p.into_inner()).on_end.take();
+        if let Some(end) = end {
+            end(reason);
+        }
+    }
 }
 
 /// Frames from a connection that a thread of its own reads, blocking: the same
@@ -433,20 +500,26 @@ impl FrameStream {
 /// Bytes read at once into the I/O runtime's scratch buffer.
 const SCRATCH: usize = 64 * 1024;
 
-/// One scratch buffer for all connections of the I/O runtime: an idle connection holds no
-/// buffer of its own. Only the thread that drives the runtime runs its readers, so the lock
-/// is never contended.
+/// One scratch buffer for all evented connections: an idle connection holds no buffer of
+/// its own. Only the thread that drives the runtime, or a caller while nobody drives it,
+/// reads them, so the lock is hardly ever contended.
 static SCRATCH_BUF: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 
 /// One read: the rest of a big frame straight into its buffer (a big value's words into
 /// their own), anything else through the scratch buffer. A read that did not fill its room
 /// emptied the socket: the readiness is cleared then, sparing the read that would only say
-/// "would block".
-fn read_some(stream: &tokio::net::TcpStream, reader: &mut FrameReader) -> io::Result<usize> {
+/// "would block". `direct`: read whatever the runtime last saw of the socket (a thread that
+/// waits for a reply and saw it readable itself).
+fn read_some(stream: &tokio::net::TcpStream, reader: &mut FrameReader, direct: bool) -> io::Result<usize> {
+    let recv = |at: *mut u8, room: usize| {
+        // SAFETY: the caller gives `room` writable bytes at `at`.
+        let read = || unsafe { sys::recv_into(stream.as_raw_fd(), at, room) };
+        if direct { read() } else { stream.try_io(Interest::READABLE, read) }
+    };
     let (n, room) = if reader.reads_direct(SCRATCH) {
         let (at, room) = reader.room();
-        // SAFETY: the reader's room holds `room` bytes; `advance` counts what came.
-        let n = stream.try_io(Interest::READABLE, || unsafe { sys::recv_into(stream.as_raw_fd(), at, room) })?;
+        let n = recv(at, room)?;
+        // SAFETY: `recv` wrote `n` bytes into the reader's room.
         unsafe { reader.advance(n) };
         (n, room)
     } else {
@@ -454,7 +527,7 @@ fn read_some(stream: &tokio::net::TcpStream, reader: &mut FrameReader) -> io::Re
         if scratch.is_empty() {
             scratch.resize(SCRATCH, 0);
         }
-        let n = stream.try_read(&mut scratch)?;
+        let n = recv(scratch.as_mut_ptr(), scratch.len())?;
         reader.extend(&scratch[..n]);
         (n, scratch.len())
     };
@@ -609,6 +682,47 @@ mod tests {
         assert!(waited.elapsed() >= Duration::from_millis(190), "waits for room until the deadline");
         out.close();
         assert!(out.send(vec![1].into(), None).is_err(), "a closed connection takes nothing");
+    }
+
+    #[test]
+    fn frames_read_in_turn_by_the_runtime_and_by_a_waiting_thread_arrive_once_and_in_order() {
+        use crate::protocol::{FrameBuf, Header, Kind};
+        const N: u64 = 20_000;
+        let (mut a, b) = pair();
+        b.set_nonblocking(true).unwrap();
+        let stream = {
+            let _runtime = runtime::handle().enter();
+            Arc::new(tokio::net::TcpStream::from_std(b).unwrap())
+        };
+        let (frames, got) = std::sync::mpsc::channel();
+        let (ended, end) = std::sync::mpsc::channel();
+        let on_frame = move |f: Frame| frames.send(f.header.req).map_err(|e| e.to_string());
+        let reading = read_frames(stream, 1 << 20, on_frame, move |reason| ended.send(reason).unwrap());
+        let writer = std::thread::spawn(move || {
+            for req in 0..N {
+                // sizes vary, so that frames straddle reads
+                let mut f = FrameBuf::with_capacity(Header { kind: Kind::Cast, src: 2, dst: 1, req, func: 0, words: 0 }, 300);
+                f.payload().extend(std::iter::repeat_n(7u8, (req % 300) as usize));
+                a.write_all(&f.finish().unwrap()).unwrap();
+            }
+        }); // then `a` is dropped: the connection ends
+        // this thread reads whenever it sees the socket readable, as a waiting caller does;
+        // the I/O runtime's task reads it whenever the runtime sees it so
+        let (mut by_this_thread, deadline) = (0, Instant::now() + Duration::from_secs(60));
+        let reason = loop {
+            if let Ok(reason) = end.try_recv() {
+                break reason;
+            }
+            assert!(Instant::now() < deadline, "the connection's end was never seen");
+            if sys::wait_readable_for(reading.fd(), Duration::from_millis(10)) && reading.read_now() {
+                by_this_thread += 1;
+            }
+        };
+        writer.join().unwrap();
+        assert_eq!(reason, "its connection closed");
+        assert!(got.try_iter().eq(0..N), "every frame once, in order");
+        assert!(by_this_thread > 0, "the waiting thread never read");
+        assert!(!reading.read_now(), "an ended connection is not read again");
     }
 
     #[test]
