@@ -58,6 +58,13 @@ pub(crate) struct WorkerEntry {
     output_pending: AtomicUsize,
 }
 
+impl WorkerEntry {
+    /// How its connection is read, if the I/O runtime reads it (TCP) and it is still open.
+    pub(crate) fn reading(&self) -> Option<Arc<Reading>> {
+        self.reading.get()?.upgrade()
+    }
+}
+
 /// What the events thread does, in order.
 pub(crate) enum Event {
     /// Lines a worker printed: to the output sink.
@@ -466,8 +473,8 @@ pub(crate) fn call(inner: &Arc<Inner>, header: Header, hint: usize, encode: impl
     let m = inner.master();
     let dst = header.dst;
     let entry = m.worker(dst).ok_or(Error::NoSuchWorker(dst))?;
-    if let (Some(Waiter::Slot(slot)), Some(reading)) = (&waiter, entry.reading.get()) {
-        slot.comes_through(reading.clone());
+    if let Some(Waiter::Slot(slot)) = &waiter {
+        slot.comes_from(Arc::downgrade(&entry)); // its count shares the line `worker` touched
     }
     let req = m.core.lock().expect("core lock").begin_call(dst, waiter)?;
     let sent = call_frame(Header { req, ..header }, hint, encode, m.max_frame).and_then(|frame| entry.out.send(frame, None).map_err(|e| send_error(dst, e)));

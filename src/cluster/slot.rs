@@ -15,9 +15,9 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::error::Result;
 use crate::protocol::Frame;
 use crate::sys;
-use crate::transport::tcp::Reading;
 use crate::transport::{io, polled};
 
+use super::master::WorkerEntry;
 use super::pool;
 
 /// Handles one incoming frame on a serving thread, or returns when `woken` receives (what
@@ -75,8 +75,8 @@ impl Waiter {
 #[derive(Default)]
 pub(crate) struct Slot {
     state: Mutex<SlotState>,
-    /// The connection the reply comes on, if a caller may read it itself.
-    source: OnceLock<Weak<Reading>>,
+    /// The worker the reply comes from (a caller may read its connection itself).
+    source: OnceLock<Weak<WorkerEntry>>,
 }
 
 #[derive(Default)]
@@ -114,9 +114,9 @@ impl Slot {
         }
     }
 
-    /// The reply comes on `reading`'s connection: a caller may read it itself.
-    pub(crate) fn comes_through(&self, reading: Weak<Reading>) {
-        let _ = self.source.set(reading);
+    /// The reply comes from `worker`: a caller may read its connection itself.
+    pub(crate) fn comes_from(&self, worker: Weak<WorkerEntry>) {
+        let _ = self.source.set(worker);
     }
 
     pub(crate) fn is_filled(&self) -> bool {
@@ -193,7 +193,7 @@ impl Slot {
     /// within [`READ_OWN_FOR`], or the connection is being read elsewhere. Whoever else
     /// fills the slot meanwhile rings this thread's bell.
     fn read_own_reply(&self, deadline: Option<Instant>) -> Option<Option<Result<Frame>>> {
-        let reading = self.source.get()?.upgrade()?;
+        let reading = self.source.get()?.upgrade()?.reading()?;
         let bell = BELL.with(|b| b.as_ref().map(AsRawFd::as_raw_fd))?;
         let _reading_own = io::read_own()?;
         let until = Instant::now() + deadline.map_or(READ_OWN_FOR, |d| d.saturating_duration_since(Instant::now()).min(READ_OWN_FOR));

@@ -42,6 +42,8 @@ pub(crate) struct TcpOut(Arc<Outbox>);
 
 struct Outbox {
     socket: Socket,
+    /// The socket's descriptor, at hand (no hop through the socket's own structures).
+    fd: i32,
     state: Mutex<Queue>,
     /// Signalled when queued bytes drain (for senders that wait for room).
     room: Condvar,
@@ -133,7 +135,8 @@ impl TcpOut {
     }
 
     fn over(socket: Socket) -> Box<dyn FrameOut> {
-        Box::new(TcpOut(Arc::new(Outbox { socket, state: Mutex::default(), room: Condvar::new() })))
+        let fd = socket.fd();
+        Box::new(TcpOut(Arc::new(Outbox { socket, fd, state: Mutex::default(), room: Condvar::new() })))
     }
 }
 
@@ -199,7 +202,7 @@ fn corks(out: &Arc<Outbox>) -> bool {
 
 /// Writes the queue now; what the socket does not take, the I/O runtime writes as it drains.
 fn write_now(out: &Arc<Outbox>, q: &mut Queue) -> io::Result<()> {
-    match q.write_out(out.socket.fd()) {
+    match q.write_out(out.fd) {
         Ok(true) => Ok(()),
         Ok(false) => {
             q.draining = true;
@@ -211,6 +214,23 @@ fn write_now(out: &Arc<Outbox>, q: &mut Queue) -> io::Result<()> {
             Err(e)
         }
     }
+}
+
+/// Writes `frame`, with nothing queued before it, straight from where it lies; what the
+/// socket does not take waits in the queue, which the I/O runtime drains.
+fn write_alone(out: &Arc<Outbox>, q: &mut Queue, frame: Outgoing) -> io::Result<()> {
+    let parts = [io::IoSlice::new(frame.rest(0)), io::IoSlice::new(frame.rest(frame.bytes.len()))];
+    let sent = sys::send_vectored_nonblocking(out.fd, &parts).inspect_err(|e| fail(out, q, e))?;
+    if sent == frame.len() {
+        buffers::give(frame.bytes);
+        return Ok(());
+    }
+    q.written = sent;
+    q.bytes = frame.len() - sent;
+    q.frames.push_back(frame);
+    q.draining = true;
+    runtime::spawn(drain(out.clone()));
+    Ok(())
 }
 
 fn closed_error(failed: &(ErrorKind, String)) -> io::Error {
@@ -235,6 +255,9 @@ impl FrameOut for TcpOut {
             };
             q = out.room.wait_timeout(q, deadline - Instant::now()).expect("send queue lock").0;
         }
+        if q.frames.is_empty() && !q.draining && !(frame.len() <= CORK_BYTES && corks(out)) {
+            return write_alone(out, &mut q, frame); // the common case: the queue stays untouched
+        }
         q.bytes += frame.len();
         q.frames.push_back(frame);
         if q.draining || (q.bytes <= CORK_BYTES && corks(&self.0)) {
@@ -250,11 +273,11 @@ impl FrameOut for TcpOut {
         q.frames.clear();
         q.bytes = 0;
         out.room.notify_all();
-        sys::shutdown(out.socket.fd());
+        sys::shutdown(out.fd);
     }
 
     fn pulse(&self) -> Option<sys::TcpPulse> {
-        sys::tcp_pulse(self.0.socket.fd())
+        sys::tcp_pulse(self.0.fd)
     }
 }
 
@@ -264,7 +287,7 @@ fn fail(out: &Outbox, q: &mut Queue, e: &io::Error) {
     q.frames.clear();
     q.bytes = 0;
     out.room.notify_all();
-    sys::shutdown(out.socket.fd());
+    sys::shutdown(out.fd);
 }
 
 /// Runs on the I/O runtime: writes the queue out as the socket drains.
@@ -288,7 +311,7 @@ async fn drain_evented(out: &Outbox, stream: &tokio::net::TcpStream) {
         let wrote = stream.try_io(Interest::WRITABLE, || {
             let mut q = out.state.lock().expect("send queue lock");
             let before = q.bytes;
-            let done = q.write_out(out.socket.fd());
+            let done = q.write_out(out.fd);
             if q.bytes < before {
                 out.room.notify_all();
             }
@@ -328,7 +351,7 @@ async fn drain_blocking(out: &Outbox, fd: OwnedFd) {
         };
         let mut q = out.state.lock().expect("send queue lock");
         let before = q.bytes;
-        match q.write_out(out.socket.fd()) {
+        match q.write_out(out.fd) {
             Ok(true) => {
                 q.draining = false;
                 out.room.notify_all();
