@@ -8,9 +8,9 @@
 //! receives when nobody else polls. MPI offers nothing a thread could sleep on until a
 //! message comes (Open MPI's blocking calls poll), so that thread sleeps in short pauses:
 //! at most 100 µs while this process waits for a reply, growing to 2 ms when it waits for
-//! nothing, so an idle rank spends next to no CPU. User code — `mpido!` bodies with their
-//! collectives — runs on other threads at the same time, which is why this mode needs
-//! `MPI_THREAD_MULTIPLE`.
+//! nothing, and to 10 ms after a second without traffic, so an idle rank spends next to no
+//! CPU. User code — `mpido!` bodies with their collectives — runs on other threads at the
+//! same time, which is why this mode needs `MPI_THREAD_MULTIPLE`.
 //!
 //! A frame of up to [`SMALL`] bytes lands in a receive posted in advance, which costs less than
 //! probing for it and then receiving it. A bigger frame is announced there by its length
@@ -53,6 +53,12 @@ const MIN_PAUSE: Duration = Duration::from_micros(20);
 const ALERT_PAUSE: Duration = Duration::from_micros(100);
 /// Longest pause of an idle progress thread.
 const MAX_PAUSE: Duration = Duration::from_millis(2);
+/// Longest pause once nothing has come or gone for [`QUIET`]: a wake-up costs tens of µs
+/// (MPI polls every transport it has), so a rank left alone wakes 100 times a second, not 500;
+/// the first call after such a silence waits for it up to this long.
+const DEEP_PAUSE: Duration = Duration::from_millis(10);
+/// Silence after which the progress thread pauses up to [`DEEP_PAUSE`].
+const QUIET: Duration = Duration::from_secs(1);
 /// How long the stop waits for queued sends to complete (a dead peer must not hang it).
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -380,6 +386,7 @@ impl FrameOut for MpiOut {
 
 fn progress(shared: &Shared) {
     let mut pause = MIN_PAUSE;
+    let mut last_traffic = Instant::now();
     loop {
         // a thread that polls receives all the same, and a message this thread took would
         // wake the poller's reply through it: leave the receiving to that thread
@@ -388,13 +395,22 @@ fn progress(shared: &Shared) {
         if shared.stop.load(Ordering::SeqCst) {
             break;
         }
+        if received || sending {
+            last_traffic = Instant::now();
+        }
         if received {
             pause = MIN_PAUSE;
         } else if sending {
             std::thread::yield_now(); // a large send needs MPI's progress to complete
         } else {
             // a thread that waits and polls itself tells us when it stops (`sleeping`)
-            let longest = if (shared.awaiting)() && !polled::someone_polls() { ALERT_PAUSE } else { MAX_PAUSE };
+            let longest = if (shared.awaiting)() && !polled::someone_polls() {
+                ALERT_PAUSE
+            } else if last_traffic.elapsed() < QUIET {
+                MAX_PAUSE
+            } else {
+                DEEP_PAUSE
+            };
             std::thread::park_timeout(pause.min(longest));
             pause = (pause * 2).min(longest);
         }
