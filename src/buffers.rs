@@ -1,11 +1,14 @@
-//! Big frame buffers, kept for the next big frame. A fresh buffer costs a page fault per
-//! 4 KiB the first time it is written (64 MiB: 16,384 faults, about 45 ms here, several
-//! times the copy itself), so the buffers that carry big payloads through this process (an
-//! encoded result, a frame read from a socket or from MPI) are reused rather than freed.
-//! Only buffers of at least [`MIN_KEPT`] bytes are kept, at most [`MAX_KEPT`] of them and
-//! [`MAX_KEPT_BYTES`] in all, and none for longer than [`KEPT_FOR`] unused (the I/O runtime
-//! calls [`release_idle`]), so the memory held back is bounded in size and in time.
+//! Frame buffers, kept for the next frame. Each thread keeps the last small one it gave back
+//! ([`small`]), so a loop of calls allocates nothing per call. Big ones are kept for the whole
+//! process: a fresh buffer costs a page fault per 4 KiB the first time it is written (64 MiB:
+//! 16,384 faults, about 45 ms here, several times the copy itself), so the buffers that carry
+//! big payloads through this process (an encoded result, a frame read from a socket or from
+//! MPI) are reused rather than freed. Only buffers of at least [`MIN_KEPT`] bytes are kept
+//! so, at most [`MAX_KEPT`] of them and [`MAX_KEPT_BYTES`] in all, and none for longer than
+//! [`KEPT_FOR`] unused (the I/O runtime calls [`release_idle`]), so the memory held back is
+//! bounded in size and in time.
 
+use std::cell::Cell;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -19,6 +22,25 @@ pub(crate) const KEPT_FOR: Duration = Duration::from_secs(10);
 /// The buffers this process keeps.
 static KEPT: Pool = Pool(Mutex::new(Vec::new()));
 
+/// A small buffer is kept per thread, the last one it gave back, at most this big: a loop of
+/// calls then allocates nothing per call (each frame's buffer serves the next), and no thread
+/// holds more than this.
+const SPARE_AT_MOST: usize = 64 << 10;
+
+thread_local! {
+    static SPARE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// An empty buffer with room for `capacity` bytes: this thread's spare if it fits.
+pub(crate) fn small(capacity: usize) -> Vec<u8> {
+    let spare = SPARE.try_with(Cell::take).unwrap_or_default();
+    if spare.capacity() >= capacity {
+        return spare;
+    }
+    let _ = SPARE.try_with(|s| s.set(spare));
+    Vec::with_capacity(capacity)
+}
+
 /// An empty buffer with room for at least `capacity` bytes, if one is kept (the smallest
 /// that fits).
 pub(crate) fn take(capacity: usize) -> Option<Vec<u8>> {
@@ -27,7 +49,16 @@ pub(crate) fn take(capacity: usize) -> Option<Vec<u8>> {
 
 /// Keeps `buffer` for a later [`take`], if it is big enough and there is room; a smaller
 /// kept buffer makes way for a bigger one.
-pub(crate) fn give(buffer: Vec<u8>) {
+pub(crate) fn give(mut buffer: Vec<u8>) {
+    if buffer.capacity() <= SPARE_AT_MOST {
+        buffer.clear();
+        // the bigger of the two stays (a thread that is ending keeps nothing)
+        let _ = SPARE.try_with(|s| {
+            let spare = s.take();
+            s.set(if spare.capacity() >= buffer.capacity() { spare } else { std::mem::take(&mut buffer) });
+        });
+        return;
+    }
     KEPT.give(buffer)
 }
 
@@ -97,6 +128,24 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_small_buffer_given_back_serves_this_threads_next_small_frame() {
+        let given = Vec::<u8>::with_capacity(100);
+        let at = given.as_ptr();
+        give(given);
+        let next = small(60);
+        assert_eq!(next.as_ptr(), at, "the same allocation, not a new one");
+        assert!(next.is_empty());
+        assert_ne!(small(60).as_ptr(), at, "given out once, it is no longer spare");
+        give(Vec::with_capacity(50));
+        give(Vec::with_capacity(200));
+        assert!(small(1).capacity() >= 200, "of two, the bigger stays");
+        give(Vec::with_capacity(SPARE_AT_MOST + 1));
+        assert!(small(1).capacity() <= SPARE_AT_MOST, "a thread keeps no more than SPARE_AT_MOST");
+        let other = std::thread::spawn(|| small(150).capacity()).join().unwrap();
+        assert_eq!(other, 150, "another thread has none of this thread's spare");
+    }
 
     #[test]
     fn big_buffers_are_reused_within_bounds() {

@@ -179,7 +179,7 @@ impl FrameBuf {
 
     /// Like [`FrameBuf::new`] with room for `payload` bytes.
     pub fn with_capacity(header: Header, payload: usize) -> FrameBuf {
-        let mut buf = Vec::with_capacity(LEN_PREFIX + HEADER_LEN + payload);
+        let mut buf = buffers::small(LEN_PREFIX + HEADER_LEN + payload);
         buf.resize(LEN_PREFIX + HEADER_LEN, 0);
         header.write(&mut buf[LEN_PREFIX..]);
         FrameBuf { buf }
@@ -335,7 +335,7 @@ impl Frame {
 
 impl Drop for Frame {
     fn drop(&mut self) {
-        buffers::give(std::mem::take(&mut self.bytes)); // a big frame's buffer serves the next
+        buffers::give(std::mem::take(&mut self.bytes)); // its buffer serves the next frame
     }
 }
 
@@ -456,6 +456,9 @@ impl FrameReader {
                 self.after.extend_from_slice(later);
             }
             None => {
+                if self.buf.capacity() == 0 {
+                    self.buf = buffers::small(bytes.len()); // the last frame's, mostly
+                }
                 self.buf.extend_from_slice(bytes);
                 self.split_words();
             }
