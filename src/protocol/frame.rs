@@ -374,6 +374,8 @@ pub struct FrameReader {
 
 /// What a read straight into the buffer has room for at least.
 const READ_ROOM: usize = 64 * 1024;
+/// A buffer for small frames holds this much: calls and replies of a few KiB are read in one.
+const SMALL_READ: usize = 4096;
 /// Bytes of a frame up to its words on a stream: prefix, header, count.
 const HEAD: usize = LEN_PREFIX + WORDS_HEAD;
 
@@ -429,7 +431,31 @@ impl FrameReader {
         (unsafe { self.buf.as_mut_ptr().add(self.buf.len()) }, room)
     }
 
-    /// Counts `n` bytes read into [`room`](FrameReader::room).
+    /// Room left in the buffer of the frames under way, to read small frames straight into
+    /// (no scratch buffer, no copy); `None` inside a big value's words, or with too little
+    /// room left (then read elsewhere and [`extend`](FrameReader::extend)). Call
+    /// [`advance`](FrameReader::advance) with what was read.
+    pub fn spare_room(&mut self) -> Option<(*mut u8, usize)> {
+        if self.words.is_some() {
+            return None;
+        }
+        if self.buf.capacity() == 0 {
+            self.buf = buffers::small(SMALL_READ); // the last frame's buffer, mostly
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        // SAFETY: `len` is inside the allocation.
+        (room >= SMALL_READ / 4).then(|| (unsafe { self.buf.as_mut_ptr().add(self.buf.len()) }, room))
+    }
+
+    /// Gives back the buffer if no frame is under way (a connection that goes idle holds none).
+    pub fn release_idle(&mut self) {
+        if self.buf.is_empty() && self.words.is_none() {
+            buffers::give(std::mem::take(&mut self.buf));
+        }
+    }
+
+    /// Counts `n` bytes read into [`room`](FrameReader::room) or
+    /// [`spare_room`](FrameReader::spare_room).
     ///
     /// # Safety
     /// The `n` bytes at the room's start must have been written, `n` at most its size.
@@ -445,8 +471,7 @@ impl FrameReader {
         }
     }
 
-    /// Appends bytes read elsewhere (small reads go through a shared scratch buffer, so an
-    /// idle connection holds no buffer of its own).
+    /// Appends bytes read elsewhere (a scratch buffer).
     pub fn extend(&mut self, bytes: &[u8]) {
         let missing = self.missing();
         match &mut self.words {
@@ -456,9 +481,6 @@ impl FrameReader {
                 self.after.extend_from_slice(later);
             }
             None => {
-                if self.buf.capacity() == 0 {
-                    self.buf = buffers::small(bytes.len()); // the last frame's, mostly
-                }
                 self.buf.extend_from_slice(bytes);
                 self.split_words();
             }

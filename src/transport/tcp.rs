@@ -473,8 +473,8 @@ impl Reading {
 }
 
 /// Frames from a connection that a thread of its own reads, blocking: the same
-/// [`FrameReader`] as the event loop's, fed through a scratch buffer (a big frame's rest
-/// goes straight into its buffer).
+/// [`FrameReader`] as the event loop's, read into straight (a scratch buffer takes a read
+/// only when the reader's buffer is nearly full).
 pub(crate) struct FrameStream {
     stream: TcpStream,
     frames: FrameReader,
@@ -503,12 +503,11 @@ impl FrameStream {
             if let Some(frame) = self.frames.next_frame()? {
                 return Ok(Some(frame));
             }
-            let read = if self.frames.reads_direct(SCRATCH) {
-                let (at, room) = self.frames.room();
+            let room = if self.frames.reads_direct(SCRATCH) { Some(self.frames.room()) } else { self.frames.spare_room() };
+            let read = match room {
                 // SAFETY: the reader's room holds `room` bytes; `advance` counts what came.
-                unsafe { sys::recv_into(self.stream.as_raw_fd(), at, room).inspect(|&n| self.frames.advance(n)) }
-            } else {
-                self.stream.read(&mut self.scratch).inspect(|&n| self.frames.extend(&self.scratch[..n]))
+                Some((at, room)) => unsafe { sys::recv_into(self.stream.as_raw_fd(), at, room).inspect(|&n| self.frames.advance(n)) },
+                None => self.stream.read(&mut self.scratch).inspect(|&n| self.frames.extend(&self.scratch[..n])),
             };
             match read {
                 Ok(0) => return self.frames.end_of_stream().map(|()| None),
@@ -528,8 +527,10 @@ const SCRATCH: usize = 64 * 1024;
 /// reads them, so the lock is hardly ever contended.
 static SCRATCH_BUF: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 
-/// One read: the rest of a big frame straight into its buffer (a big value's words into
-/// their own), anything else through the scratch buffer. A read that did not fill its room
+/// One read, straight into the reader's buffer: the rest of a big frame into its own (a big
+/// value's words into theirs), small frames into a buffer the last frame left (the scratch
+/// buffer takes a read only when that is nearly full). A read that found nothing leaves an
+/// idle connection holding no buffer. A read that did not fill its room
 /// emptied the socket: the readiness is cleared then, sparing the read that would only say
 /// "would block". `direct`: read whatever the runtime last saw of the socket (a thread that
 /// waits for a reply and saw it readable itself).
@@ -539,9 +540,9 @@ fn read_some(stream: &tokio::net::TcpStream, reader: &mut FrameReader, direct: b
         let read = || unsafe { sys::recv_into(stream.as_raw_fd(), at, room) };
         if direct { read() } else { stream.try_io(Interest::READABLE, read) }
     };
-    let (n, room) = if reader.reads_direct(SCRATCH) {
-        let (at, room) = reader.room();
-        let n = recv(at, room)?;
+    let room = if reader.reads_direct(SCRATCH) { Some(reader.room()) } else { reader.spare_room() };
+    let (n, room) = if let Some((at, room)) = room {
+        let n = recv(at, room).inspect_err(|_| reader.release_idle())?;
         // SAFETY: `recv` wrote `n` bytes into the reader's room.
         unsafe { reader.advance(n) };
         (n, room)
