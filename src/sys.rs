@@ -439,22 +439,20 @@ pub(crate) fn ring(bell: RawFd) {
     unsafe { libc::write(bell, (&raw const one).cast(), 8) };
 }
 
-/// Blocks until `fd` is readable, `bell` rang, or `timeout` passed: (readable, rang). A
-/// ring is taken (the bell is silent again).
-pub(crate) fn wait_readable_or_bell(fd: RawFd, bell: RawFd, timeout: std::time::Duration) -> (bool, bool) {
+/// Blocks until `fd` is readable or `bell` rang; true if `fd` is readable. A ring is taken
+/// (the bell is silent again). No timeout: arming a timer per wait costs a VM exit or two.
+pub(crate) fn wait_readable_or_bell(fd: RawFd, bell: RawFd) -> bool {
     let mut p = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: bell, events: libc::POLLIN, revents: 0 }];
-    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int; // not 0 for 0.9 ms
     // SAFETY: poll on two valid pollfds; an interrupted poll just returns early.
-    if unsafe { libc::poll(p.as_mut_ptr(), 2, ms) } <= 0 {
-        return (false, false);
+    if unsafe { libc::poll(p.as_mut_ptr(), 2, -1) } <= 0 {
+        return false;
     }
-    let rang = p[1].revents != 0;
-    if rang {
+    if p[1].revents != 0 {
         let mut count = 0u64;
         // SAFETY: reading an eventfd's 8-byte counter (non-blocking).
         unsafe { libc::read(bell, (&raw mut count).cast(), 8) };
     }
-    (p[0].revents != 0, rang)
+    p[0].revents != 0
 }
 
 /// True if process `pid` descends from process `ancestor` (walks the parent chain).

@@ -21,6 +21,11 @@ fn shout(lines: u32) {
 #[remote]
 fn nothing() {}
 
+#[remote]
+fn nap(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
 #[test]
 fn stdout_and_stderr_lines_arrive_with_the_pid() {
     let seen: Arc<Mutex<Vec<(Pid, String)>>> = Arc::default();
@@ -101,4 +106,32 @@ fn output_arrives_while_another_thread_calls_back_to_back() {
     });
     assert!(still_calling, "the calling thread ended early");
     assert!(arrived, "a line printed by another worker did not arrive within 0.5 s while the calls went on: {:?}", seen.lock().unwrap());
+}
+
+#[test]
+fn output_arrives_while_another_thread_waits_for_a_long_call() {
+    // a thread that just made quick calls waits for a long one on its connection alone at
+    // first: it must soon leave the waiting to the I/O runtime, which serves the others too
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = seen.clone();
+    let cluster = Cluster::builder().output(move |_, line| sink.lock().unwrap().push(line.to_string())).build().unwrap();
+    let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
+    let expected = format!("line 0 from {}", pids[1]);
+    let napping = AtomicBool::new(false);
+    let arrived = std::thread::scope(|s| {
+        let caller = s.spawn(|| {
+            for _ in 0..200 {
+                cluster.remote_call_fetch(pids[0], nothing, ()).unwrap();
+            }
+            napping.store(true, Ordering::SeqCst);
+            cluster.remote_call_fetch(pids[0], nap, (3000,)).unwrap();
+        });
+        assert!(common::wait_until(Duration::from_secs(10), || napping.load(Ordering::SeqCst)), "the quick calls did not end");
+        cluster.remote_do(pids[1], shout, (1,)).unwrap();
+        let arrived = common::wait_until(Duration::from_millis(1000), || seen.lock().unwrap().contains(&expected));
+        assert!(!caller.is_finished(), "the long call ended early");
+        caller.join().expect("the calling thread");
+        arrived
+    });
+    assert!(arrived, "a line printed by another worker did not arrive within 1 s during a 3 s call: {:?}", seen.lock().unwrap());
 }

@@ -32,9 +32,9 @@ thread_local! {
     static BELL: Option<OwnedFd> = sys::bell().ok();
 }
 
-/// How long a caller waits on its reply's connection alone before the I/O runtime takes
-/// over (a call that runs longer is waited for as any other).
-const READ_OWN_FOR: Duration = Duration::from_millis(1);
+/// A caller whose deadline is nearer than this waits through the I/O runtime, which keeps
+/// deadlines (its own wait on the reply's connection has no timer).
+const SHORTEST_OWN_WAIT: Duration = Duration::from_millis(20);
 
 /// Makes this thread serve with `pump` while it waits for replies (`None`: stop).
 pub(crate) fn serve_while_waiting(pump: Option<Pump>) {
@@ -189,14 +189,17 @@ impl Slot {
 
     /// Waits on the reply's connection alone and reads it on this thread, without a turn of
     /// the I/O runtime, while nobody drives it ([`io::read_own`]): a quick call then costs
-    /// one wait and one read. `None` when the runtime must take over: the reply did not come
-    /// within [`READ_OWN_FOR`], or the connection is being read elsewhere. Whoever else
-    /// fills the slot meanwhile rings this thread's bell.
+    /// one wait and one read. `None` when the runtime must take over: the call is long (the
+    /// I/O thread rang the bell), or the connection is being read elsewhere. Whoever else
+    /// fills the slot meanwhile rings this thread's bell too.
     fn read_own_reply(&self, deadline: Option<Instant>) -> Option<Option<Result<Frame>>> {
         let reading = self.source.get()?.upgrade()?.reading()?;
         let bell = BELL.with(|b| b.as_ref().map(AsRawFd::as_raw_fd))?;
-        let _reading_own = io::read_own()?;
-        let until = Instant::now() + deadline.map_or(READ_OWN_FOR, |d| d.saturating_duration_since(Instant::now()).min(READ_OWN_FOR));
+        let now = Instant::now();
+        if deadline.is_some_and(|d| d < now + SHORTEST_OWN_WAIT) {
+            return None; // the wait has no timer: a near deadline is the runtime's to keep
+        }
+        let _reading_own = io::read_own(now, bell)?;
         let take = |wake: Option<Wake>| {
             let mut s = self.state.lock().expect("slot lock");
             s.wake = wake;
@@ -206,8 +209,7 @@ impl Slot {
             if let Some(r) = take(Some(Wake::Bell(bell))) {
                 return Some(Some(r));
             }
-            let left = until.saturating_duration_since(Instant::now());
-            let (readable, rang) = sys::wait_readable_or_bell(reading.fd(), bell, left);
+            let readable = sys::wait_readable_or_bell(reading.fd(), bell);
             // no bell while this thread reads: it would ring only for itself
             let mut result = take(None);
             let read = result.is_none() && readable && reading.read_now();
@@ -217,8 +219,8 @@ impl Slot {
             if let Some(r) = result {
                 return Some(Some(r));
             }
-            if !(read || rang) || left.is_zero() {
-                return None;
+            if !read {
+                return None; // the bell rang for a long call, or another thread reads the connection
             }
         }
     }

@@ -14,7 +14,8 @@
 //! per call. The runtime still turns at least every [`UNTURNED_AT_MOST`] while calls go on.
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::os::fd::RawFd;
+use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::runtime::{Builder, Handle, Runtime};
 use tokio::sync::Notify;
 
-use crate::buffers;
+use crate::{buffers, sys};
 
 /// How long the I/O thread leaves the runtime to callers before it checks whether one still
 /// drives it: long enough to span the user code between the calls of a loop, short enough
@@ -36,10 +37,15 @@ const LONGEST_REST: Duration = Duration::from_millis(64);
 
 /// How long callers may read their own replies without the runtime turning: what only the
 /// runtime handles (the other connections, timers) waits at most about this long for it.
-const UNTURNED_AT_MOST: Duration = Duration::from_millis(2);
+const UNTURNED_AT_MOST: Duration = Duration::from_millis(5);
+
+/// Callers that read their own replies at once, at most (more wait through the runtime).
+const OWN_READERS: usize = 8;
 
 struct Io {
     runtime: Runtime,
+    /// The runtime's metrics (its queue of tasks spawned from outside).
+    metrics: tokio::runtime::RuntimeMetrics,
     /// The I/O thread, woken when the last caller leaves after it rested long.
     thread: Thread,
     /// Told when a caller wants the runtime while the I/O thread drives it.
@@ -50,6 +56,13 @@ struct Io {
     callers: AtomicUsize,
     /// Callers reading their own replies without the runtime ([`read_own`]).
     reading_own: AtomicUsize,
+    /// Their bells, each with the number of its wait. They wait with no timer (arming one per
+    /// call costs this VM exits); instead the resting I/O thread rings those it finds waiting
+    /// at two looks in a row, whose calls are long: the runtime then waits for them. Under a
+    /// lock, so that no bell is rung after its thread closed it.
+    own_waits: Mutex<Vec<(u64, RawFd)>>,
+    /// Waits numbered so far.
+    own_count: AtomicU64,
     /// When the runtime last turned (nanoseconds since `epoch`): a caller drove it, or the
     /// I/O thread stopped driving it.
     turned: AtomicU64,
@@ -76,12 +89,15 @@ fn io() -> &'static Io {
         // the thread waits in `io()` until this initialisation is done
         let thread = std::thread::Builder::new().name("cman-io".into()).spawn(|| io().serve()).expect("cannot start the I/O thread");
         Io {
+            metrics: runtime.metrics(),
             runtime,
             thread: thread.thread().clone(),
             wanted: Notify::new(),
             io_drives: AtomicBool::new(false),
             callers: AtomicUsize::new(0),
             reading_own: AtomicUsize::new(0),
+            own_waits: Mutex::new(Vec::with_capacity(OWN_READERS)),
+            own_count: AtomicU64::new(0),
             turned: AtomicU64::new(0),
             epoch: Instant::now(),
             left: AtomicU64::new(0),
@@ -114,20 +130,27 @@ impl Io {
         self.callers.load(Ordering::SeqCst) > 0 || self.reading_own.load(Ordering::SeqCst) > 0
     }
 
-    /// Returns once no caller has driven the runtime for a whole rest.
+    /// Returns once no caller has driven the runtime for a whole rest. While callers read
+    /// their own replies it looks every [`UNTURNED_AT_MOST`] for long waits among them.
     fn rest(&self) {
         let mut rest = LINGER;
+        let (mut seen, mut own_so_far) = (Vec::with_capacity(OWN_READERS), 0);
         loop {
             if self.needed.swap(false, Ordering::SeqCst) {
                 break;
             }
             let left = self.left.load(Ordering::SeqCst);
+            let own = self.own_count.load(Ordering::SeqCst);
+            if own != std::mem::replace(&mut own_so_far, own) || self.reading_own.load(Ordering::SeqCst) > 0 {
+                rest = rest.min(UNTURNED_AT_MOST); // callers read their own replies: look often
+            }
             self.resting_long.store(rest > LINGER, Ordering::SeqCst);
             if rest > LINGER && !self.busy() {
                 rest = LINGER; // the caller left before it could see it must wake us
                 continue;
             }
             std::thread::park_timeout(rest);
+            self.ring_long_waits(&mut seen);
             let driving = self.busy();
             if !driving && self.left.load(Ordering::SeqCst) == left {
                 break;
@@ -135,6 +158,29 @@ impl Io {
             rest = if driving { (rest * 2).min(LONGEST_REST) } else { LINGER };
         }
         self.resting_long.store(false, Ordering::SeqCst);
+    }
+
+    /// Rings the bells of the callers found reading their own replies at the last look too.
+    fn ring_long_waits(&self, seen: &mut Vec<u64>) {
+        let waits = self.own_waits.lock().unwrap_or_else(|p| p.into_inner());
+        for &(_, bell) in waits.iter().filter(|(wait, _)| seen.contains(wait)) {
+            sys::ring(bell);
+        }
+        seen.clear();
+        seen.extend(waits.iter().map(|(wait, _)| wait));
+    }
+}
+
+/// A caller reading its own reply: counted in, its bell listed for the I/O thread's looks.
+struct OwnRead {
+    _counted: Driving,
+    wait: u64,
+}
+
+impl Drop for OwnRead {
+    fn drop(&mut self) {
+        let io = self._counted.io;
+        io.own_waits.lock().unwrap_or_else(|p| p.into_inner()).retain(|(wait, _)| *wait != self.wait);
     }
 }
 
@@ -188,17 +234,31 @@ pub(crate) fn about_to_wait() -> impl Drop {
 }
 
 /// Lets this thread wait for its reply without the runtime, polling the reply's connection
-/// and reading it itself, if nobody drives the runtime and it turned within
-/// [`UNTURNED_AT_MOST`]; `None` otherwise (then [`block_on`]). Only where [`can_drive`].
-pub(crate) fn read_own() -> Option<impl Drop> {
+/// and `bell` with no timeout and reading the connection itself, if nobody drives the
+/// runtime and it turned within [`UNTURNED_AT_MOST`] before `now`; `None` otherwise (then
+/// [`block_on`]). The bell rings when the wait is long (a few ms): then wait with
+/// [`block_on`]. Only where [`can_drive`].
+pub(crate) fn read_own(now: Instant, bell: RawFd) -> Option<impl Drop> {
     let io = IO.get()?;
-    let unturned = (io.epoch.elapsed().as_nanos() as u64).saturating_sub(io.turned.load(Ordering::SeqCst));
+    let unturned = (now.saturating_duration_since(io.epoch).as_nanos() as u64).saturating_sub(io.turned.load(Ordering::SeqCst));
     // tasks queued from outside (a send queue to drain): the runtime must run them first
-    let queued = io.runtime.handle().metrics().global_queue_depth() > 0;
+    let queued = io.metrics.global_queue_depth() > 0;
     if queued || io.io_drives.load(Ordering::SeqCst) || io.callers.load(Ordering::SeqCst) > 0 || unturned > UNTURNED_AT_MOST.as_nanos() as u64 {
         return None;
     }
-    let reading = Driving::new(io, true);
+    let counted = Driving::new(io, true);
+    let wait = io.own_count.fetch_add(1, Ordering::SeqCst);
+    if io.resting_long.load(Ordering::SeqCst) {
+        io.thread.unpark(); // it is to look for long waits from now on, not at the end of a long rest
+    }
+    {
+        let mut waits = io.own_waits.lock().unwrap_or_else(|p| p.into_inner());
+        if waits.len() == OWN_READERS {
+            return None;
+        }
+        waits.push((wait, bell));
+    }
+    let reading = OwnRead { _counted: counted, wait };
     // should the I/O thread start driving all the same, both wait on the connection: no
     // harm, whoever reads first handles the reply (and the runtime rings the caller's bell)
     (!io.io_drives.load(Ordering::SeqCst)).then_some(reading)
