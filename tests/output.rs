@@ -45,11 +45,16 @@ fn stdout_and_stderr_lines_arrive_with_the_pid() {
     }
 }
 
-#[test]
-fn a_calls_output_arrives_before_its_result() {
+/// A cluster whose output sink keeps the lines its workers print.
+fn cluster_keeping_lines() -> (Cluster, Arc<Mutex<Vec<String>>>) {
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let sink = seen.clone();
-    let cluster = Cluster::builder().output(move |_, line| sink.lock().unwrap().push(line.to_string())).build().unwrap();
+    (Cluster::builder().output(move |_, line| sink.lock().unwrap().push(line.to_string())).build().unwrap(), seen)
+}
+
+#[test]
+fn a_calls_output_arrives_before_its_result() {
+    let (cluster, seen) = cluster_keeping_lines();
     let pids = cluster.add_procs(LocalManager::new(1)).unwrap();
     for round in 0..20 {
         seen.lock().unwrap().clear();
@@ -82,9 +87,7 @@ fn output_printed_just_before_shutdown_is_not_lost() {
 fn output_arrives_while_another_thread_calls_back_to_back() {
     // that thread reads its own replies, bypassing the I/O runtime, which must still turn
     // for the other workers' connections
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let sink = seen.clone();
-    let cluster = Cluster::builder().output(move |_, line| sink.lock().unwrap().push(line.to_string())).build().unwrap();
+    let (cluster, seen) = cluster_keeping_lines();
     let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
     let expected = format!("line 0 from {}", pids[1]);
     let (stop, calls) = (AtomicBool::new(false), AtomicU64::new(0));
@@ -112,9 +115,7 @@ fn output_arrives_while_another_thread_calls_back_to_back() {
 fn output_arrives_while_another_thread_waits_for_a_long_call() {
     // a thread that just made quick calls waits for a long one on its connection alone at
     // first: it must soon leave the waiting to the I/O runtime, which serves the others too
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let sink = seen.clone();
-    let cluster = Cluster::builder().output(move |_, line| sink.lock().unwrap().push(line.to_string())).build().unwrap();
+    let (cluster, seen) = cluster_keeping_lines();
     let pids = cluster.add_procs(LocalManager::new(2)).unwrap();
     let expected = format!("line 0 from {}", pids[1]);
     let napping = AtomicBool::new(false);

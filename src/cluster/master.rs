@@ -28,7 +28,7 @@ use super::launcher::Launch;
 use super::output::OutputSink;
 use super::pool::{Job, Pool};
 use super::refusals::RefusalLog;
-use super::slot::Waiter;
+use super::slot::{Source, Waiter};
 use super::{Cluster, Inner};
 
 /// What the master knows about a worker.
@@ -58,9 +58,8 @@ pub(crate) struct WorkerEntry {
     output_pending: AtomicUsize,
 }
 
-impl WorkerEntry {
-    /// How its connection is read, if the I/O runtime reads it (TCP) and it is still open.
-    pub(crate) fn reading(&self) -> Option<Arc<Reading>> {
+impl Source for WorkerEntry {
+    fn reading(&self) -> Option<Arc<Reading>> {
         self.reading.get()?.upgrade()
     }
 }
@@ -474,7 +473,7 @@ pub(crate) fn call(inner: &Arc<Inner>, header: Header, hint: usize, encode: impl
     let dst = header.dst;
     let entry = m.worker(dst).ok_or(Error::NoSuchWorker(dst))?;
     if let Some(Waiter::Slot(slot)) = &waiter {
-        slot.comes_from(Arc::downgrade(&entry)); // its count shares the line `worker` touched
+        slot.comes_from(Arc::downgrade(&entry) as Weak<dyn Source>); // its count shares the line `worker` touched
     }
     let req = m.core.lock().expect("core lock").begin_call(dst, waiter)?;
     let sent = call_frame(Header { req, ..header }, hint, encode, m.max_frame).and_then(|frame| entry.out.send(frame, None).map_err(|e| send_error(dst, e)));

@@ -1,5 +1,6 @@
-//! Where replies land and how a thread waits for one: parked, as an async task, as a pool
-//! thread that runs queued calls meanwhile, or as a worker's serving thread that serves
+//! Where replies land and how a thread waits for one: on its reply's connection, reading it
+//! itself (a caller on the master), driving the I/O runtime, parked, as an async task, as a
+//! pool thread that runs queued calls meanwhile, or as a worker's serving thread that serves
 //! calls meanwhile (the serving loop registers itself here, so nested calls cannot deadlock).
 //! A thread that waits on several sources is told of its reply on a channel it selects on.
 
@@ -15,9 +16,9 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::error::Result;
 use crate::protocol::Frame;
 use crate::sys;
+use crate::transport::tcp::Reading;
 use crate::transport::{io, polled};
 
-use super::master::WorkerEntry;
 use super::pool;
 
 /// Handles one incoming frame on a serving thread, or returns when `woken` receives (what
@@ -44,6 +45,12 @@ pub(crate) fn serve_while_waiting(pump: Option<Pump>) {
 /// The pump of this thread, if it serves while it waits.
 pub(crate) fn pumping() -> Option<Pump> {
     PUMP.with(Cell::get)
+}
+
+/// Where a reply comes from (a worker), for a caller that would read it itself.
+pub(crate) trait Source: Send + Sync {
+    /// How its connection is read, if the I/O runtime reads it and it is open.
+    fn reading(&self) -> Option<Arc<Reading>>;
 }
 
 /// Who is told when a reply arrives.
@@ -75,8 +82,8 @@ impl Waiter {
 #[derive(Default)]
 pub(crate) struct Slot {
     state: Mutex<SlotState>,
-    /// The worker the reply comes from (a caller may read its connection itself).
-    source: OnceLock<Weak<WorkerEntry>>,
+    /// Where the reply comes from (a caller may read its connection itself).
+    source: OnceLock<Weak<dyn Source>>,
 }
 
 #[derive(Default)]
@@ -114,9 +121,9 @@ impl Slot {
         }
     }
 
-    /// The reply comes from `worker`: a caller may read its connection itself.
-    pub(crate) fn comes_from(&self, worker: Weak<WorkerEntry>) {
-        let _ = self.source.set(worker);
+    /// The reply comes from `source`: a caller may read its connection itself.
+    pub(crate) fn comes_from(&self, source: Weak<dyn Source>) {
+        let _ = self.source.set(source);
     }
 
     pub(crate) fn is_filled(&self) -> bool {
