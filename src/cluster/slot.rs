@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::thread::Thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -32,10 +32,6 @@ thread_local! {
     /// descriptor could be had; it then never waits so).
     static BELL: Option<OwnedFd> = sys::bell().ok();
 }
-
-/// A caller whose deadline is nearer than this waits through the I/O runtime, which keeps
-/// deadlines (its own wait on the reply's connection has no timer).
-const SHORTEST_OWN_WAIT: Duration = Duration::from_millis(20);
 
 /// Makes this thread serve with `pump` while it waits for replies (`None`: stop).
 pub(crate) fn serve_while_waiting(pump: Option<Pump>) {
@@ -176,8 +172,9 @@ impl Slot {
                 }
                 _ if io::can_drive() => {
                     drop(s);
-                    if let Some(result) = self.read_own_reply(deadline) {
-                        return result;
+                    // that wait has no timer: a deadline is the runtime's to keep
+                    if let Some(result) = deadline.is_none().then(|| self.read_own_reply()).flatten() {
+                        return Some(result);
                     }
                     return io::block_on(self.filled(deadline)); // reads its own reply
                 }
@@ -199,14 +196,10 @@ impl Slot {
     /// one wait and one read. `None` when the runtime must take over: the call is long (the
     /// I/O thread rang the bell), or the connection is being read elsewhere. Whoever else
     /// fills the slot meanwhile rings this thread's bell too.
-    fn read_own_reply(&self, deadline: Option<Instant>) -> Option<Option<Result<Frame>>> {
+    fn read_own_reply(&self) -> Option<Result<Frame>> {
         let reading = self.source.get()?.upgrade()?.reading()?;
-        let bell = BELL.with(|b| b.as_ref().map(AsRawFd::as_raw_fd))?;
-        let now = Instant::now();
-        if deadline.is_some_and(|d| d < now + SHORTEST_OWN_WAIT) {
-            return None; // the wait has no timer: a near deadline is the runtime's to keep
-        }
-        let _reading_own = io::read_own(now, bell)?;
+        let bell = BELL.try_with(|b| b.as_ref().map(AsRawFd::as_raw_fd)).ok().flatten()?; // not while the thread ends
+        let _reading_own = io::read_own(Instant::now(), bell)?;
         let take = |wake: Option<Wake>| {
             let mut s = self.state.lock().expect("slot lock");
             s.wake = wake;
@@ -214,7 +207,7 @@ impl Slot {
         };
         loop {
             if let Some(r) = take(Some(Wake::Bell(bell))) {
-                return Some(Some(r));
+                return Some(r);
             }
             let readable = sys::wait_readable_or_bell(reading.fd(), bell);
             // no bell while this thread reads: it would ring only for itself
@@ -224,7 +217,7 @@ impl Slot {
                 result = take(None);
             }
             if let Some(r) = result {
-                return Some(Some(r));
+                return Some(r);
             }
             if !read {
                 return None; // the bell rang for a long call, or another thread reads the connection
