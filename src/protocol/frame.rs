@@ -431,11 +431,18 @@ impl FrameReader {
         (unsafe { self.buf.as_mut_ptr().add(self.buf.len()) }, room)
     }
 
-    /// Room left in the buffer of the frames under way, to read small frames straight into
-    /// (no scratch buffer, no copy); `None` inside a big value's words, or with too little
-    /// room left (then read elsewhere and [`extend`](FrameReader::extend)). Call
+    /// Where the next read goes: the rest of a big frame straight into its
+    /// [`room`](FrameReader::room), small frames into the room left in their buffer (no
+    /// scratch buffer, no copy). `None` with too little room left: read into a scratch
+    /// buffer of `scratch` bytes and [`extend`](FrameReader::extend). Call
     /// [`advance`](FrameReader::advance) with what was read.
-    pub fn spare_room(&mut self) -> Option<(*mut u8, usize)> {
+    pub fn read_room(&mut self, scratch: usize) -> Option<(*mut u8, usize)> {
+        if self.reads_direct(scratch) { Some(self.room()) } else { self.spare_room() }
+    }
+
+    /// Room left in the buffer of the small frames under way (`None` inside a big value's
+    /// words, or with too little room left).
+    fn spare_room(&mut self) -> Option<(*mut u8, usize)> {
         if self.words.is_some() {
             return None;
         }
@@ -455,7 +462,7 @@ impl FrameReader {
     }
 
     /// Counts `n` bytes read into [`room`](FrameReader::room) or
-    /// [`spare_room`](FrameReader::spare_room).
+    /// [`read_room`](FrameReader::read_room).
     ///
     /// # Safety
     /// The `n` bytes at the room's start must have been written, `n` at most its size.

@@ -54,12 +54,11 @@ struct Io {
     io_drives: AtomicBool,
     /// Callers driving the runtime or waiting to.
     callers: AtomicUsize,
-    /// Callers reading their own replies without the runtime ([`read_own`]).
-    reading_own: AtomicUsize,
-    /// Their bells, each with the number of its wait. They wait with no timer (arming one per
-    /// call costs this VM exits); instead the resting I/O thread rings those it finds waiting
-    /// at two looks in a row, whose calls are long: the runtime then waits for them. Under a
-    /// lock, so that no bell is rung after its thread closed it.
+    /// Callers reading their own replies without the runtime ([`read_own`]): the number of
+    /// each wait and the caller's bell. They wait with no timer (arming one per call costs
+    /// this VM exits); instead the resting I/O thread rings those it finds waiting at two
+    /// looks in a row, whose calls are long: the runtime then waits for them. Under a lock,
+    /// so that no bell is rung after its thread closed it.
     own_waits: Mutex<Vec<(u64, RawFd)>>,
     /// Waits numbered so far.
     own_count: AtomicU64,
@@ -95,7 +94,6 @@ fn io() -> &'static Io {
             wanted: Notify::new(),
             io_drives: AtomicBool::new(false),
             callers: AtomicUsize::new(0),
-            reading_own: AtomicUsize::new(0),
             own_waits: Mutex::new(Vec::with_capacity(OWN_READERS)),
             own_count: AtomicU64::new(0),
             turned: AtomicU64::new(0),
@@ -127,7 +125,11 @@ impl Io {
 
     /// Callers drive the runtime or read their own replies.
     fn busy(&self) -> bool {
-        self.callers.load(Ordering::SeqCst) > 0 || self.reading_own.load(Ordering::SeqCst) > 0
+        self.callers.load(Ordering::SeqCst) > 0 || self.reading_own()
+    }
+
+    fn reading_own(&self) -> bool {
+        !self.own_waits.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
     }
 
     /// Returns once no caller has driven the runtime for a whole rest. While callers read
@@ -141,7 +143,7 @@ impl Io {
             }
             let left = self.left.load(Ordering::SeqCst);
             let own = self.own_count.load(Ordering::SeqCst);
-            if own != std::mem::replace(&mut own_so_far, own) || self.reading_own.load(Ordering::SeqCst) > 0 {
+            if own != std::mem::replace(&mut own_so_far, own) || self.reading_own() {
                 rest = rest.min(UNTURNED_AT_MOST); // callers read their own replies: look often
             }
             self.resting_long.store(rest > LINGER, Ordering::SeqCst);
@@ -171,40 +173,42 @@ impl Io {
     }
 }
 
-/// A caller reading its own reply: counted in, its bell listed for the I/O thread's looks.
-struct OwnRead {
-    _counted: Driving,
-    wait: u64,
-}
-
-impl Drop for OwnRead {
-    fn drop(&mut self) {
-        let io = self._counted.io;
-        io.own_waits.lock().unwrap_or_else(|p| p.into_inner()).retain(|(wait, _)| *wait != self.wait);
-    }
-}
-
-/// Counts a caller in while it drives the runtime, or (`own`) reads its own reply (also
-/// when it unwinds).
-struct Driving {
-    io: &'static Io,
-    own: bool,
-}
+/// Counts a caller in while it drives the runtime (also when it unwinds).
+struct Driving(&'static Io);
 
 impl Driving {
-    fn new(io: &'static Io, own: bool) -> Driving {
-        (if own { &io.reading_own } else { &io.callers }).fetch_add(1, Ordering::SeqCst);
-        Driving { io, own }
+    fn new(io: &'static Io) -> Driving {
+        io.callers.fetch_add(1, Ordering::SeqCst);
+        Driving(io)
     }
 }
 
 impl Drop for Driving {
     fn drop(&mut self) {
-        let io = self.io;
-        io.left.fetch_add(1, Ordering::SeqCst);
-        (if self.own { &io.reading_own } else { &io.callers }).fetch_sub(1, Ordering::SeqCst);
-        if !io.busy() && io.resting_long.load(Ordering::SeqCst) {
-            io.thread.unpark();
+        self.0.callers.fetch_sub(1, Ordering::SeqCst);
+        self.0.left_now();
+    }
+}
+
+/// A caller reading its own reply: listed, with its bell, for the I/O thread's looks.
+struct OwnRead {
+    io: &'static Io,
+    wait: u64,
+}
+
+impl Drop for OwnRead {
+    fn drop(&mut self) {
+        self.io.own_waits.lock().unwrap_or_else(|p| p.into_inner()).retain(|(wait, _)| *wait != self.wait);
+        self.io.left_now();
+    }
+}
+
+impl Io {
+    /// A caller left: the I/O thread, if it rests long, must not wait out its rest.
+    fn left_now(&self) {
+        self.left.fetch_add(1, Ordering::SeqCst);
+        if !self.busy() && self.resting_long.load(Ordering::SeqCst) {
+            self.thread.unpark();
         }
     }
 }
@@ -230,7 +234,7 @@ pub(crate) fn can_drive() -> bool {
 /// to each of many workers): it reads the replies itself when it waits. Only for a thread
 /// whose next wait is a [`block_on`]: nobody else may be left to read the replies.
 pub(crate) fn about_to_wait() -> impl Drop {
-    Driving::new(io(), false)
+    Driving::new(io())
 }
 
 /// Lets this thread wait for its reply without the runtime, polling the reply's connection
@@ -246,11 +250,7 @@ pub(crate) fn read_own(now: Instant, bell: RawFd) -> Option<impl Drop> {
     if queued || io.io_drives.load(Ordering::SeqCst) || io.callers.load(Ordering::SeqCst) > 0 || unturned > UNTURNED_AT_MOST.as_nanos() as u64 {
         return None;
     }
-    let counted = Driving::new(io, true);
     let wait = io.own_count.fetch_add(1, Ordering::SeqCst);
-    if io.resting_long.load(Ordering::SeqCst) {
-        io.thread.unpark(); // it is to look for long waits from now on, not at the end of a long rest
-    }
     {
         let mut waits = io.own_waits.lock().unwrap_or_else(|p| p.into_inner());
         if waits.len() == OWN_READERS {
@@ -258,7 +258,10 @@ pub(crate) fn read_own(now: Instant, bell: RawFd) -> Option<impl Drop> {
         }
         waits.push((wait, bell));
     }
-    let reading = OwnRead { _counted: counted, wait };
+    let reading = OwnRead { io, wait };
+    if io.resting_long.load(Ordering::SeqCst) {
+        io.thread.unpark(); // it is to look for long waits from now on, not at the end of a long rest
+    }
     // should the I/O thread start driving all the same, both wait on the connection: no
     // harm, whoever reads first handles the reply (and the runtime rings the caller's bell)
     (!io.io_drives.load(Ordering::SeqCst)).then_some(reading)
@@ -268,7 +271,7 @@ pub(crate) fn read_own(now: Instant, bell: RawFd) -> Option<impl Drop> {
 /// sockets, running timers and tasks). Only where [`can_drive`].
 pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
     let io = io();
-    let _driving = Driving::new(io, false);
+    let _driving = Driving::new(io);
     if io.io_drives.load(Ordering::SeqCst) {
         io.wanted.notify_one(); // the I/O thread hands the runtime over
     }

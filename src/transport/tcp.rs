@@ -205,8 +205,7 @@ fn write_now(out: &Arc<Outbox>, q: &mut Queue) -> io::Result<()> {
     match q.write_out(out.fd) {
         Ok(true) => Ok(()),
         Ok(false) => {
-            q.draining = true;
-            runtime::spawn(drain(out.clone()));
+            drain_later(out, q);
             Ok(())
         }
         Err(e) => {
@@ -228,9 +227,14 @@ fn write_alone(out: &Arc<Outbox>, q: &mut Queue, frame: Outgoing) -> io::Result<
     q.written = sent;
     q.bytes = frame.len() - sent;
     q.frames.push_back(frame);
+    drain_later(out, q);
+    Ok(())
+}
+
+/// The socket is full: the I/O runtime writes the queue as the peer reads.
+fn drain_later(out: &Arc<Outbox>, q: &mut Queue) {
     q.draining = true;
     runtime::spawn(drain(out.clone()));
-    Ok(())
 }
 
 fn closed_error(failed: &(ErrorKind, String)) -> io::Error {
@@ -503,8 +507,7 @@ impl FrameStream {
             if let Some(frame) = self.frames.next_frame()? {
                 return Ok(Some(frame));
             }
-            let room = if self.frames.reads_direct(SCRATCH) { Some(self.frames.room()) } else { self.frames.spare_room() };
-            let read = match room {
+            let read = match self.frames.read_room(SCRATCH) {
                 // SAFETY: the reader's room holds `room` bytes; `advance` counts what came.
                 Some((at, room)) => unsafe { sys::recv_into(self.stream.as_raw_fd(), at, room).inspect(|&n| self.frames.advance(n)) },
                 None => self.stream.read(&mut self.scratch).inspect(|&n| self.frames.extend(&self.scratch[..n])),
@@ -540,8 +543,7 @@ fn read_some(stream: &tokio::net::TcpStream, reader: &mut FrameReader, direct: b
         let read = || unsafe { sys::recv_into(stream.as_raw_fd(), at, room) };
         if direct { read() } else { stream.try_io(Interest::READABLE, read) }
     };
-    let room = if reader.reads_direct(SCRATCH) { Some(reader.room()) } else { reader.spare_room() };
-    let (n, room) = if let Some((at, room)) = room {
+    let (n, room) = if let Some((at, room)) = reader.read_room(SCRATCH) {
         let n = recv(at, room).inspect_err(|_| reader.release_idle())?;
         // SAFETY: `recv` wrote `n` bytes into the reader's room.
         unsafe { reader.advance(n) };
