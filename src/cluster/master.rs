@@ -334,12 +334,12 @@ fn drive(inner: &Arc<Inner>, from: Option<&Arc<WorkerEntry>>) {
         let next = {
             let mut core = m.core.lock().expect("core lock");
             match core.poll_transmit() {
-                Some(t) => Ok(t),
-                None => Err(core.poll_event()),
+                Some(t) => Next::Send(t),
+                None => core.poll_event().map_or(Next::Done, Next::Act),
             }
         };
         match next {
-            Ok(t) => {
+            Next::Send(t) => {
                 let failed = match m.worker(t.to) {
                     Some(entry) => entry.out.send(t.frame, None).err().map(|e| send_error(t.to, e)),
                     None => Some(Error::NoSuchWorker(t.to)),
@@ -348,10 +348,17 @@ fn drive(inner: &Arc<Inner>, from: Option<&Arc<WorkerEntry>>) {
                     m.core.lock().expect("core lock").transmit_failed(Transmit { to: t.to, frame: Vec::new().into(), routed: t.routed }, &error);
                 }
             }
-            Err(Some(event)) => act_on(inner, from, event),
-            Err(None) => return,
+            Next::Act(event) => act_on(inner, from, event),
+            Next::Done => return,
         }
     }
+}
+
+/// What the core asks next: a frame to send, an event to act on, or nothing more.
+enum Next {
+    Send(Transmit),
+    Act(CoreEvent<Waiter>),
+    Done,
 }
 
 /// Acts on one event of the core.
