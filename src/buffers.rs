@@ -1,5 +1,5 @@
-//! Frame buffers, kept for the next frame. Each thread keeps the last small one it gave back
-//! ([`small`]), so a loop of calls allocates nothing per call. Big ones are kept for the whole
+//! Frame buffers, kept for the next frame. Each thread keeps the last two small ones it gave
+//! back ([`small`]), so a loop of calls allocates nothing per call. Big ones are kept for the whole
 //! process: a fresh buffer costs a page fault per 4 KiB the first time it is written (64 MiB:
 //! 16,384 faults, about 45 ms here, several times the copy itself), so the buffers that carry
 //! big payloads through this process (an encoded result, a frame read from a socket or from
@@ -22,23 +22,35 @@ pub(crate) const KEPT_FOR: Duration = Duration::from_secs(10);
 /// The buffers this process keeps.
 static KEPT: Pool = Pool(Mutex::new(Vec::new()));
 
-/// A small buffer is kept per thread, the last one it gave back, at most this big: a loop of
-/// calls then allocates nothing per call (each frame's buffer serves the next), and no thread
-/// holds more than this.
+/// Two small buffers are kept per thread, the biggest it gave back, each at most this big: a
+/// loop of calls then allocates nothing per call (a serving worker holds the call's frame
+/// while it writes the reply: two at once), and no thread holds more than twice this.
 const SPARE_AT_MOST: usize = 64 << 10;
 
 thread_local! {
-    static SPARE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    /// The smaller first; empty vectors where none is kept.
+    static SPARE: Cell<[Vec<u8>; 2]> = const { Cell::new([Vec::new(), Vec::new()]) };
 }
 
-/// An empty buffer with room for `capacity` bytes: this thread's spare if it fits.
+/// An empty buffer with room for `capacity` bytes: the smallest spare of this thread that
+/// fits, else a new one.
 pub(crate) fn small(capacity: usize) -> Vec<u8> {
-    let spare = SPARE.try_with(Cell::take).unwrap_or_default();
-    if spare.capacity() >= capacity {
-        return spare;
-    }
-    let _ = SPARE.try_with(|s| s.set(spare));
-    Vec::with_capacity(capacity)
+    let mut found = None;
+    let _ = SPARE.try_with(|s| {
+        let [smaller, bigger] = s.take();
+        s.set(match (smaller.capacity() >= capacity, bigger.capacity() >= capacity) {
+            (true, _) => {
+                found = Some(smaller);
+                [Vec::new(), bigger]
+            }
+            (false, true) => {
+                found = Some(bigger);
+                [Vec::new(), smaller]
+            }
+            (false, false) => [smaller, bigger],
+        });
+    });
+    found.unwrap_or_else(|| Vec::with_capacity(capacity))
 }
 
 /// An empty buffer with room for at least `capacity` bytes, if one is kept (the smallest
@@ -52,10 +64,15 @@ pub(crate) fn take(capacity: usize) -> Option<Vec<u8>> {
 pub(crate) fn give(mut buffer: Vec<u8>) {
     if buffer.capacity() <= SPARE_AT_MOST {
         buffer.clear();
-        // the bigger of the two stays (a thread that is ending keeps nothing)
+        // the two biggest of the three stay (a thread that is ending keeps nothing)
         let _ = SPARE.try_with(|s| {
-            let spare = s.take();
-            s.set(if spare.capacity() >= buffer.capacity() { spare } else { std::mem::take(&mut buffer) });
+            let [smaller, bigger] = s.take();
+            let given = std::mem::take(&mut buffer);
+            s.set(match (given.capacity() > smaller.capacity(), given.capacity() > bigger.capacity()) {
+                (false, _) => [smaller, bigger],
+                (true, false) => [given, bigger],
+                (true, true) => [bigger, given],
+            });
         });
         return;
     }
@@ -139,9 +156,14 @@ mod tests {
         assert!(next.is_empty());
         let again = small(60);
         assert_ne!(again.as_ptr(), at, "given out once, it is no longer spare");
+        give(Vec::with_capacity(4096)); // a call's frame, and its reply's buffer
+        give(Vec::with_capacity(64));
+        assert_eq!((small(4000).capacity(), small(60).capacity()), (4096, 64), "both kept, each served where it fits");
         give(Vec::with_capacity(50));
         give(Vec::with_capacity(200));
-        assert!(small(1).capacity() >= 200, "of two, the bigger stays");
+        give(Vec::with_capacity(100));
+        assert_eq!((small(1).capacity(), small(1).capacity()), (100, 200), "of three, the two bigger stay; the smaller goes first");
+        assert_eq!(small(1).capacity(), 1, "none left");
         give(Vec::with_capacity(SPARE_AT_MOST + 1));
         assert!(small(1).capacity() <= SPARE_AT_MOST, "a thread keeps no more than SPARE_AT_MOST");
         let other = std::thread::spawn(|| small(150).capacity()).join().unwrap();

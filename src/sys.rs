@@ -262,6 +262,7 @@ pub(crate) fn first_non_loopback_ipv4() -> Option<std::net::Ipv4Addr> {
 
 /// Sends as much of `parts`, in order, as the socket takes now with one call, without waiting
 /// and without SIGPIPE; returns how many bytes went (0 when the send buffer is full).
+#[inline]
 pub(crate) fn send_vectored_nonblocking(fd: RawFd, parts: &[io::IoSlice<'_>]) -> io::Result<usize> {
     // SAFETY: a zeroed msghdr is valid (no address, no control data).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -281,6 +282,36 @@ pub(crate) fn send_vectored_nonblocking(fd: RawFd, parts: &[io::IoSlice<'_>]) ->
             _ => return Err(e),
         }
     }
+}
+
+/// Reads what the non-blocking `fd` holds now into `buf`: `Ok(None)` when it holds nothing
+/// (told by the error number alone: a worker reads its output pipe this way before every
+/// reply, and it is nearly always empty); `Ok(Some(0))` at end of file.
+pub(crate) fn read_ready(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        match errno() {
+            libc::EAGAIN => return Ok(None),
+            libc::EINTR => {}
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+/// The calling thread's error number, read without building an `io::Error`.
+fn errno() -> i32 {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    // SAFETY: __errno_location returns this thread's errno, valid for its life.
+    return unsafe { *libc::__errno_location() };
+    #[cfg(target_vendor = "apple")]
+    // SAFETY: as above, under its name on Apple systems.
+    return unsafe { *libc::__error() };
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_vendor = "apple")))]
+    return io::Error::last_os_error().raw_os_error().unwrap_or(0);
 }
 
 /// Receives at most `len` bytes into `ptr` (a socket that would block returns `WouldBlock`

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::ids::Pid;
 use crate::protocol::worker::{Incoming, LinkId, WorkerCore, link_error};
 use crate::codec::HeldWords;
-use crate::protocol::{Frame, Header, Health, Outgoing, call_frame};
+use crate::protocol::{Frame, Header, Health, Outgoing, Terms, call_frame};
 use crate::transport::FrameOut;
 
 use super::slot::Waiter;
@@ -36,16 +36,26 @@ pub(crate) struct Link {
     id: LinkId,
     out: Box<dyn FrameOut>,
     core: SharedCore,
+    /// The worker's terms of admission, at hand without the core's lock.
+    terms: Terms,
 }
 
 impl Link {
     /// A link to `peer`, sending through `out`, registered with the worker's `core`.
     pub(crate) fn new(core: &SharedCore, peer: Pid, out: Box<dyn FrameOut>) -> Arc<Link> {
-        let id = core.lock().expect("core lock").add_link(peer, Instant::now());
-        Arc::new(Link { peer, id, out, core: core.clone() })
+        let mut locked = core.lock().expect("core lock");
+        let (id, terms) = (locked.add_link(peer, Instant::now()), locked.terms());
+        drop(locked);
+        Arc::new(Link { peer, id, out, core: core.clone(), terms })
+    }
+
+    /// The terms this worker was admitted on.
+    pub(crate) fn terms(&self) -> Terms {
+        self.terms
     }
 
     /// The worker's protocol core.
+#[inline]
     pub(crate) fn core(&self) -> std::sync::MutexGuard<'_, WorkerCore<Waiter>> {
         self.core.lock().expect("core lock")
     }
@@ -58,6 +68,7 @@ impl Link {
 
     /// Sends one frame, waiting up to `patience` for room if the connection is backed up:
     /// for a worker's replies and output, which must not be dropped.
+#[inline]
     pub(crate) fn send_patiently(&self, frame: impl Into<Outgoing>, patience: Duration) -> Result<()> {
         self.out.send(frame.into(), Some(patience)).map_err(|e| self.send_error(e))
     }
@@ -92,8 +103,9 @@ impl Link {
 
     /// A frame from the peer: replies go to whoever waits for them; what is left for the
     /// serving thread is returned. `Err` breaks the link.
+#[inline]
     pub(crate) fn receive(&self, frame: Frame) -> std::result::Result<Received, String> {
-        let incoming = self.core().handle_frame(Instant::now(), self.id, frame)?;
+        let incoming = self.core().handle_frame(self.id, frame)?;
         Ok(match incoming {
             Incoming::Run(frame) => Received::Run(frame),
             Incoming::Resolved(w, frame) => {

@@ -6,7 +6,7 @@
 //! always reach the master before that call's result.
 
 use std::fs::File;
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
@@ -48,18 +48,17 @@ const LONGEST_LINE: usize = 1 << 20;
 impl Forwarder {
     /// Reads what is in the pipe now and sends the complete lines. `Ok(false)` at end of file.
     fn drain(&mut self) -> std::io::Result<bool> {
+        let fd = self.pipe.as_raw_fd();
         let open = loop {
-            match self.pipe.read(&mut self.chunk) {
-                Ok(0) => break false,
-                Ok(n) => {
+            match sys::read_ready(fd, &mut self.chunk)? {
+                None => break true,
+                Some(0) => break false,
+                Some(n) => {
                     self.partial.extend_from_slice(&self.chunk[..n]);
                     if self.partial.len() >= LONGEST_LINE {
                         break true;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
             }
         };
         let end = match self.partial.iter().rposition(|&b| b == b'\n') {
@@ -100,9 +99,11 @@ pub(crate) fn start_forwarding(link: Arc<Link>, me: Pid, patience: Duration) -> 
     Ok(())
 }
 
-/// Sends what the worker printed so far (called before each reply, so output comes first).
+/// Sends the lines the worker printed so far (called before each reply, so output comes
+/// first). Rust's stdout needs no flush for that: it is line-buffered, so each line is in
+/// the pipe once printed; only an unfinished line waits, and one is not sent anyway.
+#[inline]
 pub(crate) fn flush() {
-    let _ = std::io::stdout().flush();
     if let Some(f) = FORWARDER.lock().expect("forwarder lock").as_mut() {
         let _ = f.drain();
     }

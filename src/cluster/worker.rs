@@ -16,7 +16,7 @@ use crate::ids::Pid;
 use crate::error::{Error, Result};
 use crate::fingerprint;
 use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECRET_FILE, ANY_SEAT, Index, parse_launch};
-use crate::protocol::worker::WorkerCore;
+use crate::protocol::worker::{WorkerCore, answer};
 use crate::protocol::{Frame, Health, Hello, Kind, Liveness, Secret, Terms, Welcome, bare};
 use crate::sys;
 use crate::transport::{self, polled, tcp::{self, FrameStream, TcpOut}};
@@ -280,7 +280,7 @@ pub(crate) fn run(config: WorkerConfig) -> Result<()> {
 /// or is gone (`Err`). On a stop, the worker's output is flushed and a goodbye frame ends the
 /// conversation, so the master knows nothing more is coming (MPI links have no EOF).
 pub(crate) fn serve(link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) -> Result<()> {
-    let terms = link.core().terms();
+    let terms = link.terms();
     let pid = terms.pid;
     MY_PID.store(pid, Ordering::Relaxed);
     if let Err(e) = output::start_forwarding(link.clone(), pid, terms.liveness.timeout) {
@@ -290,8 +290,9 @@ pub(crate) fn serve(link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) ->
     let _ = WORKER_CLUSTER.set(Cluster::worker_handle(pid, link.clone(), peers));
     SERVING.with(|s| *s.borrow_mut() = Some(Serving { inbox, uplink: link.clone() }));
     slot::serve_while_waiting(Some(pump_once));
+    let never = crossbeam_channel::never();
     let outcome = loop {
-        match pump_once(None, &crossbeam_channel::never()) {
+        match pump_once(None, &never) {
             Ok(()) if !link.core().is_stopping() => {}
             Ok(()) | Err(Error::ShutDown) => break Ok(()),
             Err(e) => break Err(e),
@@ -491,6 +492,7 @@ thread_local! {
 
 /// Sends the replies the serving thread holds, and ends the cork it started for them (a
 /// cork it found stays, flushed: a thread about to wait must have sent what it has).
+#[inline]
 fn release_replies() {
     let (_, corked_here) = HOLDING.replace((0, false));
     if corked_here {
@@ -516,10 +518,8 @@ fn pump_once(deadline: Option<Instant>, woken: &Receiver<()>) -> Result<()> {
             let me = my_id();
             let batch_started = (frame.header.kind == Kind::Batch).then(Instant::now);
             if let Some(reply) = exec::execute(me, &mut frame) {
-                let (reply, patience) = {
-                    let core = from.core();
-                    (core.answer(frame.header, reply, || exec::function_name(frame.header.func))?, core.terms().liveness.timeout)
-                };
+                let terms = from.terms();
+                let reply = answer(&terms, frame.header, reply, || exec::function_name(frame.header.func))?;
                 output::flush();
                 // The reply to a quick pmap batch is held (corked) while the next frame is
                 // already here, and goes with up to 7 replies after it in one write (a
@@ -533,7 +533,7 @@ fn pump_once(deadline: Option<Instant>, woken: &Receiver<()>) -> Result<()> {
                 if coalesce {
                     HOLDING.set((held + 1, corked_here || tcp::cork()));
                 }
-                from.send_patiently(reply, patience)?;
+                from.send_patiently(reply, terms.liveness.timeout)?;
                 if !coalesce {
                     release_replies();
                 }

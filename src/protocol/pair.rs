@@ -14,7 +14,7 @@ use super::frame::{Frame, FrameBuf, FrameReader, Header, Kind, bare};
 use super::handshake::Terms;
 use super::liveness::{Health, Liveness};
 use super::master::{Event, MasterCore, STOPPED};
-use super::worker::{Incoming, LinkId, WorkerCore};
+use super::worker::{self, Incoming, LinkId, WorkerCore};
 
 const LIVENESS: Liveness = Liveness { interval: Duration::from_secs(5), timeout: Duration::from_secs(60) };
 
@@ -69,12 +69,12 @@ impl SimWorker {
     }
 
     /// Bytes from the master; returns what it sends back.
-    fn receive(&mut self, now: Instant, bytes: Vec<u8>) -> Vec<Vec<u8>> {
+    fn receive(&mut self, bytes: Vec<u8>) -> Vec<Vec<u8>> {
         if self.stopped || self.closed {
             return vec![];
         }
         let me = self.me();
-        match self.core.handle_frame(now, self.uplink, frame(bytes)).expect("the master speaks the protocol") {
+        match self.core.handle_frame(self.uplink, frame(bytes)).expect("the master speaks the protocol") {
             Incoming::Run(call) => {
                 let h = call.header;
                 if h.func >= RELAY_TO {
@@ -85,7 +85,7 @@ impl SimWorker {
                     return vec![call_frame(me, (h.func - RELAY_TO) as Pid, req, 0)];
                 }
                 let answer = if h.func == 1 { vec![0; 4096] } else { reply_frame(me, h.src, h.req, h.req * 2) };
-                vec![self.core.answer(h, answer.into(), || "big".into()).unwrap().joined()]
+                vec![worker::answer(&self.core.terms(), h, answer.into(), || "big".into()).unwrap().joined()]
             }
             Incoming::Resolved(token, answer) => {
                 self.ended.push((token, Ok(answer.header.kind)));
@@ -167,8 +167,7 @@ impl Pair {
                 self.kill(pid, &reason);
             }
         } else if let Some(bytes) = self.to_worker.get_mut(&pid).unwrap().pop_front() {
-            let now = self.now;
-            let out = self.worker(pid).receive(now, bytes);
+            let out = self.worker(pid).receive(bytes);
             self.to_master.get_mut(&pid).unwrap().extend(out);
         } else {
             return false;
@@ -276,15 +275,21 @@ fn a_silent_worker_is_given_up_after_the_timeout_and_killed() {
 }
 
 #[test]
-fn a_worker_whose_master_falls_silent_knows_it_at_the_timeout() {
+fn a_worker_whose_master_falls_silent_knows_it_a_timeout_after_the_look_that_last_heard_it() {
     let mut p = Pair::new(1);
     let start = p.now;
-    let judge = |p: &Pair, at: Duration| p.workers[&2].core.health(p.workers[&2].uplink, start + at, None);
-    assert_eq!(judge(&p, Duration::from_secs(59)), Health::Alive);
-    assert_eq!(judge(&p, Duration::from_secs(60)), Health::Silent(Duration::from_secs(60)));
+    let judge = |p: &mut Pair, at: Duration| {
+        let w = p.workers.get_mut(&2).unwrap();
+        w.core.health(w.uplink, start + at, None)
+    };
+    assert_eq!(judge(&mut p, Duration::from_secs(59)), Health::Alive);
+    assert_eq!(judge(&mut p, Duration::from_secs(60)), Health::Silent(Duration::from_secs(60)));
     p.advance(Duration::from_secs(30)); // the master's heartbeat arrives
-    assert_eq!(judge(&p, Duration::from_secs(60)), Health::Alive, "heard 30 s ago");
-    assert_eq!(judge(&p, Duration::from_secs(90)), Health::Silent(Duration::from_secs(60)));
+    // frames are counted, not timed: the look at 31 s is when they count as heard
+    assert_eq!(judge(&mut p, Duration::from_secs(31)), Health::Alive);
+    assert_eq!(judge(&mut p, Duration::from_secs(90)), Health::Alive, "heard at the look 59 s ago");
+    assert_eq!(judge(&mut p, Duration::from_secs(91)), Health::Silent(Duration::from_secs(60)));
+    assert_eq!(judge(&mut p, Duration::from_secs(95)), Health::Silent(Duration::from_secs(64)), "a look that finds nothing new moves nothing");
 }
 
 #[test]

@@ -1,9 +1,14 @@
 //! The worker's side of the protocol, without I/O and without a clock: its links (to the
 //! master, and direct links to other workers; two workers that dial each other at once
 //! have two links, so links have ids of their own), the calls it made on each and still waits
-//! for, when each peer was last heard from, and what an incoming frame asks of it. Fed
+//! for, whether each peer was heard from, and what an incoming frame asks of it. Fed
 //! frames, link ends and the time; each input returns what to do. The driver (the serving
 //! thread and the links' readers, around one lock) runs calls, sends, and wakes callers.
+//!
+//! A frame is counted, not timed: reading the clock for each one would cost a worker among a
+//! thousand more than its whole call. The time a peer was last heard is the first look at its
+//! health that found new frames; looks come every heartbeat interval, so a silence is seen at
+//! most one interval after the timeout, never before it.
 
 use std::time::Instant;
 
@@ -37,6 +42,10 @@ pub(crate) type LinkId = u64;
 struct LinkState<W> {
     /// The pid on the other end (1: the master).
     peer: Pid,
+    /// Frames received on it, and how many of them the last look at its health had seen.
+    frames: u64,
+    frames_looked_at: u64,
+    /// When a look at its health last found new frames (or when it came up).
     heard: Instant,
     next_req: u64,
     /// Our calls on it, by request id.
@@ -70,7 +79,7 @@ impl<W> WorkerCore<W> {
     pub(crate) fn add_link(&mut self, peer: Pid, now: Instant) -> LinkId {
         let id = self.next_link;
         self.next_link += 1;
-        self.links.insert(id, LinkState { peer, heard: now, next_req: 1, calls: IdMap::default(), dead: None, given_up: None });
+        self.links.insert(id, LinkState { peer, frames: 0, frames_looked_at: 0, heard: now, next_req: 1, calls: IdMap::default(), dead: None, given_up: None });
         id
     }
 
@@ -96,14 +105,14 @@ impl<W> WorkerCore<W> {
 
     /// A frame that arrived on `link`. `Err` breaks the link (a peer that lies about who it
     /// is, or sends what a link of its kind never carries).
-    pub(crate) fn handle_frame(&mut self, now: Instant, link: LinkId, frame: Frame) -> std::result::Result<Incoming<W>, String> {
+    pub(crate) fn handle_frame(&mut self, link: LinkId, frame: Frame) -> std::result::Result<Incoming<W>, String> {
         let h = frame.header;
         let Some(state) = self.links.get_mut(&link) else { return Ok(Incoming::Nothing) };
         let direct = state.peer != 1;
         if direct && h.src != state.peer {
             return Err(format!("worker {} sent a frame claiming to be from pid {}", state.peer, h.src));
         }
-        state.heard = now;
+        state.frames += 1;
         Ok(match h.kind {
             Kind::Reply | Kind::Failure => match state.calls.remove(&h.req) {
                 Some(w) => Incoming::Resolved(w, frame),
@@ -154,22 +163,16 @@ impl<W> WorkerCore<W> {
     }
 
     /// How the peer of `link` is doing at `now`, from what we heard of it and, for TCP, what
-    /// the kernel knows.
-    pub(crate) fn health(&self, link: LinkId, now: Instant, kernel: Option<TcpPulse>) -> Health {
-        let heard = self.links.get(&link).map_or(now, |l| l.heard);
+    /// the kernel knows. Frames that came since the last look count as heard `now`.
+    pub(crate) fn health(&mut self, link: LinkId, now: Instant, kernel: Option<TcpPulse>) -> Health {
+        let heard = self.links.get_mut(&link).map_or(now, |l| {
+            if l.frames != l.frames_looked_at {
+                l.frames_looked_at = l.frames;
+                l.heard = now;
+            }
+            l.heard
+        });
         self.terms.liveness.judge(now.saturating_duration_since(heard), kernel)
-    }
-
-    /// The frame that answers `call`: `reply` as it is, or, when it is larger than the
-    /// cluster accepts, a failure that says so (`function` names the call).
-    pub(crate) fn answer(&self, call: Header, reply: Outgoing, function: impl FnOnce() -> String) -> Result<Outgoing> {
-        let max = self.terms.max_frame;
-        if reply.len() <= max + LEN_PREFIX {
-            return Ok(reply);
-        }
-        let message = format!("its result of {} bytes exceeds the cluster's max_frame of {max}; raise ClusterBuilder::max_frame", reply.len());
-        let failure = Failure::Remote(RemoteError { pid: self.terms.pid, function: function(), message, location: None });
-        failure_frame(self.terms.pid, call.src, call.req, &failure).map(Outgoing::from)
     }
 
     /// Marks every link dead with `reason`; returns the waiters of every call.
@@ -181,6 +184,20 @@ impl<W> WorkerCore<W> {
         }
         waiters
     }
+}
+
+/// The frame that answers `call` on a worker admitted on `terms`: `reply` as it is, or,
+/// when it is larger than the cluster accepts, a failure that says so (`function` names the
+/// call).
+#[inline]
+pub(crate) fn answer(terms: &Terms, call: Header, reply: Outgoing, function: impl FnOnce() -> String) -> Result<Outgoing> {
+    let max = terms.max_frame;
+    if reply.len() <= max + LEN_PREFIX {
+        return Ok(reply);
+    }
+    let message = format!("its result of {} bytes exceeds the cluster's max_frame of {max}; raise ClusterBuilder::max_frame", reply.len());
+    let failure = Failure::Remote(RemoteError { pid: terms.pid, function: function(), message, location: None });
+    failure_frame(terms.pid, call.src, call.req, &failure).map(Outgoing::from)
 }
 
 /// The error for a call on the link to `peer`, which is gone for `reason`.
@@ -211,7 +228,7 @@ mod tests {
         let mut core = WorkerCore::new(Terms { pid: 2, direct_links: true, max_frame: 1 << 10, liveness: Liveness::default() });
         let (a, b) = (core.add_link(3, now), core.add_link(3, now));
         assert_eq!((core.begin_call(a, Some("on a")).unwrap(), core.begin_call(b, Some("on b")).unwrap()), (1, 1));
-        assert!(matches!(core.handle_frame(now, b, reply(3, 1)), Ok(Incoming::Resolved("on b", _))));
+        assert!(matches!(core.handle_frame(b, reply(3, 1)), Ok(Incoming::Resolved("on b", _))));
         let (_, failed) = core.handle_closed(a, "closed");
         assert_eq!(failed, vec!["on a"], "closing one link fails only its calls");
         assert!(core.is_dead(a) && !core.is_dead(b));
@@ -222,7 +239,7 @@ mod tests {
         let now = Instant::now();
         let mut core = WorkerCore::<()>::new(Terms { pid: 2, direct_links: true, max_frame: 1 << 10, liveness: Liveness::default() });
         let link = core.add_link(3, now);
-        let err = core.handle_frame(now, link, reply(4, 1)).unwrap_err();
+        let err = core.handle_frame(link, reply(4, 1)).unwrap_err();
         assert!(err.contains("worker 3 sent a frame claiming to be from pid 4"), "{err}");
     }
 }

@@ -175,8 +175,9 @@ pub(crate) fn uncork() {
 
 /// Writes what this thread's cork holds now: a thread about to wait for a reply must have
 /// sent what it asked.
+#[inline]
 pub(crate) fn flush_corked() {
-    let corked = CORKED.with(|c| c.borrow_mut().as_mut().map(std::mem::take)).unwrap_or_default();
+    let Some(corked) = CORKED.with(|c| c.borrow_mut().as_mut().filter(|c| !c.is_empty()).map(std::mem::take)) else { return };
     for out in corked {
         let mut q = out.state.lock().expect("send queue lock");
         if !q.draining && q.failed.is_none() {
