@@ -34,6 +34,7 @@ thread_local! {
 
 /// An empty buffer with room for `capacity` bytes: the smallest spare of this thread that
 /// fits, else a new one.
+#[inline]
 pub(crate) fn small(capacity: usize) -> Vec<u8> {
     let mut found = None;
     let _ = SPARE.try_with(|s| {
@@ -61,6 +62,7 @@ pub(crate) fn take(capacity: usize) -> Option<Vec<u8>> {
 
 /// Keeps `buffer` for a later [`take`], if it is big enough and there is room; a smaller
 /// kept buffer makes way for a bigger one.
+#[inline]
 pub(crate) fn give(mut buffer: Vec<u8>) {
     if buffer.capacity() <= SPARE_AT_MOST {
         buffer.clear();

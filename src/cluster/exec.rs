@@ -10,6 +10,7 @@ use crate::protocol::failure::Failure;
 
 /// Runs a `Call`, `Cast` or `Batch` frame addressed to `me`. Returns the reply frame to send
 /// back, or `None` for a `Cast` (whose failure is logged here, as nobody waits for it).
+#[inline]
 pub(crate) fn execute(me: Pid, frame: &mut Frame) -> Option<Outgoing> {
     let h = frame.header;
     let mut out = FrameBuf::new(Header { kind: Kind::Reply, src: me, dst: h.src, req: h.req, func: 0, words: 0 });

@@ -78,6 +78,7 @@ pub struct Header {
 
 impl Header {
     /// Writes the header into `out[..HEADER_LEN]`.
+    #[inline]
     fn write(&self, out: &mut [u8]) {
         out[0] = self.kind as u8;
         out[1..5].copy_from_slice(&self.src.to_le_bytes());
@@ -173,11 +174,13 @@ pub struct FrameBuf {
 
 impl FrameBuf {
     /// Starts a frame with `header`; append the payload to [`FrameBuf::payload`].
+    #[inline]
     pub fn new(header: Header) -> FrameBuf {
         Self::with_capacity(header, 64)
     }
 
     /// Like [`FrameBuf::new`] with room for `payload` bytes.
+#[inline]
     pub fn with_capacity(header: Header, payload: usize) -> FrameBuf {
         let mut buf = buffers::small(LEN_PREFIX + HEADER_LEN + payload);
         buf.resize(LEN_PREFIX + HEADER_LEN, 0);
@@ -192,6 +195,7 @@ impl FrameBuf {
 
     /// Patches the length prefix and returns the bytes to write. Fails if the body does not
     /// fit the `u32` prefix.
+    #[inline]
     pub fn finish(mut self) -> Result<Vec<u8>> {
         let prefix = len_prefix(self.buf.len() - LEN_PREFIX)?;
         self.buf[..LEN_PREFIX].copy_from_slice(&prefix);
@@ -200,6 +204,7 @@ impl FrameBuf {
 
     /// [`finish`](FrameBuf::finish) for a frame whose payload so far is the count of `words`,
     /// which follow it on the wire from where the value holds them (see [`Header::words`]).
+#[inline]
     pub fn finish_held(mut self, words: Option<HeldWords>) -> Result<Outgoing> {
         let Some(words) = words else { return self.finish().map(Outgoing::from) };
         self.buf[LEN_PREFIX + WORDS_BYTE] = words.element_size() as u8;
@@ -292,6 +297,7 @@ impl Frame {
     }
 
     /// A frame from its bytes on a stream: length prefix, then body.
+#[inline]
     fn from_wire(wire: Vec<u8>, bulk: Option<Bulk>) -> Result<Frame> {
         Ok(Frame { header: Header::parse(&wire[LEN_PREFIX..])?, bytes: wire, body_at: LEN_PREFIX, bulk })
     }
@@ -311,6 +317,7 @@ impl Frame {
 
     /// The payload, and the words of a big value that came apart (taken: decode both with
     /// `codec::decode_with`).
+    #[inline]
     pub fn payload_and_words(&mut self) -> (&[u8], Option<Bulk>) {
         let words = self.bulk.take();
         (self.payload(), words)
@@ -436,12 +443,14 @@ impl FrameReader {
     /// scratch buffer, no copy). `None` with too little room left: read into a scratch
     /// buffer of `scratch` bytes and [`extend`](FrameReader::extend). Call
     /// [`advance`](FrameReader::advance) with what was read.
+#[inline]
     pub fn read_room(&mut self, scratch: usize) -> Option<(*mut u8, usize)> {
         if self.reads_direct(scratch) { Some(self.room()) } else { self.spare_room() }
     }
 
     /// Room left in the buffer of the small frames under way (`None` inside a big value's
     /// words, or with too little room left).
+#[inline]
     fn spare_room(&mut self) -> Option<(*mut u8, usize)> {
         if self.words.is_some() {
             return None;
@@ -466,6 +475,7 @@ impl FrameReader {
     ///
     /// # Safety
     /// The `n` bytes at the room's start must have been written, `n` at most its size.
+#[inline]
     pub unsafe fn advance(&mut self, n: usize) {
         match &mut self.words {
             // SAFETY: as the caller promises.
@@ -496,6 +506,7 @@ impl FrameReader {
 
     /// Once the head of a big value is here, moves its words into a block of their own (see
     /// [`Header::words`]); anything that does not add up stays as it is, for `next_frame`.
+#[inline]
     fn split_words(&mut self) {
         if self.words.is_some() || self.buf.len() < HEAD {
             return;
@@ -512,6 +523,7 @@ impl FrameReader {
 
     /// The next complete frame, `Ok(None)` if more bytes are needed. An oversized length or
     /// a bad header is an error (the stream cannot be trusted after it).
+#[inline]
     pub fn next_frame(&mut self) -> Result<Option<Frame>> {
         if self.words.is_some() {
             if self.missing() > 0 {

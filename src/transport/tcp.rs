@@ -9,7 +9,7 @@
 //! *blocking*, read by a thread of its own (a worker's, whose serving thread reads its
 //! master's socket directly, which makes a call cheapest).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -141,8 +141,11 @@ impl TcpOut {
 }
 
 thread_local! {
-    /// While this thread runs [`corked`]: the connections whose queues hold frames it sent.
-    static CORKED: RefCell<Option<Vec<Arc<Outbox>>>> = const { RefCell::new(None) };
+    /// Whether this thread runs [`corked`] (a flag of its own: asked on every send, and
+    /// cheaper to read than the list, which needs a destructor).
+    static CORKING: Cell<bool> = const { Cell::new(false) };
+    /// While it does: the connections whose queues hold frames it sent.
+    static CORKED: RefCell<Vec<Arc<Outbox>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f`; the frames it sends over TCP wait in their queues until it returns (or waits for
@@ -159,26 +162,23 @@ pub(crate) fn corked<R>(f: impl FnOnce() -> R) -> R {
 
 /// Corks this thread's sends from now on, as inside [`corked`]; false if it already was.
 pub(crate) fn cork() -> bool {
-    CORKED.with(|c| {
-        let mut c = c.borrow_mut();
-        let was = c.is_some();
-        c.get_or_insert_with(Vec::new);
-        !was
-    })
+    !CORKING.replace(true)
 }
 
 /// Writes what this thread's cork holds and ends the cork (nothing if not corked).
 pub(crate) fn uncork() {
     flush_corked();
-    CORKED.with(|c| c.borrow_mut().take());
+    CORKING.set(false);
 }
 
 /// Writes what this thread's cork holds now: a thread about to wait for a reply must have
 /// sent what it asked.
 #[inline]
 pub(crate) fn flush_corked() {
-    let Some(corked) = CORKED.with(|c| c.borrow_mut().as_mut().filter(|c| !c.is_empty()).map(std::mem::take)) else { return };
-    for out in corked {
+    if !CORKING.get() {
+        return;
+    }
+    for out in CORKED.with_borrow_mut(std::mem::take) {
         let mut q = out.state.lock().expect("send queue lock");
         if !q.draining && q.failed.is_none() {
             let _ = write_now(&out, &mut q); // a failure ends the connection, which its reader reports
@@ -189,16 +189,15 @@ pub(crate) fn flush_corked() {
 /// Whether this thread is corked; if so, `out` is written when it uncorks. Tasks of the I/O
 /// runtime never cork, even on a corked thread that drives it while it waits.
 fn corks(out: &Arc<Outbox>) -> bool {
-    CORKED.with(|c| match c.borrow_mut().as_mut() {
-        Some(_) if !runtime::can_drive() => false,
-        Some(corked) => {
-            if !corked.iter().any(|o| Arc::ptr_eq(o, out)) {
-                corked.push(out.clone());
-            }
-            true
+    if !CORKING.get() || !runtime::can_drive() {
+        return false;
+    }
+    CORKED.with_borrow_mut(|corked| {
+        if !corked.iter().any(|o| Arc::ptr_eq(o, out)) {
+            corked.push(out.clone());
         }
-        None => false,
-    })
+    });
+    true
 }
 
 /// Writes the queue now; what the socket does not take, the I/O runtime writes as it drains.
@@ -503,6 +502,7 @@ impl FrameStream {
     }
 
     /// The next frame, blocking; `Ok(None)` when the stream ended between frames.
+#[inline]
     pub(crate) fn next(&mut self) -> Result<Option<Frame>> {
         loop {
             if let Some(frame) = self.frames.next_frame()? {
