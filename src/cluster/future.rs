@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -38,8 +38,30 @@ pub struct RemoteFuture<R> {
     _result: PhantomData<fn() -> R>,
 }
 
-/// Forgets a call whose caller stopped waiting (its reply, if any, is then dropped).
-pub(crate) type Forget = Box<dyn FnOnce() + Send + Sync>;
+/// What forgets calls whose callers stopped waiting: the master's core, or a worker's link.
+pub(crate) trait Forgets: Send + Sync {
+    /// Forgets call `req` to `pid` (its reply, if any, is then dropped).
+    fn forget_call(&self, pid: Pid, req: u64);
+}
+
+/// How to forget one call: a value, not a boxed closure, so a call allocates nothing for it.
+pub(crate) struct Forget {
+    by: Weak<dyn Forgets>,
+    pid: Pid,
+    req: u64,
+}
+
+impl Forget {
+    pub(crate) fn new(by: Weak<dyn Forgets>, pid: Pid, req: u64) -> Forget {
+        Forget { by, pid, req }
+    }
+
+    pub(crate) fn forget(self) {
+        if let Some(by) = self.by.upgrade() {
+            by.forget_call(self.pid, self.req);
+        }
+    }
+}
 
 enum FutureInner<R> {
     /// The slot, and how to forget the call if the caller stops waiting.
@@ -86,7 +108,11 @@ impl<R: DeserializeOwned + 'static> RemoteFuture<R> {
     /// if the cluster shuts down first.
     pub fn fetch(self) -> Result<R> {
         match self.inner {
-            FutureInner::Pending(slot, ..) => decode_reply(slot.wait(None).expect("waits without a deadline end with a result")),
+            FutureInner::Pending(slot, ..) => {
+                let frame = slot.wait(None).expect("waits without a deadline end with a result");
+                Slot::recycle(slot);
+                decode_reply(frame)
+            }
             FutureInner::Ready(r) => r.expect("a ready future holds its result until fetched"),
         }
     }
@@ -99,7 +125,7 @@ impl<R: DeserializeOwned + 'static> RemoteFuture<R> {
             FutureInner::Pending(slot, forget) => match slot.wait(Some(Instant::now() + timeout)) {
                 Some(frame) => decode_reply(frame),
                 None => {
-                    forget();
+                    forget.forget();
                     Err(Error::Timeout { pid: self.pid, waited: timeout })
                 }
             },

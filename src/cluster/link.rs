@@ -13,6 +13,7 @@ use crate::codec::HeldWords;
 use crate::protocol::{Frame, Header, Health, Outgoing, Terms, call_frame};
 use crate::transport::FrameOut;
 
+use super::future::Forgets;
 use super::slot::Waiter;
 
 /// The protocol core of this worker, shared by its links.
@@ -150,5 +151,11 @@ impl Link {
     /// How the peer is doing: what we heard from it, and what the kernel knows.
     pub(crate) fn health(&self) -> Health {
         self.core().health(self.id, Instant::now(), self.out.pulse())
+    }
+}
+
+impl Forgets for Link {
+    fn forget_call(&self, _peer: Pid, req: u64) {
+        self.forget(req);
     }
 }

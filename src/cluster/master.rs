@@ -478,7 +478,7 @@ pub(crate) fn start_events(inner: Weak<Inner>, events: crossbeam_channel::Receiv
 pub(crate) fn call(inner: &Arc<Inner>, header: Header, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<Option<HeldWords>>, waiter: Option<Waiter>) -> Result<u64> {
     let m = inner.master();
     let dst = header.dst;
-    let entry = m.worker(dst).ok_or(Error::NoSuchWorker(dst))?;
+    let Some(entry) = m.worker(dst) else { return Err(Error::NoSuchWorker(dst)) };
     if let Some(Waiter::Slot(slot)) = &waiter {
         slot.comes_from(Arc::downgrade(&entry) as Weak<dyn Source>); // its count shares the line `worker` touched
     }

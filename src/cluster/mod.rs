@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::ids::Pid;
@@ -475,21 +475,11 @@ impl Cluster {
         let header = Header { kind, src: self.inner.me, dst: pid, req: 0, func, words: 0 };
         if self.inner.master.is_some() {
             let req = master::call(&self.inner, header, hint, encode, waiter)?;
-            let inner = Arc::downgrade(&self.inner);
-            return Ok(Box::new(move || {
-                if let Some(inner) = inner.upgrade() {
-                    inner.master().core.lock().expect("core lock").cancel(pid, req);
-                }
-            }));
+            return Ok(Forget::new(Arc::downgrade(&self.inner) as Weak<dyn future::Forgets>, pid, req));
         }
         let link = self.link_to(pid)?;
         let req = link.call(header, hint, encode, waiter)?;
-        let link = Arc::downgrade(&link);
-        Ok(Box::new(move || {
-            if let Some(link) = link.upgrade() {
-                link.forget(req);
-            }
-        }))
+        Ok(Forget::new(Arc::downgrade(&link) as Weak<dyn future::Forgets>, pid, req))
     }
 
     /// Frames the master forwarded from one worker to another (with
@@ -507,7 +497,7 @@ impl Cluster {
         if pid == self.inner.me {
             return Ok(RemoteFuture::ready(pid, run_here::<F>(pid, args)));
         }
-        let slot = Arc::new(slot::Slot::default());
+        let slot = slot::Slot::fresh();
         let forget = self.send(Kind::Call, pid, F::ID, 64, |buf| codec::encode_held_into(args, buf, codec::BULK_FROM), Some(Waiter::Slot(slot.clone())))?;
         Ok(RemoteFuture::pending(pid, slot, forget))
     }
@@ -531,7 +521,7 @@ impl Cluster {
 
     /// Calls function `func` on `pid` with an already encoded argument tuple.
     pub(crate) fn call_with_payload<R: serde::de::DeserializeOwned + 'static>(&self, pid: Pid, func: u64, payload: &[u8]) -> Result<RemoteFuture<R>> {
-        let slot = Arc::new(slot::Slot::default());
+        let slot = slot::Slot::fresh();
         let copy = |buf: &mut Vec<u8>| {
             buf.extend_from_slice(payload);
             Ok(None)
@@ -633,6 +623,12 @@ impl Drop for Cluster {
                 tracing::warn!("shutdown on drop: {e}");
             }
         }
+    }
+}
+
+impl future::Forgets for Inner {
+    fn forget_call(&self, pid: Pid, req: u64) {
+        self.master().core.lock().expect("core lock").cancel(pid, req);
     }
 }
 

@@ -96,7 +96,27 @@ enum Wake {
     Bell(RawFd),
 }
 
+thread_local! {
+    /// The slot of this thread's last call, once nobody else held it: the next call's.
+    static SPARE_SLOT: Cell<Option<Arc<Slot>>> = const { Cell::new(None) };
+}
+
 impl Slot {
+    /// A slot for a new call: this thread's spare if it has one (a loop of calls then
+    /// allocates none), else a new one.
+    pub(crate) fn fresh() -> Arc<Slot> {
+        SPARE_SLOT.try_with(Cell::take).ok().flatten().unwrap_or_default()
+    }
+
+    /// Takes back the slot of a call that ended, for this thread's next call, if nobody else
+    /// holds it any more (the thread that filled it may not have let go yet).
+    pub(crate) fn recycle(mut slot: Arc<Slot>) {
+        if let Some(emptied) = Arc::get_mut(&mut slot) {
+            *emptied = Slot::default();
+            let _ = SPARE_SLOT.try_with(|spare| spare.set(Some(slot)));
+        }
+    }
+
     pub(crate) fn fill(&self, result: Result<Frame>) {
         let wake = {
             let mut s = self.state.lock().expect("slot lock");
@@ -248,3 +268,25 @@ impl Slot {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_nobody_else_holds_serves_the_threads_next_call_emptied() {
+        let slot = Slot::fresh();
+        slot.fill(Err(crate::error::Error::ShutDown));
+        assert!(slot.is_filled());
+        let at = Arc::as_ptr(&slot);
+        Slot::recycle(slot);
+        let next = Slot::fresh();
+        assert_eq!(Arc::as_ptr(&next), at, "the same allocation");
+        assert!(!next.is_filled(), "emptied");
+
+        let held = next.clone(); // the thread that filled it has not let go yet
+        Slot::recycle(next);
+        assert_ne!(Arc::as_ptr(&Slot::fresh()), at, "a slot still held elsewhere is not reused");
+        assert_eq!(Arc::strong_count(&held), 1);
+    }
+}

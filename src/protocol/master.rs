@@ -112,7 +112,7 @@ impl<W> MasterCore<W> {
         if self.shut {
             return Err(Error::ShutDown);
         }
-        let peer = self.peers.get_mut(&dst).ok_or(Error::NoSuchWorker(dst))?;
+        let Some(peer) = self.peers.get_mut(&dst) else { return Err(Error::NoSuchWorker(dst)) };
         let req = peer.next_req;
         peer.next_req += 1;
         if let Some(w) = waiter {
