@@ -107,6 +107,9 @@ async fn accept_loop<A: Admit>(socket: std::net::TcpListener, secret: Secret, ad
                     task.abort();
                     let reason = format!("{} connections were in their handshake; dropped the oldest to make room", limits.max_pending);
                     admit.refused(oldest, &Refusal::anonymous(reason));
+                    // an aborted task closes its connection when the runtime next runs it: let
+                    // it, or a burst of connections holds more than the cap until the burst ends
+                    tokio::task::yield_now().await;
                 }
                 let task = tokio::spawn(handshake(stream, peer, secret, admit.clone(), limits.deadline));
                 pending.push_back((peer, task.abort_handle()));
