@@ -56,7 +56,7 @@ impl Link {
     }
 
     /// The worker's protocol core.
-#[inline]
+    #[inline]
     pub(crate) fn core(&self) -> std::sync::MutexGuard<'_, WorkerCore<Waiter>> {
         self.core.lock().expect("core lock")
     }
@@ -69,7 +69,7 @@ impl Link {
 
     /// Sends one frame, waiting up to `patience` for room if the connection is backed up:
     /// for a worker's replies and output, which must not be dropped.
-#[inline]
+    #[inline]
     pub(crate) fn send_patiently(&self, frame: impl Into<Outgoing>, patience: Duration) -> Result<()> {
         self.out.send(frame.into(), Some(patience)).map_err(|e| self.send_error(e))
     }
@@ -104,7 +104,7 @@ impl Link {
 
     /// A frame from the peer: replies go to whoever waits for them; what is left for the
     /// serving thread is returned. `Err` breaks the link.
-#[inline]
+    #[inline]
     pub(crate) fn receive(&self, frame: Frame) -> std::result::Result<Received, String> {
         let incoming = self.core().handle_frame(self.id, frame)?;
         Ok(match incoming {

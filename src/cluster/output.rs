@@ -47,7 +47,7 @@ const LONGEST_LINE: usize = 1 << 20;
 
 impl Forwarder {
     /// Reads what is in the pipe now and sends the complete lines. `Ok(false)` at end of file.
-#[inline]
+    #[inline]
     fn drain(&mut self) -> std::io::Result<bool> {
         let fd = self.pipe.as_raw_fd();
         let open = loop {

@@ -180,7 +180,7 @@ impl FrameBuf {
     }
 
     /// Like [`FrameBuf::new`] with room for `payload` bytes.
-#[inline]
+    #[inline]
     pub fn with_capacity(header: Header, payload: usize) -> FrameBuf {
         let mut buf = buffers::small(LEN_PREFIX + HEADER_LEN + payload);
         buf.resize(LEN_PREFIX + HEADER_LEN, 0);
@@ -204,7 +204,7 @@ impl FrameBuf {
 
     /// [`finish`](FrameBuf::finish) for a frame whose payload so far is the count of `words`,
     /// which follow it on the wire from where the value holds them (see [`Header::words`]).
-#[inline]
+    #[inline]
     pub fn finish_held(mut self, words: Option<HeldWords>) -> Result<Outgoing> {
         let Some(words) = words else { return self.finish().map(Outgoing::from) };
         self.buf[LEN_PREFIX + WORDS_BYTE] = words.element_size() as u8;
@@ -297,7 +297,7 @@ impl Frame {
     }
 
     /// A frame from its bytes on a stream: length prefix, then body.
-#[inline]
+    #[inline]
     fn from_wire(wire: Vec<u8>, bulk: Option<Bulk>) -> Result<Frame> {
         Ok(Frame { header: Header::parse(&wire[LEN_PREFIX..])?, bytes: wire, body_at: LEN_PREFIX, bulk })
     }
@@ -383,6 +383,10 @@ pub struct FrameReader {
 const READ_ROOM: usize = 64 * 1024;
 /// A buffer for small frames holds this much: calls and replies of a few KiB are read in one.
 const SMALL_READ: usize = 4096;
+/// A frame this small is copied out of the buffer it was read into: the buffer serves the
+/// next reads, and a reply kept until it is fetched holds its own few bytes, not a read
+/// buffer (an `everywhere` round keeps a thousand).
+const COPY_OUT_BELOW: usize = SMALL_READ / 4;
 /// Bytes of a frame up to its words on a stream: prefix, header, count.
 const HEAD: usize = LEN_PREFIX + WORDS_HEAD;
 
@@ -443,14 +447,14 @@ impl FrameReader {
     /// scratch buffer, no copy). `None` with too little room left: read into a scratch
     /// buffer of `scratch` bytes and [`extend`](FrameReader::extend). Call
     /// [`advance`](FrameReader::advance) with what was read.
-#[inline]
+    #[inline]
     pub fn read_room(&mut self, scratch: usize) -> Option<(*mut u8, usize)> {
         if self.reads_direct(scratch) { Some(self.room()) } else { self.spare_room() }
     }
 
     /// Room left in the buffer of the small frames under way (`None` inside a big value's
     /// words, or with too little room left).
-#[inline]
+    #[inline]
     fn spare_room(&mut self) -> Option<(*mut u8, usize)> {
         if self.words.is_some() {
             return None;
@@ -475,7 +479,7 @@ impl FrameReader {
     ///
     /// # Safety
     /// The `n` bytes at the room's start must have been written, `n` at most its size.
-#[inline]
+    #[inline]
     pub unsafe fn advance(&mut self, n: usize) {
         match &mut self.words {
             // SAFETY: as the caller promises.
@@ -506,7 +510,7 @@ impl FrameReader {
 
     /// Once the head of a big value is here, moves its words into a block of their own (see
     /// [`Header::words`]); anything that does not add up stays as it is, for `next_frame`.
-#[inline]
+    #[inline]
     fn split_words(&mut self) {
         if self.words.is_some() || self.buf.len() < HEAD {
             return;
@@ -523,7 +527,7 @@ impl FrameReader {
 
     /// The next complete frame, `Ok(None)` if more bytes are needed. An oversized length or
     /// a bad header is an error (the stream cannot be trusted after it).
-#[inline]
+    #[inline]
     pub fn next_frame(&mut self) -> Result<Option<Frame>> {
         if self.words.is_some() {
             if self.missing() > 0 {
@@ -540,8 +544,13 @@ impl FrameReader {
         if self.buf.len() < end {
             return Ok(None);
         }
-        let wire = if self.buf.len() == end {
-            std::mem::take(&mut self.buf) // the common case, and the only one for big frames
+        let wire = if end <= COPY_OUT_BELOW && self.buf.capacity() >= SMALL_READ {
+            let mut wire = buffers::small(end);
+            wire.extend_from_slice(&self.buf[..end]);
+            self.buf.drain(..end); // what follows moves up (mostly nothing)
+            wire
+        } else if self.buf.len() == end {
+            std::mem::take(&mut self.buf) // the only case for big frames
         } else {
             let rest = self.buf.split_off(end);
             std::mem::replace(&mut self.buf, rest)
@@ -657,6 +666,27 @@ mod tests {
                 assert_eq!(frame.into_wire().joined(), frames[i], "forwarded as received");
             }
         }
+    }
+
+    #[test]
+    fn small_frames_are_copied_out_of_the_read_buffer_which_stays() {
+        let small = FrameBuf::new(Header { req: 1, ..header() }).finish().unwrap();
+        let mut stream = small.clone();
+        stream.extend_from_slice(&small);
+        let mut reader = FrameReader::new(1 << 20);
+        let (at, room) = reader.read_room(0).expect("room for small frames");
+        assert!(room >= SMALL_READ / 4);
+        // SAFETY: `room` bytes at `at` are the reader's; the stream fits in them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(stream.as_ptr(), at, stream.len());
+            reader.advance(stream.len());
+        }
+        let buffer = reader.buf.as_ptr();
+        let first = reader.next_frame().unwrap().expect("a whole frame");
+        assert!(first.bytes.capacity() < SMALL_READ, "a reply kept until fetched holds its own bytes, not a read buffer");
+        assert_eq!((reader.buf.as_ptr(), reader.buf.len()), (buffer, small.len()), "the buffer stays for the next reads, the next frame moved up");
+        let second = reader.next_frame().unwrap().expect("the next frame");
+        assert_eq!((first.header.req, second.into_wire().joined()), (1, small));
     }
 
     #[test]

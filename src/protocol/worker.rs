@@ -105,7 +105,7 @@ impl<W> WorkerCore<W> {
 
     /// A frame that arrived on `link`. `Err` breaks the link (a peer that lies about who it
     /// is, or sends what a link of its kind never carries).
-#[inline]
+    #[inline]
     pub(crate) fn handle_frame(&mut self, link: LinkId, frame: Frame) -> std::result::Result<Incoming<W>, String> {
         let h = frame.header;
         let Some(state) = self.links.get_mut(&link) else { return Ok(Incoming::Nothing) };

@@ -502,7 +502,7 @@ impl FrameStream {
     }
 
     /// The next frame, blocking; `Ok(None)` when the stream ended between frames.
-#[inline]
+    #[inline]
     pub(crate) fn next(&mut self) -> Result<Option<Frame>> {
         loop {
             if let Some(frame) = self.frames.next_frame()? {
