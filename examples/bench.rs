@@ -773,12 +773,17 @@ mod scale {
 
     use super::{MSG, bench, noop};
 
-    /// `everywhere` rounds timed, after [`WARM_UP`] untimed ones, for ours and raw alike: a
+    /// `everywhere` rounds timed, for ours and raw alike, after [`WARM_UP`] untimed ones: a
     /// round takes tens of ms, and the first rounds after a start are slower (a thousand
     /// fresh processes fault their pages in; after 5 rounds ours still read a quarter above
     /// its steady state).
     const ROUNDS: usize = 60;
     const WARM_UP: usize = 20;
+    /// Ours and raw take turns in blocks of this many timed rounds, each block after
+    /// [`REWARM`] untimed ones (the other side's block left the caches cold): both see the
+    /// host's drift, and both are timed warm, back to back.
+    const BLOCK: usize = 10;
+    const REWARM: usize = 3;
 
     fn status(field: &str) -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -789,67 +794,110 @@ mod scale {
         std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
     }
 
-    /// Raw: time until `n` children have connected, and the median of [`ROUNDS`] rounds of one
-    /// ping to each and every pong back.
-    fn raw(n: usize) -> (Duration, Duration) {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("address").to_string();
-        let t = Instant::now();
-        let mut children: Vec<Child> = (0..n)
-            .map(|_| {
-                let mut cmd = Command::new(std::env::current_exe().expect("own executable"));
-                cmd.arg("--raw-echo").arg(&addr).stdin(Stdio::null());
-                for var in [clusterman::ENV_MASTER, clusterman::ENV_SECRET, clusterman::ENV_LAUNCH] {
-                    cmd.env_remove(var);
-                }
-                cmd.spawn().expect("start a raw child")
-            })
-            .collect();
-        let mut sockets: Vec<TcpStream> = (0..n).map(|_| listener.accept().expect("accept").0).collect();
-        let ready = t.elapsed();
-        let mut round = || -> Duration {
+    /// The raw baseline: `n` children of this executable that dial a plain listener and
+    /// answer each ping with a pong (`--raw-echo`).
+    struct RawCrowd {
+        children: Vec<Child>,
+        sockets: Vec<TcpStream>,
+    }
+
+    impl RawCrowd {
+        /// Starts the children; returns them once all have connected, and how long that took.
+        fn start(n: usize) -> (RawCrowd, Duration) {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("address").to_string();
+            let t = Instant::now();
+            let children: Vec<Child> = (0..n)
+                .map(|_| {
+                    let mut cmd = Command::new(std::env::current_exe().expect("own executable"));
+                    cmd.arg("--raw-echo").arg(&addr).stdin(Stdio::null());
+                    for var in [clusterman::ENV_MASTER, clusterman::ENV_SECRET, clusterman::ENV_LAUNCH] {
+                        cmd.env_remove(var);
+                    }
+                    cmd.spawn().expect("start a raw child")
+                })
+                .collect();
+            let sockets: Vec<TcpStream> = (0..n).map(|_| listener.accept().expect("accept").0).collect();
+            (RawCrowd { children, sockets }, t.elapsed())
+        }
+
+        /// One ping to each child, then every pong back.
+        fn round(&mut self) -> Duration {
             let t = Instant::now();
             let mut msg = [0u8; MSG];
             msg[0] = b'p';
-            for s in &mut sockets {
+            for s in &mut self.sockets {
                 s.write_all(&msg).expect("raw ping");
             }
-            for s in &mut sockets {
+            for s in &mut self.sockets {
                 s.read_exact(&mut msg).expect("raw pong");
             }
             t.elapsed()
-        };
-        let mut rounds: Vec<Duration> = (0..WARM_UP + ROUNDS).map(|_| round()).skip(WARM_UP).collect();
-        rounds.sort();
-        drop(sockets); // the children exit at end of stream
-        for c in &mut children {
-            let _ = c.wait();
         }
-        (ready, rounds[rounds.len() / 2])
+
+        fn stop(mut self) {
+            self.sockets.clear(); // the children exit at end of stream
+            for c in &mut self.children {
+                let _ = c.wait();
+            }
+        }
     }
 
+    fn median(mut times: Vec<Duration>) -> Duration {
+        times.sort();
+        times[times.len() / 2]
+    }
+
+    /// With `compare`, the raw children start first (their start-up timed alone) and stay up
+    /// beside the workers; `everywhere` rounds and raw rounds then take turns in blocks
+    /// ([`BLOCK`]): this host's speed drifts over seconds, and both see the same drift.
     pub fn run(n: usize, compare: bool) -> clusterman::Result<()> {
-        let (raw_ready, raw_round) = if compare { raw(n) } else { (Duration::ZERO, Duration::ZERO) };
+        let (mut raw, raw_ready) = match compare {
+            true => {
+                let (crowd, ready) = RawCrowd::start(n);
+                (Some(crowd), ready)
+            }
+            false => (None, Duration::ZERO),
+        };
         let cluster = Cluster::new()?;
         let (threads_before, rss_before, fds_before) = (status("Threads:"), status("VmRSS:"), open_fds());
         let t = Instant::now();
         let pids = cluster.add_procs(LocalManager::new(n).launch_timeout(Duration::from_secs(300)))?;
         let ready = t.elapsed();
         assert_eq!(pids.len(), n);
-        let mut rounds = Vec::new();
-        for _ in 0..WARM_UP + ROUNDS {
+        let ours = || -> clusterman::Result<Duration> {
             let t = Instant::now();
             let all = cluster.everywhere(noop, ())?;
-            rounds.push(t.elapsed());
             assert_eq!(all.len(), n);
+            Ok(t.elapsed())
+        };
+        for _ in 0..WARM_UP {
+            ours()?;
+            if let Some(raw) = &mut raw {
+                raw.round();
+            }
         }
-        rounds.drain(..WARM_UP);
-        rounds.sort();
-        let round = rounds[rounds.len() / 2];
+        let (mut rounds, mut raw_rounds) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS / BLOCK {
+            if let Some(raw) = &mut raw {
+                raw_rounds.extend((0..REWARM + BLOCK).map(|_| raw.round()).skip(REWARM));
+            }
+            for i in 0..REWARM + BLOCK {
+                let t = ours()?;
+                if i >= REWARM {
+                    rounds.push(t);
+                }
+            }
+        }
+        let round = median(rounds);
+        let raw_round = if compare { median(raw_rounds) } else { Duration::ZERO };
+        if let Some(raw) = raw {
+            raw.stop();
+        }
         let (threads, rss, fds) = (status("Threads:"), status("VmRSS:"), open_fds());
         let kib_per_worker = rss.saturating_sub(rss_before) as f64 / n as f64;
         println!(
-            "# scale {n}: master threads {threads_before} -> {threads}, descriptors {fds_before} -> {fds}, RSS {rss_before} -> {rss} KiB; everywhere: median of {ROUNDS} rounds after {WARM_UP}"
+            "# scale {n}: master threads {threads_before} -> {threads}, descriptors {fds_before} -> {fds}, RSS {rss_before} -> {rss} KiB; everywhere: median of {ROUNDS} rounds after {WARM_UP}, in turns of {BLOCK} with raw"
         );
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let base = |d: Duration| compare.then(|| ms(d));
