@@ -503,9 +503,12 @@ fn release_replies() {
 }
 
 /// Reads and handles one frame on the serving thread (or returns when `woken` receives, or
-/// at `deadline`). Calls run
-/// right here, so a no-op call costs no thread switch; a call that itself waits for a reply
-/// pumps recursively, so nested calls at any depth cannot deadlock.
+/// at `deadline`). Calls run right here, so a no-op call costs no thread switch; a call that
+/// itself waits for a reply pumps recursively, so nested calls at any depth cannot deadlock.
+///
+/// What a call passes through is `#[inline]` and reads no clock: among a thousand workers on
+/// two cores each call finds its caches and TLB cold, and pays per page and per line it
+/// touches far more than per instruction (23 code pages, was 47).
 fn pump_once(deadline: Option<Instant>, woken: &Receiver<()>) -> Result<()> {
     let next = SERVING.with(|s| {
         let mut s = s.borrow_mut();
