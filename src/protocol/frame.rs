@@ -384,8 +384,8 @@ const READ_ROOM: usize = 64 * 1024;
 /// A buffer for small frames holds this much: calls and replies of a few KiB are read in one.
 const SMALL_READ: usize = 4096;
 /// A frame this small is copied out of the buffer it was read into: the buffer serves the
-/// next reads (from the thread's spares once emptied), and a reply kept until it is fetched
-/// holds its own few bytes, not a read buffer (an `everywhere` round keeps a thousand).
+/// next reads, and a reply kept until it is fetched holds its own few bytes, not a read
+/// buffer (an `everywhere` round keeps a thousand).
 const COPY_OUT_BELOW: usize = SMALL_READ / 4;
 /// Bytes of a frame up to its words on a stream: prefix, header, count.
 const HEAD: usize = LEN_PREFIX + WORDS_HEAD;
@@ -469,7 +469,7 @@ impl FrameReader {
 
     /// Gives back the buffer if no frame is under way (a connection that goes idle holds none).
     pub fn release_idle(&mut self) {
-        if self.buf.is_empty() && self.words.is_none() {
+        if self.buf.is_empty() && self.buf.capacity() > 0 && self.words.is_none() {
             buffers::give(std::mem::take(&mut self.buf));
         }
     }
@@ -548,9 +548,6 @@ impl FrameReader {
             let mut wire = buffers::small(end);
             wire.extend_from_slice(&self.buf[..end]);
             self.buf.drain(..end); // what follows moves up
-            if self.buf.is_empty() {
-                buffers::give(std::mem::take(&mut self.buf)); // the next read takes it back: no idle connection holds one
-            }
             wire
         } else if self.buf.len() == end {
             std::mem::take(&mut self.buf) // the only case for big frames

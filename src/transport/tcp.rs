@@ -451,7 +451,10 @@ impl Reading {
                             break Some(reason);
                         }
                     }
-                    Ok(None) => break None,
+                    Ok(None) => {
+                        state.frames.release_idle(); // nothing under way: an idle connection holds no buffer
+                        break None;
+                    }
                     Err(e) => break Some(e.to_string()),
                 }
             },
