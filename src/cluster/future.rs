@@ -52,10 +52,12 @@ pub(crate) struct Forget {
 }
 
 impl Forget {
+    /// How `by` forgets call `req` to `pid`.
     pub(crate) fn new(by: Weak<dyn Forgets>, pid: Pid, req: u64) -> Forget {
         Forget { by, pid, req }
     }
 
+    /// Forgets the call (nothing if what would forget it is gone already).
     pub(crate) fn forget(self) {
         if let Some(by) = self.by.upgrade() {
             by.forget_call(self.pid, self.req);
