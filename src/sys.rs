@@ -268,17 +268,19 @@ pub(crate) fn first_non_loopback_ipv4() -> Option<std::net::Ipv4Addr> {
 pub(crate) fn send_vectored_nonblocking(fd: RawFd, parts: &[io::IoSlice<'_>]) -> io::Result<usize> {
     const FLAGS: i32 = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
     let whole = parts.iter().skip(1).all(|p| p.is_empty()).then(|| parts.first()).flatten();
-    // SAFETY: a zeroed msghdr is valid (no address, no control data).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    // IoSlice is ABI-compatible with iovec; sendmsg only reads them
-    msg.msg_iov = parts.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = parts.len() as _;
     loop {
         let n = match whole {
             // SAFETY: send(2) reads the slice, which outlives the call.
             Some(part) => unsafe { libc::send(fd, part.as_ptr().cast(), part.len(), FLAGS) },
-            // SAFETY: sendmsg(2) reads the `parts` slices, which outlive the call.
-            None => unsafe { libc::sendmsg(fd, &msg, FLAGS) },
+            None => {
+                // SAFETY: a zeroed msghdr is valid (no address, no control data).
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                // IoSlice is ABI-compatible with iovec; sendmsg only reads them
+                msg.msg_iov = parts.as_ptr() as *mut libc::iovec;
+                msg.msg_iovlen = parts.len() as _;
+                // SAFETY: sendmsg(2) reads the `parts` slices, which outlive the call.
+                unsafe { libc::sendmsg(fd, &msg, FLAGS) }
+            }
         };
         if n >= 0 {
             return Ok(n as usize);

@@ -52,9 +52,10 @@ pub(crate) struct Forget {
 }
 
 impl Forget {
-    /// How `by` forgets call `req` to `pid`.
-    pub(crate) fn new(by: Weak<dyn Forgets>, pid: Pid, req: u64) -> Forget {
-        Forget { by, pid, req }
+    /// How `by` forgets call `req` to `pid` (held weakly: a pending future keeps no cluster
+    /// or link alive).
+    pub(crate) fn new<F: Forgets + 'static>(by: &Arc<F>, pid: Pid, req: u64) -> Forget {
+        Forget { by: Arc::<F>::downgrade(by), pid, req }
     }
 
     /// Forgets the call (nothing if what would forget it is gone already).

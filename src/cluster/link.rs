@@ -44,9 +44,10 @@ pub(crate) struct Link {
 impl Link {
     /// A link to `peer`, sending through `out`, registered with the worker's `core`.
     pub(crate) fn new(core: &SharedCore, peer: Pid, out: Box<dyn FrameOut>) -> Arc<Link> {
-        let mut locked = core.lock().expect("core lock");
-        let (id, terms) = (locked.add_link(peer, Instant::now()), locked.terms());
-        drop(locked);
+        let (id, terms) = {
+            let mut locked = core.lock().expect("core lock");
+            (locked.add_link(peer, Instant::now()), locked.terms())
+        };
         Arc::new(Link { peer, id, out, core: core.clone(), terms })
     }
 

@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::ids::Pid;
@@ -475,11 +475,11 @@ impl Cluster {
         let header = Header { kind, src: self.inner.me, dst: pid, req: 0, func, words: 0 };
         if self.inner.master.is_some() {
             let req = master::call(&self.inner, header, hint, encode, waiter)?;
-            return Ok(Forget::new(Arc::downgrade(&self.inner) as Weak<dyn future::Forgets>, pid, req));
+            return Ok(Forget::new(&self.inner, pid, req));
         }
         let link = self.link_to(pid)?;
         let req = link.call(header, hint, encode, waiter)?;
-        Ok(Forget::new(Arc::downgrade(&link) as Weak<dyn future::Forgets>, pid, req))
+        Ok(Forget::new(&link, pid, req))
     }
 
     /// Frames the master forwarded from one worker to another (with
