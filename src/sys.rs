@@ -271,7 +271,7 @@ pub(crate) fn send_vectored_nonblocking(fd: RawFd, parts: &[io::IoSlice<'_>]) ->
     loop {
         let n = match whole {
             // SAFETY: send(2) reads the slice, which outlives the call.
-            Some(part) => unsafe { libc::send(fd, part.as_ptr().cast(), part.len(), FLAGS) },
+            Some(part) => unsafe { direct::send(fd, part.as_ptr(), part.len(), FLAGS) },
             None => {
                 // SAFETY: a zeroed msghdr is valid (no address, no control data).
                 let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -279,16 +279,14 @@ pub(crate) fn send_vectored_nonblocking(fd: RawFd, parts: &[io::IoSlice<'_>]) ->
                 msg.msg_iov = parts.as_ptr() as *mut libc::iovec;
                 msg.msg_iovlen = parts.len() as _;
                 // SAFETY: sendmsg(2) reads the `parts` slices, which outlive the call.
-                unsafe { libc::sendmsg(fd, &msg, FLAGS) }
+                direct::outcome(unsafe { libc::sendmsg(fd, &msg, FLAGS) })
             }
         };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        match errno() {
-            libc::EINTR => {}
-            libc::EAGAIN => return Ok(0),
-            e => return Err(io::Error::from_raw_os_error(e)),
+        match n {
+            Ok(n) => return Ok(n),
+            Err(libc::EINTR) => {}
+            Err(libc::EAGAIN) => return Ok(0),
+            Err(e) => return Err(io::Error::from_raw_os_error(e)),
         }
     }
 }
@@ -299,15 +297,108 @@ pub(crate) fn send_vectored_nonblocking(fd: RawFd, parts: &[io::IoSlice<'_>]) ->
 pub(crate) fn read_ready(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
     loop {
         // SAFETY: `buf` is valid for writes of its length.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            return Ok(Some(n as usize));
+        match unsafe { direct::read(fd, buf.as_mut_ptr(), buf.len()) } {
+            Ok(n) => return Ok(Some(n)),
+            Err(libc::EAGAIN) => return Ok(None),
+            Err(libc::EINTR) => {}
+            Err(e) => return Err(io::Error::from_raw_os_error(e)),
         }
-        match errno() {
-            libc::EAGAIN => return Ok(None),
-            libc::EINTR => {}
-            e => return Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// Receives at most `len` bytes into `ptr` (a socket that would block returns `WouldBlock`
+/// when it is non-blocking); interrupted calls are repeated.
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes.
+pub(crate) unsafe fn recv_into(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize> {
+    loop {
+        // SAFETY: the caller gives `len` writable bytes at `ptr`.
+        match unsafe { direct::recv(fd, ptr, len) } {
+            Ok(n) => return Ok(n),
+            Err(libc::EINTR) => {}
+            Err(e) => return Err(io::Error::from_raw_os_error(e)),
         }
+    }
+}
+
+/// The three system calls of every call a worker serves (`recv` the call, `read` its output
+/// pipe, `send` the reply), made without libc where the instruction is at hand. Among a
+/// thousand workers on two cores each call finds its TLB and caches cold, and libc's
+/// wrappers (with their cancellation points and `errno`) cost pages of their own. Each
+/// returns the count, or the error number.
+mod direct {
+    use std::os::fd::RawFd;
+
+    /// `Ok(n)` for a count, `Err(errno)` for a failure, from libc's convention.
+    #[inline]
+    pub(super) fn outcome(n: isize) -> Result<usize, i32> {
+        if n >= 0 { Ok(n as usize) } else { Err(super::errno()) }
+    }
+
+    /// # Safety
+    /// `ptr` must be valid for writes of `len` bytes.
+    #[inline]
+    pub(super) unsafe fn recv(fd: RawFd, ptr: *mut u8, len: usize) -> Result<usize, i32> {
+        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+        // SAFETY: recvfrom(2) with no address writes at most `len` bytes at `ptr`.
+        return kernel(unsafe { syscall6(libc::SYS_recvfrom, fd as usize, ptr as usize, len, 0, 0, 0) });
+        #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+        // SAFETY: as above.
+        return outcome(unsafe { libc::recv(fd, ptr.cast(), len, 0) });
+    }
+
+    /// # Safety
+    /// `ptr` must be valid for reads of `len` bytes.
+    #[inline]
+    pub(super) unsafe fn send(fd: RawFd, ptr: *const u8, len: usize, flags: i32) -> Result<usize, i32> {
+        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+        // SAFETY: sendto(2) with no address reads `len` bytes at `ptr`.
+        return kernel(unsafe { syscall6(libc::SYS_sendto, fd as usize, ptr as usize, len, flags as usize, 0, 0) });
+        #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+        // SAFETY: as above.
+        return outcome(unsafe { libc::send(fd, ptr.cast(), len, flags) });
+    }
+
+    /// # Safety
+    /// `ptr` must be valid for writes of `len` bytes.
+    #[inline]
+    pub(super) unsafe fn read(fd: RawFd, ptr: *mut u8, len: usize) -> Result<usize, i32> {
+        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+        // SAFETY: read(2) writes at most `len` bytes at `ptr`.
+        return kernel(unsafe { syscall6(libc::SYS_read, fd as usize, ptr as usize, len, 0, 0, 0) });
+        #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+        // SAFETY: as above.
+        return outcome(unsafe { libc::read(fd, ptr.cast(), len) });
+    }
+
+    /// The kernel's convention: -4095..-1 is an error number.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[inline]
+    fn kernel(ret: isize) -> Result<usize, i32> {
+        if (-4095..0).contains(&ret) { Err(-ret as i32) } else { Ok(ret as usize) }
+    }
+
+    /// # Safety
+    /// The arguments must make a valid call `nr`: the kernel reads and writes the memory
+    /// they point to.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[inline]
+    unsafe fn syscall6(nr: libc::c_long, a: usize, b: usize, c: usize, d: usize, e: usize, f: usize) -> isize {
+        let ret: isize;
+        // SAFETY: the x86-64 Linux system call convention: number in rax, arguments in
+        // rdi, rsi, rdx, r10, r8, r9; the kernel clobbers rcx and r11. No `nomem`: the
+        // kernel may read and write the memory the arguments point to.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") nr as isize => ret,
+                in("rdi") a, in("rsi") b, in("rdx") c, in("r10") d, in("r8") e, in("r9") f,
+                lateout("rcx") _, lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret
     }
 }
 
@@ -321,25 +412,6 @@ fn errno() -> i32 {
     return unsafe { *libc::__error() };
     #[cfg(not(any(target_os = "linux", target_os = "android", target_vendor = "apple")))]
     return io::Error::last_os_error().raw_os_error().unwrap_or(0);
-}
-
-/// Receives at most `len` bytes into `ptr` (a socket that would block returns `WouldBlock`
-/// when it is non-blocking); interrupted calls are repeated.
-///
-/// # Safety
-/// `ptr` must be valid for writes of `len` bytes.
-pub(crate) unsafe fn recv_into(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize> {
-    loop {
-        // SAFETY: the caller gives `len` writable bytes at `ptr`.
-        let n = unsafe { libc::recv(fd, ptr.cast(), len, 0) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
 }
 
 /// Raises this process's soft limit on open files to the hard limit (a master needs about
