@@ -314,8 +314,12 @@ pub(crate) fn add_worker(inner: &Arc<Inner>, info: WorkerInfo, out: Box<dyn Fram
 /// A frame from worker `entry` (on the I/O runtime, or the MPI progress thread). `Err` ends
 /// the conversation with that worker: its goodbye ([`STOPPED`]), or a broken protocol.
 pub(crate) fn handle_frame(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, frame: Frame) -> std::result::Result<(), String> {
-    inner.master().core.lock().expect("core lock").handle_frame(Instant::now(), entry.info.pid, frame)?;
-    drive(inner, Some(entry));
+    let next = {
+        let mut core = inner.master().core.lock().expect("core lock");
+        core.handle_frame(Instant::now(), entry.info.pid, frame)?;
+        Next::from(&mut core) // under the same lock
+    };
+    drive_from(inner, Some(entry), next);
     Ok(())
 }
 
@@ -328,16 +332,14 @@ pub(crate) fn closed(inner: &Arc<Inner>, pid: Pid, reason: &str) {
 /// Carries out what the core asks, until it asks nothing more: sends its transmits, and acts
 /// on its events. `from`: the worker whose frame caused them (its output comes first).
 fn drive(inner: &Arc<Inner>, from: Option<&Arc<WorkerEntry>>) {
+    let next = Next::from(&mut inner.master().core.lock().expect("core lock"));
+    drive_from(inner, from, next);
+}
+
+/// [`drive`], the core's first request already taken.
+fn drive_from(inner: &Arc<Inner>, from: Option<&Arc<WorkerEntry>>, mut next: Next) {
     let m = inner.master();
     loop {
-        // one at a time (no list to allocate per frame), every transmit before any event
-        let next = {
-            let mut core = m.core.lock().expect("core lock");
-            match core.poll_transmit() {
-                Some(t) => Next::Send(t),
-                None => core.poll_event().map_or(Next::Done, Next::Act),
-            }
-        };
         match next {
             Next::Send(t) => {
                 let failed = match m.worker(t.to) {
@@ -349,16 +351,35 @@ fn drive(inner: &Arc<Inner>, from: Option<&Arc<WorkerEntry>>) {
                 }
             }
             Next::Act(event) => act_on(inner, from, event),
+            Next::Last(event) => return act_on(inner, from, event),
             Next::Done => return,
         }
+        next = Next::from(&mut m.core.lock().expect("core lock"));
     }
 }
 
-/// What the core asks next: a frame to send, an event to act on, or nothing more.
+/// What the core asks next: a frame to send, an event to act on (or the last it has, when
+/// acting on it gives the core nothing more: whoever does drives it), or nothing more.
 enum Next {
     Send(Transmit),
     Act(CoreEvent<Waiter>),
+    Last(CoreEvent<Waiter>),
     Done,
+}
+
+impl Next {
+    /// One at a time (no list to allocate per frame), every transmit before any event.
+    fn from(core: &mut MasterCore<Waiter>) -> Next {
+        if let Some(t) = core.poll_transmit() {
+            return Next::Send(t);
+        }
+        match core.poll_event() {
+            // delivering a reply gives the core nothing more (other events may: closing a link)
+            Some(event @ CoreEvent::Resolved(..)) if core.is_drained() => Next::Last(event),
+            Some(event) => Next::Act(event),
+            None => Next::Done,
+        }
+    }
 }
 
 /// Acts on one event of the core.

@@ -6,7 +6,7 @@
 
 use std::cell::Cell;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::thread::Thread;
 use std::time::Instant;
@@ -78,14 +78,14 @@ impl Waiter {
 #[derive(Default)]
 pub(crate) struct Slot {
     state: Mutex<SlotState>,
-    /// Where the reply comes from (a caller may read its connection itself).
-    source: OnceLock<Weak<dyn Source>>,
 }
 
 #[derive(Default)]
 struct SlotState {
     result: Option<Result<Frame>>,
     wake: Option<Wake>,
+    /// Where the reply comes from (a caller may read its connection itself).
+    source: Option<Weak<dyn Source>>,
 }
 
 enum Wake {
@@ -139,7 +139,7 @@ impl Slot {
 
     /// The reply comes from `source`: a caller may read its connection itself.
     pub(crate) fn comes_from(&self, source: Weak<dyn Source>) {
-        let _ = self.source.set(source);
+        self.state.lock().expect("slot lock").source = Some(source);
     }
 
     pub(crate) fn is_filled(&self) -> bool {
@@ -217,9 +217,10 @@ impl Slot {
     /// I/O thread rang the bell), or the connection is being read elsewhere. Whoever else
     /// fills the slot meanwhile rings this thread's bell too.
     fn read_own_reply(&self) -> Option<Result<Frame>> {
-        let reading = self.source.get()?.upgrade()?.reading()?;
+        let source = self.state.lock().expect("slot lock").source.as_ref()?.upgrade()?;
+        let reading = source.reading()?;
         let bell = BELL.try_with(|b| b.as_ref().map(AsRawFd::as_raw_fd)).ok().flatten()?; // not while the thread ends
-        let _reading_own = io::read_own(Instant::now(), bell)?;
+        let _reading_own = io::read_own(bell)?;
         let take = |wake: Option<Wake>| {
             let mut s = self.state.lock().expect("slot lock");
             s.wake = wake;

@@ -272,6 +272,11 @@ impl<W> MasterCore<W> {
     pub fn poll_event(&mut self) -> Option<Event<W>> {
         self.events.pop_front()
     }
+
+    /// Nothing left to send and nothing left to tell.
+    pub fn is_drained(&self) -> bool {
+        self.transmits.is_empty() && self.events.is_empty()
+    }
 }
 
 fn secs(d: Duration) -> u64 {

@@ -11,14 +11,15 @@
 //!
 //! While nobody drives it, a caller may even skip the runtime: it waits for its reply's
 //! connection alone and reads it itself ([`read_own`]), which spares a turn of the runtime
-//! per call. The runtime still turns at least every [`UNTURNED_AT_MOST`] while calls go on.
+//! per call. The runtime still turns at least every one to two [`UNTURNED_AT_MOST`] while calls
+//! go on: the resting I/O thread looks that often, and marks a turn due when none came.
 
 use std::future::Future;
 use std::os::fd::RawFd;
 use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::Thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::runtime::{Builder, Handle, Runtime};
 use tokio::sync::Notify;
@@ -35,8 +36,9 @@ const LINGER: Duration = Duration::from_millis(5);
 /// wakes it when it leaves.
 const LONGEST_REST: Duration = Duration::from_millis(64);
 
-/// How long callers may read their own replies without the runtime turning: what only the
-/// runtime handles (the other connections, timers) waits at most about this long for it.
+/// How often the resting I/O thread looks while callers read their own replies; a look
+/// that finds no turn since the last makes the next caller turn the runtime, so what only
+/// the runtime handles (the other connections, timers) waits at most about twice this.
 const UNTURNED_AT_MOST: Duration = Duration::from_millis(5);
 
 /// Callers that read their own replies at once, at most (more wait through the runtime).
@@ -62,10 +64,11 @@ struct Io {
     own_waits: Mutex<Vec<(u64, RawFd)>>,
     /// Waits numbered so far.
     own_count: AtomicU64,
-    /// When the runtime last turned (nanoseconds since `epoch`): a caller drove it, or the
-    /// I/O thread stopped driving it.
-    turned: AtomicU64,
-    epoch: Instant,
+    /// Turns of the runtime so far: a caller drove it, or the I/O thread stopped driving it.
+    turns: AtomicU64,
+    /// The resting I/O thread saw no turn between two looks while callers read their own
+    /// replies: the next caller must turn the runtime ([`read_own`] refuses).
+    turn_due: AtomicBool,
     /// Callers that have left, ever: unchanged over a rest means none drove during it.
     left: AtomicU64,
     /// The I/O thread rests longer than [`LINGER`]: the last caller out must wake it.
@@ -96,8 +99,8 @@ fn io() -> &'static Io {
             callers: AtomicUsize::new(0),
             own_waits: Mutex::new(Vec::with_capacity(OWN_READERS)),
             own_count: AtomicU64::new(0),
-            turned: AtomicU64::new(0),
-            epoch: Instant::now(),
+            turns: AtomicU64::new(0),
+            turn_due: AtomicBool::new(false),
             left: AtomicU64::new(0),
             resting_long: AtomicBool::new(false),
             needed: AtomicBool::new(false),
@@ -120,7 +123,8 @@ impl Io {
     }
 
     fn turned_now(&self) {
-        self.turned.store(self.epoch.elapsed().as_nanos() as u64, Ordering::SeqCst);
+        self.turns.fetch_add(1, Ordering::SeqCst);
+        self.turn_due.store(false, Ordering::SeqCst);
     }
 
     /// Callers drive the runtime or read their own replies.
@@ -137,6 +141,7 @@ impl Io {
     fn rest(&self) {
         let mut rest = LINGER;
         let (mut seen, mut own_so_far) = (Vec::with_capacity(OWN_READERS), 0);
+        let mut turns_seen = self.turns.load(Ordering::SeqCst);
         loop {
             if self.needed.swap(false, Ordering::SeqCst) {
                 break;
@@ -153,6 +158,10 @@ impl Io {
             }
             std::thread::park_timeout(rest);
             self.ring_long_waits(&mut seen);
+            let turns = self.turns.load(Ordering::SeqCst);
+            if turns == std::mem::replace(&mut turns_seen, turns) {
+                self.turn_due.store(true, Ordering::SeqCst); // nobody turned it since the last look
+            }
             let driving = self.busy();
             if !driving && self.left.load(Ordering::SeqCst) == left {
                 break;
@@ -207,7 +216,7 @@ impl Io {
     /// A caller left: the I/O thread, if it rests long, must not wait out its rest.
     fn left_now(&self) {
         self.left.fetch_add(1, Ordering::SeqCst);
-        if !self.busy() && self.resting_long.load(Ordering::SeqCst) {
+        if self.resting_long.load(Ordering::SeqCst) && !self.busy() {
             self.thread.unpark();
         }
     }
@@ -239,15 +248,15 @@ pub(crate) fn about_to_wait() -> impl Drop {
 
 /// Lets this thread wait for its reply without the runtime, polling the reply's connection
 /// and `bell` with no timeout and reading the connection itself, if nobody drives the
-/// runtime and it turned within [`UNTURNED_AT_MOST`] before `now`; `None` otherwise (then
-/// [`block_on`]). The bell rings when the wait is long (a few ms): then wait with
-/// [`block_on`]. Only where [`can_drive`].
-pub(crate) fn read_own(now: Instant, bell: RawFd) -> Option<impl Drop> {
+/// runtime and no turn of it is due (one is, once callers have read their own replies for
+/// one to two [`UNTURNED_AT_MOST`] without it); `None` otherwise (then [`block_on`]). The
+/// bell rings when the wait is long (a few ms): then wait with [`block_on`]. Only where
+/// [`can_drive`].
+pub(crate) fn read_own(bell: RawFd) -> Option<impl Drop> {
     let io = IO.get()?;
-    let unturned = (now.saturating_duration_since(io.epoch).as_nanos() as u64).saturating_sub(io.turned.load(Ordering::SeqCst));
     // tasks queued from outside (a send queue to drain): the runtime must run them first
     let queued = io.metrics.global_queue_depth() > 0;
-    if queued || io.io_drives.load(Ordering::SeqCst) || io.callers.load(Ordering::SeqCst) > 0 || unturned > UNTURNED_AT_MOST.as_nanos() as u64 {
+    if queued || io.io_drives.load(Ordering::SeqCst) || io.callers.load(Ordering::SeqCst) > 0 || io.turn_due.load(Ordering::SeqCst) {
         return None;
     }
     let wait = io.own_count.fetch_add(1, Ordering::SeqCst);
