@@ -183,7 +183,7 @@ impl FrameBuf {
     #[inline]
     pub fn with_capacity(header: Header, payload: usize) -> FrameBuf {
         let mut buf = buffers::small(LEN_PREFIX + HEADER_LEN + payload);
-        buf.resize(LEN_PREFIX + HEADER_LEN, 0);
+        buf.extend_from_slice(&[0; LEN_PREFIX + HEADER_LEN]); // a few stores, not a call to memset
         header.write(&mut buf[LEN_PREFIX..]);
         FrameBuf { buf }
     }
@@ -279,7 +279,8 @@ pub struct Frame {
     /// Where the body starts in `bytes` (after the prefix, if there is one).
     body_at: usize,
     /// The words of a big value (see [`Header::words`]), which follow `bytes` on the wire.
-    bulk: Option<Bulk>,
+    /// Boxed: a frame is moved through many calls, and nearly none has words.
+    bulk: Option<Box<Bulk>>,
 }
 
 impl Frame {
@@ -293,13 +294,13 @@ impl Frame {
     /// after it, as the MPI transport sends a big value).
     #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     pub fn from_parts(head: Vec<u8>, words: Bulk) -> Result<Frame> {
-        Ok(Frame { header: Header::parse(&head)?, bytes: head, body_at: 0, bulk: Some(words) })
+        Ok(Frame { header: Header::parse(&head)?, bytes: head, body_at: 0, bulk: Some(Box::new(words)) })
     }
 
     /// A frame from its bytes on a stream: length prefix, then body.
     #[inline]
     fn from_wire(wire: Vec<u8>, bulk: Option<Bulk>) -> Result<Frame> {
-        Ok(Frame { header: Header::parse(&wire[LEN_PREFIX..])?, bytes: wire, body_at: LEN_PREFIX, bulk })
+        Ok(Frame { header: Header::parse(&wire[LEN_PREFIX..])?, bytes: wire, body_at: LEN_PREFIX, bulk: bulk.map(Box::new) })
     }
 
     /// The payload bytes. For a big value whose words came apart ([`Frame::decode`] takes
@@ -311,7 +312,7 @@ impl Frame {
     /// The payload decoded as a `T`; the words of a big value become a vector without a
     /// copy when `T` is one of their type.
     pub fn decode<T: DeserializeOwned + Any>(mut self) -> Result<T> {
-        let words = self.bulk.take();
+        let words = self.bulk.take().map(|b| *b);
         codec::decode_with(self.payload(), words)
     }
 
@@ -319,14 +320,14 @@ impl Frame {
     /// `codec::decode_with`).
     #[inline]
     pub fn payload_and_words(&mut self) -> (&[u8], Option<Bulk>) {
-        let words = self.bulk.take();
+        let words = self.bulk.take().map(|b| *b);
         (self.payload(), words)
     }
 
     /// The frame to send on as it came, prefix included (no copy when it came that way; a
     /// big value's words stay in their block).
     pub fn into_wire(mut self) -> Outgoing {
-        let words = self.bulk.take();
+        let words = self.bulk.take().map(|b| *b);
         let words_len = words.as_ref().map_or(0, Bulk::len);
         let bytes = if self.body_at == LEN_PREFIX {
             std::mem::take(&mut self.bytes)
