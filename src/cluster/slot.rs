@@ -4,7 +4,7 @@
 //! calls meanwhile (the serving loop registers itself here, so nested calls cannot deadlock).
 //! A thread that waits on several sources is told of its reply on a channel it selects on.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
@@ -97,23 +97,32 @@ enum Wake {
 }
 
 thread_local! {
-    /// The slot of this thread's last call, once nobody else held it: the next call's.
-    static SPARE_SLOT: Cell<Option<Arc<Slot>>> = const { Cell::new(None) };
+    /// Slots of this thread's ended calls that nobody else held, for its next calls.
+    static SPARE_SLOTS: RefCell<Vec<Arc<Slot>>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Slots a thread keeps at most (about 150 KiB): an `everywhere` over this many workers
+/// then allocates and frees none per worker.
+const SPARE_SLOTS_AT_MOST: usize = 1024;
+
 impl Slot {
-    /// A slot for a new call: this thread's spare if it has one (a loop of calls then
-    /// allocates none), else a new one.
+    /// A slot for a new call: one of this thread's spares if it has one (a loop of calls, or
+    /// of `everywhere`, then allocates none), else a new one.
     pub(crate) fn fresh() -> Arc<Slot> {
-        SPARE_SLOT.try_with(Cell::take).ok().flatten().unwrap_or_default()
+        SPARE_SLOTS.try_with(|spare| spare.borrow_mut().pop()).ok().flatten().unwrap_or_default()
     }
 
-    /// Takes back the slot of a call that ended, for this thread's next call, if nobody else
+    /// Takes back the slot of a call that ended, for this thread's next calls, if nobody else
     /// holds it any more (the thread that filled it may not have let go yet).
     pub(crate) fn recycle(mut slot: Arc<Slot>) {
         if let Some(emptied) = Arc::get_mut(&mut slot) {
-            *emptied = Slot::default();
-            let _ = SPARE_SLOT.try_with(|spare| spare.set(Some(slot)));
+            *emptied = Slot::default(); // what it held goes before the spares are borrowed
+            let _ = SPARE_SLOTS.try_with(|spare| {
+                let mut spare = spare.borrow_mut();
+                if spare.len() < SPARE_SLOTS_AT_MOST {
+                    spare.push(slot);
+                }
+            });
         }
     }
 
@@ -289,5 +298,10 @@ mod tests {
         Slot::recycle(next);
         assert_ne!(Arc::as_ptr(&Slot::fresh()), at, "a slot still held elsewhere is not reused");
         assert_eq!(Arc::strong_count(&held), 1);
+
+        // a round over more workers than the thread keeps slots for
+        let round: Vec<_> = (0..SPARE_SLOTS_AT_MOST + 10).map(|_| Slot::fresh()).collect();
+        round.into_iter().for_each(Slot::recycle);
+        assert_eq!(SPARE_SLOTS.with(|s| s.borrow().len()), SPARE_SLOTS_AT_MOST, "kept up to the cap, no more");
     }
 }
