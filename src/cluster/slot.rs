@@ -97,19 +97,25 @@ enum Wake {
 }
 
 thread_local! {
-    /// Slots of this thread's ended calls that nobody else held, for its next calls.
-    static SPARE_SLOTS: RefCell<Vec<Arc<Slot>>> = const { RefCell::new(Vec::new()) };
+    /// The slot of this thread's last call that nobody else held: its next call's.
+    static SPARE_SLOT: Cell<Option<Arc<Slot>>> = const { Cell::new(None) };
+    /// More such slots, for a thread that waits on many calls at once (`everywhere`). Apart
+    /// from `SPARE_SLOT`, so that a loop of single calls touches only that.
+    static MORE_SLOTS: RefCell<Vec<Arc<Slot>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Slots a thread keeps at most (about 150 KiB): an `everywhere` over this many workers
-/// then allocates and frees none per worker.
-const SPARE_SLOTS_AT_MOST: usize = 1024;
+/// Slots a thread keeps at most besides its spare (about 150 KiB): an `everywhere` over
+/// this many workers then allocates and frees none per worker.
+const MORE_SLOTS_AT_MOST: usize = 1024;
 
 impl Slot {
     /// A slot for a new call: one of this thread's spares if it has one (a loop of calls, or
     /// of `everywhere`, then allocates none), else a new one.
     pub(crate) fn fresh() -> Arc<Slot> {
-        SPARE_SLOTS.try_with(|spare| spare.borrow_mut().pop()).ok().flatten().unwrap_or_default()
+        match SPARE_SLOT.try_with(Cell::take) {
+            Ok(Some(slot)) => slot,
+            _ => MORE_SLOTS.try_with(|more| more.borrow_mut().pop()).ok().flatten().unwrap_or_default(),
+        }
     }
 
     /// Takes back the slot of a call that ended, for this thread's next calls, if nobody else
@@ -117,10 +123,11 @@ impl Slot {
     pub(crate) fn recycle(mut slot: Arc<Slot>) {
         if let Some(emptied) = Arc::get_mut(&mut slot) {
             *emptied = Slot::default(); // what it held goes before the spares are borrowed
-            let _ = SPARE_SLOTS.try_with(|spare| {
-                let mut spare = spare.borrow_mut();
-                if spare.len() < SPARE_SLOTS_AT_MOST {
-                    spare.push(slot);
+            let Ok(Some(slot)) = SPARE_SLOT.try_with(|spare| spare.replace(Some(slot))) else { return };
+            let _ = MORE_SLOTS.try_with(|more| {
+                let mut more = more.borrow_mut();
+                if more.len() < MORE_SLOTS_AT_MOST {
+                    more.push(slot);
                 }
             });
         }
@@ -300,8 +307,8 @@ mod tests {
         assert_eq!(Arc::strong_count(&held), 1);
 
         // a round over more workers than the thread keeps slots for
-        let round: Vec<_> = (0..SPARE_SLOTS_AT_MOST + 10).map(|_| Slot::fresh()).collect();
+        let round: Vec<_> = (0..MORE_SLOTS_AT_MOST + 10).map(|_| Slot::fresh()).collect();
         round.into_iter().for_each(Slot::recycle);
-        assert_eq!(SPARE_SLOTS.with(|s| s.borrow().len()), SPARE_SLOTS_AT_MOST, "kept up to the cap, no more");
+        assert_eq!(MORE_SLOTS.with(|s| s.borrow().len()), MORE_SLOTS_AT_MOST, "kept up to the cap, no more");
     }
 }
