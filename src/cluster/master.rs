@@ -6,7 +6,7 @@
 //! master, resolving callers. The user's output sink and membership hooks run on an events
 //! thread, never on the I/O runtime.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, Weak};
@@ -17,6 +17,7 @@ use crate::ids::Pid;
 use crate::codec::HeldWords;
 use crate::protocol::admission::{Admission, Seat};
 use crate::protocol::failure::{Failure, failure_frame};
+use crate::protocol::id_map::IdMap;
 use crate::protocol::master::{Event as CoreEvent, MasterCore, STOPPED, Transmit};
 use crate::protocol::{Frame, Header, Hello, Kind, Liveness, call_frame, Refusal, Secret, Terms, Welcome};
 use crate::transport::FrameOut;
@@ -133,7 +134,7 @@ pub(crate) struct Master {
     /// Calls, routing and heartbeats.
     pub core: Mutex<MasterCore<Waiter>>,
     /// The connections, by pid.
-    pub workers: RwLock<BTreeMap<Pid, Arc<WorkerEntry>>>,
+    pub workers: RwLock<IdMap<Arc<WorkerEntry>, Pid>>,
     /// Signalled when a worker is gone.
     pub departed: (Mutex<()>, Condvar),
     /// Who may join, as which pid.

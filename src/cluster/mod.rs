@@ -228,7 +228,7 @@ impl ClusterBuilder {
                 addr,
                 advertise: self.advertise.unwrap_or_else(|| advertised_ip(self.bind.ip())),
                 core: Mutex::new(MasterCore::new(self.liveness, Instant::now())),
-                workers: RwLock::new(BTreeMap::new()),
+                workers: RwLock::new(Default::default()),
                 departed: Default::default(),
                 admission: Mutex::default(),
                 waiting: Mutex::new(HashMap::new()),
@@ -335,7 +335,11 @@ impl Cluster {
     /// Pids of the connected workers, ascending. On a worker this asks the master.
     pub fn workers(&self) -> Vec<Pid> {
         match &self.inner.master {
-            Some(m) => m.workers.read().expect("workers lock").keys().copied().collect(),
+            Some(m) => {
+                let mut pids: Vec<Pid> = m.workers.read().expect("workers lock").keys().copied().collect();
+                pids.sort_unstable();
+                pids
+            }
             None => self.remote_call_fetch(1, builtin_workers, ()).unwrap_or_default(),
         }
     }
@@ -539,19 +543,18 @@ impl Cluster {
         // this thread reads the replies when it waits: the I/O thread need not meanwhile
         let _waiting = slot::Slot::waits_driving().then(crate::transport::io::about_to_wait);
         let futures: Vec<_> = self.workers().into_iter().map(|pid| (pid, self.call_with_payload::<F::Output>(pid, F::ID, &payload))).collect();
-        let mut results = BTreeMap::new();
+        let mut results = Vec::with_capacity(futures.len());
         let mut first_error = None;
         for (pid, fut) in futures {
             match fut.and_then(RemoteFuture::fetch) {
-                Ok(v) => {
-                    results.insert(pid, v);
-                }
+                Ok(v) => results.push((pid, v)),
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
             }
         }
-        first_error.map_or(Ok(results), Err)
+        // in pid order already: the map is built in one pass, not by a search per worker
+        first_error.map_or_else(|| Ok(results.into_iter().collect()), Err)
     }
 
     /// Maps `f` over `items` on all workers, dynamically balanced; results in input order.

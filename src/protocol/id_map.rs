@@ -1,4 +1,4 @@
-//! Maps keyed by ids this process assigned itself (request ids, link ids).
+//! Maps keyed by ids this process assigned itself (request ids, link ids, the master's pids).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -6,7 +6,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 /// A map from an id this process chose to `V`. No peer picks these keys, so the map needs
 /// no defence against keys chosen to collide: one multiplication hashes a key, where the
 /// default hasher spends over a hundred instructions, on every call.
-pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+/// (Keys a peer names, as a frame's destination, are only looked up: they make no
+/// collisions.)
+pub(crate) type IdMap<V, K = u64> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
 /// Fibonacci hashing of one `u64`: consecutive ids spread over all the bits.
 #[derive(Default)]
@@ -19,6 +21,10 @@ impl Hasher for IdHasher {
 
     fn write_u64(&mut self, id: u64) {
         self.0 = (self.0 ^ id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        self.write_u64(id.into());
     }
 
     fn write(&mut self, bytes: &[u8]) {

@@ -5,7 +5,7 @@
 //! happened, and when to wake next. The driver (one I/O runtime, a lock around the core) does
 //! the sending, runs calls addressed to the master, and calls the user back.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -71,7 +71,7 @@ struct Peer<W> {
 /// The master's protocol state.
 pub struct MasterCore<W> {
     liveness: Liveness,
-    peers: BTreeMap<Pid, Peer<W>>,
+    peers: IdMap<Peer<W>, Pid>,
     shut: bool,
     routed: u64,
     next_tick: Instant,
@@ -82,7 +82,7 @@ pub struct MasterCore<W> {
 impl<W> MasterCore<W> {
     /// A master with no workers yet, first heartbeat due `liveness.interval` after `now`.
     pub fn new(liveness: Liveness, now: Instant) -> Self {
-        MasterCore { liveness, peers: BTreeMap::new(), shut: false, routed: 0, next_tick: now + liveness.interval, transmits: VecDeque::new(), events: VecDeque::new() }
+        MasterCore { liveness, peers: IdMap::default(), shut: false, routed: 0, next_tick: now + liveness.interval, transmits: VecDeque::new(), events: VecDeque::new() }
     }
 
     /// A worker joined (its handshake is done).
@@ -92,7 +92,9 @@ impl<W> MasterCore<W> {
 
     /// The workers, ascending.
     pub fn workers(&self) -> Vec<Pid> {
-        self.peers.keys().copied().collect()
+        let mut pids: Vec<Pid> = self.peers.keys().copied().collect();
+        pids.sort_unstable();
+        pids
     }
 
     /// Whether a call still waits for its reply.
@@ -253,6 +255,7 @@ impl<W> MasterCore<W> {
                 silent.push((pid, silence));
             }
         }
+        silent.sort_unstable(); // given up in pid order
         for (pid, silence) in silent {
             self.give_up(pid, format!("no heartbeat for {} s (stopped, hung, or its node or network is gone)", secs(silence)), true);
         }

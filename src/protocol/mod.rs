@@ -18,7 +18,7 @@ pub(crate) mod env;
 pub(crate) mod failure;
 mod frame;
 mod handshake;
-mod id_map;
+pub(crate) mod id_map;
 pub(crate) mod liveness;
 pub(crate) mod master;
 #[cfg(test)]
