@@ -64,6 +64,12 @@ fn procs(state: &Path) -> Vec<(String, String)> {
     procs
 }
 
+/// The procs' scratch directories still on disk (HTCondor removes each when its proc ends).
+fn scratch_dirs(state: &Path) -> Vec<PathBuf> {
+    let clusters = std::fs::read_dir(state).unwrap().flatten().filter(|e| e.path().is_dir());
+    clusters.flat_map(|c| std::fs::read_dir(c.path()).unwrap().flatten().map(|f| f.path())).filter(|p| p.extension().is_some_and(|e| e == "scratch")).collect()
+}
+
 /// The fake's `condor_q` output for cluster 1 (what BatchJob reads).
 fn condor_q(state: &Path) -> String {
     let fake = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/htcondor/condor_q");
@@ -100,6 +106,7 @@ fn htcondor_procs_dial_in_run_pmap_and_leave_nothing() {
     assert!(all_in(&state, &["4"]), "every proc completed: {:?}", procs(&state));
     assert_eq!(condor_q(&state), "", "nothing left in the queue");
     assert!(common::wait_until(Duration::from_secs(5), || os_pids.iter().all(|p| !common::process_alive(*p))), "workers still alive");
+    assert!(common::wait_until(Duration::from_secs(5), || scratch_dirs(&state).is_empty()), "scratch directories (and the secret file in each) left: {:?}", scratch_dirs(&state));
     for proc in 0..3 {
         assert!(workdir.join("clusterman-logs").join(format!("cman-condor-e2e.1.{proc}.out")).exists(), "output file of proc {proc} in the log directory");
     }
@@ -126,6 +133,7 @@ fn htcondor_parallel_universe_forms_one_mpi_world_through_the_mpi_wrapper() {
     cluster.shutdown().unwrap();
     assert!(common::wait_until(Duration::from_secs(10), || all_in(&state, &["3", "4"])), "the job left the queue: {:?}", procs(&state));
     common::assert_gone(&os_pids);
+    assert!(common::wait_until(Duration::from_secs(5), || scratch_dirs(&state).is_empty()), "scratch directories left: {:?}", scratch_dirs(&state));
 }
 
 #[test]
