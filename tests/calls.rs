@@ -447,4 +447,5 @@ fn a_rebuilt_program_is_an_error_that_says_to_restart() {
     let text = String::from_utf8_lossy(&out.stdout);
     let expected = format!("{} was replaced since this program started (rebuilt?), so workers would run another build; restart the program", copy.display());
     assert!(text.contains(&expected), "{text}");
+    let _ = std::fs::remove_dir_all(&dir); // a copy of the test program: tens of MB
 }
