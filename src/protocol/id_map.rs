@@ -10,6 +10,13 @@ use std::hash::{BuildHasherDefault, Hasher};
 /// collisions.)
 pub(crate) type IdMap<V, K = u64> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
+/// The keys of `map`, ascending (a hash map keeps no order of its own).
+pub(crate) fn sorted_keys<K: Ord + Copy, V>(map: &IdMap<V, K>) -> Vec<K> {
+    let mut keys: Vec<K> = map.keys().copied().collect();
+    keys.sort_unstable();
+    keys
+}
+
 /// Fibonacci hashing of one `u64`: consecutive ids spread over all the bits.
 #[derive(Default)]
 pub(crate) struct IdHasher(u64);

@@ -13,7 +13,7 @@ use crate::ids::Pid;
 
 use super::failure::{Failure, failure_frame};
 use super::frame::{Frame, Kind, Outgoing, bare};
-use super::id_map::IdMap;
+use super::id_map::{IdMap, sorted_keys};
 use super::liveness::Liveness;
 
 /// What a worker's conversation ended with when it said goodbye.
@@ -92,9 +92,7 @@ impl<W> MasterCore<W> {
 
     /// The workers, ascending.
     pub fn workers(&self) -> Vec<Pid> {
-        let mut pids: Vec<Pid> = self.peers.keys().copied().collect();
-        pids.sort_unstable();
-        pids
+        sorted_keys(&self.peers)
     }
 
     /// Whether a call still waits for its reply.
