@@ -69,11 +69,30 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
     }
 }
 
-/// A fresh directory under the system temp dir (for job working directories).
+/// A fresh directory in this test process's scratch root (for job working directories).
 pub fn temp_dir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("cman-{tag}-{}-{}", std::process::id(), rand_suffix()));
+    let dir = scratch_root().join(format!("{tag}-{}", rand_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// This test process's scratch root, `cman-test-<pid>` in the system temp dir: removed with
+/// all it holds when the process exits, unless `CMAN_KEEP_TEST_DIRS` is set (to read a
+/// failed test's job logs).
+fn scratch_root() -> &'static std::path::Path {
+    static ROOT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    extern "C" fn remove_root() {
+        if let Some(root) = ROOT.get() {
+            let _ = std::fs::remove_dir_all(root);
+        }
+    }
+    ROOT.get_or_init(|| {
+        if std::env::var_os("CMAN_KEEP_TEST_DIRS").is_none() {
+            // SAFETY: registers a plain function, run once by `exit` (the test harness ends so)
+            unsafe { libc::atexit(remove_root) };
+        }
+        std::env::temp_dir().join(format!("cman-test-{}", std::process::id()))
+    })
 }
 
 fn rand_suffix() -> u64 {
