@@ -61,8 +61,9 @@ pub(crate) fn take(capacity: usize) -> Option<Vec<u8>> {
 }
 
 /// Keeps `buffer` for a later [`take`], if it is big enough and there is room; a smaller
-/// kept buffer makes way for a bigger one.
-#[inline]
+/// kept buffer makes way for a bigger one. Never inlined: one copy serves the whole path of
+/// a call, where copies inlined apart cost a serving worker a code page each.
+#[inline(never)]
 pub(crate) fn give(mut buffer: Vec<u8>) {
     if buffer.capacity() <= SPARE_AT_MOST {
         buffer.clear();

@@ -305,6 +305,7 @@ impl Frame {
 
     /// The payload bytes. For a big value whose words came apart ([`Frame::decode`] takes
     /// them), only what precedes them: decode it with [`Frame::decode`].
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         &self.bytes[self.body_at + HEADER_LEN..]
     }

@@ -173,11 +173,15 @@ pub(crate) fn uncork() {
 
 /// Writes what this thread's cork holds now: a thread about to wait for a reply must have
 /// sent what it asked.
-#[inline]
+#[inline(always)]
 pub(crate) fn flush_corked() {
-    if !CORKING.get() {
-        return;
+    if CORKING.get() {
+        write_corked(); // apart: a serving worker's every call passes here, uncorked
     }
+}
+
+#[inline(never)]
+fn write_corked() {
     for out in CORKED.with_borrow_mut(std::mem::take) {
         let mut q = out.state.lock().expect("send queue lock");
         if !q.draining && q.failed.is_none() {
