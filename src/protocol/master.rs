@@ -61,11 +61,49 @@ struct Peer<W> {
     heard: Instant,
     next_req: u64,
     /// Our calls to it, by request id.
-    calls: IdMap<W>,
+    calls: Calls<W>,
     /// Calls other workers routed to it: (caller, their request id).
     routed: HashSet<(Pid, u64)>,
     /// Why we closed it, if we did (said instead of "connection closed").
     given_up: Option<String>,
+}
+
+/// Our calls to one worker, by request id. The first is kept in place, more in a map: a
+/// worker mostly has one call at a time, and then a round of `everywhere` over a thousand
+/// workers touches no table of each (whose lines all come cold).
+struct Calls<W> {
+    first: Option<(u64, W)>,
+    more: IdMap<W>,
+}
+
+impl<W> Calls<W> {
+    fn new() -> Self {
+        Calls { first: None, more: IdMap::default() }
+    }
+
+    fn insert(&mut self, req: u64, waiter: W) {
+        match self.first {
+            None => self.first = Some((req, waiter)),
+            Some(_) => {
+                self.more.insert(req, waiter);
+            }
+        }
+    }
+
+    fn remove(&mut self, req: u64) -> Option<W> {
+        match self.first {
+            Some((first, _)) if first == req => self.first.take().map(|(_, w)| w),
+            _ => self.more.remove(&req),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.more.is_empty()
+    }
+
+    fn into_waiters(self) -> impl Iterator<Item = W> {
+        self.first.map(|(_, w)| w).into_iter().chain(self.more.into_values())
+    }
 }
 
 /// The master's protocol state.
@@ -87,7 +125,7 @@ impl<W> MasterCore<W> {
 
     /// A worker joined (its handshake is done).
     pub fn add_worker(&mut self, pid: Pid, now: Instant) {
-        self.peers.insert(pid, Peer { heard: now, next_req: 1, calls: IdMap::default(), routed: HashSet::new(), given_up: None });
+        self.peers.insert(pid, Peer { heard: now, next_req: 1, calls: Calls::new(), routed: HashSet::new(), given_up: None });
     }
 
     /// The workers, ascending.
@@ -124,7 +162,7 @@ impl<W> MasterCore<W> {
     /// Forgets call `req` to `dst` (its frame could not be sent, or its caller stopped
     /// waiting); returns its waiter if it had not ended yet.
     pub fn cancel(&mut self, dst: Pid, req: u64) -> Option<W> {
-        self.peers.get_mut(&dst)?.calls.remove(&req)
+        self.peers.get_mut(&dst)?.calls.remove(req)
     }
 
     /// Asks worker `pid` to finish and exit.
@@ -164,7 +202,7 @@ impl<W> MasterCore<W> {
         match h.kind {
             Kind::Heartbeat => {}
             Kind::Reply | Kind::Failure if h.dst == 1 => {
-                if let Some(w) = peer.calls.remove(&h.req) {
+                if let Some(w) = peer.calls.remove(h.req) {
                     self.events.push_back(Event::Resolved(w, Ok(frame)));
                 }
             }
@@ -226,7 +264,7 @@ impl<W> MasterCore<W> {
         let reason = peer.given_up.unwrap_or_else(|| reason.to_string());
         // gone first: whoever a failed call wakes finds the worker out of the table
         self.events.push_back(Event::Gone { pid, reason: reason.clone() });
-        for (_, w) in peer.calls {
+        for w in peer.calls.into_waiters() {
             let error = if self.shut { Error::ShutDown } else { Error::WorkerDied { pid, reason: reason.clone() } };
             self.events.push_back(Event::Resolved(w, Err(error)));
         }
