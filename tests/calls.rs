@@ -302,6 +302,27 @@ fn remote_do_runs_without_a_reply_and_everywhere_reaches_all() {
     assert!(matches!(err, Error::Remote(ref e) if e.pid == pids[0]), "{err}");
 }
 
+/// Ends the worker process that runs it when it is `pid`; the others answer their pid.
+#[remote]
+fn die_if(pid: u32) -> u32 {
+    let me = clusterman::my_id();
+    if me == pid {
+        std::process::exit(3);
+    }
+    me
+}
+
+#[test]
+fn a_worker_that_dies_mid_everywhere_fails_the_round_with_its_death_and_the_next_round_runs_on_the_others() {
+    let (cluster, pids) = cluster_with(3);
+    let started = std::time::Instant::now();
+    let err = cluster.everywhere(die_if, (pids[1],)).unwrap_err();
+    assert!(matches!(err, Error::WorkerDied { pid, .. } if pid == pids[1]), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20), "told at the worker's death, not at a timeout: {:?}", started.elapsed());
+    let again = cluster.everywhere(die_if, (0,)).unwrap();
+    assert_eq!(again.into_iter().collect::<Vec<_>>(), vec![(pids[0], pids[0]), (pids[2], pids[2])]);
+}
+
 #[test]
 fn rm_procs_stops_workers_and_their_processes() {
     let (cluster, pids) = cluster_with(2);

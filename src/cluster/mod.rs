@@ -12,6 +12,7 @@ mod placed;
 pub(crate) mod pmap;
 mod pool;
 mod refusals;
+mod round;
 mod slot;
 pub(crate) mod worker;
 
@@ -537,21 +538,7 @@ impl Cluster {
         let _ = f;
         let mut payload = Vec::new();
         codec::encode_value_into(&args, &mut payload)?;
-        // this thread reads the replies when it waits: the I/O thread need not meanwhile
-        let _waiting = slot::Slot::waits_driving().then(crate::transport::io::about_to_wait);
-        let futures: Vec<_> = self.workers().into_iter().map(|pid| (pid, self.call_with_payload::<F::Output>(pid, F::ID, &payload))).collect();
-        let mut results = Vec::with_capacity(futures.len());
-        let mut first_error = None;
-        for (pid, fut) in futures {
-            match fut.and_then(RemoteFuture::fetch) {
-                Ok(v) => results.push((pid, v)),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        // in pid order already: the map is built in one pass, not by a search per worker
-        first_error.map_or_else(|| Ok(results.into_iter().collect()), Err)
+        round::everywhere(self, F::ID, &payload)
     }
 
     /// Maps `f` over `items` on all workers, dynamically balanced; results in input order.

@@ -49,6 +49,13 @@ pub(crate) trait Source: Send + Sync {
     fn reading(&self) -> Option<Arc<Reading>>;
 }
 
+/// Calls whose replies are taken as they come, each by its place in the group (the calls of
+/// an `everywhere` round): no slot per call.
+pub(crate) trait Gather: Send + Sync {
+    /// The reply to call `index` of the group, or why there is none.
+    fn deliver(&self, index: usize, result: Result<Frame>);
+}
+
 /// Who is told when a reply arrives.
 pub(crate) enum Waiter {
     /// A single caller (a `RemoteFuture`).
@@ -56,12 +63,15 @@ pub(crate) enum Waiter {
     /// A scheduler waiting on many calls at once (pmap), told the tag of each; `bell` rings
     /// too when the scheduler runs on a serving thread, which waits on several sources.
     Queue { tx: Sender<(u64, Result<Frame>)>, tag: u64, bell: Option<Sender<()>> },
+    /// One call of a group, by its index.
+    Gather(Arc<dyn Gather>, usize),
 }
 
 impl Waiter {
     pub(crate) fn deliver(self, result: Result<Frame>) {
         match self {
             Waiter::Slot(slot) => slot.fill(result),
+            Waiter::Gather(group, index) => group.deliver(index, result),
             Waiter::Queue { tx, tag, bell } => {
                 let _ = tx.send((tag, result)); // a scheduler that gave up is not an error
                 if let Some(bell) = bell {
