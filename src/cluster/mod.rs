@@ -522,6 +522,7 @@ impl Cluster {
     }
 
     /// Calls function `func` on `pid` with an already encoded argument tuple.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     pub(crate) fn call_with_payload<R: serde::de::DeserializeOwned + 'static>(&self, pid: Pid, func: u64, payload: &[u8]) -> Result<RemoteFuture<R>> {
         let slot = slot::Slot::fresh();
         let copy = |buf: &mut Vec<u8>| {
