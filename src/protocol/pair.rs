@@ -243,6 +243,28 @@ fn calls_resolve_with_their_own_replies() {
 }
 
 #[test]
+fn several_calls_to_one_worker_each_resolve_with_their_own_reply_or_its_death() {
+    let mut p = Pair::new(1);
+    let reqs: Vec<u64> = (0..4).map(|waiter| p.call(2, 0, waiter).unwrap()).collect();
+    p.settle();
+    for (waiter, req) in reqs.iter().enumerate() {
+        assert_eq!(p.value(waiter as u64), Some(Ok(req * 2)), "call {waiter}");
+    }
+    assert!(!p.core.awaits_replies());
+    // and when it dies with several outstanding, each fails
+    p.worker(2).stopped = true;
+    for waiter in 10..13 {
+        p.call(2, 0, waiter).unwrap();
+    }
+    p.settle();
+    p.kill(2, "its connection closed");
+    p.settle();
+    for waiter in 10..13 {
+        assert!(matches!(p.value(waiter), Some(Err(ref e)) if e.contains("worker 2 died")), "call {waiter}: {:?}", p.value(waiter));
+    }
+}
+
+#[test]
 fn a_worker_dying_mid_call_fails_exactly_its_calls() {
     let mut p = Pair::new(2);
     p.worker(2).stopped = true;
