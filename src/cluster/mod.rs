@@ -525,12 +525,18 @@ impl Cluster {
     #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     pub(crate) fn call_with_payload<R: serde::de::DeserializeOwned + 'static>(&self, pid: Pid, func: u64, payload: &[u8]) -> Result<RemoteFuture<R>> {
         let slot = slot::Slot::fresh();
+        let forget = self.call_encoded(pid, func, payload, Waiter::Slot(slot.clone()))?;
+        Ok(RemoteFuture::pending(pid, slot, forget))
+    }
+
+    /// Sends a call of `func` on `pid` with an already encoded argument tuple; `waiter` is
+    /// told its end.
+    pub(crate) fn call_encoded(&self, pid: Pid, func: u64, payload: &[u8], waiter: Waiter) -> Result<Forget> {
         let copy = |buf: &mut Vec<u8>| {
             buf.extend_from_slice(payload);
             Ok(None)
         };
-        let forget = self.send(Kind::Call, pid, func, payload.len(), copy, Some(Waiter::Slot(slot.clone())))?;
-        Ok(RemoteFuture::pending(pid, slot, forget))
+        self.send(Kind::Call, pid, func, payload.len(), copy, Some(waiter))
     }
 
     /// Runs `f(args)` on every worker at once; results by pid. The first failure (by pid)

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 use crate::ids::Pid;
-use crate::protocol::{Frame, Kind};
+use crate::protocol::Frame;
 use crate::transport::io;
 
 use super::Cluster;
@@ -75,12 +75,7 @@ pub(crate) fn everywhere<R: DeserializeOwned + Send + 'static>(cluster: &Cluster
         // this thread reads the replies when it waits: the I/O thread need not meanwhile
         let _waiting = Slot::waits_driving().then(io::about_to_wait);
         for (index, &pid) in pids.iter().enumerate() {
-            let copy = |buf: &mut Vec<u8>| {
-                buf.extend_from_slice(payload);
-                Ok(None)
-            };
-            let waiter = Waiter::Gather(round.clone(), index);
-            if let Err(e) = cluster.send(Kind::Call, pid, func, payload.len(), copy, Some(waiter)) {
+            if let Err(e) = cluster.call_encoded(pid, func, payload, Waiter::Gather(round.clone(), index)) {
                 round.deliver(index, Err(e)); // not sent: nobody else will tell of it
             }
         }
