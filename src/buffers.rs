@@ -8,6 +8,7 @@
 //! [`KEPT_FOR`] unused (the I/O runtime calls [`release_idle`]), so the memory held back is
 //! bounded in size and in time.
 
+use clusterman_macros::call_path;
 use std::cell::Cell;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -35,6 +36,7 @@ thread_local! {
 /// An empty buffer with room for `capacity` bytes: the smallest spare of this thread that
 /// fits, else a new one.
 #[inline]
+#[call_path]
 pub(crate) fn small(capacity: usize) -> Vec<u8> {
     let mut found = None;
     let _ = SPARE.try_with(|s| {
@@ -56,6 +58,7 @@ pub(crate) fn small(capacity: usize) -> Vec<u8> {
 
 /// An empty buffer with room for at least `capacity` bytes, if one is kept (the smallest
 /// that fits).
+#[call_path]
 pub(crate) fn take(capacity: usize) -> Option<Vec<u8>> {
     KEPT.take(capacity)
 }
@@ -64,6 +67,7 @@ pub(crate) fn take(capacity: usize) -> Option<Vec<u8>> {
 /// kept buffer makes way for a bigger one. Never inlined: one copy serves the whole path of
 /// a call, where copies inlined apart cost a serving worker a code page each.
 #[inline(never)]
+#[call_path]
 pub(crate) fn give(mut buffer: Vec<u8>) {
     if buffer.capacity() <= SPARE_AT_MOST {
         buffer.clear();
@@ -105,6 +109,7 @@ impl Pool {
         self.kept().retain(|(_, since)| now.saturating_duration_since(*since) < KEPT_FOR);
     }
 
+    #[call_path]
     fn take(&self, capacity: usize) -> Option<Vec<u8>> {
         if capacity < MIN_KEPT {
             return None;
@@ -114,6 +119,7 @@ impl Pool {
         Some(kept.remove(best).0)
     }
 
+    #[call_path]
     fn give(&self, mut buffer: Vec<u8>) {
         if buffer.capacity() < MIN_KEPT || buffer.capacity() > MAX_KEPT_BYTES {
             return;

@@ -4,6 +4,7 @@
 //! module-qualified name, so a different function set cannot silently misroute a call; the
 //! handshake compares the table's hash anyway.
 
+use clusterman_macros::call_path;
 use std::cell::{Cell, RefCell};
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -187,6 +188,7 @@ fn install_panic_hook() {
     });
 }
 
+#[call_path]
 fn run_call<F: RemoteFn>(payload: &[u8], words: Option<Bulk>, out: &mut Vec<u8>) -> Result<Option<HeldWords>, CallError> {
     let args: F::Args = codec::decode_with(payload, words).map_err(|e| CallError { message: format!("cannot decode the arguments: {e}"), location: None })?;
     encode_result(catch(|| F::invoke(args))?, out)
@@ -195,6 +197,7 @@ fn run_call<F: RemoteFn>(payload: &[u8], words: Option<Bulk>, out: &mut Vec<u8>)
 /// Encodes a call's result into `out`, except the words of a vector of plain numbers big
 /// enough to travel apart (see `Header::words`): those are sent from where the value holds
 /// them.
+#[call_path]
 pub fn encode_result<T: Serialize + Any>(value: T, out: &mut Vec<u8>) -> Result<Option<HeldWords>, CallError> {
     codec::encode_held_into(value, out, codec::BULK_FROM).map_err(|e| CallError { message: format!("cannot encode the result: {e}"), location: None })
 }

@@ -1,5 +1,6 @@
 //! Running an incoming call: the same on master and workers.
 
+use clusterman_macros::call_path;
 use crate::ids::Pid;
 use crate::codec;
 use crate::error::RemoteError;
@@ -11,6 +12,7 @@ use crate::protocol::failure::Failure;
 /// Runs a `Call`, `Cast` or `Batch` frame addressed to `me`. Returns the reply frame to send
 /// back, or `None` for a `Cast` (whose failure is logged here, as nobody waits for it).
 #[inline]
+#[call_path]
 pub(crate) fn execute(me: Pid, frame: &mut Frame) -> Option<Outgoing> {
     let h = frame.header;
     let mut out = FrameBuf::new(Header { kind: Kind::Reply, src: me, dst: h.src, req: h.req, func: 0, words: 0 });
@@ -45,9 +47,16 @@ pub(crate) fn execute(me: Pid, frame: &mut Frame) -> Option<Outgoing> {
         },
         Err(f) => f,
     };
+    Some(failure_reply(me, h, &failure))
+}
+
+/// The reply to call `h` that failed: apart from [`execute`], off a call's way.
+#[cold]
+#[inline(never)]
+fn failure_reply(me: Pid, h: Header, failure: &Failure) -> Outgoing {
     let mut out = FrameBuf::new(Header { kind: Kind::Failure, src: me, dst: h.src, req: h.req, func: 0, words: 0 });
-    codec::encode_into(&failure, out.payload()).expect("failures always encode");
-    Some(out.finish().expect("failure frames are small").into())
+    codec::encode_into(failure, out.payload()).expect("failures always encode");
+    out.finish().expect("failure frames are small").into()
 }
 
 /// The registered name of function `id` (`?` if unknown), for error messages.

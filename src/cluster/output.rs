@@ -49,9 +49,19 @@ impl Forwarder {
     /// Reads what is in the pipe now and sends the complete lines. `Ok(false)` at end of file.
     #[inline]
     fn drain(&mut self) -> std::io::Result<bool> {
+        match sys::read_ready(self.pipe.as_raw_fd(), &mut self.chunk)? {
+            None if self.partial.is_empty() => Ok(true), // nothing printed: most calls, inline
+            read => self.forward(read),
+        }
+    }
+
+    /// [`drain`](Self::drain) once the first read is `read`: off a call's way, for the calls
+    /// that printed.
+    #[inline(never)]
+    fn forward(&mut self, mut read: Option<usize>) -> std::io::Result<bool> {
         let fd = self.pipe.as_raw_fd();
         let open = loop {
-            match sys::read_ready(fd, &mut self.chunk)? {
+            match read {
                 None => break true,
                 Some(0) => break false,
                 Some(n) => {
@@ -61,6 +71,7 @@ impl Forwarder {
                     }
                 }
             }
+            read = sys::read_ready(fd, &mut self.chunk)?;
         };
         let end = match self.partial.iter().rposition(|&b| b == b'\n') {
             _ if !open || self.partial.len() >= LONGEST_LINE => Some(self.partial.len()),

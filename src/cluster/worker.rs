@@ -3,7 +3,9 @@
 //! stop, until the master's connection is gone, or until the master stops sending
 //! heartbeats (a vanished host, a hung master).
 
-use std::cell::RefCell;
+use clusterman_macros::call_path;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -288,17 +290,11 @@ pub(crate) fn serve(link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) ->
     }
     watch_master(link.clone(), peers.clone(), terms.liveness);
     let _ = WORKER_CLUSTER.set(Cluster::worker_handle(pid, link.clone(), peers));
-    SERVING.with(|s| *s.borrow_mut() = Some(Serving { inbox, uplink: link.clone() }));
+    let serving = Rc::new(Serving { inbox: RefCell::new(inbox), uplink: link.clone(), holding: Cell::new((0, false)) });
+    SERVING.with(|s| *s.borrow_mut() = Some(serving.clone()));
     slot::serve_while_waiting(Some(pump_once));
-    let never = crossbeam_channel::never();
-    let outcome = loop {
-        match pump_once(None, &never) {
-            Ok(()) if !link.core().is_stopping() => {}
-            Ok(()) | Err(Error::ShutDown) => break Ok(()),
-            Err(e) => break Err(e),
-        }
-    };
-    release_replies(); // replies still held go before anything else
+    let outcome = serving.serve_until_stopped();
+    serving.release_replies(); // replies still held go before anything else
     slot::serve_while_waiting(None);
     SERVING.with(|s| *s.borrow_mut() = None);
     output::finish_forwarding();
@@ -409,14 +405,11 @@ impl Inbox {
     /// What the next frame leaves for the serving thread, and the link it came on; `None`
     /// when `woken` receives (a reply the thread waits for was delivered by another thread)
     /// or at `deadline`.
+    #[call_path]
     fn next(&mut self, uplink: &Arc<Link>, deadline: Option<Instant>, woken: &Receiver<()>) -> Result<Option<(Received, Arc<Link>)>> {
-        let from_master = |frame| uplink.receive(frame).map(|r| Some((r, uplink.clone()))).map_err(|e| Error::MasterGone(format!("{e}; exiting")));
         match self {
             // the only connection, read by this thread: its replies are resolved right here
             Inbox::Tcp(reader) => {
-                if !reader.has_frame() {
-                    release_replies(); // held for the frames that were here: they go before we wait
-                }
                 if let Some(d) = deadline {
                     let left = d.saturating_duration_since(Instant::now());
                     if !reader.wait_readable_for(left) {
@@ -424,33 +417,45 @@ impl Inbox {
                     }
                 }
                 match reader.next() {
-                    Ok(Some(frame)) => from_master(frame),
+                    Ok(Some(frame)) => from_master(uplink, frame),
                     Ok(None) => Err(Error::MasterGone("it closed the connection; exiting".into())),
                     Err(e) => Err(Error::MasterGone(format!("{e}; exiting"))),
                 }
             }
-            Inbox::Channel(rx) => {
-                // over a polled transport (MPI) this thread reads what comes soon itself
-                polled::spin_until(|| !rx.is_empty() || !woken.is_empty() || deadline.is_some_and(|d| Instant::now() >= d));
-                let got = match rx.try_recv() {
-                    Ok(got) => got, // it came while this thread polled: no select
-                    Err(_) => {
-                        let timeout = deadline.map_or(crossbeam_channel::never(), crossbeam_channel::at);
-                        select! {
-                            recv(rx) -> got => got.map_err(|_| Error::MasterGone("the transport stopped; exiting".into()))?,
-                            recv(woken) -> _ => return Ok(None),
-                            recv(timeout) -> _ => return Ok(None),
-                        }
-                    }
-                };
-                match got {
-                    Delivery::Frame(frame) => from_master(frame),
-                    Delivery::Received(received, link) => Ok(Some((received, link))),
-                    Delivery::Failed(e) => Err(e),
-                }
-            }
+            Inbox::Channel(rx) => next_handed_over(rx, uplink, deadline, woken),
         }
     }
+}
+
+/// [`Inbox::next`] from a channel: what the MPI progress thread, or the readers of the
+/// master link and the direct links, handed over.
+#[call_path]
+#[inline(never)]
+fn next_handed_over(rx: &Receiver<Delivery>, uplink: &Arc<Link>, deadline: Option<Instant>, woken: &Receiver<()>) -> Result<Option<(Received, Arc<Link>)>> {
+    // over a polled transport (MPI) this thread reads what comes soon itself
+    polled::spin_until(|| !rx.is_empty() || !woken.is_empty() || deadline.is_some_and(|d| Instant::now() >= d));
+    let got = match rx.try_recv() {
+        Ok(got) => got, // it came while this thread polled: no select
+        Err(_) => {
+            let timeout = deadline.map_or(crossbeam_channel::never(), crossbeam_channel::at);
+            select! {
+                recv(rx) -> got => got.map_err(|_| Error::MasterGone("the transport stopped; exiting".into()))?,
+                recv(woken) -> _ => return Ok(None),
+                recv(timeout) -> _ => return Ok(None),
+            }
+        }
+    };
+    match got {
+        Delivery::Frame(frame) => from_master(uplink, frame),
+        Delivery::Received(received, link) => Ok(Some((received, link))),
+        Delivery::Failed(e) => Err(e),
+    }
+}
+
+/// What a frame from the master leaves for the serving thread.
+#[call_path]
+fn from_master(uplink: &Arc<Link>, frame: Frame) -> Result<Option<(Received, Arc<Link>)>> {
+    uplink.receive(frame).map(|r| Some((r, uplink.clone()))).map_err(|e| Error::MasterGone(format!("{e}; exiting")))
 }
 
 /// Reads the master link on its own thread (all-to-all topology): replies are resolved here,
@@ -478,73 +483,102 @@ fn read_uplink(stream: TcpStream, link: Arc<Link>, to_serving: Sender<Delivery>,
     spawned.map(|_| ()).map_err(|e| Error::io("starting the master link's reader", e))
 }
 
+/// What the serving thread serves from. The thread's own loop holds it; a call that waits
+/// for a reply (and serves meanwhile, see `pump_once`) finds it in `SERVING`. A call passes
+/// no thread-local on its way: each costs a lookup through pages of its own.
 struct Serving {
-    inbox: Inbox,
+    inbox: RefCell<Inbox>,
     uplink: Arc<Link>,
+    /// Replies held corked (see `pump`), and whether this thread corked itself for them
+    /// (rather than finding itself corked by a `pmap` further up its stack).
+    holding: Cell<(u32, bool)>,
 }
 
 thread_local! {
-    static SERVING: RefCell<Option<Serving>> = const { RefCell::new(None) };
-    /// Replies the serving thread holds corked (see `pump_once`), and whether it corked the
-    /// thread for them (rather than finding it corked by a `pmap` further up its stack).
-    static HOLDING: std::cell::Cell<(u32, bool)> = const { std::cell::Cell::new((0, false)) };
+    static SERVING: RefCell<Option<Rc<Serving>>> = const { RefCell::new(None) };
 }
 
-/// Sends the replies the serving thread holds, and ends the cork it started for them (a
-/// cork it found stays, flushed: a thread about to wait must have sent what it has).
-#[inline(always)]
-fn release_replies() {
-    let (_, corked_here) = HOLDING.replace((0, false));
-    if corked_here {
-        tcp::uncork();
-    } else {
-        tcp::flush_corked();
-    }
-}
-
-/// Reads and handles one frame on the serving thread (or returns when `woken` receives, or
-/// at `deadline`). Calls run right here, so a no-op call costs no thread switch; a call that
-/// itself waits for a reply pumps recursively, so nested calls at any depth cannot deadlock.
-///
-/// What a call passes through is `#[inline]` and reads no clock: among a thousand workers on
-/// two cores each call finds its caches and TLB cold, and pays per page and per line it
-/// touches far more than per instruction (13 code pages, was 47).
+/// Serves while a call on the serving thread waits for a reply (see [`slot::Pump`]).
 fn pump_once(deadline: Option<Instant>, woken: &Receiver<()>) -> Result<()> {
-    let next = SERVING.with(|s| {
-        let mut s = s.borrow_mut();
-        let s = s.as_mut().expect("pump_once on a thread that does not serve");
-        s.inbox.next(&s.uplink, deadline, woken)
-    });
-    let Some((received, from)) = next? else { return Ok(()) }; // a wake-up: the caller looks again
-    match received {
-        Received::Run(mut frame) => {
-            let me = my_id();
-            let batch_started = (frame.header.kind == Kind::Batch).then(Instant::now);
-            if let Some(reply) = exec::execute(me, &mut frame) {
-                let terms = from.terms();
-                let reply = answer(&terms, frame.header, reply, || exec::function_name(frame.header.func))?;
-                output::flush();
-                // The reply to a quick pmap batch is held (corked) while the next frame is
-                // already here, and goes with up to 7 replies after it in one write (a
-                // system call per item would cost more than the item). It waits for frames
-                // that were already sent: the master queues about a millisecond of work per
-                // worker. Replies to calls, and to batches that took longer, go at once.
-                let (held, corked_here) = HOLDING.get();
-                let coalesce = held + 1 < COALESCE_AT_MOST
-                    && batch_started.is_some_and(|t| t.elapsed() < COALESCE_BELOW)
-                    && SERVING.with(|s| s.borrow().as_ref().is_some_and(|s| s.inbox.has_frame()));
-                if coalesce {
-                    HOLDING.set((held + 1, corked_here || tcp::cork()));
-                }
-                from.send_patiently(reply, terms.liveness.timeout)?;
-                if !coalesce {
-                    release_replies();
-                }
+    let serving = SERVING.with(|s| s.borrow().clone()).expect("pump_once on a thread that does not serve");
+    serving.pump(deadline, woken)
+}
+
+impl Serving {
+    #[call_path]
+    #[inline(never)] // in the section, not inlined into `serve`
+    fn serve_until_stopped(&self) -> Result<()> {
+        let never = crossbeam_channel::never();
+        loop {
+            match self.pump(None, &never) {
+                Ok(()) if !self.uplink.core().is_stopping() => {}
+                Ok(()) | Err(Error::ShutDown) => return Ok(()),
+                Err(e) => return Err(e),
             }
-            Ok(())
         }
-        Received::Stop => Err(Error::ShutDown),
-        Received::Nothing => Ok(()),
+    }
+
+    /// Sends the replies this thread holds, and ends the cork it started for them (a cork
+    /// it found stays, flushed: a thread about to wait must have sent what it has).
+    #[inline(always)]
+    fn release_replies(&self) {
+        let (_, corked_here) = self.holding.replace((0, false));
+        if corked_here {
+            tcp::uncork();
+        } else {
+            tcp::flush_corked();
+        }
+    }
+
+    /// What the next frame leaves for this thread, and the link it came on (see
+    /// [`Inbox::next`]); before this thread waits, it sends the replies it holds.
+    #[inline(always)]
+    fn next(&self, deadline: Option<Instant>, woken: &Receiver<()>) -> Result<Option<(Received, Arc<Link>)>> {
+        let mut inbox = self.inbox.borrow_mut();
+        if matches!(&*inbox, Inbox::Tcp(reader) if !reader.has_frame()) {
+            self.release_replies(); // held for the frames that were here: they go before we wait
+        }
+        inbox.next(&self.uplink, deadline, woken)
+    }
+
+    /// Reads and handles one frame (or returns when `woken` receives, or at `deadline`).
+    /// Calls run right here, so a no-op call costs no thread switch; a call that itself
+    /// waits for a reply pumps recursively, so nested calls at any depth cannot deadlock.
+    ///
+    /// What a call passes through reads no clock and is in [`call_path`]'s section: among
+    /// a thousand workers on two cores each call finds its caches and TLB cold, and pays per
+    /// page and per line it touches far more than per instruction.
+    #[call_path]
+    fn pump(&self, deadline: Option<Instant>, woken: &Receiver<()>) -> Result<()> {
+        let Some((received, from)) = self.next(deadline, woken)? else { return Ok(()) }; // a wake-up: the caller looks again
+        match received {
+            Received::Run(mut frame) => {
+                let me = my_id();
+                let batch_started = (frame.header.kind == Kind::Batch).then(Instant::now);
+                if let Some(reply) = exec::execute(me, &mut frame) {
+                    let terms = from.terms();
+                    let reply = answer(&terms, frame.header, reply, || exec::function_name(frame.header.func))?;
+                    output::flush();
+                    // The reply to a quick pmap batch is held (corked) while the next frame is
+                    // already here, and goes with up to 7 replies after it in one write (a
+                    // system call per item would cost more than the item). It waits for frames
+                    // that were already sent: the master queues about a millisecond of work per
+                    // worker. Replies to calls, and to batches that took longer, go at once.
+                    let (held, corked_here) = self.holding.get();
+                    let coalesce = held + 1 < COALESCE_AT_MOST && batch_started.is_some_and(|t| t.elapsed() < COALESCE_BELOW) && self.inbox.borrow().has_frame();
+                    if coalesce {
+                        self.holding.set((held + 1, corked_here || tcp::cork()));
+                    }
+                    from.send_patiently(reply, terms.liveness.timeout)?;
+                    if !coalesce {
+                        self.release_replies();
+                    }
+                }
+                Ok(())
+            }
+            Received::Stop => Err(Error::ShutDown),
+            Received::Nothing => Ok(()),
+        }
     }
 }
 

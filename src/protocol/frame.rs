@@ -1,5 +1,6 @@
 //! Frame layout and parsing.
 
+use clusterman_macros::call_path;
 use std::any::Any;
 
 use serde::de::DeserializeOwned;
@@ -196,6 +197,7 @@ impl FrameBuf {
     /// Patches the length prefix and returns the bytes to write. Fails if the body does not
     /// fit the `u32` prefix.
     #[inline]
+    #[call_path]
     pub fn finish(mut self) -> Result<Vec<u8>> {
         let prefix = len_prefix(self.buf.len() - LEN_PREFIX)?;
         self.buf[..LEN_PREFIX].copy_from_slice(&prefix);
@@ -299,6 +301,7 @@ impl Frame {
 
     /// A frame from its bytes on a stream: length prefix, then body.
     #[inline]
+    #[call_path]
     fn from_wire(wire: Vec<u8>, bulk: Option<Bulk>) -> Result<Frame> {
         Ok(Frame { header: Header::parse(&wire[LEN_PREFIX..])?, bytes: wire, body_at: LEN_PREFIX, bulk: bulk.map(Box::new) })
     }
@@ -513,6 +516,7 @@ impl FrameReader {
     /// Once the head of a big value is here, moves its words into a block of their own (see
     /// [`Header::words`]); anything that does not add up stays as it is, for `next_frame`.
     #[inline]
+    #[call_path]
     fn split_words(&mut self) {
         if self.words.is_some() || self.buf.len() < HEAD {
             return;
@@ -530,6 +534,7 @@ impl FrameReader {
     /// The next complete frame, `Ok(None)` if more bytes are needed. An oversized length or
     /// a bad header is an error (the stream cannot be trusted after it).
     #[inline]
+    #[call_path]
     pub fn next_frame(&mut self) -> Result<Option<Frame>> {
         if self.words.is_some() {
             if self.missing() > 0 {

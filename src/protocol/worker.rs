@@ -114,13 +114,15 @@ impl<W> WorkerCore<W> {
             return Err(format!("worker {} sent a frame claiming to be from pid {}", state.peer, h.src));
         }
         state.frames += 1;
+        if matches!(h.kind, Kind::Call | Kind::Cast | Kind::Batch) {
+            return Ok(Incoming::Run(frame)); // ahead of the match: a call reads no jump table
+        }
         Ok(match h.kind {
             Kind::Reply | Kind::Failure => match state.calls.remove(&h.req) {
                 Some(w) => Incoming::Resolved(w, frame),
                 None => Incoming::Nothing,
             },
-            Kind::Call | Kind::Cast | Kind::Batch => Incoming::Run(frame),
-            Kind::Heartbeat => Incoming::Nothing,
+            Kind::Call | Kind::Cast | Kind::Batch | Kind::Heartbeat => Incoming::Nothing,
             Kind::Shutdown if !direct => {
                 self.stopping = true;
                 Incoming::Stop(self.end_all("the worker is shutting down"))
@@ -192,12 +194,19 @@ impl<W> WorkerCore<W> {
 /// call).
 #[inline]
 pub(crate) fn answer(terms: &Terms, call: Header, reply: Outgoing, function: impl FnOnce() -> String) -> Result<Outgoing> {
-    let max = terms.max_frame;
-    if reply.len() <= max + LEN_PREFIX {
+    if reply.len() <= terms.max_frame + LEN_PREFIX {
         return Ok(reply);
     }
-    let message = format!("its result of {} bytes exceeds the cluster's max_frame of {max}; raise ClusterBuilder::max_frame", reply.len());
-    let failure = Failure::Remote(RemoteError { pid: terms.pid, function: function(), message, location: None });
+    too_big(terms, call, reply.len(), function())
+}
+
+/// The failure that replaces a reply of `len` bytes, too big for the cluster's frames.
+#[cold]
+#[inline(never)]
+fn too_big(terms: &Terms, call: Header, len: usize, function: String) -> Result<Outgoing> {
+    let max = terms.max_frame;
+    let message = format!("its result of {len} bytes exceeds the cluster's max_frame of {max}; raise ClusterBuilder::max_frame");
+    let failure = Failure::Remote(RemoteError { pid: terms.pid, function, message, location: None });
     failure_frame(terms.pid, call.src, call.req, &failure).map(Outgoing::from)
 }
 

@@ -9,6 +9,7 @@
 //! *blocking*, read by a thread of its own (a worker's, whose serving thread reads its
 //! master's socket directly, which makes a call cheapest).
 
+use clusterman_macros::call_path;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
@@ -246,6 +247,7 @@ fn closed_error(failed: &(ErrorKind, String)) -> io::Error {
 }
 
 impl FrameOut for TcpOut {
+    #[call_path]
     fn send(&self, frame: Outgoing, patience: Option<Duration>) -> io::Result<()> {
         let out = &self.0;
         let mut q = out.state.lock().expect("send queue lock");
