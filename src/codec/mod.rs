@@ -118,7 +118,6 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
 
 /// Decodes a whole `T` from `bytes`; trailing bytes are an error. A vector of plain numbers
 /// is copied as one block.
-#[call_path]
 pub fn decode<T: DeserializeOwned + Any>(bytes: &[u8]) -> Result<T> {
     if let Some(value) = plain::decode::<T>(bytes) {
         return value.map_err(|e| Error::Codec(e.0));
