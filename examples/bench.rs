@@ -120,6 +120,9 @@ fn main() -> clusterman::Result<()> {
         let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1024);
         return scale::run(n, args.get(3).map(String::as_str) != Some("--no-baseline")); // the scale figures alone
     }
+    if args.get(1).map(String::as_str) == Some("--one-cpu") {
+        return same_cpu_rtt(affinity::get()[0]); // the one-CPU round trips alone
+    }
     if args.get(1).map(String::as_str) == Some("--pmap") {
         return pmap_throughput(); // the pmap figures alone
     }

@@ -9,7 +9,7 @@
 //! bounded in size and in time.
 
 use clusterman_macros::call_path;
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -30,30 +30,27 @@ const SPARE_AT_MOST: usize = 64 << 10;
 
 thread_local! {
     /// The smaller first; empty vectors where none is kept.
-    static SPARE: Cell<[Vec<u8>; 2]> = const { Cell::new([Vec::new(), Vec::new()]) };
+    static SPARE: RefCell<[Vec<u8>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// An empty buffer with room for `capacity` bytes: the smallest spare of this thread that
-/// fits, else a new one.
+/// fits, else a new one. The spares change in place: no moves of both in and out.
 #[inline]
 #[call_path]
 pub(crate) fn small(capacity: usize) -> Vec<u8> {
-    let mut found = None;
-    let _ = SPARE.try_with(|s| {
-        let [smaller, bigger] = s.take();
-        s.set(match (smaller.capacity() >= capacity, bigger.capacity() >= capacity) {
-            (true, _) => {
-                found = Some(smaller);
-                [Vec::new(), bigger]
-            }
-            (false, true) => {
-                found = Some(bigger);
-                [Vec::new(), smaller]
-            }
-            (false, false) => [smaller, bigger],
-        });
+    let spare = SPARE.try_with(|s| {
+        let mut s = s.try_borrow_mut().ok()?;
+        let [smaller, bigger] = &mut *s;
+        if smaller.capacity() >= capacity {
+            Some(std::mem::take(smaller))
+        } else if bigger.capacity() >= capacity {
+            std::mem::swap(smaller, bigger); // the smaller moves up; the empty one goes first
+            Some(std::mem::take(smaller))
+        } else {
+            None
+        }
     });
-    found.unwrap_or_else(|| Vec::with_capacity(capacity))
+    spare.ok().flatten().unwrap_or_else(|| Vec::with_capacity(capacity))
 }
 
 /// An empty buffer with room for at least `capacity` bytes, if one is kept (the smallest
@@ -73,13 +70,14 @@ pub(crate) fn give(mut buffer: Vec<u8>) {
         buffer.clear();
         // the two biggest of the three stay (a thread that is ending keeps nothing)
         let _ = SPARE.try_with(|s| {
-            let [smaller, bigger] = s.take();
-            let given = std::mem::take(&mut buffer);
-            s.set(match (given.capacity() > smaller.capacity(), given.capacity() > bigger.capacity()) {
-                (false, _) => [smaller, bigger],
-                (true, false) => [given, bigger],
-                (true, true) => [bigger, given],
-            });
+            let Ok(mut s) = s.try_borrow_mut() else { return };
+            let [smaller, bigger] = &mut *s;
+            if buffer.capacity() > bigger.capacity() {
+                std::mem::swap(smaller, bigger);
+                std::mem::swap(bigger, &mut buffer); // the smallest of the three is dropped
+            } else if buffer.capacity() > smaller.capacity() {
+                std::mem::swap(smaller, &mut buffer);
+            }
         });
         return;
     }
