@@ -395,7 +395,8 @@ pub(crate) fn read_frames(
     let task = reading.clone();
     runtime::spawn(async move {
         loop {
-            if let Err(e) = task.stream.readable().await {
+            // the task's waker kept in the socket's own slot: no waiter list to join and leave
+            if let Err(e) = std::future::poll_fn(|cx| task.stream.poll_read_ready(cx)).await {
                 task.end(e.to_string());
                 return;
             }
