@@ -8,10 +8,11 @@
 //! [`KEPT_FOR`] unused (the I/O runtime calls [`release_idle`]), so the memory held back is
 //! bounded in size and in time.
 
-use clusterman_macros::call_path;
 use std::cell::RefCell;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use clusterman_macros::call_path;
 
 /// Smaller buffers are cheap to allocate: not worth keeping.
 pub(crate) const MIN_KEPT: usize = 1 << 20;

@@ -1,5 +1,5 @@
 //! `#[remote]`: registers a function so clusterman can run it on other processes.
-//! See the `clusterman` crate for documentation.
+//! See the `clusterman` crate for documentation. (`#[call_path]` is clusterman's own.)
 
 use proc_macro::TokenStream;
 use quote::{format_ident, quote};

@@ -1,6 +1,7 @@
 //! Running an incoming call: the same on master and workers.
 
 use clusterman_macros::call_path;
+
 use crate::ids::Pid;
 use crate::codec;
 use crate::error::RemoteError;

@@ -3,9 +3,10 @@
 //! it, when the peer was last heard from). Sending never waits on the peer (see
 //! [`FrameOut`]). (The master keeps its calls in its own core.)
 
-use clusterman_macros::call_path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use clusterman_macros::call_path;
 
 use crate::error::{Error, Result};
 use crate::ids::Pid;

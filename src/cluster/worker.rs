@@ -3,15 +3,15 @@
 //! stop, until the master's connection is gone, or until the master stops sending
 //! heartbeats (a vanished host, a hung master).
 
-use clusterman_macros::call_path;
 use std::cell::{Cell, RefCell};
-use std::rc::Rc;
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use clusterman_macros::call_path;
 use crossbeam_channel::{Receiver, Sender, select};
 
 use crate::ids::Pid;

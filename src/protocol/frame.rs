@@ -1,8 +1,8 @@
 //! Frame layout and parsing.
 
-use clusterman_macros::call_path;
 use std::any::Any;
 
+use clusterman_macros::call_path;
 use serde::de::DeserializeOwned;
 
 use crate::buffers;

@@ -9,7 +9,6 @@
 //! *blocking*, read by a thread of its own (a worker's, whose serving thread reads its
 //! master's socket directly, which makes a call cheapest).
 
-use clusterman_macros::call_path;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
@@ -18,6 +17,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use clusterman_macros::call_path;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
