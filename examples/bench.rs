@@ -5,7 +5,9 @@
 //! idle CPU.
 //!
 //! Run: `cargo run --release --example bench` (or `scripts/bench.sh`, which also runs the MPI
-//! figures and `cman_transport`, and writes `BENCHMARKS.md`).
+//! figures and `cman_transport`, and writes `BENCHMARKS.md`). One group alone, to compare two
+//! builds: `bench --pair` (rtt_* and fetch_*), `bench --one-cpu`, `bench --pmap`,
+//! `bench --scale 1024`.
 //!
 //! Every figure is printed as one line
 //!
