@@ -253,14 +253,20 @@ impl Slot {
             s.result.take()
         };
         // On a busy machine, or one CPU, the worker often runs as soon as the call is sent,
-        // and its reply is in before this thread would wait: the first time, read without
-        // waiting. When it is not in, that read costs little beside a wake-up across CPUs.
-        let mut first = true;
+        // and its reply is in before this thread would wait: read once without waiting (and
+        // without a bell: nothing to ring it for yet). When it is not in, that read costs
+        // little beside a wake-up across CPUs.
+        if !reading.read_now() {
+            return take(None); // another thread reads the connection (or it ended)
+        }
+        if let Some(r) = take(None) {
+            return Some(r);
+        }
         loop {
             if let Some(r) = take(Some(Wake::Bell(bell))) {
                 return Some(r);
             }
-            let readable = std::mem::take(&mut first) || sys::wait_readable_or_bell(reading.fd(), bell);
+            let readable = sys::wait_readable_or_bell(reading.fd(), bell);
             // no bell while this thread reads: it would ring only for itself
             let mut result = take(None);
             let read = result.is_none() && readable && reading.read_now();
