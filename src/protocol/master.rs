@@ -62,6 +62,14 @@ struct Peer<W> {
     next_req: u64,
     /// Our calls to it, by request id.
     calls: Calls<W>,
+    /// What few calls touch, apart: the entry that every call touches stays small (a round
+    /// over a thousand workers touches each entry once, from cold).
+    rare: Box<Rare>,
+}
+
+/// What a worker's entry holds that a plain call does not touch.
+#[derive(Default)]
+struct Rare {
     /// Calls other workers routed to it: (caller, their request id).
     routed: HashSet<(Pid, u64)>,
     /// Why we closed it, if we did (said instead of "connection closed").
@@ -73,12 +81,12 @@ struct Peer<W> {
 /// workers touches no table of each (whose lines all come cold).
 struct Calls<W> {
     first: Option<(u64, W)>,
-    more: IdMap<W>,
+    more: Box<IdMap<W>>,
 }
 
 impl<W> Calls<W> {
     fn new() -> Self {
-        Calls { first: None, more: IdMap::default() }
+        Calls { first: None, more: Box::default() }
     }
 
     fn insert(&mut self, req: u64, waiter: W) {
@@ -125,7 +133,7 @@ impl<W> MasterCore<W> {
 
     /// A worker joined (its handshake is done).
     pub fn add_worker(&mut self, pid: Pid, now: Instant) {
-        self.peers.insert(pid, Peer { heard: now, next_req: 1, calls: Calls::new(), routed: HashSet::new(), given_up: None });
+        self.peers.insert(pid, Peer { heard: now, next_req: 1, calls: Calls::new(), rare: Box::default() });
     }
 
     /// The workers, ascending.
@@ -175,8 +183,8 @@ impl<W> MasterCore<W> {
     /// Gives up on worker `pid` (it did not stop when asked, or fell silent): its
     /// connection is to be closed, and with `kill` its process ended.
     pub fn give_up(&mut self, pid: Pid, reason: String, kill: bool) {
-        if let Some(peer) = self.peers.get_mut(&pid).filter(|p| p.given_up.is_none()) {
-            peer.given_up = Some(reason);
+        if let Some(peer) = self.peers.get_mut(&pid).filter(|p| p.rare.given_up.is_none()) {
+            peer.rare.given_up = Some(reason);
             self.events.push_back(Event::Close { pid, kill });
         }
     }
@@ -207,7 +215,7 @@ impl<W> MasterCore<W> {
                 }
             }
             Kind::Reply | Kind::Failure => {
-                peer.routed.remove(&(h.dst, h.req));
+                peer.rare.routed.remove(&(h.dst, h.req));
                 if self.peers.contains_key(&h.dst) {
                     self.transmits.push_back(Transmit { to: h.dst, frame: frame.into_wire(), routed: None });
                 }
@@ -219,7 +227,7 @@ impl<W> MasterCore<W> {
                     Some(target) => {
                         self.routed += 1;
                         if expects_reply {
-                            target.routed.insert((from, h.req));
+                            target.rare.routed.insert((from, h.req));
                         }
                         let routed = expects_reply.then_some((from, h.req));
                         self.transmits.push_back(Transmit { to: h.dst, frame: frame.into_wire(), routed });
@@ -239,7 +247,7 @@ impl<W> MasterCore<W> {
     pub fn transmit_failed(&mut self, transmit: Transmit, error: &Error) {
         let Some((caller, req)) = transmit.routed else { return };
         if let Some(target) = self.peers.get_mut(&transmit.to) {
-            target.routed.remove(&(caller, req));
+            target.rare.routed.remove(&(caller, req));
         }
         let failure = match error {
             Error::Busy { pid, reason } => Failure::Busy { pid: *pid, reason: reason.clone() },
@@ -261,14 +269,14 @@ impl<W> MasterCore<W> {
     /// resolved, callers routed through it are told, and it is gone. Once per worker.
     pub fn handle_closed(&mut self, pid: Pid, reason: &str) {
         let Some(peer) = self.peers.remove(&pid) else { return };
-        let reason = peer.given_up.unwrap_or_else(|| reason.to_string());
+        let reason = peer.rare.given_up.unwrap_or_else(|| reason.to_string());
         // gone first: whoever a failed call wakes finds the worker out of the table
         self.events.push_back(Event::Gone { pid, reason: reason.clone() });
         for w in peer.calls.into_waiters() {
             let error = if self.shut { Error::ShutDown } else { Error::WorkerDied { pid, reason: reason.clone() } };
             self.events.push_back(Event::Resolved(w, Err(error)));
         }
-        for (caller, req) in peer.routed {
+        for (caller, req) in peer.rare.routed {
             self.fail_for(caller, pid, req, Failure::WorkerDied { pid, reason: reason.clone() });
         }
     }
@@ -287,7 +295,7 @@ impl<W> MasterCore<W> {
         for (&pid, peer) in &self.peers {
             self.transmits.push_back(Transmit { to: pid, frame: bare(Kind::Heartbeat, 1, pid).into(), routed: None });
             let silence = now.saturating_duration_since(peer.heard);
-            if silence >= self.liveness.timeout && peer.given_up.is_none() {
+            if silence >= self.liveness.timeout && peer.rare.given_up.is_none() {
                 silent.push((pid, silence));
             }
         }
