@@ -182,6 +182,7 @@ impl FrameBuf {
 
     /// Like [`FrameBuf::new`] with room for `payload` bytes.
     #[inline]
+    #[call_path]
     pub fn with_capacity(header: Header, payload: usize) -> FrameBuf {
         let mut buf = buffers::small(LEN_PREFIX + HEADER_LEN + payload);
         buf.extend_from_slice(&[0; LEN_PREFIX + HEADER_LEN]); // a few stores, not a call to memset

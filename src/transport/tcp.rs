@@ -77,7 +77,7 @@ struct Queue {
     /// The I/O runtime is draining the queue.
     draining: bool,
     /// Why the connection can take no more.
-    failed: Option<(ErrorKind, String)>,
+    failed: Option<Box<(ErrorKind, String)>>, // boxed: the queue a send checks stays in one line
 }
 
 impl Queue {
@@ -279,7 +279,7 @@ impl FrameOut for TcpOut {
     fn close(&self) {
         let out = &self.0;
         let mut q = out.state.lock().expect("send queue lock");
-        q.failed.get_or_insert((ErrorKind::NotConnected, "the connection was closed".into()));
+        q.failed.get_or_insert_with(|| Box::new((ErrorKind::NotConnected, "the connection was closed".into())));
         q.frames.clear();
         q.bytes = 0;
         out.room.notify_all();
@@ -293,7 +293,7 @@ impl FrameOut for TcpOut {
 
 /// Marks the connection failed and shuts it down, so its reader sees the end too.
 fn fail(out: &Outbox, q: &mut Queue, e: &io::Error) {
-    q.failed.get_or_insert((e.kind(), e.to_string()));
+    q.failed.get_or_insert_with(|| Box::new((e.kind(), e.to_string())));
     q.frames.clear();
     q.bytes = 0;
     out.room.notify_all();
