@@ -23,12 +23,14 @@ use super::slot::{Gather, Slot, Waiter};
 /// bigger ones by the caller, so that the thread that reads connections is not held up.
 const DECODED_ON_ARRIVAL: usize = 64 << 10;
 
+/// What came from one worker. What is rare is boxed: a round holds one of these per worker,
+/// and touches each, so a small one (two words for a no-op's reply) spares lines.
 enum Arrived<R> {
-    Decoded(Result<R>),
-    Frame(Result<Frame>),
+    Decoded(Result<R, Box<Error>>),
+    Frame(Box<Result<Frame>>),
     /// Decoding panicked (a hand-written `Deserialize`): the caller panics with it, as a
     /// caller that decodes its own reply does.
-    Panicked(Box<dyn Any + Send>),
+    Panicked(Box<Box<dyn Any + Send>>),
 }
 
 struct Round<R> {
@@ -47,8 +49,11 @@ impl<R: DeserializeOwned + Send + 'static> Gather for Round<R> {
     fn deliver(&self, index: usize, result: Result<Frame>) {
         let small = result.as_ref().map_or(true, |frame| frame.payload().len() <= DECODED_ON_ARRIVAL);
         let arrived = match small {
-            true => catch_unwind(AssertUnwindSafe(|| decode_reply(result))).map_or_else(Arrived::Panicked, Arrived::Decoded),
-            false => Arrived::Frame(result),
+            true => match catch_unwind(AssertUnwindSafe(|| decode_reply(result))) {
+                Ok(decoded) => Arrived::Decoded(decoded.map_err(Box::new)),
+                Err(panic) => Arrived::Panicked(Box::new(panic)),
+            },
+            false => Arrived::Frame(Box::new(result)),
         };
         let last = {
             let mut state = self.state.lock().expect("round lock");
@@ -86,9 +91,9 @@ pub(crate) fn everywhere<R: DeserializeOwned + Send + 'static>(cluster: &Cluster
     let mut first_error = None;
     for (pid, arrived) in pids.into_iter().zip(arrived) {
         let result = match arrived.expect("the round is done: every reply is in") {
-            Arrived::Decoded(result) => result,
-            Arrived::Frame(frame) => decode_reply(frame),
-            Arrived::Panicked(panic) => resume_unwind(panic),
+            Arrived::Decoded(result) => result.map_err(|e| *e),
+            Arrived::Frame(frame) => decode_reply(*frame),
+            Arrived::Panicked(panic) => resume_unwind(*panic),
         };
         match result {
             Ok(v) => results.push((pid, v)),
