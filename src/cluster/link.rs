@@ -37,7 +37,7 @@ pub(crate) struct Link {
     pub peer: Pid,
     /// Its id in the worker's core.
     id: LinkId,
-    out: Box<dyn FrameOut>,
+    out: Arc<dyn FrameOut>,
     core: SharedCore,
     /// The worker's terms of admission, at hand without the core's lock.
     terms: Terms,
@@ -45,7 +45,7 @@ pub(crate) struct Link {
 
 impl Link {
     /// A link to `peer`, sending through `out`, registered with the worker's `core`.
-    pub(crate) fn new(core: &SharedCore, peer: Pid, out: Box<dyn FrameOut>) -> Arc<Link> {
+    pub(crate) fn new(core: &SharedCore, peer: Pid, out: Arc<dyn FrameOut>) -> Arc<Link> {
         let (id, terms) = {
             let mut locked = core.lock().expect("core lock");
             (locked.add_link(peer, Instant::now()), locked.terms())

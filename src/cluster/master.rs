@@ -48,7 +48,7 @@ pub struct WorkerInfo {
 /// A connection to a worker.
 pub(crate) struct WorkerEntry {
     pub info: WorkerInfo,
-    out: Box<dyn FrameOut>,
+    out: Arc<dyn FrameOut>,
     /// Read by the I/O runtime, which reports its end; an MPI link has no end of its own.
     evented: bool,
     /// How its connection is read (evented connections): a caller waiting for a reply from
@@ -303,7 +303,7 @@ pub(crate) fn serve_connection(inner: &Arc<Inner>, pid: Pid, hello: Hello, strea
 }
 
 /// Puts a worker into the process table, talking through `out`.
-pub(crate) fn add_worker(inner: &Arc<Inner>, info: WorkerInfo, out: Box<dyn FrameOut>, evented: bool) -> Arc<WorkerEntry> {
+pub(crate) fn add_worker(inner: &Arc<Inner>, info: WorkerInfo, out: Arc<dyn FrameOut>, evented: bool) -> Arc<WorkerEntry> {
     let m = inner.master();
     let pid = info.pid;
     let entry = Arc::new(WorkerEntry { info, out, evented, reading: OnceLock::new(), output_pending: AtomicUsize::new(0) });

@@ -173,8 +173,8 @@ impl MpiTransport {
     }
 
     /// A frame sink that sends to `rank`.
-    pub(crate) fn out(&self, rank: i32) -> Box<dyn FrameOut> {
-        Box::new(MpiOut { rank, shared: self.shared.clone(), closed: AtomicBool::new(false) })
+    pub(crate) fn out(&self, rank: i32) -> Arc<dyn FrameOut> {
+        Arc::new(MpiOut { rank, shared: self.shared.clone(), closed: AtomicBool::new(false) })
     }
 
     /// Waits for the posted sends to complete (bounded), then ends the transport: nothing is

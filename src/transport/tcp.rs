@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use clusterman_macros::call_path;
@@ -38,16 +38,19 @@ const CORK_BYTES: usize = 64 << 10;
 /// Slices one write takes at most (a frame is one or two: its bytes, a big value's words).
 const WRITE_PARTS: usize = 16;
 
-/// The sending half of a TCP connection.
-pub(crate) struct TcpOut(Arc<Outbox>);
-
-struct Outbox {
-    socket: Socket,
+/// The sending half of a TCP connection, shared as an `Arc<dyn FrameOut>`: a send goes
+/// straight to it, and finds what it checks (the lock, the queue) in the lines after the
+/// `Arc`'s counts: among a thousand workers each send finds them cold.
+#[repr(C)]
+pub(crate) struct TcpOut {
+    state: Mutex<Queue>,
     /// The socket's descriptor, at hand (no hop through the socket's own structures).
     fd: i32,
-    state: Mutex<Queue>,
     /// Signalled when queued bytes drain (for senders that wait for room).
     room: Condvar,
+    socket: Socket,
+    /// Itself, for the clone that a cork or a drain keeps.
+    me: Weak<TcpOut>,
 }
 
 /// How a connection is read.
@@ -68,16 +71,17 @@ impl Socket {
 }
 
 #[derive(Default)]
+#[repr(C)] // what every send checks first
 struct Queue {
+    /// Why the connection can take no more (boxed: the queue a send checks stays small).
+    failed: Option<Box<(ErrorKind, String)>>,
+    /// The I/O runtime is draining the queue.
+    draining: bool,
     frames: VecDeque<Outgoing>,
     /// Bytes of the front frame already written.
     written: usize,
     /// Bytes waiting, all frames.
     bytes: usize,
-    /// The I/O runtime is draining the queue.
-    draining: bool,
-    /// Why the connection can take no more.
-    failed: Option<Box<(ErrorKind, String)>>, // boxed: the queue a send checks stays in one line
 }
 
 impl Queue {
@@ -126,18 +130,23 @@ impl Queue {
 
 impl TcpOut {
     /// The sender of a connection some thread reads with blocking reads.
-    pub(crate) fn boxed(stream: TcpStream) -> Box<dyn FrameOut> {
+    pub(crate) fn blocking(stream: TcpStream) -> Arc<dyn FrameOut> {
         Self::over(Socket::Blocking(stream))
     }
 
     /// The sender of a connection the I/O runtime reads ([`read_frames`]).
-    pub(crate) fn evented(stream: Arc<tokio::net::TcpStream>) -> Box<dyn FrameOut> {
+    pub(crate) fn evented(stream: Arc<tokio::net::TcpStream>) -> Arc<dyn FrameOut> {
         Self::over(Socket::Evented(stream))
     }
 
-    fn over(socket: Socket) -> Box<dyn FrameOut> {
+    fn over(socket: Socket) -> Arc<dyn FrameOut> {
         let fd = socket.fd();
-        Box::new(TcpOut(Arc::new(Outbox { socket, fd, state: Mutex::default(), room: Condvar::new() })))
+        Arc::new_cyclic(|me| TcpOut { state: Mutex::default(), fd, room: Condvar::new(), socket, me: me.clone() })
+    }
+
+    /// Itself, shared (it is only ever used through its `Arc`).
+    fn shared(&self) -> Option<Arc<TcpOut>> {
+        self.me.upgrade()
     }
 }
 
@@ -146,7 +155,7 @@ thread_local! {
     /// cheaper to read than the list, which needs a destructor).
     static CORKING: Cell<bool> = const { Cell::new(false) };
     /// While it does: the connections whose queues hold frames it sent.
-    static CORKED: RefCell<Vec<Arc<Outbox>>> = const { RefCell::new(Vec::new()) };
+    static CORKED: RefCell<Vec<Arc<TcpOut>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f`; the frames it sends over TCP wait in their queues until it returns (or waits for
@@ -193,20 +202,20 @@ fn write_corked() {
 
 /// Whether this thread is corked; if so, `out` is written when it uncorks. Tasks of the I/O
 /// runtime never cork, even on a corked thread that drives it while it waits.
-fn corks(out: &Arc<Outbox>) -> bool {
+fn corks(out: &TcpOut) -> bool {
     if !CORKING.get() || !runtime::can_drive() {
         return false;
     }
     CORKED.with_borrow_mut(|corked| {
-        if !corked.iter().any(|o| Arc::ptr_eq(o, out)) {
-            corked.push(out.clone());
+        if !corked.iter().any(|o| std::ptr::eq(&**o, out)) {
+            corked.extend(out.shared());
         }
     });
     true
 }
 
 /// Writes the queue now; what the socket does not take, the I/O runtime writes as it drains.
-fn write_now(out: &Arc<Outbox>, q: &mut Queue) -> io::Result<()> {
+fn write_now(out: &TcpOut, q: &mut Queue) -> io::Result<()> {
     match q.write_out(out.fd) {
         Ok(true) => Ok(()),
         Ok(false) => {
@@ -222,7 +231,7 @@ fn write_now(out: &Arc<Outbox>, q: &mut Queue) -> io::Result<()> {
 
 /// Writes `frame`, with nothing queued before it, straight from where it lies; what the
 /// socket does not take waits in the queue, which the I/O runtime drains.
-fn write_alone(out: &Arc<Outbox>, q: &mut Queue, frame: Outgoing) -> io::Result<()> {
+fn write_alone(out: &TcpOut, q: &mut Queue, frame: Outgoing) -> io::Result<()> {
     let parts = [io::IoSlice::new(frame.rest(0)), io::IoSlice::new(frame.rest(frame.bytes.len()))];
     let sent = sys::send_vectored_nonblocking(out.fd, &parts).inspect_err(|e| fail(out, q, e))?;
     if sent == frame.len() {
@@ -237,9 +246,11 @@ fn write_alone(out: &Arc<Outbox>, q: &mut Queue, frame: Outgoing) -> io::Result<
 }
 
 /// The socket is full: the I/O runtime writes the queue as the peer reads.
-fn drain_later(out: &Arc<Outbox>, q: &mut Queue) {
-    q.draining = true;
-    runtime::spawn(drain(out.clone()));
+fn drain_later(out: &TcpOut, q: &mut Queue) {
+    if let Some(out) = out.shared() {
+        q.draining = true;
+        runtime::spawn(drain(out));
+    }
 }
 
 fn closed_error(failed: &(ErrorKind, String)) -> io::Error {
@@ -249,7 +260,7 @@ fn closed_error(failed: &(ErrorKind, String)) -> io::Error {
 impl FrameOut for TcpOut {
     #[call_path]
     fn send(&self, frame: Outgoing, patience: Option<Duration>) -> io::Result<()> {
-        let out = &self.0;
+        let out = self;
         let mut q = out.state.lock().expect("send queue lock");
         let mut wait_until = None;
         loop {
@@ -270,14 +281,14 @@ impl FrameOut for TcpOut {
         }
         q.bytes += frame.len();
         q.frames.push_back(frame);
-        if q.draining || (q.bytes <= CORK_BYTES && corks(&self.0)) {
+        if q.draining || (q.bytes <= CORK_BYTES && corks(self)) {
             return Ok(()); // the I/O runtime, or the end of `corked`, sends it in turn
         }
-        write_now(&self.0, &mut q)
+        write_now(self, &mut q)
     }
 
     fn close(&self) {
-        let out = &self.0;
+        let out = self;
         let mut q = out.state.lock().expect("send queue lock");
         q.failed.get_or_insert_with(|| Box::new((ErrorKind::NotConnected, "the connection was closed".into())));
         q.frames.clear();
@@ -287,12 +298,12 @@ impl FrameOut for TcpOut {
     }
 
     fn pulse(&self) -> Option<sys::TcpPulse> {
-        sys::tcp_pulse(self.0.fd)
+        sys::tcp_pulse(self.fd)
     }
 }
 
 /// Marks the connection failed and shuts it down, so its reader sees the end too.
-fn fail(out: &Outbox, q: &mut Queue, e: &io::Error) {
+fn fail(out: &TcpOut, q: &mut Queue, e: &io::Error) {
     q.failed.get_or_insert_with(|| Box::new((e.kind(), e.to_string())));
     q.frames.clear();
     q.bytes = 0;
@@ -301,7 +312,7 @@ fn fail(out: &Outbox, q: &mut Queue, e: &io::Error) {
 }
 
 /// Runs on the I/O runtime: writes the queue out as the socket drains.
-async fn drain(out: Arc<Outbox>) {
+async fn drain(out: Arc<TcpOut>) {
     let fd: OwnedFd = match &out.socket {
         Socket::Evented(stream) => return drain_evented(&out, stream).await,
         Socket::Blocking(stream) => match stream.as_fd().try_clone_to_owned() {
@@ -313,7 +324,7 @@ async fn drain(out: Arc<Outbox>) {
 }
 
 /// Drains an evented connection: the I/O runtime already watches it.
-async fn drain_evented(out: &Outbox, stream: &tokio::net::TcpStream) {
+async fn drain_evented(out: &TcpOut, stream: &tokio::net::TcpStream) {
     loop {
         if let Err(e) = stream.writable().await {
             return fail(out, &mut out.state.lock().expect("send queue lock"), &e);
@@ -347,7 +358,7 @@ async fn drain_evented(out: &Outbox, stream: &tokio::net::TcpStream) {
 
 /// Drains a blocking connection through a duplicate of its descriptor, registered while the
 /// queue drains.
-async fn drain_blocking(out: &Outbox, fd: OwnedFd) {
+async fn drain_blocking(out: &TcpOut, fd: OwnedFd) {
     // SAFETY: `fd` is our own duplicate of the socket, owned by the AsyncFd and closed only
     // when it drops.
     let ready = match unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) } {
@@ -678,7 +689,7 @@ mod tests {
     fn corked_frames_wait_for_the_end_or_a_flush_and_arrive_in_order() {
         let (a, mut b) = pair();
         b.set_nonblocking(true).unwrap();
-        let out = TcpOut::boxed(a);
+        let out = TcpOut::blocking(a);
         let nothing_yet = |b: &mut TcpStream| matches!(b.read(&mut [0; 8]), Err(e) if e.kind() == ErrorKind::WouldBlock);
         corked(|| {
             for i in 0..3u8 {
@@ -699,7 +710,7 @@ mod tests {
     #[test]
     fn a_peer_that_does_not_read_never_blocks_the_sender() {
         let (a, _b) = pair(); // b is never read
-        let out = TcpOut::boxed(a);
+        let out = TcpOut::blocking(a);
         let started = Instant::now();
         let mut queued = 0usize;
         let err = loop {
@@ -765,7 +776,7 @@ mod tests {
     #[test]
     fn queued_frames_arrive_whole_and_in_order() {
         let (a, mut b) = pair();
-        let out = TcpOut::boxed(a);
+        let out = TcpOut::blocking(a);
         // every third frame carries words held apart, as a big value does: they follow its bytes
         let frames: Vec<Outgoing> = (0..40u8)
             .map(|i| {
