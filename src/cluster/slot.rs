@@ -28,6 +28,9 @@ pub(crate) type Pump = fn(Option<Instant>, &Receiver<()>) -> Result<()>;
 thread_local! {
     /// Set on a worker's serving thread: what to do while waiting instead of parking.
     static PUMP: Cell<Option<Pump>> = const { Cell::new(None) };
+    /// Calls left that wait for their reply at once, without reading first (see
+    /// `read_own_reply`).
+    static FIRST_READS_SKIPPED: Cell<u8> = const { Cell::new(0) };
     /// What wakes this thread while it waits on its reply's connection (`None`: no
     /// descriptor could be had; it then never waits so).
     static BELL: Option<OwnedFd> = sys::bell().ok();
@@ -42,6 +45,9 @@ pub(crate) fn serve_while_waiting(pump: Option<Pump>) {
 pub(crate) fn pumping() -> Option<Pump> {
     PUMP.with(Cell::get)
 }
+
+/// How many calls of a thread wait at once after a read without waiting found no reply.
+const SKIP_AFTER_EMPTY_READ: u8 = 16;
 
 /// Where a reply comes from (a worker), for a caller that would read it itself.
 pub(crate) trait Source: Send + Sync {
@@ -254,13 +260,17 @@ impl Slot {
         };
         // On a busy machine, or one CPU, the worker often runs as soon as the call is sent,
         // and its reply is in before this thread would wait: read once without waiting (and
-        // without a bell: nothing to ring it for yet). When it is not in, that read costs
-        // little beside a wake-up across CPUs.
-        if !reading.read_now() {
-            return take(None); // another thread reads the connection (or it ended)
-        }
-        if let Some(r) = take(None) {
-            return Some(r);
+        // without a bell: nothing to ring it for yet). Where that read finds nothing, the
+        // next calls of this thread wait at once: it would only cost them a system call.
+        let skip = FIRST_READS_SKIPPED.with(|n| n.replace(n.get().saturating_sub(1)) > 0);
+        if !skip {
+            if !reading.read_now() {
+                return take(None); // another thread reads the connection (or it ended)
+            }
+            if let Some(r) = take(None) {
+                return Some(r);
+            }
+            FIRST_READS_SKIPPED.with(|n| n.set(SKIP_AFTER_EMPTY_READ));
         }
         loop {
             if let Some(r) = take(Some(Wake::Bell(bell))) {
