@@ -76,9 +76,11 @@ pub fn temp_dir(tag: &str) -> std::path::PathBuf {
     dir
 }
 
-/// This test process's scratch root, `cman-test-<pid>` in the system temp dir: removed with
-/// all it holds when the process exits, unless `CMAN_KEEP_TEST_DIRS` is set (to read a
-/// failed test's job logs).
+/// This test process's scratch root in the system temp dir, `cman-test-<pid>.<pid namespace>`:
+/// removed with all it holds when the process exits, unless `CMAN_KEEP_TEST_DIRS` is set (to
+/// read a failed test's job logs). A process that is killed (a master some test kills on
+/// purpose) runs no exit hook: its root goes when the next test process of its PID namespace
+/// starts (the multi-node tests' nodes share /tmp, each with PIDs of its own).
 fn scratch_root() -> &'static std::path::Path {
     static ROOT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     extern "C" fn remove_root() {
@@ -87,12 +89,35 @@ fn scratch_root() -> &'static std::path::Path {
         }
     }
     ROOT.get_or_init(|| {
+        let (tmp, namespace) = (std::env::temp_dir(), pid_namespace());
         if std::env::var_os("CMAN_KEEP_TEST_DIRS").is_none() {
+            remove_roots_of_killed_processes(&tmp, namespace);
             // SAFETY: registers a plain function, run once by `exit` (the test harness ends so)
             unsafe { libc::atexit(remove_root) };
         }
-        std::env::temp_dir().join(format!("cman-test-{}", std::process::id()))
+        tmp.join(format!("cman-test-{}.{namespace}", std::process::id()))
     })
+}
+
+/// This process's PID namespace (the inode `/proc/self/ns/pid` names; 0 if unreadable).
+fn pid_namespace() -> u64 {
+    let link = std::fs::read_link("/proc/self/ns/pid").unwrap_or_default();
+    link.to_string_lossy().trim_start_matches("pid:[").trim_end_matches(']').parse().unwrap_or(0)
+}
+
+/// Removes the scratch roots in `tmp` of test processes of `namespace` that no longer exist.
+fn remove_roots_of_killed_processes(tmp: &std::path::Path, namespace: u64) {
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some((pid, ns)) = name.to_str().and_then(|n| n.strip_prefix("cman-test-")).and_then(|rest| rest.split_once('.')) else { continue };
+        let (Ok(pid), Ok(ns)) = (pid.parse::<libc::pid_t>(), ns.parse::<u64>()) else { continue };
+        // SAFETY: signal 0 sends nothing; it only asks whether the process exists
+        let gone = ns == namespace && unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn rand_suffix() -> u64 {
