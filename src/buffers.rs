@@ -118,7 +118,6 @@ impl Pool {
         Some(kept.remove(best).0)
     }
 
-    #[call_path]
     fn give(&self, mut buffer: Vec<u8>) {
         if buffer.capacity() < MIN_KEPT || buffer.capacity() > MAX_KEPT_BYTES {
             return;

@@ -122,7 +122,8 @@ impl<W> WorkerCore<W> {
                 Some(w) => Incoming::Resolved(w, frame),
                 None => Incoming::Nothing,
             },
-            Kind::Call | Kind::Cast | Kind::Batch | Kind::Heartbeat => Incoming::Nothing,
+            Kind::Call | Kind::Cast | Kind::Batch => Incoming::Run(frame), // returned above
+            Kind::Heartbeat => Incoming::Nothing,
             Kind::Shutdown if !direct => {
                 self.stopping = true;
                 Incoming::Stop(self.end_all("the worker is shutting down"))
