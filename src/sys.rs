@@ -544,6 +544,41 @@ pub(crate) fn bell() -> io::Result<std::os::fd::OwnedFd> {
     unsafe { Ok(std::os::fd::OwnedFd::from_raw_fd(check(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))?)) }
 }
 
+/// A new epoll set (close-on-exec).
+pub(crate) fn epoll() -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: epoll_create1 makes a new descriptor, owned from here on.
+    unsafe { Ok(std::os::fd::OwnedFd::from_raw_fd(check(libc::epoll_create1(libc::EPOLL_CLOEXEC))?)) }
+}
+
+/// Adds `fd` to `epoll`, edge-triggered for input and its end, tagged `data`. What `fd`
+/// holds already counts as an edge.
+pub(crate) fn epoll_add(epoll: RawFd, fd: RawFd, data: u64) -> io::Result<()> {
+    let mut event = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32, u64: data };
+    // SAFETY: a valid event for two descriptors the caller holds.
+    check(unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut event) }).map(drop)
+}
+
+/// Takes `fd` out of `epoll` (before `fd` closes: a duplicate would keep it in).
+pub(crate) fn epoll_remove(epoll: RawFd, fd: RawFd) {
+    // SAFETY: a null event is allowed for EPOLL_CTL_DEL; an fd not in the set only fails.
+    unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+}
+
+/// The events of `epoll` ready now (no wait), into `events`; how many.
+pub(crate) fn epoll_ready(epoll: RawFd, events: &mut [libc::epoll_event]) -> usize {
+    let max = events.len().min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: `events` has room for `max` events.
+    let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), max, 0) };
+    n.max(0) as usize
+}
+
+/// Silences `bell` (takes its rings).
+pub(crate) fn hush(bell: RawFd) {
+    let mut count = 0u64;
+    // SAFETY: reading an eventfd's 8-byte counter (non-blocking).
+    unsafe { libc::read(bell, (&raw mut count).cast(), 8) };
+}
+
 /// Rings `bell`: whoever waits on it wakes.
 pub(crate) fn ring(bell: RawFd) {
     let one = 1u64;
@@ -560,9 +595,7 @@ pub(crate) fn wait_readable_or_bell(fd: RawFd, bell: RawFd) -> bool {
         return false;
     }
     if p[1].revents != 0 {
-        let mut count = 0u64;
-        // SAFETY: reading an eventfd's 8-byte counter (non-blocking).
-        unsafe { libc::read(bell, (&raw mut count).cast(), 8) };
+        hush(bell);
     }
     p[0].revents != 0
 }

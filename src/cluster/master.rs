@@ -22,7 +22,8 @@ use crate::protocol::master::{Event as CoreEvent, MasterCore, STOPPED, Transmit}
 use crate::protocol::{Frame, Header, Hello, Kind, Liveness, call_frame, Refusal, Secret, Terms, Welcome};
 use crate::transport::FrameOut;
 use crate::transport::listener::{Admit, Listener};
-use crate::transport::tcp::{Reading, TcpOut, read_frames};
+use crate::transport::reading::{Reading, read_frames};
+use crate::transport::tcp::TcpOut;
 
 use super::exec;
 use super::launcher::Launch;
@@ -284,9 +285,12 @@ impl Admit for Door {
 /// Puts a worker that passed the handshake on `stream` into the process table; the I/O
 /// runtime reads its connection from now on. Runs on the I/O runtime.
 pub(crate) fn serve_connection(inner: &Arc<Inner>, pid: Pid, hello: Hello, stream: tokio::net::TcpStream) {
-    let stream = Arc::new(stream);
+    let stream = match stream.into_std() {
+        Ok(stream) => Arc::new(stream), // out of the runtime's own set: the poller reads it
+        Err(e) => return tracing::warn!(pid, "worker {pid} lost at admission: {e}"),
+    };
     let info = WorkerInfo { pid, host: hello.host, os_pid: hello.os_pid, mpi: hello.mpi };
-    let entry = add_worker(inner, info, TcpOut::evented(stream.clone()), true);
+    let entry = add_worker(inner, info, TcpOut::over(stream.clone()), true);
     let (weak, from) = (Arc::downgrade(inner), entry.clone());
     let on_frame = move |frame| match weak.upgrade() {
         Some(inner) => handle_frame(&inner, &from, frame),

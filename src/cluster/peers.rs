@@ -94,7 +94,7 @@ impl Peers {
     /// Starts the reader thread of a direct link to `peer`.
     fn serve_link(&self, peer: Pid, stream: TcpStream) -> Result<Arc<Link>> {
         let reader = stream.try_clone().map_err(|e| Error::io("cloning a peer connection", e))?;
-        let link = Link::new(&self.core, peer, TcpOut::blocking(stream));
+        let link = Link::new(&self.core, peer, TcpOut::over(stream));
         let (reading, to_serving, max_frame) = (link.clone(), self.to_serving.clone(), self.terms.max_frame);
         let spawned = std::thread::Builder::new().name(format!("cman-peer-{peer}")).spawn(move || {
             let mut reader = FrameStream::new(reader, max_frame);

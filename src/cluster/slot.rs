@@ -16,7 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::error::Result;
 use crate::protocol::Frame;
 use crate::sys;
-use crate::transport::tcp::Reading;
+use crate::transport::reading::Reading;
 use crate::transport::{io, polled};
 
 use super::pool;

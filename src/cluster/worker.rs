@@ -260,7 +260,7 @@ pub(crate) fn at_worker_exit(hook: impl FnOnce() + Send + 'static) {
 pub(crate) fn run(config: WorkerConfig) -> Result<()> {
     sys::raise_open_files_limit();
     let (stream, terms) = dial(&config)?;
-    let out = TcpOut::blocking(stream.try_clone().map_err(|e| Error::io("cloning the master connection", e))?);
+    let out = TcpOut::over(stream.try_clone().map_err(|e| Error::io("cloning the master connection", e))?);
     let core: SharedCore = Arc::new(Mutex::new(WorkerCore::new(terms)));
     let link = Link::new(&core, 1, out);
     if !terms.direct_links {

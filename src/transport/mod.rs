@@ -1,13 +1,15 @@
 //! Moving frames: the process's I/O runtime (tokio; it writes what sockets could not take at
-//! once, reads the evented connections, runs the listener and keeps the timers; driven by its
-//! own thread or by a thread that waits for a reply), TCP connections whose senders never
-//! wait on a peer, and the listener workers dial. The MPI transport implements the same
+//! once, runs the listener and keeps the timers; driven by its own thread or by a thread that
+//! waits for a reply), the master's connections read through one epoll set on it
+//! ([`reading`]), TCP connections whose senders never wait on a peer, and the listener
+//! workers dial. The MPI transport implements the same
 //! [`FrameOut`] (see `mpi`), and waiting threads poll it ([`polled`]). Nothing here knows
 //! what a frame means.
 
 pub(crate) mod io;
 pub(crate) mod listener;
 pub(crate) mod polled;
+pub(crate) mod reading;
 pub(crate) mod tcp;
 
 use std::time::Duration;

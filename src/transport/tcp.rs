@@ -1,13 +1,13 @@
-//! TCP connections: a sender that never blocks on its peer, a reader that runs on the I/O
-//! runtime, and the worker side of the handshake (dial, hello, welcome) with one deadline for
-//! all of it.
+//! TCP connections: a sender that never blocks on its peer, a reader for a thread that
+//! blocks on its connection, and the worker side of the handshake (dial, hello, welcome) with
+//! one deadline for all of it.
 //!
 //! A frame is written straight into the socket when it is free (`MSG_DONTWAIT`, no thread
 //! switch); what the socket cannot take at once waits in a bounded queue that the I/O runtime
-//! drains as the peer reads. A connection is either *evented* — registered with the I/O
-//! runtime, which also reads it (the master's connections: no thread per worker) — or
-//! *blocking*, read by a thread of its own (a worker's, whose serving thread reads its
-//! master's socket directly, which makes a call cheapest).
+//! drains as the peer reads. A connection is read either by the I/O runtime (the master's:
+//! no thread per worker, see [`reading`](super::reading)) or by a thread of its own,
+//! blocking (a worker's, whose serving thread reads its master's socket directly, which makes
+//! a call cheapest).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -48,26 +48,10 @@ pub(crate) struct TcpOut {
     fd: i32,
     /// Signalled when queued bytes drain (for senders that wait for room).
     room: Condvar,
-    socket: Socket,
+    /// The socket, kept open while this sends on it.
+    socket: Arc<TcpStream>,
     /// Itself, for the clone that a cork or a drain keeps.
     me: Weak<TcpOut>,
-}
-
-/// How a connection is read.
-enum Socket {
-    /// By a thread of its own, blocking (the descriptor stays blocking; sends do not wait).
-    Blocking(TcpStream),
-    /// By the I/O runtime, which has it registered.
-    Evented(Arc<tokio::net::TcpStream>),
-}
-
-impl Socket {
-    fn fd(&self) -> i32 {
-        match self {
-            Socket::Blocking(s) => s.as_raw_fd(),
-            Socket::Evented(s) => s.as_raw_fd(),
-        }
-    }
 }
 
 #[derive(Default)]
@@ -129,18 +113,10 @@ impl Queue {
 }
 
 impl TcpOut {
-    /// The sender of a connection some thread reads with blocking reads.
-    pub(crate) fn blocking(stream: TcpStream) -> Arc<dyn FrameOut> {
-        Self::over(Socket::Blocking(stream))
-    }
-
-    /// The sender of a connection the I/O runtime reads ([`read_frames`]).
-    pub(crate) fn evented(stream: Arc<tokio::net::TcpStream>) -> Arc<dyn FrameOut> {
-        Self::over(Socket::Evented(stream))
-    }
-
-    fn over(socket: Socket) -> Arc<dyn FrameOut> {
-        let fd = socket.fd();
+    /// The sender of a connection that a thread of its own or the I/O runtime reads.
+    pub(crate) fn over(stream: impl Into<Arc<TcpStream>>) -> Arc<dyn FrameOut> {
+        let socket = stream.into();
+        let fd = socket.as_raw_fd();
         Arc::new_cyclic(|me| TcpOut { state: Mutex::default(), fd, room: Condvar::new(), socket, me: me.clone() })
     }
 
@@ -313,52 +289,15 @@ fn fail(out: &TcpOut, q: &mut Queue, e: &io::Error) {
 
 /// Runs on the I/O runtime: writes the queue out as the socket drains.
 async fn drain(out: Arc<TcpOut>) {
-    let fd: OwnedFd = match &out.socket {
-        Socket::Evented(stream) => return drain_evented(&out, stream).await,
-        Socket::Blocking(stream) => match stream.as_fd().try_clone_to_owned() {
-            Ok(fd) => fd,
-            Err(e) => return fail(&out, &mut out.state.lock().expect("send queue lock"), &e),
-        },
-    };
-    drain_blocking(&out, fd).await
-}
-
-/// Drains an evented connection: the I/O runtime already watches it.
-async fn drain_evented(out: &TcpOut, stream: &tokio::net::TcpStream) {
-    loop {
-        if let Err(e) = stream.writable().await {
-            return fail(out, &mut out.state.lock().expect("send queue lock"), &e);
-        }
-        let wrote = stream.try_io(Interest::WRITABLE, || {
-            let mut q = out.state.lock().expect("send queue lock");
-            let before = q.bytes;
-            let done = q.write_out(out.fd);
-            if q.bytes < before {
-                out.room.notify_all();
-            }
-            match done {
-                Ok(true) => {
-                    q.draining = false;
-                    Ok(())
-                }
-                Ok(false) => Err(io::Error::from(ErrorKind::WouldBlock)), // wait for room again
-                Err(e) => {
-                    fail(out, &mut q, &e);
-                    Err(io::Error::new(ErrorKind::BrokenPipe, e))
-                }
-            }
-        });
-        match wrote {
-            Ok(()) => return,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(_) => return, // failed above
-        }
+    match out.socket.as_fd().try_clone_to_owned() {
+        Ok(fd) => drain_through(&out, fd).await,
+        Err(e) => fail(&out, &mut out.state.lock().expect("send queue lock"), &e),
     }
 }
 
-/// Drains a blocking connection through a duplicate of its descriptor, registered while the
-/// queue drains.
-async fn drain_blocking(out: &TcpOut, fd: OwnedFd) {
+/// Drains a connection through a duplicate of its descriptor, registered with the I/O
+/// runtime while the queue drains.
+async fn drain_through(out: &TcpOut, fd: OwnedFd) {
     // SAFETY: `fd` is our own duplicate of the socket, owned by the AsyncFd and closed only
     // when it drops.
     let ready = match unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) } {
@@ -385,114 +324,6 @@ async fn drain_blocking(out: &TcpOut, fd: OwnedFd) {
                 guard.clear_ready();
             }
             Err(e) => return fail(out, &mut q, &e),
-        }
-    }
-}
-
-/// Reads frames from an evented connection on the I/O runtime until it ends: `on_frame`
-/// handles each (an `Err` ends the connection with that reason), then `on_end` gets the
-/// reason. `on_frame` runs on whichever thread reads: it must not wait for anything. A
-/// thread waiting for a reply on this connection may read it itself ([`Reading::read_now`]).
-pub(crate) fn read_frames(
-    stream: Arc<tokio::net::TcpStream>,
-    max_frame: usize,
-    on_frame: impl FnMut(Frame) -> Result<(), String> + Send + 'static,
-    on_end: impl FnOnce(String) + Send + 'static,
-) -> Arc<Reading> {
-    let reading = Arc::new(Reading {
-        stream,
-        state: Mutex::new(ReadState { frames: FrameReader::new(max_frame), on_frame: Box::new(on_frame), on_end: Some(Box::new(on_end)) }),
-    });
-    let task = reading.clone();
-    runtime::spawn(async move {
-        loop {
-            // the task's waker kept in the socket's own slot: no waiter list to join and leave
-            if let Err(e) = std::future::poll_fn(|cx| task.stream.poll_read_ready(cx)).await {
-                task.end(e.to_string());
-                return;
-            }
-            if !task.read(false) {
-                return;
-            }
-        }
-    });
-    reading
-}
-
-/// How an evented connection is read: by its task on the I/O runtime when the runtime sees
-/// it readable, or by a thread that waits for a reply on it and reads it itself, one at a
-/// time; frames are handled in the order they came either way.
-pub(crate) struct Reading {
-    stream: Arc<tokio::net::TcpStream>,
-    state: Mutex<ReadState>,
-}
-
-struct ReadState {
-    frames: FrameReader,
-    on_frame: Box<dyn FnMut(Frame) -> Result<(), String> + Send>,
-    /// `None` once the connection ended (and this was called).
-    on_end: Option<Box<dyn FnOnce(String) + Send>>,
-}
-
-impl Reading {
-    /// The socket's descriptor (to wait until it is readable).
-    pub(crate) fn fd(&self) -> i32 {
-        self.stream.as_raw_fd()
-    }
-
-    /// Reads what the socket holds now and handles the frames, on this thread; false if
-    /// another thread is reading it (or it ended).
-    pub(crate) fn read_now(&self) -> bool {
-        match self.state.try_lock() {
-            Ok(state) => self.read_locked(state, true),
-            Err(_) => false,
-        }
-    }
-
-    /// One read, then the whole frames it completed; false once the connection ended.
-    /// `direct`: read the socket whatever the runtime last saw of it.
-    fn read(&self, direct: bool) -> bool {
-        self.read_locked(self.state.lock().unwrap_or_else(|p| p.into_inner()), direct)
-    }
-
-    fn read_locked(&self, mut guard: std::sync::MutexGuard<'_, ReadState>, direct: bool) -> bool {
-        let state = &mut *guard;
-        if state.on_end.is_none() {
-            return false;
-        }
-        let reason = match read_some(&self.stream, &mut state.frames, direct) {
-            Ok(0) => Some(state.frames.end_of_stream().map_or_else(|e| e.to_string(), |()| "its connection closed".to_string())),
-            Ok(_) => loop {
-                match state.frames.next_frame() {
-                    Ok(Some(frame)) => {
-                        if let Err(reason) = (state.on_frame)(frame) {
-                            break Some(reason);
-                        }
-                    }
-                    Ok(None) => {
-                        state.frames.release_idle(); // nothing under way: an idle connection holds no buffer
-                        break None;
-                    }
-                    Err(e) => break Some(e.to_string()),
-                }
-            },
-            Err(e) if e.kind() == ErrorKind::WouldBlock => None,
-            Err(e) => Some(e.to_string()),
-        };
-        let Some(reason) = reason else { return true };
-        let end = state.on_end.take();
-        drop(guard);
-        if let Some(end) = end {
-            end(reason);
-        }
-        false
-    }
-
-    /// Ends the reading for `reason` (once).
-    fn end(&self, reason: String) {
-        let end = self.state.lock().unwrap_or_else(|p| p.into_inner()).on_end.take();
-        if let Some(end) = end {
-            end(reason);
         }
     }
 }
@@ -544,46 +375,8 @@ impl FrameStream {
     }
 }
 
-/// Bytes read at once into the I/O runtime's scratch buffer.
+/// Bytes a blocking stream reads at once into its scratch buffer.
 const SCRATCH: usize = 64 * 1024;
-
-/// One scratch buffer for all evented connections: an idle connection holds no buffer of
-/// its own. Only the thread that drives the runtime, or a caller while nobody drives it,
-/// reads them, so the lock is hardly ever contended.
-static SCRATCH_BUF: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-/// One read, straight into the reader's buffer: the rest of a big frame into its own (a big
-/// value's words into theirs), small frames into a buffer the last frame left (the scratch
-/// buffer takes a read only when that is nearly full). A read that found nothing leaves an
-/// idle connection holding no buffer. A read that did not fill its room
-/// emptied the socket: the readiness is cleared then, sparing the read that would only say
-/// "would block". `direct`: read whatever the runtime last saw of the socket (a thread that
-/// waits for a reply and saw it readable itself).
-fn read_some(stream: &tokio::net::TcpStream, reader: &mut FrameReader, direct: bool) -> io::Result<usize> {
-    let recv = |at: *mut u8, room: usize| {
-        // SAFETY: the caller gives `room` writable bytes at `at`.
-        let read = || unsafe { sys::recv_into(stream.as_raw_fd(), at, room) };
-        if direct { read() } else { stream.try_io(Interest::READABLE, read) }
-    };
-    let (n, room) = if let Some((at, room)) = reader.read_room(SCRATCH) {
-        let n = recv(at, room).inspect_err(|_| reader.release_idle())?;
-        // SAFETY: `recv` wrote `n` bytes into the reader's room.
-        unsafe { reader.advance(n) };
-        (n, room)
-    } else {
-        let mut scratch = SCRATCH_BUF.lock().unwrap_or_else(|p| p.into_inner());
-        if scratch.is_empty() {
-            scratch.resize(SCRATCH, 0);
-        }
-        let n = recv(scratch.as_mut_ptr(), scratch.len())?;
-        reader.extend(&scratch[..n]);
-        (n, scratch.len())
-    };
-    if n > 0 && n < room {
-        let _ = stream.try_io(Interest::READABLE, || Err::<(), _>(io::Error::from(ErrorKind::WouldBlock)));
-    }
-    Ok(n)
-}
 
 /// How long a refused connection is tried again (a master still binding on a slow node);
 /// after that, refused means nobody listens there.
@@ -689,7 +482,7 @@ mod tests {
     fn corked_frames_wait_for_the_end_or_a_flush_and_arrive_in_order() {
         let (a, mut b) = pair();
         b.set_nonblocking(true).unwrap();
-        let out = TcpOut::blocking(a);
+        let out = TcpOut::over(a);
         let nothing_yet = |b: &mut TcpStream| matches!(b.read(&mut [0; 8]), Err(e) if e.kind() == ErrorKind::WouldBlock);
         corked(|| {
             for i in 0..3u8 {
@@ -710,7 +503,7 @@ mod tests {
     #[test]
     fn a_peer_that_does_not_read_never_blocks_the_sender() {
         let (a, _b) = pair(); // b is never read
-        let out = TcpOut::blocking(a);
+        let out = TcpOut::over(a);
         let started = Instant::now();
         let mut queued = 0usize;
         let err = loop {
@@ -733,50 +526,9 @@ mod tests {
     }
 
     #[test]
-    fn frames_read_in_turn_by_the_runtime_and_by_a_waiting_thread_arrive_once_and_in_order() {
-        use crate::protocol::{FrameBuf, Header, Kind};
-        const N: u64 = 20_000;
-        let (mut a, b) = pair();
-        b.set_nonblocking(true).unwrap();
-        let stream = {
-            let _runtime = runtime::handle().enter();
-            Arc::new(tokio::net::TcpStream::from_std(b).unwrap())
-        };
-        let (frames, got) = std::sync::mpsc::channel();
-        let (ended, end) = std::sync::mpsc::channel();
-        let on_frame = move |f: Frame| frames.send(f.header.req).map_err(|e| e.to_string());
-        let reading = read_frames(stream, 1 << 20, on_frame, move |reason| ended.send(reason).unwrap());
-        let writer = std::thread::spawn(move || {
-            for req in 0..N {
-                // sizes vary, so that frames straddle reads
-                let mut f = FrameBuf::with_capacity(Header { kind: Kind::Cast, src: 2, dst: 1, req, func: 0, words: 0 }, 300);
-                f.payload().extend(std::iter::repeat_n(7u8, (req % 300) as usize));
-                a.write_all(&f.finish().unwrap()).unwrap();
-            }
-        }); // then `a` is dropped: the connection ends
-        // this thread reads whenever it sees the socket readable, as a waiting caller does;
-        // the I/O runtime's task reads it whenever the runtime sees it so
-        let (mut by_this_thread, deadline) = (0, Instant::now() + Duration::from_secs(60));
-        let reason = loop {
-            if let Ok(reason) = end.try_recv() {
-                break reason;
-            }
-            assert!(Instant::now() < deadline, "the connection's end was never seen");
-            if sys::wait_readable_for(reading.fd(), Duration::from_millis(10)) && reading.read_now() {
-                by_this_thread += 1;
-            }
-        };
-        writer.join().unwrap();
-        assert_eq!(reason, "its connection closed");
-        assert!(got.try_iter().eq(0..N), "every frame once, in order");
-        assert!(by_this_thread > 0, "the waiting thread never read");
-        assert!(!reading.read_now(), "an ended connection is not read again");
-    }
-
-    #[test]
     fn queued_frames_arrive_whole_and_in_order() {
         let (a, mut b) = pair();
-        let out = TcpOut::blocking(a);
+        let out = TcpOut::over(a);
         // every third frame carries words held apart, as a big value does: they follow its bytes
         let frames: Vec<Outgoing> = (0..40u8)
             .map(|i| {

@@ -1,0 +1,360 @@
+//! The evented connections (the master's, one per worker), read on the I/O runtime through
+//! one epoll set of their own that the runtime watches as a single descriptor. A burst of
+//! replies costs the runtime one wake-up, and each reply one read: no task, waker or
+//! runtime registration per connection, whose cache lines a thousand workers would leave
+//! cold for every reply. A thread that waits for a reply may read its connection itself
+//! ([`Reading::read_now`]); frames are handled in the order they came either way.
+
+use std::io::{self, ErrorKind};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use crate::protocol::{Frame, FrameReader};
+use crate::sys;
+
+use super::io as runtime;
+
+/// Reads frames from `stream` (non-blocking) on the I/O runtime until it ends: `on_frame`
+/// handles each (an `Err` ends the connection with that reason), then `on_end` gets the
+/// reason. `on_frame` runs on whichever thread reads: it must not wait for anything.
+pub(crate) fn read_frames(
+    stream: Arc<TcpStream>,
+    max_frame: usize,
+    on_frame: impl FnMut(Frame) -> Result<(), String> + Send + 'static,
+    on_end: impl FnOnce(String) + Send + 'static,
+) -> Arc<Reading> {
+    let reading = Arc::new(Reading {
+        stream,
+        state: Mutex::new(ReadState { frames: FrameReader::new(max_frame), on_frame: Box::new(on_frame), on_end: Some(Box::new(on_end)) }),
+    });
+    if let Err(e) = poller().and_then(|p| p.watch(&reading)) {
+        let end = reading.state.lock().unwrap_or_else(|p| p.into_inner()).on_end.take();
+        if let Some(end) = end {
+            end(format!("its connection could not be watched: {e}"));
+        }
+    }
+    reading
+}
+
+/// How an evented connection is read: by the I/O runtime when its epoll set says the
+/// connection has news, or by a thread that waits for a reply on it, one at a time.
+pub(crate) struct Reading {
+    stream: Arc<TcpStream>,
+    state: Mutex<ReadState>,
+}
+
+struct ReadState {
+    frames: FrameReader,
+    on_frame: Box<dyn FnMut(Frame) -> Result<(), String> + Send>,
+    /// `None` once the connection ended (and this was called).
+    on_end: Option<Box<dyn FnOnce(String) + Send>>,
+}
+
+/// What a turn of reading left.
+#[derive(PartialEq)]
+enum Left {
+    /// The socket is empty (or the connection ended): its next bytes are a new edge.
+    Nothing,
+    /// The turn's reads ran out before the socket did.
+    More,
+}
+
+/// Reads of one connection per turn, at most: one that streams does not hold the others up.
+const READS_PER_TURN: usize = 16;
+
+impl Reading {
+    /// The socket's descriptor (to wait until it is readable).
+    pub(crate) fn fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// Reads what the socket holds now and handles the frames, on this thread; false if
+    /// another thread is reading it (or it ended).
+    pub(crate) fn read_now(self: &Arc<Self>) -> bool {
+        let Ok(state) = self.state.try_lock() else { return false };
+        if state.on_end.is_none() {
+            return false;
+        }
+        if self.read_turn(state) == Left::More {
+            if let Ok(p) = poller() {
+                p.read_later(self.clone());
+            }
+        }
+        true
+    }
+
+    /// Reads until the socket is empty, the turn's reads run out, or the connection ends.
+    fn read_turn(&self, mut guard: MutexGuard<'_, ReadState>) -> Left {
+        let state = &mut *guard;
+        let mut reason = None;
+        let mut left = Left::More;
+        for _ in 0..READS_PER_TURN {
+            if state.on_end.is_none() {
+                return Left::Nothing;
+            }
+            match read_some(self.fd(), &mut state.frames) {
+                Ok((0, _)) => reason = Some(state.frames.end_of_stream().map_or_else(|e| e.to_string(), |()| "its connection closed".to_string())),
+                Ok((_, filled)) => {
+                    loop {
+                        match state.frames.next_frame() {
+                            Ok(Some(frame)) => {
+                                if let Err(why) = (state.on_frame)(frame) {
+                                    reason = Some(why);
+                                    break;
+                                }
+                            }
+                            Ok(None) => {
+                                state.frames.release_idle(); // nothing under way: an idle connection holds no buffer
+                                break;
+                            }
+                            Err(e) => {
+                                reason = Some(e.to_string());
+                                break;
+                            }
+                        }
+                    }
+                    if reason.is_none() && !filled {
+                        left = Left::Nothing; // a read that did not fill its room emptied the socket
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => left = Left::Nothing,
+                Err(e) => reason = Some(e.to_string()),
+            }
+            if reason.is_some() || left == Left::Nothing {
+                break;
+            }
+        }
+        if let Some(reason) = reason {
+            let end = state.on_end.take();
+            drop(guard);
+            self.ended(end, reason);
+            return Left::Nothing;
+        }
+        left
+    }
+
+    /// The connection ended: `end` is told why, and the poller lets go of it.
+    fn ended(&self, end: Option<Box<dyn FnOnce(String) + Send>>, reason: String) {
+        if let Some(end) = end {
+            end(reason);
+            if let Ok(p) = poller() {
+                p.let_go(self);
+            }
+        }
+    }
+}
+
+/// Bytes read at once into the shared scratch buffer.
+const SCRATCH: usize = 64 * 1024;
+
+/// One scratch buffer for all evented connections: an idle connection holds no buffer of
+/// its own. Only the thread that drives the runtime, or a caller while nobody drives it,
+/// reads them, so the lock is hardly ever contended.
+static SCRATCH_BUF: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+/// One read, straight into the reader's buffer: the rest of a big frame into its own (a big
+/// value's words into theirs), small frames into a buffer the last frame left (the scratch
+/// buffer takes a read only when that is nearly full). A read that found nothing leaves an
+/// idle connection holding no buffer. Returns the bytes read and whether they filled the
+/// room (if not, the socket is empty).
+fn read_some(fd: RawFd, reader: &mut FrameReader) -> io::Result<(usize, bool)> {
+    if let Some((at, room)) = reader.read_room(SCRATCH) {
+        // SAFETY: the reader's room holds `room` writable bytes at `at`.
+        let n = unsafe { sys::recv_into(fd, at, room) }.inspect_err(|_| reader.release_idle())?;
+        // SAFETY: `recv_into` wrote `n` bytes into the reader's room.
+        unsafe { reader.advance(n) };
+        return Ok((n, n == room));
+    }
+    let mut scratch = SCRATCH_BUF.lock().unwrap_or_else(|p| p.into_inner());
+    if scratch.is_empty() {
+        scratch.resize(SCRATCH, 0);
+    }
+    // SAFETY: the scratch buffer holds `SCRATCH` writable bytes.
+    let n = unsafe { sys::recv_into(fd, scratch.as_mut_ptr(), scratch.len()) }?;
+    reader.extend(&scratch[..n]);
+    Ok((n, n == scratch.len()))
+}
+
+/// The epoll set of the evented connections. Each is in it with the address of its
+/// [`Reading`] as tag, a strong count the set holds: only the task that reads the set lets
+/// go of it, between two looks, after taking it out, so a tag it finds always points to a
+/// live reading.
+struct Poller {
+    epoll: OwnedFd,
+    /// Rung when [`Poller::ended`] or [`Poller::again`] has news for the task.
+    bell: OwnedFd,
+    /// Tags of readings whose connection ended: out of the set at the next look.
+    ended: Mutex<Vec<usize>>,
+    /// Readings a caller left with bytes unread: read at the next look.
+    again: Mutex<Vec<Arc<Reading>>>,
+}
+
+/// The tag of the bell's event (a reading's is its address, never 0).
+const BELL: u64 = 0;
+
+/// Events taken per look; fewer mean the set had no more.
+const EVENTS: usize = 256;
+
+static POLLER: OnceLock<io::Result<Poller>> = OnceLock::new();
+
+/// The poller, started on first use.
+fn poller() -> io::Result<&'static Poller> {
+    let poller = POLLER.get_or_init(|| {
+        let p = Poller { epoll: sys::epoll()?, bell: sys::bell()?, ended: Mutex::default(), again: Mutex::default() };
+        sys::epoll_add(p.epoll.as_raw_fd(), p.bell.as_raw_fd(), BELL)?;
+        Ok(p)
+    });
+    match poller {
+        Ok(p) => {
+            static STARTED: std::sync::Once = std::sync::Once::new();
+            STARTED.call_once(|| drop(runtime::spawn(p.run())));
+            Ok(p)
+        }
+        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+    }
+}
+
+impl Poller {
+    /// Puts `reading`'s connection in the set; bytes it holds already are news.
+    fn watch(&self, reading: &Arc<Reading>) -> io::Result<()> {
+        let tag = Arc::into_raw(reading.clone());
+        sys::epoll_add(self.epoll.as_raw_fd(), reading.fd(), tag as u64).inspect_err(|_| {
+            // SAFETY: the strong count taken above, which the set did not take.
+            drop(unsafe { Arc::from_raw(tag) });
+        })
+    }
+
+    /// `reading` ended: out of the set, and let go, at the next look.
+    fn let_go(&self, reading: &Reading) {
+        self.ended.lock().unwrap_or_else(|p| p.into_inner()).push(reading as *const Reading as usize);
+        sys::ring(self.bell.as_raw_fd());
+    }
+
+    /// `reading` holds more than a caller read: the task reads on at its next look.
+    fn read_later(&self, reading: Arc<Reading>) {
+        self.again.lock().unwrap_or_else(|p| p.into_inner()).push(reading);
+        sys::ring(self.bell.as_raw_fd());
+    }
+
+    /// The task that reads the set, on the I/O runtime, for as long as the process lives.
+    async fn run(&'static self) {
+        let registered = self.epoll.try_clone().and_then(|fd| {
+            // SAFETY: `fd` is our own duplicate of the set, owned by the AsyncFd, which this
+            // task keeps for as long as the process lives.
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(io::Error::from)
+        });
+        let ready = match registered {
+            Ok(ready) => ready,
+            Err(e) => return tracing::error!("the master cannot read its connections: {e}"),
+        };
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+        let mut more: Vec<Arc<Reading>> = Vec::new();
+        loop {
+            let guard = if more.is_empty() {
+                match ready.readable().await {
+                    Ok(guard) => Some(guard),
+                    Err(e) => return tracing::error!("the master cannot read its connections: {e}"),
+                }
+            } else {
+                tokio::task::yield_now().await; // connections that stream: the others' turn first
+                None
+            };
+            self.let_go_ended();
+            let mut rest = std::mem::take(&mut more);
+            let n = sys::epoll_ready(self.epoll.as_raw_fd(), &mut events);
+            for event in &events[..n] {
+                if event.u64 == BELL {
+                    sys::hush(self.bell.as_raw_fd());
+                    rest.append(&mut self.again.lock().unwrap_or_else(|p| p.into_inner()));
+                    continue;
+                }
+                // SAFETY: a tag in the set points to a live reading (see `Poller`).
+                let reading = unsafe { &*(event.u64 as *const Reading) };
+                if reading.read_turn(reading.state.lock().unwrap_or_else(|p| p.into_inner())) == Left::More {
+                    // SAFETY: as above; one more count for the list.
+                    more.push(unsafe {
+                        Arc::increment_strong_count(reading);
+                        Arc::from_raw(reading as *const Reading)
+                    });
+                }
+            }
+            for reading in rest {
+                if reading.read_turn(reading.state.lock().unwrap_or_else(|p| p.into_inner())) == Left::More {
+                    more.push(reading);
+                }
+            }
+            if let Some(mut guard) = guard.filter(|_| n < EVENTS) {
+                guard.clear_ready(); // the set had no more: its next news is a new edge
+            }
+        }
+    }
+
+    /// Takes the ended readings out of the set and lets go of them.
+    fn let_go_ended(&self) {
+        let ended = std::mem::take(&mut *self.ended.lock().unwrap_or_else(|p| p.into_inner()));
+        for tag in ended {
+            let tag = tag as *const Reading;
+            // SAFETY: the set's count still holds: only this task lets go, here.
+            let reading = unsafe { Arc::from_raw(tag) };
+            sys::epoll_remove(self.epoll.as_raw_fd(), reading.fd());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::TcpListener;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (a, l.accept().unwrap().0)
+    }
+
+    #[test]
+    fn frames_read_in_turn_by_the_runtime_and_by_a_waiting_thread_arrive_once_and_in_order() {
+        use crate::protocol::{FrameBuf, Header, Kind};
+        const N: u64 = 20_000;
+        let (mut a, b) = pair();
+        b.set_nonblocking(true).unwrap();
+        let stream = Arc::new(b);
+        let (frames, got) = std::sync::mpsc::channel();
+        let (ended, end) = std::sync::mpsc::channel();
+        let on_frame = move |f: Frame| frames.send(f.header.req).map_err(|e| e.to_string());
+        let reading = read_frames(stream, 1 << 20, on_frame, move |reason| ended.send(reason).unwrap());
+        let writer = std::thread::spawn(move || {
+            for req in 0..N {
+                // sizes vary, so that frames straddle reads
+                let mut f = FrameBuf::with_capacity(Header { kind: Kind::Cast, src: 2, dst: 1, req, func: 0, words: 0 }, 300);
+                f.payload().extend(std::iter::repeat_n(7u8, (req % 300) as usize));
+                a.write_all(&f.finish().unwrap()).unwrap();
+            }
+        }); // then `a` is dropped: the connection ends
+        // this thread reads whenever it sees the socket readable, as a waiting caller does;
+        // the I/O runtime reads it whenever its epoll set says so
+        let (mut by_this_thread, deadline) = (0, Instant::now() + Duration::from_secs(60));
+        let reason = loop {
+            if let Ok(reason) = end.try_recv() {
+                break reason;
+            }
+            assert!(Instant::now() < deadline, "the connection's end was never seen");
+            if sys::wait_readable_for(reading.fd(), Duration::from_millis(10)) && reading.read_now() {
+                by_this_thread += 1;
+            }
+        };
+        writer.join().unwrap();
+        assert_eq!(reason, "its connection closed");
+        assert!(got.try_iter().eq(0..N), "every frame once, in order");
+        assert!(by_this_thread > 0, "the waiting thread never read");
+        assert!(!reading.read_now(), "an ended connection is not read again");
+    }
+
+}
