@@ -306,15 +306,18 @@ pub(crate) fn read_ready(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>>
     }
 }
 
-/// Receives at most `len` bytes into `ptr` (a socket that would block returns `WouldBlock`
-/// when it is non-blocking); interrupted calls are repeated.
+/// Receives at most `len` bytes into `ptr`; interrupted calls are repeated. With `wait`, as
+/// the socket says (a blocking socket waits for bytes, up to its receive timeout, then
+/// `WouldBlock`); without, it never waits (`WouldBlock` at once).
 ///
 /// # Safety
 /// `ptr` must be valid for writes of `len` bytes.
-pub(crate) unsafe fn recv_into(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize> {
+#[inline]
+pub(crate) unsafe fn recv_into(fd: RawFd, ptr: *mut u8, len: usize, wait: bool) -> io::Result<usize> {
+    let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
     loop {
         // SAFETY: the caller gives `len` writable bytes at `ptr`.
-        match unsafe { direct::recv(fd, ptr, len) } {
+        match unsafe { direct::recv(fd, ptr, len, flags) } {
             Ok(n) => return Ok(n),
             Err(libc::EINTR) => {}
             Err(e) => return Err(io::Error::from_raw_os_error(e)),
@@ -339,13 +342,13 @@ mod direct {
     /// # Safety
     /// `ptr` must be valid for writes of `len` bytes.
     #[inline]
-    pub(super) unsafe fn recv(fd: RawFd, ptr: *mut u8, len: usize) -> Result<usize, i32> {
+    pub(super) unsafe fn recv(fd: RawFd, ptr: *mut u8, len: usize, flags: i32) -> Result<usize, i32> {
         #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
         // SAFETY: recvfrom(2) with no address writes at most `len` bytes at `ptr`.
-        return kernel(unsafe { syscall6(libc::SYS_recvfrom, fd as usize, ptr as usize, len, 0, 0, 0) });
+        return kernel(unsafe { syscall6(libc::SYS_recvfrom, fd as usize, ptr as usize, len, flags as usize, 0, 0) });
         #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
         // SAFETY: as above.
-        return outcome(unsafe { libc::recv(fd, ptr.cast(), len, 0) });
+        return outcome(unsafe { libc::recv(fd, ptr.cast(), len, flags) });
     }
 
     /// # Safety
@@ -538,7 +541,7 @@ pub(crate) fn wait_readable_for(fd: RawFd, timeout: std::time::Duration) -> bool
     unsafe { libc::poll(&mut p, 1, ms) > 0 }
 }
 
-/// A counter a thread can wait on beside a socket (an eventfd, non-blocking).
+/// A counter that wakes whoever waits on it, in an epoll set or a poll (an eventfd, non-blocking).
 pub(crate) fn bell() -> io::Result<std::os::fd::OwnedFd> {
     // SAFETY: eventfd makes a new descriptor, owned from here on.
     unsafe { Ok(std::os::fd::OwnedFd::from_raw_fd(check(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))?)) }
@@ -584,20 +587,6 @@ pub(crate) fn ring(bell: RawFd) {
     let one = 1u64;
     // SAFETY: writing 8 bytes to an eventfd; a full counter only means it rang already.
     unsafe { libc::write(bell, (&raw const one).cast(), 8) };
-}
-
-/// Blocks until `fd` is readable or `bell` rang; true if `fd` is readable. A ring is taken
-/// (the bell is silent again). No timeout: arming a timer per wait costs a VM exit or two.
-pub(crate) fn wait_readable_or_bell(fd: RawFd, bell: RawFd) -> bool {
-    let mut p = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: bell, events: libc::POLLIN, revents: 0 }];
-    // SAFETY: poll on two valid pollfds; an interrupted poll just returns early.
-    if unsafe { libc::poll(p.as_mut_ptr(), 2, -1) } <= 0 {
-        return false;
-    }
-    if p[1].revents != 0 {
-        hush(bell);
-    }
-    p[0].revents != 0
 }
 
 /// True if process `pid` descends from process `ancestor` (walks the parent chain).

@@ -5,7 +5,6 @@
 //! A thread that waits on several sources is told of its reply on a channel it selects on.
 
 use std::cell::{Cell, RefCell};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::thread::Thread;
@@ -15,7 +14,6 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::Result;
 use crate::protocol::Frame;
-use crate::sys;
 use crate::transport::reading::Reading;
 use crate::transport::{io, polled};
 
@@ -28,12 +26,6 @@ pub(crate) type Pump = fn(Option<Instant>, &Receiver<()>) -> Result<()>;
 thread_local! {
     /// Set on a worker's serving thread: what to do while waiting instead of parking.
     static PUMP: Cell<Option<Pump>> = const { Cell::new(None) };
-    /// Calls left that wait for their reply at once, without reading first (see
-    /// `read_own_reply`).
-    static FIRST_READS_SKIPPED: Cell<u8> = const { Cell::new(0) };
-    /// What wakes this thread while it waits on its reply's connection (`None`: no
-    /// descriptor could be had; it then never waits so).
-    static BELL: Option<OwnedFd> = sys::bell().ok();
 }
 
 /// Makes this thread serve with `pump` while it waits for replies (`None`: stop).
@@ -45,9 +37,6 @@ pub(crate) fn serve_while_waiting(pump: Option<Pump>) {
 pub(crate) fn pumping() -> Option<Pump> {
     PUMP.with(Cell::get)
 }
-
-/// How many calls of a thread wait at once after a read without waiting found no reply.
-const SKIP_AFTER_EMPTY_READ: u8 = 16;
 
 /// Where a reply comes from (a worker), for a caller that would read it itself.
 pub(crate) trait Source: Send + Sync {
@@ -108,8 +97,6 @@ enum Wake {
     Thread(Thread),
     Task(Waker),
     Channel(Sender<()>),
-    /// A caller waiting on its reply's connection, and on this bell beside it.
-    Bell(RawFd),
 }
 
 thread_local! {
@@ -164,7 +151,6 @@ impl Slot {
             Some(Wake::Channel(tx)) => {
                 let _ = tx.send(());
             }
-            Some(Wake::Bell(bell)) => sys::ring(bell),
             None => {}
         }
     }
@@ -243,51 +229,21 @@ impl Slot {
         }
     }
 
-    /// Waits on the reply's connection alone and reads it on this thread, without a turn of
-    /// the I/O runtime, while nobody drives it ([`io::read_own`]): a quick call then costs
-    /// one wait and one read. `None` when the runtime must take over: the call is long (the
-    /// I/O thread rang the bell), or the connection is being read elsewhere. Whoever else
-    /// fills the slot meanwhile rings this thread's bell too.
+    /// Waits in reads of the reply's connection on this thread, without a turn of the I/O
+    /// runtime, while nobody drives it ([`io::read_own`]): a quick call then costs one system
+    /// call to wait and read. `None` when the runtime must take over: the call is long
+    /// (nothing came for a [`OWN_WAIT`](crate::transport::reading::OWN_WAIT)), or another thread reads the connection. A
+    /// reply that comes another way (a death notice, a shutdown) is seen at the latest then.
     fn read_own_reply(&self) -> Option<Result<Frame>> {
         let source = self.state.lock().expect("slot lock").source.as_ref()?.upgrade()?;
         let reading = source.reading()?;
-        let bell = BELL.try_with(|b| b.as_ref().map(AsRawFd::as_raw_fd)).ok().flatten()?; // not while the thread ends
-        let _reading_own = io::read_own(bell)?;
-        let take = |wake: Option<Wake>| {
-            let mut s = self.state.lock().expect("slot lock");
-            s.wake = wake;
-            s.result.take()
-        };
-        // On a busy machine, or one CPU, the worker often runs as soon as the call is sent,
-        // and its reply is in before this thread would wait: read once without waiting (and
-        // without a bell: nothing to ring it for yet). Where that read finds nothing, the
-        // next calls of this thread wait at once: it would only cost them a system call.
-        let skip = FIRST_READS_SKIPPED.with(|n| n.replace(n.get().saturating_sub(1)) > 0);
-        if !skip {
-            if !reading.read_now() {
-                return take(None); // another thread reads the connection (or it ended)
-            }
-            if let Some(r) = take(None) {
-                return Some(r);
-            }
-            FIRST_READS_SKIPPED.with(|n| n.set(SKIP_AFTER_EMPTY_READ));
-        }
+        let _reading_own = io::read_own()?;
         loop {
-            if let Some(r) = take(Some(Wake::Bell(bell))) {
+            if reading.read_waiting(|| self.is_filled()) != Some(true) {
+                return self.state.lock().expect("slot lock").result.take();
+            }
+            if let Some(r) = self.state.lock().expect("slot lock").result.take() {
                 return Some(r);
-            }
-            let readable = sys::wait_readable_or_bell(reading.fd(), bell);
-            // no bell while this thread reads: it would ring only for itself
-            let mut result = take(None);
-            let read = result.is_none() && readable && reading.read_now();
-            if read {
-                result = take(None);
-            }
-            if let Some(r) = result {
-                return Some(r);
-            }
-            if !read {
-                return None; // the bell rang for a long call, or another thread reads the connection
             }
         }
     }

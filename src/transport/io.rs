@@ -15,8 +15,7 @@
 //! go on: the resting I/O thread looks that often, and marks a turn due when none came.
 
 use std::future::Future;
-use std::os::fd::RawFd;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::Thread;
 use std::time::Duration;
@@ -24,7 +23,7 @@ use std::time::Duration;
 use tokio::runtime::{Builder, Handle, Runtime};
 use tokio::sync::Notify;
 
-use crate::{buffers, sys};
+use crate::buffers;
 
 /// How long the I/O thread leaves the runtime to callers before it checks whether one still
 /// drives it: long enough to span the user code between the calls of a loop, short enough
@@ -38,8 +37,9 @@ const LONGEST_REST: Duration = Duration::from_millis(64);
 
 /// How often the resting I/O thread looks while callers read their own replies; a look
 /// that finds no turn since the last makes the next caller turn the runtime, so what only
-/// the runtime handles (the other connections, timers) waits at most about twice this.
-const UNTURNED_AT_MOST: Duration = Duration::from_millis(5);
+/// the runtime handles (the other connections, timers) waits at most about twice this. A
+/// caller waits in its own read no longer than this either.
+pub(crate) const UNTURNED_AT_MOST: Duration = Duration::from_millis(5);
 
 /// Callers that read their own replies at once, at most (more wait through the runtime).
 const OWN_READERS: usize = 8;
@@ -56,12 +56,10 @@ struct Io {
     io_drives: AtomicBool,
     /// Callers driving the runtime or waiting to.
     callers: AtomicUsize,
-    /// Callers reading their own replies without the runtime ([`read_own`]): the number of
-    /// each wait and the caller's bell. They wait with no timer (arming one per call costs
-    /// this VM exits); instead the resting I/O thread rings those it finds waiting at two
-    /// looks in a row, whose calls are long: the runtime then waits for them. Under a lock,
-    /// so that no bell is rung after its thread closed it.
-    own_waits: Mutex<Vec<(u64, RawFd)>>,
+    /// Callers reading their own replies without the runtime ([`read_own`]). Each waits in
+    /// its read for at most [`UNTURNED_AT_MOST`] (a socket's receive timeout, a timer of the
+    /// timer wheel: no VM exit to arm it), then leaves its reply to the runtime.
+    own_readers: AtomicUsize,
     /// Waits numbered so far.
     own_count: AtomicU64,
     /// Turns of the runtime so far: a caller drove it, or the I/O thread stopped driving it.
@@ -97,7 +95,7 @@ fn io() -> &'static Io {
             wanted: Notify::new(),
             io_drives: AtomicBool::new(false),
             callers: AtomicUsize::new(0),
-            own_waits: Mutex::new(Vec::with_capacity(OWN_READERS)),
+            own_readers: AtomicUsize::new(0),
             own_count: AtomicU64::new(0),
             turns: AtomicU64::new(0),
             turn_due: AtomicBool::new(false),
@@ -133,14 +131,14 @@ impl Io {
     }
 
     fn reading_own(&self) -> bool {
-        !self.own_waits.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+        self.own_readers.load(Ordering::SeqCst) > 0
     }
 
     /// Returns once no caller has driven the runtime for a whole rest. While callers read
-    /// their own replies it looks every [`UNTURNED_AT_MOST`] for long waits among them.
+    /// their own replies it looks every [`UNTURNED_AT_MOST`] whether the runtime turned.
     fn rest(&self) {
         let mut rest = LINGER;
-        let (mut seen, mut own_so_far) = (Vec::with_capacity(OWN_READERS), 0);
+        let mut own_so_far = 0;
         let mut turns_seen = self.turns.load(Ordering::SeqCst);
         loop {
             if self.needed.swap(false, Ordering::SeqCst) {
@@ -157,7 +155,6 @@ impl Io {
                 continue;
             }
             std::thread::park_timeout(rest);
-            self.ring_long_waits(&mut seen);
             let turns = self.turns.load(Ordering::SeqCst);
             if turns == std::mem::replace(&mut turns_seen, turns) {
                 self.turn_due.store(true, Ordering::SeqCst); // nobody turned it since the last look
@@ -169,16 +166,6 @@ impl Io {
             rest = if driving { (rest * 2).min(LONGEST_REST) } else { LINGER };
         }
         self.resting_long.store(false, Ordering::SeqCst);
-    }
-
-    /// Rings the bells of the callers found reading their own replies at the last look too.
-    fn ring_long_waits(&self, seen: &mut Vec<u64>) {
-        let waits = self.own_waits.lock().unwrap_or_else(|p| p.into_inner());
-        for &(_, bell) in waits.iter().filter(|(wait, _)| seen.contains(wait)) {
-            sys::ring(bell);
-        }
-        seen.clear();
-        seen.extend(waits.iter().map(|(wait, _)| wait));
     }
 }
 
@@ -199,15 +186,14 @@ impl Drop for Driving {
     }
 }
 
-/// A caller reading its own reply: listed, with its bell, for the I/O thread's looks.
+/// A caller reading its own reply: counted, for the I/O thread's looks.
 struct OwnRead {
     io: &'static Io,
-    wait: u64,
 }
 
 impl Drop for OwnRead {
     fn drop(&mut self) {
-        self.io.own_waits.lock().unwrap_or_else(|p| p.into_inner()).retain(|(wait, _)| *wait != self.wait);
+        self.io.own_readers.fetch_sub(1, Ordering::SeqCst);
         self.io.left_now();
     }
 }
@@ -246,33 +232,29 @@ pub(crate) fn about_to_wait() -> impl Drop {
     Driving::new(io())
 }
 
-/// Lets this thread wait for its reply without the runtime, polling the reply's connection
-/// and `bell` with no timeout and reading the connection itself, if nobody drives the
-/// runtime and no turn of it is due (one is, once callers have read their own replies for
-/// one to two [`UNTURNED_AT_MOST`] without it); `None` otherwise (then [`block_on`]). The
-/// bell rings when the wait is long (a few ms): then wait with [`block_on`]. Only where
-/// [`can_drive`].
-pub(crate) fn read_own(bell: RawFd) -> Option<impl Drop> {
+/// Lets this thread wait for its reply without the runtime, waiting in reads of the
+/// reply's connection for up to [`UNTURNED_AT_MOST`] at a time, if nobody drives the runtime
+/// and no turn of it is due (one is, once callers have read their own replies for one to
+/// two [`UNTURNED_AT_MOST`] without it); `None` otherwise (then [`block_on`]). A wait that
+/// long is a long call: then wait with [`block_on`]. Only where [`can_drive`].
+pub(crate) fn read_own() -> Option<impl Drop> {
     let io = IO.get()?;
     // tasks queued from outside (a send queue to drain): the runtime must run them first
     let queued = io.metrics.global_queue_depth() > 0;
     if queued || io.io_drives.load(Ordering::SeqCst) || io.callers.load(Ordering::SeqCst) > 0 || io.turn_due.load(Ordering::SeqCst) {
         return None;
     }
-    let wait = io.own_count.fetch_add(1, Ordering::SeqCst);
-    {
-        let mut waits = io.own_waits.lock().unwrap_or_else(|p| p.into_inner());
-        if waits.len() == OWN_READERS {
-            return None;
-        }
-        waits.push((wait, bell));
+    io.own_count.fetch_add(1, Ordering::SeqCst);
+    if io.own_readers.fetch_add(1, Ordering::SeqCst) >= OWN_READERS {
+        io.own_readers.fetch_sub(1, Ordering::SeqCst);
+        return None;
     }
-    let reading = OwnRead { io, wait };
+    let reading = OwnRead { io };
     if io.resting_long.load(Ordering::SeqCst) {
-        io.thread.unpark(); // it is to look for long waits from now on, not at the end of a long rest
+        io.thread.unpark(); // it is to look from now on, not at the end of a long rest
     }
-    // should the I/O thread start driving all the same, both wait on the connection: no
-    // harm, whoever reads first handles the reply (and the runtime rings the caller's bell)
+    // should the I/O thread start driving all the same, the runtime reads the connection
+    // whenever this thread does not: whoever reads first handles the reply
     (!io.io_drives.load(Ordering::SeqCst)).then_some(reading)
 }
 

@@ -2,13 +2,16 @@
 //! one epoll set of their own that the runtime watches as a single descriptor. A burst of
 //! replies costs the runtime one wake-up, and each reply one read: no task, waker or
 //! runtime registration per connection, whose cache lines a thousand workers would leave
-//! cold for every reply. A thread that waits for a reply may read its connection itself
-//! ([`Reading::read_now`]); frames are handled in the order they came either way.
+//! cold for every reply. A thread that waits for a reply may wait in a read of its
+//! connection itself ([`Reading::read_waiting`]): a call then costs it one system call to
+//! wait and read. Frames are handled in the order they came either way.
 
 use std::io::{self, ErrorKind};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -18,9 +21,11 @@ use crate::sys;
 
 use super::io as runtime;
 
-/// Reads frames from `stream` (non-blocking) on the I/O runtime until it ends: `on_frame`
-/// handles each (an `Err` ends the connection with that reason), then `on_end` gets the
-/// reason. `on_frame` runs on whichever thread reads: it must not wait for anything.
+/// Reads frames from `stream` on the I/O runtime until it ends: `on_frame` handles each (an
+/// `Err` ends the connection with that reason), then `on_end` gets the reason. `on_frame`
+/// runs on whichever thread reads: it must not wait for anything. The socket is made
+/// blocking, with [`OWN_WAIT`] as its receive timeout, for a caller that waits in its own
+/// read ([`Reading::read_waiting`]); every other read and write on it says not to wait.
 pub(crate) fn read_frames(
     stream: Arc<TcpStream>,
     max_frame: usize,
@@ -30,8 +35,13 @@ pub(crate) fn read_frames(
     let reading = Arc::new(Reading {
         stream,
         state: Mutex::new(ReadState { frames: FrameReader::new(max_frame), on_frame: Box::new(on_frame), on_end: Some(Box::new(on_end)) }),
+        missed: AtomicBool::new(false),
     });
-    if let Err(e) = poller().and_then(|p| p.watch(&reading)) {
+    let watched = (reading.stream.set_nonblocking(false))
+        .and_then(|()| reading.stream.set_read_timeout(Some(OWN_WAIT)))
+        .and_then(|()| poller())
+        .and_then(|p| p.watch(&reading));
+    if let Err(e) = watched {
         let end = reading.state.lock().unwrap_or_else(|p| p.into_inner()).on_end.take();
         if let Some(end) = end {
             end(format!("its connection could not be watched: {e}"));
@@ -40,11 +50,19 @@ pub(crate) fn read_frames(
     reading
 }
 
+/// The longest a caller waits in its own read ([`Reading::read_waiting`]) before it leaves
+/// its reply to the runtime: as long as the runtime may go unturned while callers read their
+/// own replies. A call takes longer rarely, and then one more wake-up does not count.
+pub(crate) const OWN_WAIT: Duration = runtime::UNTURNED_AT_MOST;
+
 /// How an evented connection is read: by the I/O runtime when its epoll set says the
 /// connection has news, or by a thread that waits for a reply on it, one at a time.
 pub(crate) struct Reading {
     stream: Arc<TcpStream>,
     state: Mutex<ReadState>,
+    /// The runtime found the connection being read by another thread, which is to read on
+    /// once it lets go (news may have come after its last read).
+    missed: AtomicBool,
 }
 
 struct ReadState {
@@ -54,51 +72,95 @@ struct ReadState {
     on_end: Option<Box<dyn FnOnce(String) + Send>>,
 }
 
-/// What a turn of reading left.
-#[derive(PartialEq)]
-enum Left {
-    /// The socket is empty (or the connection ended): its next bytes are a new edge.
-    Nothing,
+/// What a turn of reading did.
+#[derive(Clone, Copy, Default)]
+struct Turn {
+    /// Bytes came (or the connection ended).
+    read: bool,
     /// The turn's reads ran out before the socket did.
-    More,
+    more: bool,
 }
 
 /// Reads of one connection per turn, at most: one that streams does not hold the others up.
 const READS_PER_TURN: usize = 16;
 
 impl Reading {
-    /// The socket's descriptor (to wait until it is readable).
-    pub(crate) fn fd(&self) -> RawFd {
+    fn fd(&self) -> RawFd {
         self.stream.as_raw_fd()
     }
 
-    /// Reads what the socket holds now and handles the frames, on this thread; false if
-    /// another thread is reading it (or it ended).
-    pub(crate) fn read_now(self: &Arc<Self>) -> bool {
-        let Ok(state) = self.state.try_lock() else { return false };
-        if state.on_end.is_none() {
-            return false;
+    /// Waits for bytes on this thread, up to [`OWN_WAIT`], reads them and handles the frames
+    /// (a thread's own reply among them, mostly: one system call for the wait and the read).
+    /// `done` is asked first, under the connection's lock: no reply on it can come between
+    /// that and the wait; and after, if bytes are left: once done, the runtime reads them.
+    /// `Some(true)` if bytes came or `done` said so, `Some(false)` if none came in time,
+    /// `None` if another thread reads the connection or it ended.
+    pub(crate) fn read_waiting(self: &Arc<Self>, done: impl Fn() -> bool) -> Option<bool> {
+        let state = self.state.try_lock().ok()?;
+        state.on_end.as_ref()?; // it ended
+        if done() {
+            return Some(true);
         }
-        if self.read_turn(state) == Left::More {
+        let mut turn = self.read_turn(state, true);
+        // what the turn left is this thread's to read on, unless that was all it waited for
+        turn.more &= done();
+        self.read_on(turn);
+        Some(turn.read)
+    }
+
+    /// Reads a turn on the runtime's behalf, unless another thread reads the connection:
+    /// that one reads on when it lets go. What the turn did.
+    fn read_for_runtime(&self) -> Turn {
+        let state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                self.missed.store(true, Ordering::SeqCst);
+                match self.state.try_lock() {
+                    Ok(state) => {
+                        self.missed.store(false, Ordering::SeqCst); // it let go before it saw the flag: read here
+                        state
+                    }
+                    Err(_) => return Turn::default(),
+                }
+            }
+        };
+        self.read_turn(state, false)
+    }
+
+    /// After this thread's turn: reads on if the runtime found the connection busy meanwhile,
+    /// and leaves to the runtime what the turn's reads did not take.
+    fn read_on(self: &Arc<Self>, mut turn: Turn) {
+        while self.missed.swap(false, Ordering::SeqCst) {
+            match self.state.try_lock() {
+                Ok(state) => turn = self.read_turn(state, false),
+                Err(_) => {
+                    self.missed.store(true, Ordering::SeqCst); // for whoever holds it now
+                    break;
+                }
+            }
+        }
+        if turn.more {
             if let Ok(p) = poller() {
                 p.read_later(self.clone());
             }
         }
-        true
     }
 
-    /// Reads until the socket is empty, the turn's reads run out, or the connection ends.
-    fn read_turn(&self, mut guard: MutexGuard<'_, ReadState>) -> Left {
+    /// Reads until the socket is empty, the turn's reads run out, or the connection ends;
+    /// with `wait`, the first read waits for bytes (up to the socket's receive timeout).
+    fn read_turn(&self, mut guard: MutexGuard<'_, ReadState>, mut wait: bool) -> Turn {
         let state = &mut *guard;
         let mut reason = None;
-        let mut left = Left::More;
+        let mut turn = Turn { read: false, more: true };
         for _ in 0..READS_PER_TURN {
             if state.on_end.is_none() {
-                return Left::Nothing;
+                return Turn::default();
             }
-            match read_some(self.fd(), &mut state.frames) {
+            match read_some(self.fd(), &mut state.frames, std::mem::take(&mut wait)) {
                 Ok((0, _)) => reason = Some(state.frames.end_of_stream().map_or_else(|e| e.to_string(), |()| "its connection closed".to_string())),
                 Ok((_, filled)) => {
+                    turn.read = true;
                     loop {
                         match state.frames.next_frame() {
                             Ok(Some(frame)) => {
@@ -117,14 +179,12 @@ impl Reading {
                             }
                         }
                     }
-                    if reason.is_none() && !filled {
-                        left = Left::Nothing; // a read that did not fill its room emptied the socket
-                    }
+                    turn.more &= filled; // a read that did not fill its room emptied the socket
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => left = Left::Nothing,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => turn.more = false,
                 Err(e) => reason = Some(e.to_string()),
             }
-            if reason.is_some() || left == Left::Nothing {
+            if reason.is_some() || !turn.more {
                 break;
             }
         }
@@ -132,9 +192,9 @@ impl Reading {
             let end = state.on_end.take();
             drop(guard);
             self.ended(end, reason);
-            return Left::Nothing;
+            return Turn { read: true, more: false };
         }
-        left
+        turn
     }
 
     /// The connection ended: `end` is told why, and the poller lets go of it.
@@ -158,13 +218,13 @@ static SCRATCH_BUF: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 
 /// One read, straight into the reader's buffer: the rest of a big frame into its own (a big
 /// value's words into theirs), small frames into a buffer the last frame left (the scratch
-/// buffer takes a read only when that is nearly full). A read that found nothing leaves an
-/// idle connection holding no buffer. Returns the bytes read and whether they filled the
-/// room (if not, the socket is empty).
-fn read_some(fd: RawFd, reader: &mut FrameReader) -> io::Result<(usize, bool)> {
+/// buffer takes a read only when that is nearly full, and never waits: others share it). A
+/// read that found nothing leaves an idle connection holding no buffer. Returns the bytes
+/// read and whether they filled the room (if not, the socket is empty).
+fn read_some(fd: RawFd, reader: &mut FrameReader, wait: bool) -> io::Result<(usize, bool)> {
     if let Some((at, room)) = reader.read_room(SCRATCH) {
         // SAFETY: the reader's room holds `room` writable bytes at `at`.
-        let n = unsafe { sys::recv_into(fd, at, room) }.inspect_err(|_| reader.release_idle())?;
+        let n = unsafe { sys::recv_into(fd, at, room, wait) }.inspect_err(|_| reader.release_idle())?;
         // SAFETY: `recv_into` wrote `n` bytes into the reader's room.
         unsafe { reader.advance(n) };
         return Ok((n, n == room));
@@ -174,7 +234,7 @@ fn read_some(fd: RawFd, reader: &mut FrameReader) -> io::Result<(usize, bool)> {
         scratch.resize(SCRATCH, 0);
     }
     // SAFETY: the scratch buffer holds `SCRATCH` writable bytes.
-    let n = unsafe { sys::recv_into(fd, scratch.as_mut_ptr(), scratch.len()) }?;
+    let n = unsafe { sys::recv_into(fd, scratch.as_mut_ptr(), scratch.len(), false) }?;
     reader.extend(&scratch[..n]);
     Ok((n, n == scratch.len()))
 }
@@ -274,7 +334,7 @@ impl Poller {
                 }
                 // SAFETY: a tag in the set points to a live reading (see `Poller`).
                 let reading = unsafe { &*(event.u64 as *const Reading) };
-                if reading.read_turn(reading.state.lock().unwrap_or_else(|p| p.into_inner())) == Left::More {
+                if reading.read_for_runtime().more {
                     // SAFETY: as above; one more count for the list.
                     more.push(unsafe {
                         Arc::increment_strong_count(reading);
@@ -283,7 +343,7 @@ impl Poller {
                 }
             }
             for reading in rest {
-                if reading.read_turn(reading.state.lock().unwrap_or_else(|p| p.into_inner())) == Left::More {
+                if reading.read_for_runtime().more {
                     more.push(reading);
                 }
             }
@@ -324,7 +384,6 @@ mod tests {
         use crate::protocol::{FrameBuf, Header, Kind};
         const N: u64 = 20_000;
         let (mut a, b) = pair();
-        b.set_nonblocking(true).unwrap();
         let stream = Arc::new(b);
         let (frames, got) = std::sync::mpsc::channel();
         let (ended, end) = std::sync::mpsc::channel();
@@ -338,15 +397,15 @@ mod tests {
                 a.write_all(&f.finish().unwrap()).unwrap();
             }
         }); // then `a` is dropped: the connection ends
-        // this thread reads whenever it sees the socket readable, as a waiting caller does;
-        // the I/O runtime reads it whenever its epoll set says so
+        // this thread waits in its own reads, as a waiting caller does; the I/O runtime reads
+        // whenever its epoll set says so
         let (mut by_this_thread, deadline) = (0, Instant::now() + Duration::from_secs(60));
         let reason = loop {
             if let Ok(reason) = end.try_recv() {
                 break reason;
             }
             assert!(Instant::now() < deadline, "the connection's end was never seen");
-            if sys::wait_readable_for(reading.fd(), Duration::from_millis(10)) && reading.read_now() {
+            if reading.read_waiting(|| false) == Some(true) {
                 by_this_thread += 1;
             }
         };
@@ -354,7 +413,7 @@ mod tests {
         assert_eq!(reason, "its connection closed");
         assert!(got.try_iter().eq(0..N), "every frame once, in order");
         assert!(by_this_thread > 0, "the waiting thread never read");
-        assert!(!reading.read_now(), "an ended connection is not read again");
+        assert_eq!(reading.read_waiting(|| false), None, "an ended connection is not read again");
     }
 
 }

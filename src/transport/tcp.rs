@@ -362,7 +362,7 @@ impl FrameStream {
             }
             let read = match self.frames.read_room(SCRATCH) {
                 // SAFETY: the reader's room holds `room` bytes; `advance` counts what came.
-                Some((at, room)) => unsafe { sys::recv_into(self.stream.as_raw_fd(), at, room).inspect(|&n| self.frames.advance(n)) },
+                Some((at, room)) => unsafe { sys::recv_into(self.stream.as_raw_fd(), at, room, true).inspect(|&n| self.frames.advance(n)) },
                 None => self.stream.read(&mut self.scratch).inspect(|&n| self.frames.extend(&self.scratch[..n])),
             };
             match read {
