@@ -414,6 +414,74 @@ mod tests {
         assert!(got.try_iter().eq(0..N), "every frame once, in order");
         assert!(by_this_thread > 0, "the waiting thread never read");
         assert_eq!(reading.read_waiting(|| false), None, "an ended connection is not read again");
+        let let_go = Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&reading) > 1 {
+            assert!(Instant::now() < let_go, "the runtime never let go of an ended connection");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
+    #[test]
+    fn what_comes_while_a_caller_holds_the_connection_it_reads_when_it_lets_go() {
+        use crate::protocol::{FrameBuf, Header, Kind};
+        let (mut a, b) = pair();
+        let (frames, got) = std::sync::mpsc::channel();
+        let on_frame = move |f: Frame| frames.send(f.header.req).map_err(|e| e.to_string());
+        let reading = read_frames(Arc::new(b), 1 << 20, on_frame, |_| ());
+        let held = reading.state.lock().unwrap(); // a caller's turn, under way
+        for req in 0..10 {
+            a.write_all(&FrameBuf::with_capacity(Header { kind: Kind::Cast, src: 2, dst: 1, req, func: 0, words: 0 }, 0).finish().unwrap()).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !reading.missed.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the runtime never found the connection busy");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(held);
+        reading.read_on(Turn::default()); // the caller's turn ends
+        assert!(got.try_iter().eq(0..10), "what came meanwhile was read when the caller let go, in order");
+    }
+
+    #[test]
+    fn what_a_caller_leaves_unread_once_its_reply_came_the_runtime_reads() {
+        use crate::protocol::{FrameBuf, Header, Kind};
+        const N: u64 = 2000; // 2 MB: more than a turn's reads take
+        let (mut a, b) = pair();
+        // all that is written must wait in the socket at once
+        let (mut room, mut len): (libc::c_int, libc::socklen_t) = (4 << 20, 4);
+        // SAFETY: setting and reading an int option of a socket this test owns.
+        unsafe {
+            libc::setsockopt(b.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, (&raw const room).cast(), len);
+            libc::getsockopt(b.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, (&raw mut room).cast(), &mut len);
+        }
+        if room < 4 << 20 {
+            eprintln!("skipped: a socket here takes {room} bytes at most (net.core.rmem_max), too few to hold more than a turn");
+            return;
+        }
+        let (frames, got) = std::sync::mpsc::channel();
+        let on_frame = move |f: Frame| frames.send(f.header.req).map_err(|e| e.to_string());
+        let reading = read_frames(Arc::new(b), 1 << 20, on_frame, |_| ());
+        let held = reading.state.lock().unwrap(); // nobody reads while the bytes come
+        for req in 0..N {
+            let mut f = FrameBuf::with_capacity(Header { kind: Kind::Cast, src: 2, dst: 1, req, func: 0, words: 0 }, 1000);
+            f.payload().extend([7u8; 1000]);
+            a.write_all(&f.finish().unwrap()).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50)); // the runtime saw the connection busy meanwhile
+        drop(held);
+        reading.missed.store(false, Ordering::SeqCst); // what it missed is for the hand-over to say
+        // the caller's reply is in its first turn: it reads no further
+        let asked = std::cell::Cell::new(0);
+        assert_eq!(reading.read_waiting(|| asked.replace(asked.get() + 1) > 0), Some(true));
+        let by_caller = got.try_iter().count() as u64;
+        assert!(by_caller < N, "one turn read all {N} frames: nothing was left to hand over");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut next = by_caller;
+        while next < N {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let req = got.recv_timeout(left).unwrap_or_else(|_| panic!("the runtime read {} of the {} frames the caller left", next - by_caller, N - by_caller));
+            assert_eq!(req, next, "in order");
+            next += 1;
+        }
+    }
 }
