@@ -54,8 +54,8 @@
 //!   kept for reuse;
 //! - `codec`, `protocol`, `registry`: bytes, frames, the handshake, the environment a worker
 //!   is started with, the remote-function table (no I/O);
-//! - `transport`: the I/O runtime, TCP connections whose senders never wait, the frame
-//!   reader, the listener;
+//! - `transport`: the I/O runtime, the master's connections read through one epoll set on
+//!   it, TCP connections whose senders never wait, the listener;
 //! - `cluster`: the process table, calls and futures, `pmap`, heartbeats, the worker's
 //!   serving loop, and the traits a launcher implements ([`ClusterManager`], [`Launch`]);
 //! - [`launch`]: the launchers (local, pinned, elastic, every scheduler) and a program that
