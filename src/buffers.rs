@@ -56,7 +56,6 @@ pub(crate) fn small(capacity: usize) -> Vec<u8> {
 
 /// An empty buffer with room for at least `capacity` bytes, if one is kept (the smallest
 /// that fits).
-#[call_path]
 pub(crate) fn take(capacity: usize) -> Option<Vec<u8>> {
     KEPT.take(capacity)
 }
@@ -108,7 +107,6 @@ impl Pool {
         self.kept().retain(|(_, since)| now.saturating_duration_since(*since) < KEPT_FOR);
     }
 
-    #[call_path]
     fn take(&self, capacity: usize) -> Option<Vec<u8>> {
         if capacity < MIN_KEPT {
             return None;

@@ -148,8 +148,7 @@ thread_local! {
 /// Runs `f`, turning a panic into a [`CallError`] with its message and location. While a
 /// remote function runs, the panic is reported to the caller instead of printed here.
 pub(crate) fn catch<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, CallError> {
-    install_panic_hook();
-    let was = IN_REMOTE.with(|c| c.replace(true));
+    let was = entering_remote();
     let result = catch_unwind(AssertUnwindSafe(f));
     IN_REMOTE.with(|c| c.set(was));
     match result {
@@ -172,6 +171,17 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// Marks this thread as running a remote function (returns what it was), with the panic
+/// hook installed. Apart from the generic [`catch`]: code generic over a user's function is
+/// compiled in the user's crate, and reaches this crate's statics there through the GOT,
+/// one more page per call.
+#[inline(never)]
+#[call_path]
+fn entering_remote() -> bool {
+    install_panic_hook();
+    IN_REMOTE.with(|c| c.replace(true))
+}
+
 #[inline]
 fn install_panic_hook() {
     static ONCE: OnceLock<()> = OnceLock::new();
@@ -188,7 +198,6 @@ fn install_panic_hook() {
     });
 }
 
-#[call_path]
 fn run_call<F: RemoteFn>(payload: &[u8], words: Option<Bulk>, out: &mut Vec<u8>) -> Result<Option<HeldWords>, CallError> {
     let args: F::Args = codec::decode_with(payload, words).map_err(|e| CallError { message: format!("cannot decode the arguments: {e}"), location: None })?;
     encode_result(catch(|| F::invoke(args))?, out)
@@ -197,7 +206,6 @@ fn run_call<F: RemoteFn>(payload: &[u8], words: Option<Bulk>, out: &mut Vec<u8>)
 /// Encodes a call's result into `out`, except the words of a vector of plain numbers big
 /// enough to travel apart (see `Header::words`): those are sent from where the value holds
 /// them.
-#[call_path]
 pub fn encode_result<T: Serialize + Any>(value: T, out: &mut Vec<u8>) -> Result<Option<HeldWords>, CallError> {
     codec::encode_held_into(value, out, codec::BULK_FROM).map_err(|e| CallError { message: format!("cannot encode the result: {e}"), location: None })
 }

@@ -115,7 +115,8 @@ fn result_ok_type(ty: &Type) -> Option<Type> {
 /// Internal to clusterman: puts a function that every served call runs through into one
 /// section of the executable (on Linux), so that those functions share a few pages. Among
 /// a thousand worker processes on two cores each call finds the TLB cold, and pays per page
-/// it runs through more than per instruction.
+/// it runs through more than per instruction. Not for generic functions: an instance for
+/// each remote function would land there, cold ones among the hot.
 #[doc(hidden)]
 #[proc_macro_attribute]
 pub fn call_path(attr: TokenStream, item: TokenStream) -> TokenStream {

@@ -1,19 +1,18 @@
 //! A worker's connection to a peer (its master, or another worker): its sender, and its
 //! share of the worker's protocol core ([`WorkerCore`]: the calls waiting for a reply on
 //! it, when the peer was last heard from). Sending never waits on the peer (see
-//! [`FrameOut`]). (The master keeps its calls in its own core.)
+//! [`Out`]). (The master keeps its calls in its own core.)
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clusterman_macros::call_path;
 
 use crate::error::{Error, Result};
 use crate::ids::Pid;
 use crate::protocol::worker::{Incoming, LinkId, WorkerCore, link_error};
 use crate::codec::HeldWords;
 use crate::protocol::{Frame, Header, Health, Outgoing, Terms, call_frame};
-use crate::transport::FrameOut;
+use crate::transport::Out;
 
 use super::future::Forgets;
 use super::slot::Waiter;
@@ -37,7 +36,7 @@ pub(crate) struct Link {
     pub peer: Pid,
     /// Its id in the worker's core.
     id: LinkId,
-    out: Arc<dyn FrameOut>,
+    out: Out,
     core: SharedCore,
     /// The worker's terms of admission, at hand without the core's lock.
     terms: Terms,
@@ -45,7 +44,7 @@ pub(crate) struct Link {
 
 impl Link {
     /// A link to `peer`, sending through `out`, registered with the worker's `core`.
-    pub(crate) fn new(core: &SharedCore, peer: Pid, out: Arc<dyn FrameOut>) -> Arc<Link> {
+    pub(crate) fn new(core: &SharedCore, peer: Pid, out: Out) -> Arc<Link> {
         let (id, terms) = {
             let mut locked = core.lock().expect("core lock");
             (locked.add_link(peer, Instant::now()), locked.terms())
@@ -108,7 +107,6 @@ impl Link {
     /// A frame from the peer: replies go to whoever waits for them; what is left for the
     /// serving thread is returned. `Err` breaks the link.
     #[inline]
-    #[call_path]
     pub(crate) fn receive(&self, frame: Frame) -> std::result::Result<Received, String> {
         let incoming = match self.core().handle_frame(self.id, frame)? {
             Incoming::Run(frame) => return Ok(Received::Run(frame)), // ahead of the match: no jump table

@@ -20,7 +20,7 @@ use crate::protocol::failure::{Failure, failure_frame};
 use crate::protocol::id_map::IdMap;
 use crate::protocol::master::{Event as CoreEvent, MasterCore, STOPPED, Transmit};
 use crate::protocol::{Frame, Header, Hello, Kind, Liveness, call_frame, Refusal, Secret, Terms, Welcome};
-use crate::transport::FrameOut;
+use crate::transport::Out;
 use crate::transport::listener::{Admit, Listener};
 use crate::transport::reading::{Reading, read_frames};
 use crate::transport::tcp::TcpOut;
@@ -49,7 +49,7 @@ pub struct WorkerInfo {
 /// A connection to a worker.
 pub(crate) struct WorkerEntry {
     pub info: WorkerInfo,
-    out: Arc<dyn FrameOut>,
+    out: Out,
     /// Read by the I/O runtime, which reports its end; an MPI link has no end of its own.
     evented: bool,
     /// How its connection is read (evented connections): a caller waiting for a reply from
@@ -307,7 +307,7 @@ pub(crate) fn serve_connection(inner: &Arc<Inner>, pid: Pid, hello: Hello, strea
 }
 
 /// Puts a worker into the process table, talking through `out`.
-pub(crate) fn add_worker(inner: &Arc<Inner>, info: WorkerInfo, out: Arc<dyn FrameOut>, evented: bool) -> Arc<WorkerEntry> {
+pub(crate) fn add_worker(inner: &Arc<Inner>, info: WorkerInfo, out: Out, evented: bool) -> Arc<WorkerEntry> {
     let m = inner.master();
     let pid = info.pid;
     let entry = Arc::new(WorkerEntry { info, out, evented, reading: OnceLock::new(), output_pending: AtomicUsize::new(0) });

@@ -433,7 +433,7 @@ impl Cluster {
 
     /// Adds a worker that was identified by another transport (MPI) and talks through `out`.
     #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
-    pub(crate) fn attach_worker(&self, info: WorkerInfo, out: Arc<dyn crate::transport::FrameOut>) {
+    pub(crate) fn attach_worker(&self, info: WorkerInfo, out: crate::transport::Out) {
         let Some(m) = &self.inner.master else { return };
         m.admission.lock().expect("admission lock").taken(info.pid);
         master::add_worker(&self.inner, info, out, false);

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::fingerprint;
 use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECRET_FILE, ANY_SEAT, Index, parse_launch};
 use crate::protocol::worker::{WorkerCore, answer};
-use crate::protocol::{Frame, Health, Hello, Kind, Liveness, Secret, Terms, Welcome, bare};
+use crate::protocol::{Frame, FrameBuf, Health, Hello, Kind, Liveness, Secret, Terms, Welcome, bare};
 use crate::sys;
 use crate::transport::{self, polled, tcp::{self, FrameStream, TcpOut}};
 
@@ -291,6 +291,7 @@ pub(crate) fn serve(link: Arc<Link>, inbox: Inbox, peers: Option<Arc<Peers>>) ->
     watch_master(link.clone(), peers.clone(), terms.liveness);
     let _ = WORKER_CLUSTER.set(Cluster::worker_handle(pid, link.clone(), peers));
     let serving = Rc::new(Serving { inbox: RefCell::new(inbox), uplink: link.clone(), holding: Cell::new((0, false)) });
+    FrameBuf::spare_call_buffers();
     SERVING.with(|s| *s.borrow_mut() = Some(serving.clone()));
     slot::serve_while_waiting(Some(pump_once));
     let outcome = serving.serve_until_stopped();
@@ -429,7 +430,6 @@ impl Inbox {
 
 /// [`Inbox::next`] from a channel: what the MPI progress thread, or the readers of the
 /// master link and the direct links, handed over.
-#[call_path]
 #[inline(never)]
 fn next_handed_over(rx: &Receiver<Delivery>, uplink: &Arc<Link>, deadline: Option<Instant>, woken: &Receiver<()>) -> Result<Option<(Received, Arc<Link>)>> {
     // over a polled transport (MPI) this thread reads what comes soon itself

@@ -14,7 +14,6 @@ mod ser;
 
 use std::any::Any;
 
-use clusterman_macros::call_path;
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::buffers;
@@ -79,7 +78,6 @@ pub const BULK_FROM: usize = 1 << 20;
 /// [`encode_value_into`] for a value given away, except that the words of a vector of plain
 /// numbers of at least `apart_from` bytes are not copied: only their count goes into `out`,
 /// and the words are returned as the value holds them, to be sent from there.
-#[call_path]
 pub fn encode_held_into<T: Serialize + Any>(value: T, out: &mut Vec<u8>, apart_from: usize) -> Result<Option<HeldWords>> {
     match plain::numbers(&value) {
         Some((_, bytes)) if bytes.len() >= apart_from => match plain::into_words(value) {
@@ -96,7 +94,6 @@ pub fn encode_held_into<T: Serialize + Any>(value: T, out: &mut Vec<u8>, apart_f
 /// Decodes a whole `T` from `bytes` and, for a big vector of plain numbers whose words came
 /// apart from its frame, those `words` (then `bytes` is their count): they become the vector
 /// without a copy when `T` is one of their type.
-#[call_path]
 pub fn decode_with<T: DeserializeOwned + Any>(bytes: &[u8], words: Option<Bulk>) -> Result<T> {
     let Some(words) = words else { return decode(bytes) };
     let count = match bytes.try_into() {

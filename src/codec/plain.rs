@@ -8,7 +8,6 @@
 use std::any::{Any, TypeId};
 use std::borrow::Cow;
 
-use clusterman_macros::call_path;
 
 use super::CodecError;
 use crate::sys;
@@ -99,7 +98,6 @@ fn shaped<E: Plain, T: Any>(v: Vec<E>) -> T {
 
 /// Decodes `bytes` as a `T` in one copy, if `T` is a vector of plain numbers (as
 /// [`numbers`] knows them); `None` for every other type.
-#[call_path]
 pub(super) fn decode<T: Any>(bytes: &[u8]) -> Option<Result<T, CodecError>> {
     if cfg!(target_endian = "big") {
         return None;

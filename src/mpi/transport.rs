@@ -33,7 +33,7 @@ use crate::buffers;
 use crate::codec::Bulk;
 use crate::error::{Error, Result};
 use crate::protocol::{self, Frame, LEN_PREFIX, Outgoing, WORDS_HEAD, words_apart};
-use crate::transport::FrameOut;
+use crate::transport::{FrameOut, Out};
 use crate::transport::polled::{self, Polled};
 
 /// Tag of a frame of at most [`SMALL`] bytes, or of the length prefix announcing a bigger one.
@@ -173,8 +173,8 @@ impl MpiTransport {
     }
 
     /// A frame sink that sends to `rank`.
-    pub(crate) fn out(&self, rank: i32) -> Arc<dyn FrameOut> {
-        Arc::new(MpiOut { rank, shared: self.shared.clone(), closed: AtomicBool::new(false) })
+    pub(crate) fn out(&self, rank: i32) -> Out {
+        Out::Other(Arc::new(MpiOut { rank, shared: self.shared.clone(), closed: AtomicBool::new(false) }))
     }
 
     /// Waits for the posted sends to complete (bounded), then ends the transport: nothing is

@@ -12,9 +12,46 @@ pub(crate) mod polled;
 pub(crate) mod reading;
 pub(crate) mod tcp;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocol::Outgoing;
+
+/// Where a link's outgoing frames go: a TCP connection, sent to directly (among a thousand
+/// workers, a call through a vtable costs the vtable's page on every call), or another
+/// transport's sender (MPI).
+pub(crate) enum Out {
+    Tcp(Arc<tcp::TcpOut>),
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))] // the MPI transport's, built with MPI only
+    Other(Arc<dyn FrameOut>),
+}
+
+impl Out {
+    /// See [`FrameOut::send`].
+    #[inline]
+    pub(crate) fn send(&self, frame: Outgoing, patience: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Out::Tcp(tcp) => tcp.send(frame, patience),
+            Out::Other(other) => other.send(frame, patience),
+        }
+    }
+
+    /// See [`FrameOut::close`].
+    pub(crate) fn close(&self) {
+        match self {
+            Out::Tcp(tcp) => tcp.close(),
+            Out::Other(other) => other.close(),
+        }
+    }
+
+    /// See [`FrameOut::pulse`].
+    pub(crate) fn pulse(&self) -> Option<crate::sys::TcpPulse> {
+        match self {
+            Out::Tcp(tcp) => tcp.pulse(),
+            Out::Other(other) => other.pulse(),
+        }
+    }
+}
 
 /// Where a link's outgoing frames go: a socket, or the MPI progress thread.
 pub(crate) trait FrameOut: Send + Sync {

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::protocol::{Frame, FrameReader, Hello, LEN_PREFIX, MAX_HANDSHAKE, Outgoing, Welcome, announced_len};
 use crate::sys;
 
-use super::{FrameOut, io as runtime};
+use super::{FrameOut, Out, io as runtime};
 
 /// Bytes that may wait for a peer that does not read, beyond the frame being written: past
 /// this, sends fail at once (`WouldBlock`) instead of growing memory without bound.
@@ -114,10 +114,10 @@ impl Queue {
 
 impl TcpOut {
     /// The sender of a connection that a thread of its own or the I/O runtime reads.
-    pub(crate) fn over(stream: impl Into<Arc<TcpStream>>) -> Arc<dyn FrameOut> {
+    pub(crate) fn over(stream: impl Into<Arc<TcpStream>>) -> Out {
         let socket = stream.into();
         let fd = socket.as_raw_fd();
-        Arc::new_cyclic(|me| TcpOut { state: Mutex::default(), fd, room: Condvar::new(), socket, me: me.clone() })
+        Out::Tcp(Arc::new_cyclic(|me| TcpOut { state: Mutex::default(), fd, room: Condvar::new(), socket, me: me.clone() }))
     }
 
     /// Itself, shared (it is only ever used through its `Arc`).
@@ -178,6 +178,7 @@ fn write_corked() {
 
 /// Whether this thread is corked; if so, `out` is written when it uncorks. Tasks of the I/O
 /// runtime never cork, even on a corked thread that drives it while it waits.
+#[call_path]
 fn corks(out: &TcpOut) -> bool {
     if !CORKING.get() || !runtime::can_drive() {
         return false;
@@ -340,7 +341,7 @@ pub(crate) struct FrameStream {
 impl FrameStream {
     /// Reads `stream`, refusing frames longer than `max_frame`.
     pub(crate) fn new(stream: TcpStream, max_frame: usize) -> FrameStream {
-        FrameStream { stream, frames: FrameReader::new(max_frame), scratch: vec![0; SCRATCH].into_boxed_slice() }
+        FrameStream { stream, frames: FrameReader::used_at_once(max_frame), scratch: vec![0; SCRATCH].into_boxed_slice() }
     }
 
     /// True when a whole frame is already read and waiting: the next `next` needs no system call.
