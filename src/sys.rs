@@ -623,6 +623,15 @@ pub(crate) fn shutdown(fd: RawFd) {
     unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
 }
 
+/// Makes the `len` bytes at `ptr` memory now (page faults here rather than in the first
+/// write to them); false where the system cannot (before Linux 5.14).
+pub(crate) fn populate(ptr: *mut u8, len: usize) -> bool {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    let page = ptr as usize & !4095; // madvise takes whole pages; the first is the allocation's too
+    // SAFETY: populating changes no contents; the pages hold the caller's allocation.
+    unsafe { libc::madvise(page as *mut libc::c_void, ptr as usize + len - page, MADV_POPULATE_WRITE) == 0 }
+}
+
 /// Asks for transparent huge pages behind the whole 2 MiB pages of `len` bytes at `ptr`,
 /// before they are first written: a big buffer then costs one page fault per 2 MiB instead
 /// of one per 4 KiB (the faults, not the copy, are most of the cost of filling fresh
