@@ -149,6 +149,10 @@ fn big_vectors_arrive_exact_both_ways_again_and_again() {
     }
     let shares = cluster.everywhere(scaled, (vec![1.5; 300_000],)).unwrap();
     assert!(shares[&pids[0]].iter().all(|v| *v == 3.0));
+    // 24 MB: more than the stretch whose pages a socket read has made memory ahead
+    let values: Vec<f64> = (0..3_000_000).map(f64::from).collect();
+    let doubled = cluster.remote_call_fetch(pids[0], scaled, (values.clone(),)).unwrap();
+    assert!(doubled.len() == values.len() && doubled.iter().zip(&values).all(|(d, v)| *d == v * 2.0), "24 MB of f64");
 }
 
 /// A struct whose vectors travel as one block each (`clusterman::bulk`).

@@ -241,13 +241,9 @@ impl Bulk {
     /// its pages become memory only as bytes land in them. Where the system refuses that
     /// much address space (strict overcommit), the room is only as much again as is here, at
     /// least 1 MiB: then fewer than `bytes` may fit. A block of 4 MiB or more asks for huge
-    /// pages (see [`sys::prefer_huge_pages`]), and its room is what is made memory ahead of
-    /// the bytes, [`POPULATE_AHEAD`] at a time: a page fault inside a socket read holds the
-    /// socket, and the sender stalls meanwhile (on a VM whose free memory goes back to its
-    /// host, clearing a fresh huge page can take a millisecond).
+    /// pages (see [`sys::prefer_huge_pages`]).
     pub fn room(&mut self, bytes: usize) -> (*mut u8, usize) {
         let filled = self.filled;
-        let populated = &mut self.populated;
         with_words!(&mut self.words, v => {
             let size = word_size(v);
             let need = (filled + bytes).div_ceil(size);
@@ -260,19 +256,29 @@ impl Bulk {
                     sys::prefer_huge_pages(v.as_mut_ptr().cast(), v.capacity() * size);
                 }
             }
-            let (start, capacity) = (v.as_mut_ptr().cast::<u8>(), v.capacity() * size);
-            let mut room = capacity - filled;
-            if capacity >= HUGE_PAGES_FROM {
-                let ahead = (filled + POPULATE_AHEAD).min(capacity);
-                // SAFETY: `*populated..ahead` lies inside the allocation.
-                if *populated >= ahead || sys::populate(unsafe { start.add(*populated) }, ahead - *populated) {
-                    *populated = (*populated).max(ahead);
-                    room = *populated - filled;
-                }
-            }
             // SAFETY: `filled` bytes are inside the allocation (filled <= capacity * size).
-            (unsafe { start.add(filled) }, room)
+            (unsafe { v.as_mut_ptr().cast::<u8>().add(filled) }, v.capacity() * size - filled)
         })
+    }
+
+    /// [`room`](Bulk::room) for a socket read: in a big block it ends where the pages are
+    /// memory already, made so [`POPULATE_AHEAD`] at a time. A page fault inside a socket read
+    /// holds the socket, and the sender stalls meanwhile (on a VM whose free memory goes
+    /// back to its host, clearing a fresh huge page can take a millisecond).
+    pub fn room_ahead(&mut self, bytes: usize) -> (*mut u8, usize) {
+        let (at, room) = self.room(bytes);
+        let end = self.filled + room; // the block's capacity in bytes
+        if end < HUGE_PAGES_FROM {
+            return (at, room);
+        }
+        let ahead = (self.filled + POPULATE_AHEAD).min(end);
+        let start = at.wrapping_sub(self.filled);
+        // SAFETY: `populated..ahead` lies inside the block's allocation.
+        if self.populated < ahead && !sys::populate(unsafe { start.add(self.populated) }, ahead - self.populated) {
+            return (at, room); // the system cannot: faults come as the bytes land
+        }
+        self.populated = self.populated.max(ahead);
+        (at, self.populated - self.filled)
     }
 
     /// Counts `n` more bytes as received.
@@ -435,18 +441,20 @@ mod tests {
     #[test]
     fn a_huge_block_is_received_a_populated_stretch_at_a_time_and_whole() {
         const BYTES: usize = 3 * POPULATE_AHEAD + 12_345;
+        const PIECE: usize = 1 << 20; // reads come in pieces
+        let pattern: Vec<u8> = (0..2 * PIECE).map(|i| (i % 251) as u8).collect();
         let mut bulk = Bulk::new(1).expect("bytes are words");
         let mut largest_room = 0;
         while bulk.len() < BYTES {
-            let (at, room) = bulk.room(BYTES - bulk.len());
+            let (at, room) = bulk.room_ahead(BYTES - bulk.len());
             largest_room = largest_room.max(room);
-            let n = room.min(BYTES - bulk.len()).min(1 << 20); // reads come in pieces
-            for i in 0..n {
-                // SAFETY: inside the room just given.
-                unsafe { at.add(i).write(((bulk.len() + i) % 251) as u8) };
+            let n = room.min(BYTES - bulk.len()).min(PIECE);
+            let from = &pattern[bulk.len() % 251..][..n]; // byte i of the block is i % 251
+            // SAFETY: `n` bytes of the room just given are written, then counted.
+            unsafe {
+                std::ptr::copy_nonoverlapping(from.as_ptr(), at, n);
+                bulk.advance(n);
             }
-            // SAFETY: `n` bytes of the room were written.
-            unsafe { bulk.advance(n) };
         }
         // (a kernel that cannot populate, before Linux 5.14, refuses even an empty range)
         if sys::populate(std::ptr::null_mut::<u8>().wrapping_add(4096), 0) {
@@ -454,6 +462,6 @@ mod tests {
         }
         let v: Vec<u8> = bulk.into_vec().expect("a vector of bytes");
         assert_eq!(v.len(), BYTES);
-        assert!(v.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8), "every byte where it was written");
+        assert!(v.chunks(PIECE).enumerate().all(|(k, chunk)| chunk == &pattern[(k * PIECE) % 251..][..chunk.len()]), "every byte where it was written");
     }
 }

@@ -452,7 +452,7 @@ impl FrameReader {
     pub fn room(&mut self) -> (*mut u8, usize) {
         let missing = self.missing();
         if let Some(words) = &mut self.words {
-            let (at, room) = words.room(missing);
+            let (at, room) = words.room_ahead(missing);
             return (at, room.min(missing));
         }
         if self.buf.capacity() - self.buf.len() < missing {
