@@ -183,7 +183,7 @@ pub struct Bulk {
     words: Words,
     /// Bytes received so far (possibly ending inside a word).
     filled: usize,
-    /// Bytes from the start whose pages are memory already (see [`Bulk::room`]).
+    /// Bytes from the start whose pages are memory already (see [`Bulk::room_ahead`]).
     populated: usize,
 }
 
@@ -275,7 +275,8 @@ impl Bulk {
         let start = at.wrapping_sub(self.filled);
         // SAFETY: `populated..ahead` lies inside the block's allocation.
         if self.populated < ahead && !sys::populate(unsafe { start.add(self.populated) }, ahead - self.populated) {
-            return (at, room); // the system cannot: faults come as the bytes land
+            self.populated = end; // the system cannot: faults come as the bytes land, and it is not asked again
+            return (at, room);
         }
         self.populated = self.populated.max(ahead);
         (at, self.populated - self.filled)

@@ -182,7 +182,7 @@ impl FrameBuf {
 
     /// Makes, now, the two buffers a served call uses (the one its frame is read into, the
     /// one its reply is written into) this thread's spares. Made beside the state that
-    /// serves the calls, a call's heap lies in one page, not three: among a thousand workers
+    /// serves the calls, a call's heap lies in two pages, not three: among a thousand workers
     /// each page a call touches costs a TLB miss.
     pub fn spare_call_buffers() {
         buffers::give(Vec::with_capacity(LEN_PREFIX + HEADER_LEN + NEW_PAYLOAD));
