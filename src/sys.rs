@@ -7,6 +7,9 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::process::{Child, Command};
 use std::sync::{Mutex, OnceLock, mpsc};
 
+mod uring;
+pub(crate) use uring::PipeWatch;
+
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
@@ -325,8 +328,8 @@ pub(crate) unsafe fn recv_into(fd: RawFd, ptr: *mut u8, len: usize, wait: bool) 
     }
 }
 
-/// The three system calls of every call a worker serves (`recv` the call, `read` its output
-/// pipe, `send` the reply), made without libc where the instruction is at hand. Among a
+/// The system calls of every call a worker serves (`recv` the call, `send` the reply, and
+/// `read` its output pipe where that is not watched), made without libc where the instruction is at hand. Among a
 /// thousand workers on two cores each call finds its TLB and caches cold, and libc's
 /// wrappers (with their cancellation points and `errno`) cost pages of their own. Each
 /// returns the count, or the error number.

@@ -21,6 +21,15 @@ fn shout(lines: u32) {
 #[remote]
 fn nothing() {}
 
+/// Prints through a thread it joins and a child process it waits for, not itself.
+#[remote]
+fn shout_through_others() {
+    let me = my_id();
+    std::thread::spawn(move || println!("from a thread of {me}")).join().unwrap();
+    let child = std::process::Command::new("sh").args(["-c", &format!("echo from a child of {me}")]).status().unwrap();
+    assert!(child.success());
+}
+
 #[remote]
 fn nap(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
@@ -62,6 +71,13 @@ fn a_calls_output_arrives_before_its_result() {
         let lines = seen.lock().unwrap().clone(); // no waiting: already there
         assert_eq!(lines.len(), 4, "round {round}: {lines:?}");
         assert_eq!(lines[2], format!("line 2 from {}", pids[0]));
+        // a quiet call in between: nothing is left over for the next round to see
+        cluster.remote_call_fetch(pids[0], nothing, ()).unwrap();
+        seen.lock().unwrap().clear();
+        cluster.remote_call_fetch(pids[0], shout_through_others, ()).unwrap();
+        let lines = seen.lock().unwrap().clone();
+        let p = pids[0];
+        assert_eq!(lines, [format!("from a thread of {p}"), format!("from a child of {p}")], "round {round}");
     }
 }
 

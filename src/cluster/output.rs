@@ -3,8 +3,11 @@
 //!
 //! Two readers share the pipe: a thread that waits for output at any time, and the serving
 //! thread, which drains the pipe before it sends each reply. So the lines a call printed
-//! always reach the master before that call's result.
+//! always reach the master before that call's result. The serving thread watches the pipe
+//! through io_uring where the kernel allows ([`sys::PipeWatch`]): it learns that nothing was
+//! printed, as most calls print nothing, without a system call.
 
+use std::cell::OnceCell;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -87,6 +90,12 @@ impl Forwarder {
 }
 
 static FORWARDER: Mutex<Option<Forwarder>> = Mutex::new(None);
+
+thread_local! {
+    /// The output pipe, watched for the thread that started forwarding (the serving thread):
+    /// while it says nothing came, that thread need not read the pipe before a reply.
+    static WATCH: OnceCell<sys::PipeWatch> = const { OnceCell::new() };
+}
 static FORWARDER_DONE: Mutex<Option<mpsc::Receiver<()>>> = Mutex::new(None);
 
 /// Sends this worker's stdout and stderr to the master from now on.
@@ -94,6 +103,12 @@ pub(crate) fn start_forwarding(link: Arc<Link>, me: Pid, patience: Duration) -> 
     let pipe: File = sys::redirect_stdio_to_pipe()?;
     let fd = pipe.as_raw_fd();
     sys::set_nonblocking(fd)?;
+    match sys::PipeWatch::new(fd) {
+        Ok(watch) => WATCH.with(|w| {
+            w.get_or_init(|| watch); // a second serving on this thread keeps the first watch
+        }),
+        Err(e) => tracing::debug!("worker {me}: the output pipe is read before every reply (io_uring: {e})"),
+    }
     *FORWARDER.lock().expect("forwarder lock") = Some(Forwarder { pipe, partial: Vec::new(), link, me, patience, chunk: vec![0; 64 * 1024] });
     let (done_tx, done_rx) = mpsc::channel();
     *FORWARDER_DONE.lock().expect("forwarder lock") = Some(done_rx);
@@ -116,6 +131,9 @@ pub(crate) fn start_forwarding(link: Arc<Link>, me: Pid, patience: Duration) -> 
 /// the pipe once printed; only an unfinished line waits, and one is not sent anyway.
 #[inline]
 pub(crate) fn flush() {
+    if WATCH.try_with(|w| w.get().is_some_and(|w| !w.news())).unwrap_or(false) {
+        return; // nothing was printed
+    }
     if let Some(f) = FORWARDER.lock().expect("forwarder lock").as_mut() {
         let _ = f.drain();
     }
