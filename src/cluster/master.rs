@@ -187,6 +187,13 @@ impl Master {
         self.workers.read().expect("workers lock").get(&pid).cloned()
     }
 
+    /// Every worker's entry, by ascending pid.
+    pub(crate) fn worker_entries(&self) -> Vec<(Pid, Arc<WorkerEntry>)> {
+        let mut all: Vec<_> = self.workers.read().expect("workers lock").iter().map(|(&pid, entry)| (pid, entry.clone())).collect();
+        all.sort_unstable_by_key(|&(pid, _)| pid);
+        all
+    }
+
     /// The terms every worker of this master is admitted on.
     pub(crate) fn terms(&self, pid: Pid) -> Terms {
         Terms { pid, direct_links: self.direct_links, max_frame: self.max_frame, liveness: self.liveness }
@@ -502,11 +509,17 @@ pub(crate) fn start_events(inner: Weak<Inner>, events: crossbeam_channel::Receiv
 /// Sends a call (or a cast, without `waiter`) to worker `dst`; the payload is written by
 /// `encode`. Returns the request id.
 pub(crate) fn call(inner: &Arc<Inner>, header: Header, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<Option<HeldWords>>, waiter: Option<Waiter>) -> Result<u64> {
+    let Some(entry) = inner.master().worker(header.dst) else { return Err(Error::NoSuchWorker(header.dst)) };
+    call_entry(inner, &entry, header, hint, encode, waiter)
+}
+
+/// [`call`] to the worker of `entry` (`header.dst`), already looked up: a round over every
+/// worker takes them all under one lock, and spares a search per worker.
+pub(crate) fn call_entry(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, header: Header, hint: usize, encode: impl FnOnce(&mut Vec<u8>) -> Result<Option<HeldWords>>, waiter: Option<Waiter>) -> Result<u64> {
     let m = inner.master();
     let dst = header.dst;
-    let Some(entry) = m.worker(dst) else { return Err(Error::NoSuchWorker(dst)) };
     if let Some(Waiter::Slot(slot)) = &waiter {
-        slot.comes_from(Arc::downgrade(&entry) as Weak<dyn Source>); // its count shares the line `worker` touched
+        slot.comes_from(Arc::downgrade(entry) as Weak<dyn Source>); // its count shares the line `worker` touched
     }
     let req = m.core.lock().expect("core lock").begin_call(dst, waiter)?;
     let sent = call_frame(Header { req, ..header }, hint, encode, m.max_frame).and_then(|frame| entry.out.send(frame, None).map_err(|e| send_error(dst, e)));

@@ -532,11 +532,13 @@ impl Cluster {
     /// Sends a call of `func` on `pid` with an already encoded argument tuple; `waiter` is
     /// told its end.
     pub(crate) fn call_encoded(&self, pid: Pid, func: u64, payload: &[u8], waiter: Waiter) -> Result<Forget> {
-        let copy = |buf: &mut Vec<u8>| {
-            buf.extend_from_slice(payload);
-            Ok(None)
-        };
-        self.send(Kind::Call, pid, func, payload.len(), copy, Some(waiter))
+        self.send(Kind::Call, pid, func, payload.len(), copying(payload), Some(waiter))
+    }
+
+    /// [`call_encoded`](Cluster::call_encoded) on the master, to the worker of `entry`.
+    pub(crate) fn call_entry_encoded(&self, entry: &Arc<master::WorkerEntry>, pid: Pid, func: u64, payload: &[u8], waiter: Waiter) -> Result<()> {
+        let header = Header { kind: Kind::Call, src: self.inner.me, dst: pid, req: 0, func, words: 0 };
+        master::call_entry(&self.inner, entry, header, payload.len(), copying(payload), Some(waiter)).map(drop)
     }
 
     /// Runs `f(args)` on every worker at once; results by pid. The first failure (by pid)
@@ -645,6 +647,14 @@ fn wait_for_workers(manager: &impl ClusterManager, wait: &master::LaunchWait, la
             Verdict::Failed(why) => return Err(Error::Launch(why)),
             Verdict::TimedOut { ran, connected } => return Err(Error::LaunchTimeout { waited: ran, connected, expected: manager.count(), detail: launch.describe() }),
         }
+    }
+}
+
+/// Writes an already encoded payload into a frame.
+fn copying(payload: &[u8]) -> impl FnOnce(&mut Vec<u8>) -> Result<Option<HeldWords>> + '_ {
+    |buf: &mut Vec<u8>| {
+        buf.extend_from_slice(payload);
+        Ok(None)
     }
 }
 

@@ -71,7 +71,12 @@ impl<R: DeserializeOwned + Send + 'static> Gather for Round<R> {
 /// Calls function `func` with the encoded arguments `payload` on every worker at once;
 /// results by pid. The first failure (by pid) is returned, after every call has ended.
 pub(crate) fn everywhere<R: DeserializeOwned + Send + 'static>(cluster: &Cluster, func: u64, payload: &[u8]) -> Result<BTreeMap<Pid, R>> {
-    let pids = cluster.workers();
+    // on the master, the workers' entries: a call to each then needs no search for it
+    let entries = cluster.inner.master.as_ref().map(|m| m.worker_entries());
+    let pids = match &entries {
+        Some(entries) => entries.iter().map(|&(pid, _)| pid).collect(),
+        None => cluster.workers(),
+    };
     if pids.is_empty() {
         return Ok(BTreeMap::new());
     }
@@ -79,11 +84,19 @@ pub(crate) fn everywhere<R: DeserializeOwned + Send + 'static>(cluster: &Cluster
     {
         // this thread reads the replies when it waits: the I/O thread need not meanwhile
         let _waiting = Slot::waits_driving().then(io::about_to_wait);
+        let call = |index: usize, pid: Pid| -> Result<()> {
+            let waiter = Waiter::Gather(round.clone(), index);
+            match &entries {
+                Some(entries) => cluster.call_entry_encoded(&entries[index].1, pid, func, payload, waiter),
+                None => cluster.call_encoded(pid, func, payload, waiter).map(drop),
+            }
+        };
         for (index, &pid) in pids.iter().enumerate() {
-            if let Err(e) = cluster.call_encoded(pid, func, payload, Waiter::Gather(round.clone(), index)) {
+            if let Err(e) = call(index, pid) {
                 round.deliver(index, Err(e)); // not sent: nobody else will tell of it
             }
         }
+        drop(entries); // while their lines are warm from the sends
         let _ = round.done.wait(None);
     }
     let arrived = std::mem::take(&mut round.state.lock().expect("round lock").arrived);
