@@ -5,6 +5,7 @@
 //! A thread that waits on several sources is told of its reply on a channel it selects on.
 
 use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::thread::Thread;
@@ -83,6 +84,9 @@ impl Waiter {
 #[derive(Default)]
 pub(crate) struct Slot {
     state: Mutex<SlotState>,
+    /// Set once a result is in `state`: a thread that waits in reads of its connection asks
+    /// after each read, and needs no lock for that.
+    filled: AtomicBool,
 }
 
 #[derive(Default)]
@@ -143,6 +147,7 @@ impl Slot {
                 return; // first answer wins (a reply racing a death notice)
             }
             s.result = Some(result);
+            self.filled.store(true, Ordering::Release);
             s.wake.take()
         };
         match wake {
@@ -161,7 +166,7 @@ impl Slot {
     }
 
     pub(crate) fn is_filled(&self) -> bool {
-        self.state.lock().expect("slot lock").result.is_some()
+        self.filled.load(Ordering::Acquire)
     }
 
     /// Whether [`wait`](Slot::wait) on this thread drives the I/O runtime (and so reads the
@@ -188,7 +193,7 @@ impl Slot {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return None;
             }
-            if !spun {
+            if !spun && polled::installed() {
                 // a reply over a polled transport (MPI) that comes soon is read by this thread
                 spun = true;
                 drop(s);
@@ -209,9 +214,10 @@ impl Slot {
                     pool::help_once(queue, rx, deadline);
                 }
                 _ if io::can_drive() => {
-                    drop(s);
                     // that wait has no timer: a deadline is the runtime's to keep
-                    if let Some(result) = deadline.is_none().then(|| self.read_own_reply()).flatten() {
+                    let source = deadline.is_none().then(|| s.source.as_ref().and_then(Weak::upgrade)).flatten();
+                    drop(s);
+                    if let Some(result) = source.and_then(|source| self.read_own_reply(&*source)) {
                         return Some(result);
                     }
                     return io::block_on(self.filled(deadline)); // reads its own reply
@@ -229,13 +235,12 @@ impl Slot {
         }
     }
 
-    /// Waits in reads of the reply's connection on this thread, without a turn of the I/O
+    /// Waits in reads of the reply's connection (`source`'s) on this thread, without a turn of the I/O
     /// runtime, while nobody drives it ([`io::read_own`]): a quick call then costs one system
     /// call to wait and read. `None` when the runtime must take over: the call is long
     /// (nothing came for a [`OWN_WAIT`](crate::transport::reading::OWN_WAIT)), or another thread reads the connection. A
     /// reply that comes another way (a death notice, a shutdown) is seen at the latest then.
-    fn read_own_reply(&self) -> Option<Result<Frame>> {
-        let source = self.state.lock().expect("slot lock").source.as_ref()?.upgrade()?;
+    fn read_own_reply(&self, source: &dyn Source) -> Option<Result<Frame>> {
         let reading = source.reading()?;
         let _reading_own = io::read_own()?;
         loop {

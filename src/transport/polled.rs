@@ -40,6 +40,12 @@ pub(crate) fn install(transport: Arc<dyn Polled>) {
     let _ = POLLED.set(transport);
 }
 
+/// Whether the process has a polled transport (MPI) that waiting threads poll.
+#[inline]
+pub(crate) fn installed() -> bool {
+    POLLED.get().is_some()
+}
+
 /// Polls the process's polled transport until `done()` or for [`SPIN`]; true when `done()`.
 /// Without such a transport (TCP) there is nothing to poll: returns false at once.
 pub(crate) fn spin_until(mut done: impl FnMut() -> bool) -> bool {
