@@ -3,6 +3,7 @@
 //! it, when the peer was last heard from). Sending never waits on the peer (see
 //! [`Out`]). (The master keeps its calls in its own core.)
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::ids::Pid;
 use crate::protocol::worker::{Incoming, LinkId, WorkerCore, link_error};
 use crate::codec::HeldWords;
-use crate::protocol::{Frame, Header, Health, Outgoing, Terms, call_frame};
+use crate::protocol::{Frame, Header, Health, Kind, Outgoing, Terms, call_frame};
 use crate::transport::Out;
 
 use super::future::Forgets;
@@ -40,6 +41,12 @@ pub(crate) struct Link {
     core: SharedCore,
     /// The worker's terms of admission, at hand without the core's lock.
     terms: Terms,
+    /// Calls from the master counted here, not in the core: the core learns of them at the
+    /// next look at the master's health. A worker among a thousand finds the core's lock
+    /// and map cold at every call; a call needs nothing else from them.
+    calls_uncounted: AtomicU64,
+    /// The master said stop (on this link, its uplink): known without the core's lock.
+    stopping: AtomicBool,
 }
 
 impl Link {
@@ -49,7 +56,7 @@ impl Link {
             let mut locked = core.lock().expect("core lock");
             (locked.add_link(peer, Instant::now()), locked.terms())
         };
-        Arc::new(Link { peer, id, out, core: core.clone(), terms })
+        Arc::new(Link { peer, id, out, core: core.clone(), terms, calls_uncounted: AtomicU64::new(0), stopping: AtomicBool::new(false) })
     }
 
     /// The terms this worker was admitted on.
@@ -108,6 +115,11 @@ impl Link {
     /// serving thread is returned. `Err` breaks the link.
     #[inline]
     pub(crate) fn receive(&self, frame: Frame) -> std::result::Result<Received, String> {
+        if self.peer == 1 && matches!(frame.header.kind, Kind::Call | Kind::Cast | Kind::Batch) {
+            // what the core would answer for a call from the master, without its lock
+            self.calls_uncounted.fetch_add(1, Ordering::Relaxed);
+            return Ok(Received::Run(frame));
+        }
         let incoming = match self.core().handle_frame(self.id, frame)? {
             Incoming::Run(frame) => return Ok(Received::Run(frame)), // ahead of the match: no jump table
             other => other,
@@ -119,6 +131,7 @@ impl Link {
                 Received::Nothing
             }
             Incoming::Stop(waiters) => {
+                self.stopping.store(true, Ordering::SeqCst);
                 for w in waiters {
                     w.deliver(Err(Error::ShutDown)); // this worker's own calls end with it
                 }
@@ -155,7 +168,15 @@ impl Link {
 
     /// How the peer is doing: what we heard from it, and what the kernel knows.
     pub(crate) fn health(&self) -> Health {
-        self.core().health(self.id, Instant::now(), self.out.pulse())
+        let calls = self.calls_uncounted.swap(0, Ordering::Relaxed);
+        let mut core = self.core();
+        core.count_frames(self.id, calls);
+        core.health(self.id, Instant::now(), self.out.pulse())
+    }
+
+    /// The master said stop on this link.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 }
 

@@ -333,7 +333,7 @@ fn watch_master(uplink: Arc<Link>, peers: Option<Arc<Peers>>, liveness: Liveness
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if uplink.core().is_stopping() {
+            if uplink.is_stopping() {
                 return;
             }
             let _ = uplink.send(bare(Kind::Heartbeat, me, 1));
@@ -343,7 +343,7 @@ fn watch_master(uplink: Arc<Link>, peers: Option<Arc<Peers>>, liveness: Liveness
                 Health::Silent(silence) => Some(format!("no heartbeat from the master for {} s (its host vanished, the network is cut, or it hangs)", silence.as_secs())),
             };
             if let Some(why) = why {
-                if uplink.core().is_stopping() {
+                if uplink.is_stopping() {
                     return;
                 }
                 sys::write_original_stderr(&format!("{} (os pid {}): lost the master: {why}; exiting", who_am_i(), std::process::id()));
@@ -511,7 +511,7 @@ impl Serving {
         let never = crossbeam_channel::never();
         loop {
             match self.pump(None, &never) {
-                Ok(()) if !self.uplink.core().is_stopping() => {}
+                Ok(()) if !self.uplink.is_stopping() => {}
                 Ok(()) | Err(Error::ShutDown) => return Ok(()),
                 Err(e) => return Err(e),
             }

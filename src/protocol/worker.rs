@@ -8,7 +8,9 @@
 //! A frame is counted, not timed: reading the clock for each one would cost a worker among a
 //! thousand more than its whole call. The time a peer was last heard is the first look at its
 //! health that found new frames; looks come every heartbeat interval, so a silence is seen at
-//! most one interval after the timeout, never before it.
+//! most one interval after the timeout, never before it. Calls from the master do not even
+//! pass through the core: the driver hands them on and counts them, and tells the count at
+//! the next look ([`WorkerCore::count_frames`]).
 
 use std::time::Instant;
 
@@ -61,13 +63,12 @@ pub(crate) struct WorkerCore<W> {
     terms: Terms,
     links: IdMap<LinkState<W>>,
     next_link: LinkId,
-    stopping: bool,
 }
 
 impl<W> WorkerCore<W> {
     /// A worker admitted on `terms`, with no links yet.
     pub(crate) fn new(terms: Terms) -> Self {
-        WorkerCore { terms, links: IdMap::default(), next_link: 0, stopping: false }
+        WorkerCore { terms, links: IdMap::default(), next_link: 0 }
     }
 
     /// The terms it was admitted on.
@@ -124,10 +125,7 @@ impl<W> WorkerCore<W> {
             },
             Kind::Call | Kind::Cast | Kind::Batch => Incoming::Run(frame), // returned above
             Kind::Heartbeat => Incoming::Nothing,
-            Kind::Shutdown if !direct => {
-                self.stopping = true;
-                Incoming::Stop(self.end_all("the worker is shutting down"))
-            }
+            Kind::Shutdown if !direct => Incoming::Stop(self.end_all("the worker is shutting down")),
             Kind::Output if !direct => Incoming::Nothing,
             other => return Err(format!("unexpected {other:?} frame on a direct link")),
         })
@@ -137,11 +135,6 @@ impl<W> WorkerCore<W> {
     #[cfg_attr(not(any(feature = "mpi", test)), allow(dead_code))]
     pub(crate) fn awaits_replies(&self) -> bool {
         self.links.values().any(|l| !l.calls.is_empty())
-    }
-
-    /// Whether the master asked this worker to stop.
-    pub(crate) fn is_stopping(&self) -> bool {
-        self.stopping
     }
 
     /// `link` ended (`reason`: what its reader saw). Returns why, as it should be reported,
@@ -164,6 +157,14 @@ impl<W> WorkerCore<W> {
     /// True once `link` is gone (or never was).
     pub(crate) fn is_dead(&self, link: LinkId) -> bool {
         self.links.get(&link).is_none_or(|l| l.dead.is_some())
+    }
+
+    /// `frames` more came on `link`, counted by the driver (calls it handed to be run as
+    /// [`handle_frame`](WorkerCore::handle_frame) would have, without the core).
+    pub(crate) fn count_frames(&mut self, link: LinkId, frames: u64) {
+        if let Some(l) = self.links.get_mut(&link) {
+            l.frames += frames;
+        }
     }
 
     /// How the peer of `link` is doing at `now`, from what we heard of it and, for TCP, what
@@ -252,5 +253,19 @@ mod tests {
         let link = core.add_link(3, now);
         let err = core.handle_frame(link, reply(4, 1)).unwrap_err();
         assert!(err.contains("worker 3 sent a frame claiming to be from pid 4"), "{err}");
+    }
+
+    #[test]
+    fn frames_the_driver_counted_are_heard_at_the_next_look() {
+        let start = Instant::now();
+        let liveness = Liveness::default();
+        let mut core = WorkerCore::<()>::new(Terms { pid: 2, direct_links: false, max_frame: 1 << 10, liveness });
+        let uplink = core.add_link(1, start);
+        let late = start + liveness.timeout;
+        core.count_frames(uplink, 3); // calls the driver handed on without the core
+        assert!(matches!(core.health(uplink, late, None), Health::Alive), "the calls count as heard at this look");
+        assert!(matches!(core.health(uplink, late + liveness.timeout, None), Health::Silent(_)), "and then nothing came");
+        core.count_frames(uplink, 0);
+        assert!(matches!(core.health(uplink, late + liveness.timeout * 2, None), Health::Silent(_)), "no count is no frame");
     }
 }
