@@ -519,7 +519,7 @@ pub(crate) fn call_entry(inner: &Arc<Inner>, entry: &Arc<WorkerEntry>, header: H
     let m = inner.master();
     let dst = header.dst;
     if let Some(Waiter::Slot(slot)) = &waiter {
-        slot.comes_from(Arc::downgrade(entry) as Weak<dyn Source>); // its count shares the line `worker` touched
+        slot.comes_from(Arc::downgrade(entry) as Weak<dyn Source>); // its count shares the line the lookup touched
     }
     let req = m.core.lock().expect("core lock").begin_call(dst, waiter)?;
     let sent = call_frame(Header { req, ..header }, hint, encode, m.max_frame).and_then(|frame| entry.out.send(frame, None).map_err(|e| send_error(dst, e)));

@@ -90,13 +90,13 @@ impl Forwarder {
 }
 
 static FORWARDER: Mutex<Option<Forwarder>> = Mutex::new(None);
+static FORWARDER_DONE: Mutex<Option<mpsc::Receiver<()>>> = Mutex::new(None);
 
 thread_local! {
     /// The output pipe, watched for the thread that started forwarding (the serving thread):
     /// while it says nothing came, that thread need not read the pipe before a reply.
     static WATCH: OnceCell<sys::PipeWatch> = const { OnceCell::new() };
 }
-static FORWARDER_DONE: Mutex<Option<mpsc::Receiver<()>>> = Mutex::new(None);
 
 /// Sends this worker's stdout and stderr to the master from now on.
 pub(crate) fn start_forwarding(link: Arc<Link>, me: Pid, patience: Duration) -> std::io::Result<()> {

@@ -235,9 +235,9 @@ impl Slot {
         }
     }
 
-    /// Waits in reads of the reply's connection (`source`'s) on this thread, without a turn of the I/O
-    /// runtime, while nobody drives it ([`io::read_own`]): a quick call then costs one system
-    /// call to wait and read. `None` when the runtime must take over: the call is long
+    /// Waits in reads of the reply's connection (`source`'s) on this thread, without a turn
+    /// of the I/O runtime, while nobody drives it ([`io::read_own`]): a quick call then costs
+    /// one system call to wait and read. `None` when the runtime must take over: the call is long
     /// (nothing came for a [`OWN_WAIT`](crate::transport::reading::OWN_WAIT)), or another thread reads the connection. A
     /// reply that comes another way (a death notice, a shutdown) is seen at the latest then.
     fn read_own_reply(&self, source: &dyn Source) -> Option<Result<Frame>> {
