@@ -25,7 +25,8 @@ fn forgetful_program(log: &str) {
         std::process::exit(99); // the library failed to stop it: end the test's bomb here
     }
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    writeln!(f, "{}", std::process::id()).unwrap();
+    // one write per line: processes append at once, and `writeln!` may write in pieces
+    f.write_all(format!("{}\n", std::process::id()).as_bytes()).unwrap();
     drop(f);
     let outcome = Cluster::new().and_then(|cluster| cluster.add_procs(LocalManager::new(2)));
     match outcome {
