@@ -441,6 +441,21 @@ mod tests {
         (a, l.accept().unwrap().0)
     }
 
+    /// A connection's far end, its near end read through the poller, and the request ids
+    /// of the frames handed on, in the order they were.
+    fn read_pair() -> (TcpStream, Arc<Reading>, std::sync::mpsc::Receiver<u64>) {
+        let (a, b) = pair();
+        let (frames, got) = std::sync::mpsc::channel();
+        let on_frame = move |f: Frame| frames.send(f.header.req).map_err(|e| e.to_string());
+        (a, read_frames(Arc::new(b), 1 << 20, on_frame, |_| ()), got)
+    }
+
+    /// A frame with nothing in it, numbered `req`.
+    fn empty_cast(req: u64) -> Vec<u8> {
+        use crate::protocol::{FrameBuf, Header, Kind};
+        FrameBuf::with_capacity(Header { kind: Kind::Cast, src: 2, dst: 1, req, func: 0, words: 0 }, 0).finish().unwrap().to_vec()
+    }
+
     #[test]
     fn frames_read_in_turn_by_the_runtime_and_by_a_waiting_thread_arrive_once_and_in_order() {
         use crate::protocol::{FrameBuf, Header, Kind};
@@ -485,14 +500,10 @@ mod tests {
 
     #[test]
     fn what_comes_while_a_caller_holds_the_connection_it_reads_when_it_lets_go() {
-        use crate::protocol::{FrameBuf, Header, Kind};
-        let (mut a, b) = pair();
-        let (frames, got) = std::sync::mpsc::channel();
-        let on_frame = move |f: Frame| frames.send(f.header.req).map_err(|e| e.to_string());
-        let reading = read_frames(Arc::new(b), 1 << 20, on_frame, |_| ());
+        let (mut a, reading, got) = read_pair();
         let held = reading.state.lock().unwrap(); // a caller's turn, under way
         for req in 0..10 {
-            a.write_all(&FrameBuf::with_capacity(Header { kind: Kind::Cast, src: 2, dst: 1, req, func: 0, words: 0 }, 0).finish().unwrap()).unwrap();
+            a.write_all(&empty_cast(req)).unwrap();
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while !reading.missed.load(Ordering::SeqCst) {
@@ -550,12 +561,8 @@ mod tests {
 
     #[test]
     fn a_connection_a_caller_took_out_of_the_set_comes_back_for_the_runtime() {
-        use crate::protocol::{FrameBuf, Header, Kind};
-        let (mut a, b) = pair();
-        let (frames, got) = std::sync::mpsc::channel();
-        let on_frame = move |f: Frame| frames.send(f.header.req).map_err(|e| e.to_string());
-        let reading = read_frames(Arc::new(b), 1 << 20, on_frame, |_| ());
-        let mut send = |req| a.write_all(&FrameBuf::with_capacity(Header { kind: Kind::Cast, src: 2, dst: 1, req, func: 0, words: 0 }, 0).finish().unwrap()).unwrap();
+        let (mut a, reading, got) = read_pair();
+        let mut send = |req| a.write_all(&empty_cast(req)).unwrap();
         // a loop of calls: each reply read by the waiting caller, until it takes the
         // connection out of the set
         let mut req = 0;
