@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::ids::Pid;
-use crate::protocol::worker::{Incoming, LinkId, WorkerCore, link_error};
+use crate::protocol::worker::{Incoming, LinkId, WorkerCore, link_error, runs_uncounted};
 use crate::codec::HeldWords;
-use crate::protocol::{Frame, Header, Health, Kind, Outgoing, Terms, call_frame};
+use crate::protocol::{Frame, Header, Health, Outgoing, Terms, call_frame};
 use crate::transport::Out;
 
 use super::future::Forgets;
@@ -115,8 +115,7 @@ impl Link {
     /// serving thread is returned. `Err` breaks the link.
     #[inline]
     pub(crate) fn receive(&self, frame: Frame) -> std::result::Result<Received, String> {
-        if self.peer == 1 && matches!(frame.header.kind, Kind::Call | Kind::Cast | Kind::Batch) {
-            // what the core would answer for a call from the master, without its lock
+        if runs_uncounted(self.peer, frame.header.kind) {
             self.calls_uncounted.fetch_add(1, Ordering::Relaxed);
             return Ok(Received::Run(frame));
         }

@@ -115,7 +115,7 @@ impl<W> WorkerCore<W> {
             return Err(format!("worker {} sent a frame claiming to be from pid {}", state.peer, h.src));
         }
         state.frames += 1;
-        if matches!(h.kind, Kind::Call | Kind::Cast | Kind::Batch) {
+        if runs(h.kind) {
             return Ok(Incoming::Run(frame)); // ahead of the match: a call reads no jump table
         }
         Ok(match h.kind {
@@ -159,8 +159,7 @@ impl<W> WorkerCore<W> {
         self.links.get(&link).is_none_or(|l| l.dead.is_some())
     }
 
-    /// `frames` more came on `link`, counted by the driver (calls it handed to be run as
-    /// [`handle_frame`](WorkerCore::handle_frame) would have, without the core).
+    /// `frames` more came on `link`, counted by the driver (see [`runs_uncounted`]).
     pub(crate) fn count_frames(&mut self, link: LinkId, frames: u64) {
         if let Some(l) = self.links.get_mut(&link) {
             l.frames += frames;
@@ -210,6 +209,19 @@ fn too_big(terms: &Terms, call: Header, len: usize, function: String) -> Result<
     let message = format!("its result of {len} bytes exceeds the cluster's max_frame of {max}; raise ClusterBuilder::max_frame");
     let failure = Failure::Remote(RemoteError { pid: terms.pid, function, message, location: None });
     failure_frame(terms.pid, call.src, call.req, &failure).map(Outgoing::from)
+}
+
+/// Whether a frame of `kind` is a call to run here.
+fn runs(kind: Kind) -> bool {
+    matches!(kind, Kind::Call | Kind::Cast | Kind::Batch)
+}
+
+/// Whether a frame of `kind` from `peer` needs nothing of the core but a count: a call from
+/// the master, which [`WorkerCore::handle_frame`] would only count and hand on to be run.
+/// The driver then counts it itself and tells the core ([`WorkerCore::count_frames`]).
+#[inline]
+pub(crate) fn runs_uncounted(peer: Pid, kind: Kind) -> bool {
+    peer == 1 && runs(kind)
 }
 
 /// The error for a call on the link to `peer`, which is gone for `reason`.
@@ -262,6 +274,8 @@ mod tests {
         let mut core = WorkerCore::<()>::new(Terms { pid: 2, direct_links: false, max_frame: 1 << 10, liveness });
         let uplink = core.add_link(1, start);
         let late = start + liveness.timeout;
+        assert!(runs_uncounted(1, Kind::Call) && runs_uncounted(1, Kind::Batch), "calls from the master");
+        assert!(!runs_uncounted(3, Kind::Call) && !runs_uncounted(1, Kind::Reply) && !runs_uncounted(1, Kind::Shutdown), "not a direct link's call, nor a reply or a stop");
         core.count_frames(uplink, 3); // calls the driver handed on without the core
         assert!(matches!(core.health(uplink, late, None), Health::Alive), "the calls count as heard at this look");
         assert!(matches!(core.health(uplink, late + liveness.timeout, None), Health::Silent(_)), "and then nothing came");

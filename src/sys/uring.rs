@@ -7,8 +7,8 @@
 //! load. Kernels before 6.1, and sandboxes that forbid io_uring, refuse the ring: then the
 //! pipe is read as before.
 
-use std::io;
 use std::cell::Cell;
+use std::io;
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -138,10 +138,16 @@ impl PipeWatch {
     /// nothing came: two loads from one cache line.
     #[inline]
     pub(crate) fn news(&self) -> bool {
-        // SAFETY: words inside `rings`, which lives as long as `self`.
-        let [flags, head, tail] = self.looked_at.map(|word| unsafe { &*word });
+        let [flags, head, tail] = self.looked_at();
         let came = flags.load(Ordering::Acquire) & SQ_TASKRUN != 0 || head.load(Ordering::Relaxed) != tail.load(Ordering::Acquire);
         if came || self.blind.get() { self.take_news() } else { false }
+    }
+
+    /// The submission ring's flags, the completion ring's head and tail.
+    #[inline]
+    fn looked_at(&self) -> [&AtomicU32; 3] {
+        // SAFETY: words inside `rings`, which lives as long as `self`.
+        self.looked_at.map(|word| unsafe { &*word })
     }
 
     /// Something came: the poll's completions are run and taken, and the poll armed again if
@@ -153,7 +159,7 @@ impl PipeWatch {
         // (which posts the poll's completions) and clears the flag. A failure leaves the
         // flag set, and the next look reads the pipe again.
         unsafe { libc::syscall(libc::SYS_io_uring_enter, self.ring.as_raw_fd() as libc::c_long, 0 as libc::c_long, 0 as libc::c_long, ENTER_GETEVENTS as libc::c_long, 0 as libc::c_long, 0 as libc::c_long) };
-        let (head, tail) = (self.rings.word(self.params.cq_off[0]), self.rings.word(self.params.cq_off[1]));
+        let [_, head, tail] = self.looked_at();
         let (mask, cqes) = (self.rings.word(self.params.cq_off[2]).load(Ordering::Relaxed), self.params.cq_off[5] as usize);
         let end = tail.load(Ordering::Acquire);
         let mut at = head.load(Ordering::Relaxed);

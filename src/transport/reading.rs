@@ -72,7 +72,8 @@ pub(crate) struct Reading {
     own_turns: AtomicU32,
     /// Out of the epoll set while callers read it themselves (see [`UNWATCHED_AFTER`]).
     unwatched: AtomicBool,
-    /// The connection ended: it never goes back into the set.
+    /// The connection ended (as `on_end` taken says, but readable without the lock that a
+    /// waiting caller may hold): it never goes back into the set.
     over: AtomicBool,
 }
 
