@@ -24,6 +24,11 @@ pub(crate) const KEPT_FOR: Duration = Duration::from_secs(10);
 /// The buffers this process keeps.
 static KEPT: Pool = Pool(Mutex::new(Vec::new()));
 
+/// Told when the pool starts to keep buffers: only then is there anything to release. A
+/// timer that ran regardless would wake each of a thousand idle workers every few seconds
+/// (and a tokio timer that far out wakes its thread two or three times to get there).
+static KEEPING: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 /// Two small buffers are kept per thread, the biggest it gave back, each at most this big: a
 /// loop of calls then allocates nothing per call (a serving worker holds the call's frame
 /// while it writes the reply: two at once), and no thread holds more than twice this.
@@ -95,6 +100,13 @@ pub(crate) fn release_idle() {
     KEPT.release_idle(Instant::now())
 }
 
+/// Returns once buffers are kept (at once if some are now).
+pub(crate) async fn kept_some() {
+    if KEPT.kept().is_empty() {
+        KEEPING.notified().await; // a `give` meanwhile left a permit: no wake-up is lost
+    }
+}
+
 /// Kept buffers, biggest first, each with when it was given back.
 struct Pool(Mutex<Vec<(Vec<u8>, Instant)>>);
 
@@ -122,6 +134,9 @@ impl Pool {
         }
         buffer.clear();
         let mut kept = self.kept();
+        if kept.is_empty() {
+            KEEPING.notify_one();
+        }
         kept.push((buffer, Instant::now()));
         kept.sort_unstable_by_key(|(b, _)| std::cmp::Reverse(b.capacity()));
         let mut total = 0;

@@ -322,44 +322,48 @@ fn dial(config: &WorkerConfig) -> Result<(TcpStream, Terms)> {
     }
 }
 
-/// Watches the master from the I/O runtime: sends this worker's heartbeats (also while a
-/// long call runs on the serving thread) and ends the process when the master is gone —
+/// Watches the master from a thread of its own: sends this worker's heartbeats (also while
+/// a long call runs on the serving thread) and ends the process when the master is gone —
 /// its connection closed, or no heartbeat from it for the timeout (a vanished host, a
-/// partition, a hung master). Direct links to peers are watched the same way.
+/// partition, a hung master). Direct links to peers are watched the same way. A plain
+/// thread wakes once a beat; a timer of the I/O runtime that far out wakes its thread two or
+/// three times on the way, and a thousand idle workers on a few cores feel each wake-up.
 fn watch_master(uplink: Arc<Link>, peers: Option<Arc<Peers>>, liveness: Liveness) {
     let me = my_id();
-    transport::io::spawn(async move {
-        let mut tick = tokio::time::interval(liveness.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
+    let watch = move || loop {
+        std::thread::sleep(liveness.interval);
+        if uplink.is_stopping() {
+            return;
+        }
+        let _ = uplink.send(bare(Kind::Heartbeat, me, 1));
+        let why = match uplink.health() {
+            Health::Alive => None,
+            Health::Closed => Some("the master closed the connection".to_string()),
+            Health::Silent(silence) => Some(format!("no heartbeat from the master for {} s (its host vanished, the network is cut, or it hangs)", silence.as_secs())),
+        };
+        if let Some(why) = why {
             if uplink.is_stopping() {
                 return;
             }
-            let _ = uplink.send(bare(Kind::Heartbeat, me, 1));
-            let why = match uplink.health() {
-                Health::Alive => None,
-                Health::Closed => Some("the master closed the connection".to_string()),
-                Health::Silent(silence) => Some(format!("no heartbeat from the master for {} s (its host vanished, the network is cut, or it hangs)", silence.as_secs())),
-            };
-            if let Some(why) = why {
-                if uplink.is_stopping() {
-                    return;
-                }
-                sys::write_original_stderr(&format!("{} (os pid {}): lost the master: {why}; exiting", who_am_i(), std::process::id()));
-                // Closing the connection wakes a serving thread that waits for frames: it exits
-                // the normal way (finalising MPI, so mpirun ends cleanly). One deep in user
-                // code cannot: then the process ends from here.
-                uplink.close();
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                sys::exit_now(1);
-            }
-            if let Some(peers) = &peers {
-                peers.heartbeat(me);
-            }
+            sys::write_original_stderr(&format!("{} (os pid {}): lost the master: {why}; exiting", who_am_i(), std::process::id()));
+            // Closing the connection wakes a serving thread that waits for frames: it exits
+            // the normal way (finalising MPI, so mpirun ends cleanly). One deep in user
+            // code cannot: then the process ends from here.
+            uplink.close();
+            std::thread::sleep(Duration::from_secs(2));
+            sys::exit_now(1);
         }
-    });
+        if let Some(peers) = &peers {
+            peers.heartbeat(me);
+        }
+    };
+    if let Err(e) = std::thread::Builder::new().name("cman-watch".into()).stack_size(WATCH_STACK).spawn(watch) {
+        tracing::warn!("worker {me}: cannot start the thread that watches the master ({e}); a lost master goes unnoticed");
+    }
 }
+
+/// Stack of the thread that watches the master: it runs no user code.
+const WATCH_STACK: usize = 256 << 10;
 
 static WORKER_CLUSTER: OnceLock<Cluster> = OnceLock::new();
 

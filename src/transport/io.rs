@@ -82,6 +82,7 @@ fn io() -> &'static Io {
         let runtime = Builder::new_current_thread().enable_io().enable_time().build().expect("cannot start the I/O runtime");
         runtime.spawn(async {
             loop {
+                buffers::kept_some().await;
                 tokio::time::sleep(buffers::KEPT_FOR / 2).await;
                 buffers::release_idle();
             }
