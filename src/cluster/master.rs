@@ -66,6 +66,47 @@ impl Source for WorkerEntry {
     }
 }
 
+/// The workers' entries by pid, and in pid order as one list, made when first asked for
+/// after a change: an `everywhere` round takes that list, not a copy and a sort of its own.
+#[derive(Default)]
+pub(crate) struct Workers {
+    by_pid: IdMap<Arc<WorkerEntry>, Pid>,
+    in_order: OnceLock<InOrder>,
+}
+
+/// Every worker's entry, by ascending pid.
+pub(crate) type InOrder = Arc<[(Pid, Arc<WorkerEntry>)]>;
+
+impl Workers {
+    pub(crate) fn get(&self, pid: &Pid) -> Option<&Arc<WorkerEntry>> {
+        self.by_pid.get(pid)
+    }
+
+    pub(crate) fn pids(&self) -> Vec<Pid> {
+        self.in_order().iter().map(|&(pid, _)| pid).collect()
+    }
+
+    fn in_order(&self) -> InOrder {
+        let made = self.in_order.get_or_init(|| {
+            let mut all: Vec<_> = self.by_pid.iter().map(|(&pid, entry)| (pid, entry.clone())).collect();
+            all.sort_unstable_by_key(|&(pid, _)| pid);
+            all.into()
+        });
+        made.clone()
+    }
+
+    fn insert(&mut self, pid: Pid, entry: Arc<WorkerEntry>) {
+        self.by_pid.insert(pid, entry);
+        self.in_order = OnceLock::new();
+    }
+
+    fn remove(&mut self, pid: &Pid) -> Option<Arc<WorkerEntry>> {
+        let entry = self.by_pid.remove(pid)?;
+        self.in_order = OnceLock::new();
+        Some(entry)
+    }
+}
+
 /// What the events thread does, in order.
 pub(crate) enum Event {
     /// Lines a worker printed: to the output sink.
@@ -135,7 +176,7 @@ pub(crate) struct Master {
     /// Calls, routing and heartbeats.
     pub core: Mutex<MasterCore<Waiter>>,
     /// The connections, by pid.
-    pub workers: RwLock<IdMap<Arc<WorkerEntry>, Pid>>,
+    pub workers: RwLock<Workers>,
     /// Signalled when a worker is gone.
     pub departed: (Mutex<()>, Condvar),
     /// Who may join, as which pid.
@@ -188,10 +229,8 @@ impl Master {
     }
 
     /// Every worker's entry, by ascending pid.
-    pub(crate) fn worker_entries(&self) -> Vec<(Pid, Arc<WorkerEntry>)> {
-        let mut all: Vec<_> = self.workers.read().expect("workers lock").iter().map(|(&pid, entry)| (pid, entry.clone())).collect();
-        all.sort_unstable_by_key(|&(pid, _)| pid);
-        all
+    pub(crate) fn worker_entries(&self) -> InOrder {
+        self.workers.read().expect("workers lock").in_order()
     }
 
     /// The terms every worker of this master is admitted on.

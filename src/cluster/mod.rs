@@ -28,7 +28,6 @@ use crate::codec::{self, HeldWords};
 use crate::error::{Error, RemoteError, Result};
 use launcher::{ClusterManager, Launch, LaunchContext};
 use crate::protocol::watch::{LaunchWatch, Verdict};
-use crate::protocol::id_map::sorted_keys;
 use crate::protocol::master::MasterCore;
 use crate::protocol::{DEFAULT_MAX_FRAME, Header, Kind, Liveness, Secret};
 use crate::registry::{self, RemoteFn};
@@ -337,7 +336,7 @@ impl Cluster {
     /// Pids of the connected workers, ascending. On a worker this asks the master.
     pub fn workers(&self) -> Vec<Pid> {
         match &self.inner.master {
-            Some(m) => sorted_keys(&m.workers.read().expect("workers lock")),
+            Some(m) => m.workers.read().expect("workers lock").pids(),
             None => self.remote_call_fetch(1, builtin_workers, ()).unwrap_or_default(),
         }
     }
