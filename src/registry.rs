@@ -4,6 +4,7 @@
 //! module-qualified name, so a different function set cannot silently misroute a call; the
 //! handshake compares the table's hash anyway.
 
+use clusterman_macros::remote_path;
 use std::cell::{Cell, RefCell};
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -147,6 +148,7 @@ thread_local! {
 
 /// Runs `f`, turning a panic into a [`CallError`] with its message and location. While a
 /// remote function runs, the panic is reported to the caller instead of printed here.
+#[remote_path]
 pub(crate) fn catch<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, CallError> {
     let was = entering_remote();
     let result = catch_unwind(AssertUnwindSafe(f));
@@ -198,6 +200,7 @@ fn install_panic_hook() {
     });
 }
 
+#[remote_path]
 fn run_call<F: RemoteFn>(payload: &[u8], words: Option<Bulk>, out: &mut Vec<u8>) -> Result<Option<HeldWords>, CallError> {
     let args: F::Args = codec::decode_with(payload, words).map_err(|e| CallError { message: format!("cannot decode the arguments: {e}"), location: None })?;
     encode_result(catch(|| F::invoke(args))?, out)

@@ -116,7 +116,7 @@ fn result_ok_type(ty: &Type) -> Option<Type> {
 /// section of the executable (on Linux), so that those functions share a few pages. Among
 /// a thousand worker processes on two cores each call finds the TLB cold, and pays per page
 /// it runs through more than per instruction. Not for generic functions: an instance for
-/// each remote function would land there, cold ones among the hot.
+/// each remote function would land there, cold ones among the hot (see [`remote_path`]).
 #[doc(hidden)]
 #[proc_macro_attribute]
 pub fn call_path(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -125,4 +125,18 @@ pub fn call_path(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
     let item = proc_macro2::TokenStream::from(item);
     quote!(#[cfg_attr(target_os = "linux", unsafe(link_section = "clusterman_call_path"))] #item).into()
+}
+
+/// Internal to clusterman: puts a generic function that a served call runs through (an
+/// instance per remote function, or per argument and result type) into a section of its
+/// own, so that a call's instances share a page or two rather than lying wherever the
+/// linker put the user's code, each a page the call's TLB-cold path must walk to.
+#[doc(hidden)]
+#[proc_macro_attribute]
+pub fn remote_path(attr: TokenStream, item: TokenStream) -> TokenStream {
+    if !attr.is_empty() {
+        return syn::Error::new(proc_macro2::TokenStream::from(attr).span(), "#[remote_path] takes no arguments").to_compile_error().into();
+    }
+    let item = proc_macro2::TokenStream::from(item);
+    quote!(#[cfg_attr(target_os = "linux", unsafe(link_section = "clusterman_remote_path"))] #item).into()
 }

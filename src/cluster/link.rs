@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 
+use clusterman_macros::call_path;
+
 use crate::error::{Error, Result};
 use crate::ids::Pid;
 use crate::protocol::worker::{Incoming, LinkId, WorkerCore, link_error, runs_uncounted};
@@ -114,6 +116,7 @@ impl Link {
     /// A frame from the peer: replies go to whoever waits for them; what is left for the
     /// serving thread is returned. `Err` breaks the link.
     #[inline]
+    #[call_path]
     pub(crate) fn receive(&self, frame: Frame) -> std::result::Result<Received, String> {
         if runs_uncounted(self.peer, frame.header.kind) {
             self.calls_uncounted.fetch_add(1, Ordering::Relaxed);

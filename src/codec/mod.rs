@@ -12,6 +12,7 @@ mod de;
 mod plain;
 mod ser;
 
+use clusterman_macros::remote_path;
 use std::any::Any;
 
 use serde::{Serialize, de::DeserializeOwned};
@@ -78,6 +79,7 @@ pub const BULK_FROM: usize = 1 << 20;
 /// [`encode_value_into`] for a value given away, except that the words of a vector of plain
 /// numbers of at least `apart_from` bytes are not copied: only their count goes into `out`,
 /// and the words are returned as the value holds them, to be sent from there.
+#[remote_path]
 pub fn encode_held_into<T: Serialize + Any>(value: T, out: &mut Vec<u8>, apart_from: usize) -> Result<Option<HeldWords>> {
     match plain::numbers(&value) {
         Some((_, bytes)) if bytes.len() >= apart_from => match plain::into_words(value) {
@@ -94,6 +96,7 @@ pub fn encode_held_into<T: Serialize + Any>(value: T, out: &mut Vec<u8>, apart_f
 /// Decodes a whole `T` from `bytes` and, for a big vector of plain numbers whose words came
 /// apart from its frame, those `words` (then `bytes` is their count): they become the vector
 /// without a copy when `T` is one of their type.
+#[remote_path]
 pub fn decode_with<T: DeserializeOwned + Any>(bytes: &[u8], words: Option<Bulk>) -> Result<T> {
     let Some(words) = words else { return decode(bytes) };
     let count = match bytes.try_into() {
@@ -115,6 +118,7 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
 
 /// Decodes a whole `T` from `bytes`; trailing bytes are an error. A vector of plain numbers
 /// is copied as one block.
+#[remote_path]
 pub fn decode<T: DeserializeOwned + Any>(bytes: &[u8]) -> Result<T> {
     if let Some(value) = plain::decode::<T>(bytes) {
         return value.map_err(|e| Error::Codec(e.0));

@@ -5,6 +5,7 @@
 //! argument, a pmap item. A vector inside a struct goes element by element, unless its field
 //! says `#[serde(with = "clusterman::bulk")]` (see `bulk`).
 
+use clusterman_macros::remote_path;
 use std::any::{Any, TypeId};
 use std::borrow::Cow;
 
@@ -98,6 +99,7 @@ fn shaped<E: Plain, T: Any>(v: Vec<E>) -> T {
 
 /// Decodes `bytes` as a `T` in one copy, if `T` is a vector of plain numbers (as
 /// [`numbers`] knows them); `None` for every other type.
+#[remote_path]
 pub(super) fn decode<T: Any>(bytes: &[u8]) -> Option<Result<T, CodecError>> {
     if cfg!(target_endian = "big") {
         return None;
