@@ -76,45 +76,86 @@ pub(crate) fn detach_stdio() {
 pub(crate) const ENV_PARENT: &str = "CLUSTERMAN_PARENT";
 /// Environment variable: the CPU a local worker pins itself to.
 pub(crate) const ENV_CPU: &str = "CLUSTERMAN_CPU";
+/// Environment variable: `batch` asks a local worker to run under `SCHED_BATCH`.
+pub(crate) const ENV_SCHED: &str = "CLUSTERMAN_SCHED";
 
-/// Asks a local child to die with the master and, if `cpu` is given, to pin itself there.
-/// The child does both first thing in `init()`: no `pre_exec` hook, so the standard
-/// library can use `posix_spawn` instead of copying the master's page tables with `fork`
-/// (which costs ~0.5 s per 8 workers for a master with 1 GiB of heap).
-pub(crate) fn prepare_child(cmd: &mut Command, cpu: Option<usize>) {
-    cmd.env(ENV_PARENT, std::process::id().to_string());
-    if let Some(cpu) = cpu {
-        cmd.env(ENV_CPU, cpu.to_string());
-    }
+/// How a local child sets itself up first thing in `init()`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChildSettings {
+    /// The master's OS pid: die with it.
+    pub parent: Option<u32>,
+    /// The CPU to pin to.
+    pub cpu: Option<usize>,
+    /// Run under `SCHED_BATCH`.
+    pub batch: bool,
 }
 
-/// Child side of [`prepare_child`]: die with SIGKILL when the spawning thread of the master
-/// ends (children are spawned from one long-lived thread, see [`spawn`], so in practice
-/// when the master process ends, even by `kill -9`), and pin to the CPU asked for.
-pub(crate) fn apply_child_settings(parent: Option<u32>, cpu: Option<usize>) -> io::Result<()> {
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl, getppid and sched_setaffinity with a zeroed, then filled, cpu set.
-    unsafe {
-        if let Some(parent) = parent {
-            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
-            if libc::getppid() as u32 != parent {
-                return Err(io::Error::other("the master exited while this worker started"));
-            }
-        }
-        if let Some(cpu) = cpu {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            check(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set))?;
+impl ChildSettings {
+    /// The settings for a worker this process starts on this machine: it dies with this
+    /// process.
+    pub(crate) fn local_worker(cpu: Option<usize>, batch: bool) -> ChildSettings {
+        ChildSettings { parent: Some(std::process::id()), cpu, batch }
+    }
+
+    /// The settings the master's [`ChildSettings::pass`] left in this process's environment.
+    pub(crate) fn from_env() -> ChildSettings {
+        ChildSettings {
+            parent: std::env::var(ENV_PARENT).ok().and_then(|p| p.parse().ok()),
+            cpu: std::env::var(ENV_CPU).ok().and_then(|c| c.parse().ok()),
+            batch: std::env::var(ENV_SCHED).is_ok_and(|s| s == "batch"),
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (parent, cpu);
-    Ok(())
+
+    /// Asks the child `cmd` starts for these settings. The child applies them itself
+    /// ([`ChildSettings::apply`]): no `pre_exec` hook, so the standard library can use
+    /// `posix_spawn` instead of copying the master's page tables with `fork` (which costs
+    /// ~0.5 s per 8 workers for a master with 1 GiB of heap).
+    pub(crate) fn pass(self, cmd: &mut Command) {
+        if let Some(parent) = self.parent {
+            cmd.env(ENV_PARENT, parent.to_string());
+        }
+        if let Some(cpu) = self.cpu {
+            cmd.env(ENV_CPU, cpu.to_string());
+        }
+        if self.batch {
+            cmd.env(ENV_SCHED, "batch");
+        }
+    }
+
+    /// Child side: die with SIGKILL when the spawning thread of the master ends (children
+    /// are spawned from one long-lived thread, see [`spawn`], so in practice when the master
+    /// process ends, even by `kill -9`), pin to the CPU asked for, and take the batch policy.
+    /// Threads started afterwards inherit the pinning and the policy.
+    pub(crate) fn apply(self) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl, getppid, sched_setaffinity with a zeroed, then filled, cpu set, and
+        // sched_setscheduler with a valid parameter block.
+        unsafe {
+            if let Some(parent) = self.parent {
+                check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
+                if libc::getppid() as u32 != parent {
+                    return Err(io::Error::other("the master exited while this worker started"));
+                }
+            }
+            if let Some(cpu) = self.cpu {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                check(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set))?;
+            }
+            if self.batch {
+                let param = libc::sched_param { sched_priority: 0 };
+                check(libc::sched_setscheduler(0, libc::SCHED_BATCH, &param))?;
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = self;
+        Ok(())
+    }
 }
 
 /// For a child that is not our own binary (a `qrsh` or `bpsh` client): set its death
 /// signal between fork and exec. Costs one `fork` of the master; workers use
-/// [`prepare_child`] instead.
+/// [`ChildSettings::pass`] instead.
 pub(crate) fn die_with_master(cmd: &mut Command) {
     #[cfg(target_os = "linux")]
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe

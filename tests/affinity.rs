@@ -1,4 +1,6 @@
-//! Pinned local workers: the kernel's view of each worker's CPU mask matches the placement.
+//! Local workers as the kernel sees them: each pinned worker's CPU mask matches the
+//! placement, and every thread of a local worker runs under the batch policy unless the
+//! manager was told otherwise.
 
 mod common;
 
@@ -10,6 +12,27 @@ clusterman::init_in_constructor!();
 #[remote]
 fn allowed_cpus() -> Vec<usize> {
     common::cpus_allowed(std::process::id())
+}
+
+/// The scheduling policy of every thread of this process (`SCHED_OTHER` is 0, `SCHED_BATCH` 3).
+#[remote]
+fn thread_policies() -> Vec<i32> {
+    let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+    // SAFETY: sched_getscheduler only reads the policy of a thread id.
+    tasks.map(|t| unsafe { libc::sched_getscheduler(t.unwrap().file_name().to_str().unwrap().parse().unwrap()) }).collect()
+}
+
+#[test]
+fn local_workers_run_as_batch_work_unless_told_otherwise() {
+    let cluster = Cluster::new().unwrap();
+    let batch = cluster.add_procs(LocalManager::new(1)).unwrap()[0];
+    let interactive = cluster.add_procs(LocalManager::new(1).batch_scheduling(false)).unwrap()[0];
+    let pinned = cluster.add_procs(LocalAffinityManager::new(1)).unwrap()[0];
+    for (pid, policy) in [(batch, libc::SCHED_BATCH), (interactive, libc::SCHED_OTHER), (pinned, libc::SCHED_BATCH)] {
+        let policies = cluster.remote_call_fetch(pid, thread_policies, ()).unwrap();
+        assert!(policies.len() >= 2 && policies.iter().all(|&p| p == policy), "worker {pid}: {policies:?}, wanted {policy} on every thread");
+    }
+    assert_eq!(thread_policies::call(), vec![libc::SCHED_OTHER; thread_policies::call().len()], "the master keeps its own policy");
 }
 
 fn online_cpus() -> Vec<usize> {

@@ -68,9 +68,7 @@ impl WorkerConfig {
     /// [`WorkerEnv::into_config`].
     fn from_env() -> Option<Result<WorkerEnv>> {
         let master = std::env::var(ENV_MASTER).ok()?;
-        let parent = std::env::var(sys::ENV_PARENT).ok().and_then(|p| p.parse().ok());
-        let cpu = std::env::var(sys::ENV_CPU).ok().and_then(|c| c.parse().ok());
-        if let Err(e) = sys::apply_child_settings(parent, cpu) {
+        if let Err(e) = sys::ChildSettings::from_env().apply() {
             return Some(Err(Error::io("setting up a local worker", e)));
         }
         let secret = read_secret();
@@ -79,7 +77,7 @@ impl WorkerConfig {
         // The variables must not reach processes this worker starts, and the secret must not
         // stay in /proc/<pid>/environ. Changing the environment is only sound on the only
         // thread (init() at the top of main, or init_in_constructor!); elsewhere they stay.
-        for var in [ENV_SECRET, ENV_MASTER, ENV_SECRET_FILE, ENV_LAUNCH, ENV_MPI, sys::ENV_PARENT, sys::ENV_CPU] {
+        for var in [ENV_SECRET, ENV_MASTER, ENV_SECRET_FILE, ENV_LAUNCH, ENV_MPI, sys::ENV_PARENT, sys::ENV_CPU, sys::ENV_SCHED] {
             if std::env::var_os(var).is_some() && !sys::scrub_env(var) {
                 tracing::debug!("{var} stays in the environment: other threads already run");
             }
