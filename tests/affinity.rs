@@ -1,6 +1,6 @@
 //! Local workers as the kernel sees them: each pinned worker's CPU mask matches the
-//! placement, and every thread of a local worker runs under the batch policy unless the
-//! manager was told otherwise.
+//! placement, and every thread of a worker launched beyond one per CPU runs under the batch
+//! policy unless the manager was told otherwise.
 
 mod common;
 
@@ -23,12 +23,16 @@ fn thread_policies() -> Vec<i32> {
 }
 
 #[test]
-fn local_workers_run_as_batch_work_unless_told_otherwise() {
+fn local_workers_beyond_one_per_cpu_run_as_batch_work_unless_told_otherwise() {
+    let cpus = online_cpus().len();
     let cluster = Cluster::new().unwrap();
-    let batch = cluster.add_procs(LocalManager::new(1)).unwrap()[0];
-    let interactive = cluster.add_procs(LocalManager::new(1).batch_scheduling(false)).unwrap()[0];
-    let pinned = cluster.add_procs(LocalAffinityManager::new(1)).unwrap()[0];
-    for (pid, policy) in [(batch, libc::SCHED_BATCH), (interactive, libc::SCHED_OTHER), (pinned, libc::SCHED_BATCH)] {
+    let one = cluster.add_procs(LocalManager::new(1)).unwrap()[0];
+    let crowd = cluster.add_procs(LocalManager::new(cpus + 1)).unwrap()[0];
+    let asked = cluster.add_procs(LocalManager::new(1).batch_scheduling(true)).unwrap()[0];
+    let refused = cluster.add_procs(LocalManager::new(cpus + 1).batch_scheduling(false)).unwrap()[0];
+    let pinned = cluster.add_procs(LocalAffinityManager::new(cpus + 1)).unwrap()[0];
+    let expected = [(one, libc::SCHED_OTHER), (crowd, libc::SCHED_BATCH), (asked, libc::SCHED_BATCH), (refused, libc::SCHED_OTHER), (pinned, libc::SCHED_BATCH)];
+    for (pid, policy) in expected {
         let policies = cluster.remote_call_fetch(pid, thread_policies, ()).unwrap();
         assert!(policies.len() >= 2 && policies.iter().all(|&p| p == policy), "worker {pid}: {policies:?}, wanted {policy} on every thread");
     }

@@ -51,6 +51,13 @@ impl LocalAffinityManager {
         self
     }
 
+    /// Whether the workers run under Linux's `SCHED_BATCH` policy (by default when there
+    /// are more of them than CPUs; see [`LocalManager::batch_scheduling`]).
+    pub fn batch_scheduling(mut self, batch: bool) -> Self {
+        self.local = self.local.batch_scheduling(batch);
+        self
+    }
+
     /// The CPU each worker will be pinned to. `Balanced` and `Compact` on the detected
     /// topology use only the CPUs this process may use (its cpuset or affinity mask: inside a
     /// Slurm allocation, under `taskset`); an explicit CPU list is taken as given.
