@@ -120,11 +120,7 @@ fn result_ok_type(ty: &Type) -> Option<Type> {
 #[doc(hidden)]
 #[proc_macro_attribute]
 pub fn call_path(attr: TokenStream, item: TokenStream) -> TokenStream {
-    if !attr.is_empty() {
-        return syn::Error::new(proc_macro2::TokenStream::from(attr).span(), "#[call_path] takes no arguments").to_compile_error().into();
-    }
-    let item = proc_macro2::TokenStream::from(item);
-    quote!(#[cfg_attr(target_os = "linux", unsafe(link_section = "clusterman_call_path"))] #item).into()
+    in_section(attr, item, "call_path")
 }
 
 /// Internal to clusterman: puts a generic function that a served call runs through (an
@@ -134,9 +130,16 @@ pub fn call_path(attr: TokenStream, item: TokenStream) -> TokenStream {
 #[doc(hidden)]
 #[proc_macro_attribute]
 pub fn remote_path(attr: TokenStream, item: TokenStream) -> TokenStream {
+    in_section(attr, item, "remote_path")
+}
+
+/// `item` in the executable's section `clusterman_<name>` (on Linux); `#[<name>]` takes no
+/// arguments.
+fn in_section(attr: TokenStream, item: TokenStream, name: &str) -> TokenStream {
     if !attr.is_empty() {
-        return syn::Error::new(proc_macro2::TokenStream::from(attr).span(), "#[remote_path] takes no arguments").to_compile_error().into();
+        return syn::Error::new(proc_macro2::TokenStream::from(attr).span(), format!("#[{name}] takes no arguments")).to_compile_error().into();
     }
+    let section = format!("clusterman_{name}");
     let item = proc_macro2::TokenStream::from(item);
-    quote!(#[cfg_attr(target_os = "linux", unsafe(link_section = "clusterman_remote_path"))] #item).into()
+    quote!(#[cfg_attr(target_os = "linux", unsafe(link_section = #section))] #item).into()
 }
