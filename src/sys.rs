@@ -124,8 +124,8 @@ impl ChildSettings {
 
     /// Child side: die with SIGKILL when the spawning thread of the master ends (children
     /// are spawned from one long-lived thread, see [`spawn`], so in practice when the master
-    /// process ends, even by `kill -9`), pin to the CPU asked for, and take the batch policy.
-    /// Threads started afterwards inherit the pinning and the policy.
+    /// process ends, even by `kill -9`), pin to the CPU asked for, and take the batch policy
+    /// where the system allows. Threads started afterwards inherit the pinning and the policy.
     pub(crate) fn apply(self) -> io::Result<()> {
         #[cfg(target_os = "linux")]
         // SAFETY: prctl, getppid, sched_setaffinity with a zeroed, then filled, cpu set, and
@@ -143,8 +143,9 @@ impl ChildSettings {
                 check(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set))?;
             }
             if self.batch {
+                // only a help to the master: a sandbox that refuses it leaves the default
                 let param = libc::sched_param { sched_priority: 0 };
-                check(libc::sched_setscheduler(0, libc::SCHED_BATCH, &param))?;
+                let _ = libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
             }
         }
         #[cfg(not(target_os = "linux"))]
