@@ -4,13 +4,12 @@
 //! module-qualified name, so a different function set cannot silently misroute a call; the
 //! handshake compares the table's hash anyway.
 
-use clusterman_macros::remote_path;
 use std::cell::{Cell, RefCell};
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
 
-use clusterman_macros::call_path;
+use clusterman_macros::{call_path, remote_path};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::codec::{self, Bulk, HeldWords};

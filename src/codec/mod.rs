@@ -12,9 +12,9 @@ mod de;
 mod plain;
 mod ser;
 
-use clusterman_macros::remote_path;
 use std::any::Any;
 
+use clusterman_macros::remote_path;
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::buffers;

@@ -5,10 +5,10 @@
 //! argument, a pmap item. A vector inside a struct goes element by element, unless its field
 //! says `#[serde(with = "clusterman::bulk")]` (see `bulk`).
 
-use clusterman_macros::remote_path;
 use std::any::{Any, TypeId};
 use std::borrow::Cow;
 
+use clusterman_macros::remote_path;
 
 use super::CodecError;
 use crate::sys;

@@ -74,7 +74,8 @@ impl LocalManager {
 
     /// Whether this launch's workers run as batch work (see [`Self::batch_scheduling`]).
     fn batch_for(&self, workers: usize) -> bool {
-        let cpus = sys::allowed_cpus().map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |cpus| cpus.len());
+        // the CPUs this process may use: its affinity mask and its cgroup's quota
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         self.batch.unwrap_or(workers > cpus)
     }
 
