@@ -85,8 +85,9 @@ pub const fn entry<F: RemoteFn>(signature: &'static str) -> RemoteEntry {
 pub static REMOTE_FUNCTIONS: [RemoteEntry];
 
 struct Table {
-    /// Sorted by id (ids are hashes already: a binary search beats hashing them again).
-    by_id: Vec<(u64, &'static RemoteEntry)>,
+    /// Sorted by id (ids are hashes already: a binary search beats hashing them again). Each
+    /// with its entry's `call` at hand: a call then reads no line of the entries' section.
+    by_id: Vec<(u64, CallFn, &'static RemoteEntry)>,
     hash: u64,
 }
 
@@ -102,10 +103,10 @@ fn table() -> &'static Table {
             hasher.write(e.signature.as_bytes());
             hasher.write(b"\0");
         }
-        let mut by_id: Vec<_> = entries.into_iter().map(|e| (fn_id(e.name), e)).collect();
-        by_id.sort_by_key(|&(id, _)| id);
+        let mut by_id: Vec<_> = entries.into_iter().map(|e| (fn_id(e.name), e.call, e)).collect();
+        by_id.sort_by_key(|&(id, ..)| id);
         if let Some(pair) = by_id.windows(2).find(|pair| pair[0].0 == pair[1].0) {
-            panic!("two remote functions hash to the same id: {} and {}; rename one", pair[0].1.name, pair[1].1.name);
+            panic!("two remote functions hash to the same id: {} and {}; rename one", pair[0].2.name, pair[1].2.name);
         }
         Table { by_id, hash: hasher.0 }
     })
@@ -113,8 +114,17 @@ fn table() -> &'static Table {
 
 /// Looks a function up by id.
 pub fn lookup(id: u64) -> Option<&'static RemoteEntry> {
+    find(id).map(|&(_, _, entry)| entry)
+}
+
+/// The `call` of function `id`, without a look at its entry.
+pub(crate) fn lookup_call(id: u64) -> Option<CallFn> {
+    find(id).map(|&(_, call, _)| call)
+}
+
+fn find(id: u64) -> Option<&'static (u64, CallFn, &'static RemoteEntry)> {
     let by_id = &table().by_id;
-    by_id.binary_search_by_key(&id, |&(id, _)| id).ok().map(|at| by_id[at].1)
+    by_id.binary_search_by_key(&id, |&(id, ..)| id).ok().map(|at| &by_id[at])
 }
 
 /// Hash of the whole table (names and signatures), part of the build fingerprint.

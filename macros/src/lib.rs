@@ -117,6 +117,8 @@ fn result_ok_type(ty: &Type) -> Option<Type> {
 /// a thousand worker processes on two cores each call finds the TLB cold, and pays per page
 /// it runs through more than per instruction. Not for generic functions: an instance for
 /// each remote function would land there, cold ones among the hot (see [`remote_path`]).
+/// Nor with `#[inline]` on a function the compiler does not inline anyway: each codegen unit
+/// that calls it keeps a copy of its own, and the section grows by as many.
 #[doc(hidden)]
 #[proc_macro_attribute]
 pub fn call_path(attr: TokenStream, item: TokenStream) -> TokenStream {

@@ -17,18 +17,16 @@ use crate::protocol::failure::Failure;
 pub(crate) fn execute(me: Pid, frame: &mut Frame) -> Option<Outgoing> {
     let h = frame.header;
     let mut out = FrameBuf::new(Header { kind: Kind::Reply, src: me, dst: h.src, req: h.req, func: 0, words: 0 });
-    let result = match registry::lookup(h.func) {
+    let ran = match h.kind {
+        Kind::Batch => registry::lookup(h.func).map(|entry| (entry.batch)(frame.payload(), out.payload()).map(|()| None)),
+        _ => registry::lookup_call(h.func).map(|call| {
+            let (payload, words) = frame.payload_and_words();
+            call(payload, words, out.payload())
+        }),
+    };
+    let result = match ran {
         None => Err(Failure::UnknownFunction { pid: me, id: h.func }),
-        Some(entry) => {
-            let ran = match h.kind {
-                Kind::Batch => (entry.batch)(frame.payload(), out.payload()).map(|()| None),
-                _ => {
-                    let (payload, words) = frame.payload_and_words();
-                    (entry.call)(payload, words, out.payload())
-                }
-            };
-            ran.map_err(|e| Failure::Remote(RemoteError { pid: me, function: entry.name.to_string(), message: e.message, location: e.location }))
-        }
+        Some(ran) => ran.map_err(|e| Failure::Remote(RemoteError { pid: me, function: function_name(h.func), message: e.message, location: e.location })),
     };
     if h.kind == Kind::Cast {
         if let Err(f) = result {

@@ -190,7 +190,7 @@ impl FrameBuf {
     }
 
     /// Like [`FrameBuf::new`] with room for `payload` bytes.
-    #[inline]
+    #[inline(never)]
     #[call_path]
     pub fn with_capacity(header: Header, payload: usize) -> FrameBuf {
         let mut buf = buffers::small(LEN_PREFIX + HEADER_LEN + payload);
@@ -206,7 +206,7 @@ impl FrameBuf {
 
     /// Patches the length prefix and returns the bytes to write. Fails if the body does not
     /// fit the `u32` prefix.
-    #[inline]
+    #[inline(never)]
     #[call_path]
     pub fn finish(mut self) -> Result<Vec<u8>> {
         let prefix = len_prefix(self.buf.len() - LEN_PREFIX)?;
@@ -310,7 +310,7 @@ impl Frame {
     }
 
     /// A frame from its bytes on a stream: length prefix, then body.
-    #[inline]
+    #[inline(never)]
     #[call_path]
     fn from_wire(wire: Vec<u8>, bulk: Option<Bulk>) -> Result<Frame> {
         Ok(Frame { header: Header::parse(&wire[LEN_PREFIX..])?, bytes: wire, body_at: LEN_PREFIX, bulk: bulk.map(Box::new) })
@@ -537,7 +537,7 @@ impl FrameReader {
 
     /// Once the head of a big value is here, moves its words into a block of their own (see
     /// [`Header::words`]); anything that does not add up stays as it is, for `next_frame`.
-    #[inline]
+    #[inline(never)]
     #[call_path]
     fn split_words(&mut self) {
         if self.words.is_some() || self.buf.len() < HEAD {
@@ -555,7 +555,7 @@ impl FrameReader {
 
     /// The next complete frame, `Ok(None)` if more bytes are needed. An oversized length or
     /// a bad header is an error (the stream cannot be trusted after it).
-    #[inline]
+    #[inline(never)]
     #[call_path]
     pub fn next_frame(&mut self) -> Result<Option<Frame>> {
         if self.words.is_some() {
