@@ -7,7 +7,9 @@
 //! Run: `cargo run --release --example bench` (or `scripts/bench.sh`, which also runs the MPI
 //! figures and `cman_transport`, and writes `BENCHMARKS.md`). One group alone, to compare two
 //! builds: `bench --pair` (rtt_* and fetch_*), `bench --one-cpu`, `bench --pmap`,
-//! `bench --scale 1024`.
+//! `bench --scale 1024`. Each group runs 5 times in fresh processes, and each figure is the
+//! median run's; `bench --median-of N command...` does that for any command that prints
+//! `BENCH` lines.
 //!
 //! Every figure is printed as one line
 //!
@@ -136,38 +138,96 @@ fn main() -> clusterman::Result<()> {
         return mpi_rtt::run(args.get(2).map(String::as_str) == Some("--busy"));
     }
 
-    println!("# ratio = ours/baseline: for us (latency) lower is better, for MB/s (throughput) higher is better");
-    let pair_only = args.get(1).map(String::as_str) == Some("--pair"); // rtt_* and fetch_* alone
-    // First, while this process is still small (fork cost grows with the master's memory).
-    if !pair_only {
-        workers_ready()?;
+    if args.get(1).map(String::as_str) == Some("--pair") {
+        return pair_figures(); // rtt_* and fetch_* alone
+    }
+    if args.get(1).map(String::as_str) == Some("--median-of") {
+        // `bench --median-of N command...`: each figure of N runs of the command, the median
+        let runs = args.get(2).and_then(|n| n.parse().ok()).expect("--median-of N command...");
+        median_of_runs(runs, &args[3..]);
+        return Ok(());
     }
 
-    // Pinning: the master process on one CPU, the worker (or the raw echo child) on another.
-    let allowed = affinity::get();
-    match allowed[..] {
+    println!("# ratio = ours/baseline: for us (latency) lower is better, for MB/s (throughput) higher is better");
+    // First, while this process is still small (fork cost grows with the master's memory).
+    workers_ready()?;
+    // Every other group in fresh processes, RUNS of each: a figure varies more from one
+    // process to the next (where its pages and threads land) than within one.
+    let exe = std::env::current_exe().expect("own executable").display().to_string();
+    let group = |args: &[&str]| median_of_runs(RUNS, &[&[exe.as_str()], args].concat().iter().map(|a| a.to_string()).collect::<Vec<_>>());
+    group(&["--pair"]);
+    if affinity::get().len() >= 2 {
+        // The round trips with everything on one CPU: there, waking a thread on the idle
+        // other vCPU (tens of µs in a VM) no longer hides the library's own overhead.
+        group(&["--one-cpu"]);
+    }
+    group(&["--pmap"]);
+    group(&["--peak"]);
+    group(&["--scale", "1024"]);
+    in_fresh_process(&["--scale", "4096", "--no-baseline"]); // no baseline, and minutes long
+    Ok(())
+}
+
+/// Runs of each group of figures, in fresh processes; each figure is the median run's.
+const RUNS: usize = 5;
+
+/// `rtt_*` and `fetch_*`: the master process pinned on one CPU, the worker (or the raw echo
+/// child) on another, if there are two.
+fn pair_figures() -> clusterman::Result<()> {
+    match affinity::get()[..] {
         [master, worker, ..] => {
             println!("# pinning for rtt_* and fetch_*: master process on CPU {master}, clusterman worker / raw echo child on CPU {worker}; the other figures run unpinned");
-            latency_and_bandwidth(Some((master, worker)))?;
-            if pair_only {
-                return Ok(());
-            }
-            // The same again with everything on one CPU: there, waking a thread on the idle
-            // other vCPU (tens of µs in a VM) no longer hides the library's own overhead.
-            same_cpu_rtt(master)?;
-            affinity::set(&allowed);
+            latency_and_bandwidth(Some((master, worker)))
         }
-        _ => {
+        ref allowed => {
             println!("# pinning: none (only {} CPU may be used); all figures unpinned", allowed.len());
-            latency_and_bandwidth(None)?;
+            latency_and_bandwidth(None)
         }
     }
+}
 
-    pmap_throughput()?;
-    in_fresh_process(&["--peak"]);
-    in_fresh_process(&["--scale", "1024"]);
-    in_fresh_process(&["--scale", "4096", "--no-baseline"]);
-    Ok(())
+/// Runs `command` `runs` times, one after the other, and prints each figure's `BENCH` line
+/// from the run with the median ratio (the median value, for a figure without a baseline),
+/// then every run's ratio or value as a note (`# runs of <name>: ...`), then the first
+/// run's other notes. A run that fails is told, and the others count.
+fn median_of_runs(runs: usize, command: &[String]) {
+    let mut lines: Vec<(String, Vec<(f64, String)>)> = Vec::new(); // by figure, in first-seen order
+    let mut notes = Vec::new();
+    for run in 0..runs {
+        let out = match Command::new(&command[0]).args(&command[1..]).stdin(Stdio::null()).output() {
+            Ok(out) if out.status.success() => out,
+            Ok(out) => {
+                println!("# {command:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+                continue;
+            }
+            Err(e) => {
+                println!("# could not run {command:?}: {e}");
+                continue;
+            }
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields[..] {
+                ["BENCH", name, value, _, _, ratio, ..] => {
+                    // the ratio if there is one, else the value
+                    let key = ratio.strip_prefix("ratio=").and_then(|r| r.parse().ok()).or_else(|| value.parse().ok()).unwrap_or(f64::NAN);
+                    match lines.iter_mut().find(|(n, _)| n == name) {
+                        Some((_, seen)) => seen.push((key, line.to_string())),
+                        None => lines.push((name.to_string(), vec![(key, line.to_string())])),
+                    }
+                }
+                _ if run == 0 && line.starts_with('#') => notes.push(line.to_string()),
+                _ => {}
+            }
+        }
+    }
+    for (name, mut seen) in lines {
+        let each: Vec<String> = seen.iter().map(|(key, _)| fmt(*key)).collect();
+        seen.sort_by(|a, b| a.0.total_cmp(&b.0));
+        println!("{}", seen[(seen.len() - 1) / 2].1);
+        println!("# runs of {name}: {}", each.join(" "));
+    }
+    notes.iter().for_each(|note| println!("{note}"));
 }
 
 /// Runs this program with `args` in a fresh process and shows its output: figures that read
