@@ -122,6 +122,14 @@ pub(crate) fn lookup_call(id: u64) -> Option<CallFn> {
     find(id).map(|&(_, call, _)| call)
 }
 
+/// Brings the table a call's function is looked up in into the caches (its first 2 KiB:
+/// the whole table of most programs), so that the lookup's probes miss at once, not in turn.
+#[inline]
+pub(crate) fn prefetch() {
+    let by_id = &table().by_id;
+    crate::sys::prefetch(by_id.as_ptr(), std::mem::size_of_val(&by_id[..]).min(2048));
+}
+
 fn find(id: u64) -> Option<&'static (u64, CallFn, &'static RemoteEntry)> {
     let by_id = &table().by_id;
     by_id.binary_search_by_key(&id, |&(id, ..)| id).ok().map(|at| &by_id[at])

@@ -690,3 +690,46 @@ pub(crate) fn prefer_huge_pages(ptr: *mut u8, len: usize) {
         unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
     }
 }
+
+/// Asks the CPU to bring the `bytes` at `at` into its caches ahead of their use. Among a
+/// thousand workers on a few cores, what one call touches lies cold (the processes that ran
+/// in between evicted it), and misses taken one after the other, each waiting for the last,
+/// cost far more than the same misses taken at once. A hint: it never faults, whatever the
+/// address, and does nothing on other architectures.
+#[inline(always)]
+pub(crate) fn prefetch<T: ?Sized>(at: *const T, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..bytes).step_by(64) {
+        // SAFETY: a prefetch of any address is allowed: it neither faults nor reads into
+        // the program.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast::<i8>().wrapping_add(line)) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (at, bytes);
+}
+
+/// Where some state lies and how big it is, to [`prefetch`] it later. Only a hint: nothing
+/// is read through it, so it may outlive what it points to.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Hint {
+    at: usize,
+    bytes: usize,
+}
+
+impl Hint {
+    /// Where `value` lies.
+    pub(crate) fn of<T: ?Sized>(value: &T) -> Hint {
+        Hint::raw((value as *const T).cast(), std::mem::size_of_val(value))
+    }
+
+    /// The `bytes` at `at`.
+    pub(crate) fn raw(at: *const u8, bytes: usize) -> Hint {
+        Hint { at: at as usize, bytes }
+    }
+
+    /// Brings it into the caches.
+    #[inline(always)]
+    pub(crate) fn prefetch(self) {
+        prefetch(self.at as *const u8, self.bytes);
+    }
+}

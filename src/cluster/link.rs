@@ -78,6 +78,12 @@ impl Link {
         self.out.send(frame.into(), None).map_err(|e| self.send_error(e))
     }
 
+    /// Brings the link's send state into the caches ahead of a send.
+    #[inline]
+    pub(crate) fn prefetch(&self) {
+        self.out.prefetch();
+    }
+
     /// Sends one frame, waiting up to `patience` for room if the connection is backed up:
     /// for a worker's replies and output, which must not be dropped.
     #[inline]

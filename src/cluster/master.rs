@@ -24,6 +24,7 @@ use crate::transport::Out;
 use crate::transport::listener::{Admit, Listener};
 use crate::transport::reading::{Reading, read_frames};
 use crate::transport::tcp::TcpOut;
+use crate::sys::Hint;
 
 use super::exec;
 use super::launcher::Launch;
@@ -58,6 +59,18 @@ pub(crate) struct WorkerEntry {
     /// Output frames handed to the events thread and not printed yet: a reply that comes
     /// after them goes the same way, so a call's output is out before its result.
     output_pending: AtomicUsize,
+    /// Where the protocol core keeps this worker's state ([`MasterCore::state_address`]).
+    core_state: Hint,
+}
+
+impl WorkerEntry {
+    /// Brings what a call to this worker touches beyond this entry into the caches: its
+    /// connection's send state and the core's state of it (a round over many workers asks
+    /// this a step ahead of each call).
+    pub(crate) fn prefetch_for_call(&self) {
+        self.out.prefetch();
+        self.core_state.prefetch();
+    }
 }
 
 impl Source for WorkerEntry {
@@ -343,12 +356,13 @@ pub(crate) fn serve_connection(inner: &Arc<Inner>, pid: Pid, hello: Hello, strea
         None => Err("the master is gone".to_string()),
     };
     let (weak, ended) = (Arc::downgrade(inner), entry.clone());
+    let touched = [Hint::of(&*entry), entry.core_state]; // what a reply touches first
     let reading = read_frames(stream, inner.master().max_frame, on_frame, move |reason| {
         ended.out.close();
         if let Some(inner) = weak.upgrade() {
             closed(&inner, ended.info.pid, &reason);
         }
-    });
+    }, touched);
     let _ = entry.reading.set(Arc::downgrade(&reading));
 }
 
@@ -356,9 +370,13 @@ pub(crate) fn serve_connection(inner: &Arc<Inner>, pid: Pid, hello: Hello, strea
 pub(crate) fn add_worker(inner: &Arc<Inner>, info: WorkerInfo, out: Out, evented: bool) -> Arc<WorkerEntry> {
     let m = inner.master();
     let pid = info.pid;
-    let entry = Arc::new(WorkerEntry { info, out, evented, reading: OnceLock::new(), output_pending: AtomicUsize::new(0) });
+    let core_state = {
+        let mut core = m.core.lock().expect("core lock");
+        core.add_worker(pid, Instant::now());
+        core.state_address(pid).map_or_else(Hint::default, |(at, bytes)| Hint::raw(at, bytes))
+    };
+    let entry = Arc::new(WorkerEntry { info, out, evented, reading: OnceLock::new(), output_pending: AtomicUsize::new(0), core_state });
     m.workers.write().expect("workers lock").insert(pid, entry.clone());
-    m.core.lock().expect("core lock").add_worker(pid, Instant::now());
     entry
 }
 

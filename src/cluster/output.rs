@@ -126,6 +126,12 @@ pub(crate) fn start_forwarding(link: Arc<Link>, me: Pid, patience: Duration) -> 
     Ok(())
 }
 
+/// Brings what [`flush`] looks at into the caches, while the call it follows runs.
+#[inline]
+pub(crate) fn prefetch() {
+    let _ = WATCH.try_with(|w| w.get().map(|w| w.prefetch()));
+}
+
 /// Sends the lines the worker printed so far (called before each reply, so output comes
 /// first). Rust's stdout needs no flush for that: it is line-buffered, so each line is in
 /// the pipe once printed; only an unfinished line waits, and one is not sent anyway.

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{Error, Result};
 use crate::ids::Pid;
 use crate::protocol::Frame;
+use crate::sys::Hint;
 use crate::transport::io;
 
 use super::Cluster;
@@ -92,6 +93,16 @@ pub(crate) fn everywhere<R: DeserializeOwned + Send + 'static>(cluster: &Cluster
             }
         };
         for (index, &pid) in pids.iter().enumerate() {
+            if let Some(entries) = &entries {
+                // each worker's state lies cold (the workers that ran since evicted it): its
+                // entry is fetched two calls ahead, what the call reads through it one ahead
+                if let Some((_, later)) = entries.get(index + 2) {
+                    Hint::of(&**later).prefetch();
+                }
+                if let Some((_, next)) = entries.get(index + 1) {
+                    next.prefetch_for_call();
+                }
+            }
             if let Err(e) = call(index, pid) {
                 round.deliver(index, Err(e)); // not sent: nobody else will tell of it
             }

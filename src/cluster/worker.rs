@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender, select};
 use crate::ids::Pid;
 use crate::error::{Error, Result};
 use crate::fingerprint;
+use crate::registry;
 use crate::protocol::env::{ENV_LAUNCH, ENV_MASTER, ENV_MPI, ENV_SECRET, ENV_SECRET_FILE, ANY_SEAT, Index, parse_launch};
 use crate::protocol::worker::{WorkerCore, answer};
 use crate::protocol::{Frame, FrameBuf, Health, Hello, Kind, Liveness, Secret, Terms, Welcome, bare};
@@ -553,6 +554,11 @@ impl Serving {
     #[call_path]
     fn pump(&self, deadline: Option<Instant>, woken: &Receiver<()>) -> Result<()> {
         let Some((received, from)) = self.next(deadline, woken)? else { return Ok(()) }; // a wake-up: the caller looks again
+        // a worker among a thousand finds what a call touches cold: what the call and its
+        // reply will read is asked for at once, so that its misses overlap
+        registry::prefetch();
+        output::prefetch();
+        from.prefetch();
         match received {
             Received::Run(mut frame) => {
                 let me = my_id();

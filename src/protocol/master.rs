@@ -117,7 +117,9 @@ impl<W> Calls<W> {
 /// The master's protocol state.
 pub struct MasterCore<W> {
     liveness: Liveness,
-    peers: IdMap<Peer<W>, Pid>,
+    /// Boxed, so that each stays where it is: a driver may have it fetched into the caches
+    /// ahead of use ([`state_address`](Self::state_address)).
+    peers: IdMap<Box<Peer<W>>, Pid>,
     shut: bool,
     routed: u64,
     next_tick: Instant,
@@ -133,7 +135,14 @@ impl<W> MasterCore<W> {
 
     /// A worker joined (its handshake is done).
     pub fn add_worker(&mut self, pid: Pid, now: Instant) {
-        self.peers.insert(pid, Peer { heard: now, next_req: 1, calls: Calls::new(), rare: Box::default() });
+        self.peers.insert(pid, Box::new(Peer { heard: now, next_req: 1, calls: Calls::new(), rare: Box::default() }));
+    }
+
+    /// Where worker `pid`'s state lies, and its size, for as long as it is in the cluster:
+    /// a driver that goes through many workers in turn has it brought into the caches a step
+    /// ahead. Only a hint: nothing may be read through it.
+    pub fn state_address(&self, pid: Pid) -> Option<(*const u8, usize)> {
+        self.peers.get(&pid).map(|peer| ((&raw const **peer).cast(), std::mem::size_of::<Peer<W>>()))
     }
 
     /// The workers, ascending.
@@ -268,7 +277,7 @@ impl<W> MasterCore<W> {
     /// Worker `pid`'s connection ended (`reason`: what the reader saw). Every call on it is
     /// resolved, callers routed through it are told, and it is gone. Once per worker.
     pub fn handle_closed(&mut self, pid: Pid, reason: &str) {
-        let Some(peer) = self.peers.remove(&pid) else { return };
+        let Some(peer) = self.peers.remove(&pid).map(|peer| *peer) else { return };
         let reason = peer.rare.given_up.unwrap_or_else(|| reason.to_string());
         // gone first: whoever a failed call wakes finds the worker out of the table
         self.events.push_back(Event::Gone { pid, reason: reason.clone() });

@@ -464,3 +464,20 @@ fn every_call_resolves_exactly_once() {
         }
     }
 }
+
+#[test]
+fn a_workers_state_stays_where_it_is_while_others_join_and_leave() {
+    // the driver keeps the address to have the state fetched ahead of calls
+    let now = Instant::now();
+    let mut core: MasterCore<u64> = MasterCore::new(LIVENESS, now);
+    core.add_worker(2, now);
+    let first = core.state_address(2).expect("a worker's state");
+    for pid in 3..2000 {
+        core.add_worker(pid, now); // the table grows many times over
+    }
+    for pid in 3..1000 {
+        core.handle_closed(pid, "its connection closed");
+    }
+    assert_eq!(core.state_address(2), Some(first), "worker 2's state moved");
+    assert_eq!(core.state_address(3), None, "a worker that left has no state");
+}

@@ -27,6 +27,14 @@ pub(crate) enum Out {
 }
 
 impl Out {
+    /// Brings the connection's send state into the caches ahead of a send.
+    #[inline]
+    pub(crate) fn prefetch(&self) {
+        if let Out::Tcp(tcp) = self {
+            crate::sys::prefetch(Arc::as_ptr(tcp), 128);
+        }
+    }
+
     /// See [`FrameOut::send`].
     #[inline]
     pub(crate) fn send(&self, frame: Outgoing, patience: Option<Duration>) -> std::io::Result<()> {

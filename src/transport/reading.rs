@@ -20,6 +20,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::protocol::{Frame, FrameReader};
 use crate::sys;
+use crate::sys::Hint;
 
 use super::io as runtime;
 
@@ -33,10 +34,14 @@ pub(crate) fn read_frames(
     max_frame: usize,
     on_frame: impl FnMut(Frame) -> Result<(), String> + Send + 'static,
     on_end: impl FnOnce(String) + Send + 'static,
+    touched: [Hint; 2],
 ) -> Arc<Reading> {
+    let on_frame: Box<dyn FnMut(Frame) -> Result<(), String> + Send> = Box::new(on_frame);
     let reading = Arc::new(Reading {
+        fd: stream.as_raw_fd(),
+        touched: [Hint::of(&*on_frame), touched[0], touched[1]],
         stream,
-        state: Mutex::new(ReadState { frames: FrameReader::new(max_frame), on_frame: Box::new(on_frame), on_end: Some(Box::new(on_end)) }),
+        state: Mutex::new(ReadState { frames: FrameReader::new(max_frame), on_frame, on_end: Some(Box::new(on_end)) }),
         missed: AtomicBool::new(false),
         own_turns: AtomicU32::new(0),
         unwatched: AtomicBool::new(false),
@@ -63,6 +68,11 @@ pub(crate) const OWN_WAIT: Duration = runtime::UNTURNED_AT_MOST;
 /// How an evented connection is read: by the I/O runtime when its epoll set says the
 /// connection has news, or by a thread that waits for a reply on it, one at a time.
 pub(crate) struct Reading {
+    /// The socket's descriptor, at hand (no hop through the socket's own allocation).
+    fd: RawFd,
+    /// What a turn reads first beyond the reading: the `on_frame` closure, and what the
+    /// caller said it reads (fetched into the caches ahead of a turn, see [`Poller::run`]).
+    touched: [Hint; 3],
     stream: Arc<TcpStream>,
     state: Mutex<ReadState>,
     /// The runtime found the connection being read by another thread, which is to read on
@@ -105,7 +115,12 @@ const READS_PER_TURN: usize = 16;
 
 impl Reading {
     fn fd(&self) -> RawFd {
-        self.stream.as_raw_fd()
+        self.fd
+    }
+
+    /// Brings what a turn reads first beyond the reading into the caches.
+    fn prefetch_touched(&self) {
+        self.touched.iter().for_each(|hint| hint.prefetch());
     }
 
     /// Waits for bytes on this thread, up to [`OWN_WAIT`], reads them and handles the frames
@@ -389,7 +404,17 @@ impl Poller {
             self.watch_again();
             let mut rest = std::mem::take(&mut more);
             let n = sys::epoll_ready(self.epoll.as_raw_fd(), &mut events);
-            for event in &events[..n] {
+            for (i, event) in events[..n].iter().enumerate() {
+                // a burst of news finds each connection's state cold (the workers that ran
+                // since its last news evicted it): the reading is fetched two events ahead,
+                // what its turn reads through it one event ahead
+                if let Some(later) = events[..n].get(i + 2).filter(|e| e.u64 != BELL) {
+                    sys::prefetch(later.u64 as *const Reading, std::mem::size_of::<Reading>());
+                }
+                if let Some(next) = events[..n].get(i + 1).filter(|e| e.u64 != BELL) {
+                    // SAFETY: a tag in the set points to a live reading (see `Poller`).
+                    unsafe { &*(next.u64 as *const Reading) }.prefetch_touched();
+                }
                 if event.u64 == BELL {
                     sys::hush(self.bell.as_raw_fd());
                     rest.append(&mut self.again.lock().unwrap_or_else(|p| p.into_inner()));
@@ -448,7 +473,7 @@ mod tests {
         let (a, b) = pair();
         let (frames, got) = std::sync::mpsc::channel();
         let on_frame = move |f: Frame| frames.send(f.header.req).map_err(|e| e.to_string());
-        (a, read_frames(Arc::new(b), 1 << 20, on_frame, |_| ()), got)
+        (a, read_frames(Arc::new(b), 1 << 20, on_frame, |_| (), [Hint::default(); 2]), got)
     }
 
     /// A frame with nothing in it, numbered `req`.
@@ -466,7 +491,7 @@ mod tests {
         let (frames, got) = std::sync::mpsc::channel();
         let (ended, end) = std::sync::mpsc::channel();
         let on_frame = move |f: Frame| frames.send(f.header.req).map_err(|e| e.to_string());
-        let reading = read_frames(stream, 1 << 20, on_frame, move |reason| ended.send(reason).unwrap());
+        let reading = read_frames(stream, 1 << 20, on_frame, move |reason| ended.send(reason).unwrap(), [Hint::default(); 2]);
         let writer = std::thread::spawn(move || {
             for req in 0..N {
                 // sizes vary, so that frames straddle reads
@@ -534,7 +559,7 @@ mod tests {
         }
         let (frames, got) = std::sync::mpsc::channel();
         let on_frame = move |f: Frame| frames.send((f.header.req, std::thread::current().id())).map_err(|e| e.to_string());
-        let reading = read_frames(Arc::new(b), 1 << 20, on_frame, |_| ());
+        let reading = read_frames(Arc::new(b), 1 << 20, on_frame, |_| (), [Hint::default(); 2]);
         let held = reading.state.lock().unwrap(); // nobody reads while the bytes come
         for req in 0..N {
             let mut f = FrameBuf::with_capacity(Header { kind: Kind::Cast, src: 2, dst: 1, req, func: 0, words: 0 }, 1000);
