@@ -164,7 +164,7 @@ fn main() -> clusterman::Result<()> {
     group(&["--pmap"]);
     group(&["--peak"]);
     group(&["--scale", "1024"]);
-    in_fresh_process(&["--scale", "4096", "--no-baseline"]); // no baseline, and minutes long
+    median_of_runs(1, &[exe, "--scale".into(), "4096".into(), "--no-baseline".into()]); // once: no baseline, and minutes long
     Ok(())
 }
 
@@ -189,11 +189,12 @@ fn pair_figures() -> clusterman::Result<()> {
 /// Runs `command` `runs` times, one after the other, and prints each figure's `BENCH` line
 /// from the run with the median ratio (the median value, for a figure without a baseline),
 /// then every run's ratio or value as a note (`# runs of <name>: ...`), then the first
-/// run's other notes. A run that fails is told, and the others count.
+/// run's other notes. A run that fails is told, and the others count. Each run is a fresh
+/// process: figures that read the process's memory see nothing earlier ones left.
 fn median_of_runs(runs: usize, command: &[String]) {
     let mut lines: Vec<(String, Vec<(f64, String)>)> = Vec::new(); // by figure, in first-seen order
     let mut notes = Vec::new();
-    for run in 0..runs {
+    for _ in 0..runs {
         let out = match Command::new(&command[0]).args(&command[1..]).stdin(Stdio::null()).output() {
             Ok(out) if out.status.success() => out,
             Ok(out) => {
@@ -205,6 +206,7 @@ fn median_of_runs(runs: usize, command: &[String]) {
                 continue;
             }
         };
+        let first = notes.is_empty() && lines.is_empty();
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
             match fields[..] {
@@ -216,7 +218,7 @@ fn median_of_runs(runs: usize, command: &[String]) {
                         None => lines.push((name.to_string(), vec![(key, line.to_string())])),
                     }
                 }
-                _ if run == 0 && line.starts_with('#') => notes.push(line.to_string()),
+                _ if first && line.starts_with('#') => notes.push(line.to_string()),
                 _ => {}
             }
         }
@@ -230,16 +232,6 @@ fn median_of_runs(runs: usize, command: &[String]) {
     notes.iter().for_each(|note| println!("{note}"));
 }
 
-/// Runs this program with `args` in a fresh process and shows its output: figures that read
-/// the process's memory must not see what earlier figures left (or free meanwhile).
-fn in_fresh_process(args: &[&str]) {
-    let exe = std::env::current_exe().expect("own executable");
-    match std::process::Command::new(exe).args(args).output() {
-        Ok(out) if out.status.success() => print!("{}", String::from_utf8_lossy(&out.stdout)),
-        Ok(out) => println!("# {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
-        Err(e) => println!("# could not run {args:?}: {e}"),
-    }
-}
 
 /// Everything the latency and bandwidth figures need: a cluster with one worker and the raw
 /// echo child, both pinned to `pins.1` while this process is pinned to `pins.0`.
