@@ -154,7 +154,7 @@ fn main() -> clusterman::Result<()> {
     // Every other group in fresh processes, RUNS of each: a figure varies more from one
     // process to the next (where its pages and threads land) than within one.
     let exe = std::env::current_exe().expect("own executable").display().to_string();
-    let group = |args: &[&str]| median_of_runs(RUNS, &[&[exe.as_str()], args].concat().iter().map(|a| a.to_string()).collect::<Vec<_>>());
+    let group = |args: &[&str]| median_of_runs(RUNS, &[&[exe.as_str()], args].concat());
     group(&["--pair"]);
     if affinity::get().len() >= 2 {
         // The round trips with everything on one CPU: there, waking a thread on the idle
@@ -164,7 +164,7 @@ fn main() -> clusterman::Result<()> {
     group(&["--pmap"]);
     group(&["--peak"]);
     group(&["--scale", "1024"]);
-    median_of_runs(1, &[exe, "--scale".into(), "4096".into(), "--no-baseline".into()]); // once: no baseline, and minutes long
+    median_of_runs(1, &[exe.as_str(), "--scale", "4096", "--no-baseline"]); // once: no baseline, and minutes long
     Ok(())
 }
 
@@ -191,7 +191,7 @@ fn pair_figures() -> clusterman::Result<()> {
 /// then every run's ratio or value as a note (`# runs of <name>: ...`), then the first
 /// run's other notes. A run that fails is told, and the others count. Each run is a fresh
 /// process: figures that read the process's memory see nothing earlier ones left.
-fn median_of_runs(runs: usize, command: &[String]) {
+fn median_of_runs<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(runs: usize, command: &[S]) {
     let mut lines: Vec<(String, Vec<(f64, String)>)> = Vec::new(); // by figure, in first-seen order
     let mut notes = Vec::new();
     for _ in 0..runs {

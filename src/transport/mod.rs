@@ -31,7 +31,7 @@ impl Out {
     #[inline]
     pub(crate) fn prefetch(&self) {
         if let Out::Tcp(tcp) = self {
-            crate::sys::prefetch(Arc::as_ptr(tcp), 128);
+            crate::sys::Hint::of(&**tcp).prefetch();
         }
     }
 
